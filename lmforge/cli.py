@@ -1,0 +1,257 @@
+"""`lmforge <command>`: the whole pipeline (`run`) and each stage on its own.
+
+Options are generated from the config dataclasses, so `--help` always lists every key with the
+comment written next to it in `config.py`. Any recipe value can be overridden: `lmforge run`
+takes `--section.key VALUE`; a stage command takes `--key VALUE` for its own section and
+`--section.key VALUE` for the others. Unknown keys are errors naming the closest valid key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from pathlib import Path
+
+from lmforge.config import SECTIONS, ConfigError, field_help, load_recipe, unknown_key_error
+
+STAGE_SECTION = {"tokenizer": "tokenizer", "prepare": "data", "pretrain": "pretrain"}
+DEFAULT_RECIPE = "recipes/tiny-cpu.yaml"
+
+
+def _section_keys(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTIONS[section]) if f.name != "sources"]
+
+
+def _add_section_options(p: argparse.ArgumentParser, section: str, prefix: str = "") -> None:
+    cls = SECTIONS[section]
+    helps = field_help(cls)
+    hints = typing.get_type_hints(cls)
+    group = p.add_argument_group(f"{section} options" + (" (the recipe's `" + section + ":` section)" if not prefix else ""))
+    for f in dataclasses.fields(cls):
+        if f.name == "sources":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tp = hints[f.name]
+        metavar = {int: "N", float: "X", bool: "BOOL", str: "STR"}.get(tp, "LIST")
+        group.add_argument(f"--{prefix}{f.name}", dest=f"{section}.{f.name}", metavar=metavar,
+                           default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {default})")
+
+
+def _split_overrides(rest: list[str], own_section: str | None) -> dict[str, str]:
+    """`--a.b V` / `--a.b=V` / `--key V` (own section) pairs -> {"section.key": "V"}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                raise ConfigError(f"option --{key} needs a value")
+            value = rest[i + 1]
+            i += 1
+        i += 1
+        if "." not in key:
+            if own_section is None:
+                raise ConfigError(f"option --{key} must name its section, like --pretrain.{key}")
+            key = f"{own_section}.{key}"
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise unknown_key_error(section, list(SECTIONS), "the recipe's sections")
+        valid = _section_keys(section)
+        if name not in valid:
+            raise unknown_key_error(name, valid, f"section {section!r}")
+        out[key] = value
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Build a language model end to end: tokenizer, data shards, pretraining, generation.",
+        epilog="Quick start: lmforge run recipes/tiny-cpu.yaml --out runs/tiny  (then: lmforge generate runs/tiny/pretrain/model)",
+    )
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", allow_abbrev=False, help="run a whole recipe: tokenizer -> prepare -> pretrain -> samples -> REPORT.md",
+                       description="Run every stage of a recipe in one run directory. Finished stages with the same config "
+                                   "are skipped and an interrupted stage resumes, so rerunning the command continues the run. "
+                                   "Override any recipe value with --section.key VALUE (e.g. --pretrain.max_steps 20).",
+                       epilog="recipe keys: " + "; ".join(f"{s}: {', '.join(_section_keys(s))}" for s in SECTIONS))
+    p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"YAML recipe (default: {DEFAULT_RECIPE})")
+    p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--force", default="", metavar="STAGES", help="comma-separated stages to redo even if up to date (tokenizer,data,pretrain,sample)")
+
+    for cmd, section, text in (
+        ("tokenizer", "tokenizer", "train the byte-level BPE tokenizer on the recipe's data (writes OUT/tokenizer)"),
+        ("prepare", "data", "tokenize the recipe's data into shards (writes OUT/data; needs OUT/tokenizer)"),
+        ("pretrain", "pretrain", "pretrain the model on prepared shards (writes OUT/pretrain; needs OUT/data, OUT/tokenizer)"),
+    ):
+        p = sub.add_parser(cmd, allow_abbrev=False, help=text, description=text[0].upper() + text[1:] + ". Values come from "
+                           "the recipe, then from --key VALUE for this stage's section, or --section.key VALUE for any other.")
+        p.add_argument("--config", default=DEFAULT_RECIPE, metavar="RECIPE", help=f"YAML recipe (default: {DEFAULT_RECIPE})")
+        p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
+        if cmd == "prepare":
+            p.add_argument("--tokenizer-dir", help="tokenizer directory (default: OUT/tokenizer)")
+        if cmd == "pretrain":
+            p.add_argument("--data-dir", help="prepared shards (default: OUT/data)")
+            p.add_argument("--tokenizer-dir", help="tokenizer directory (default: OUT/tokenizer)")
+        _add_section_options(p, section)
+        if cmd == "pretrain":
+            _add_section_options(p, "model", prefix="model.")
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint, streamed to stdout",
+                       description="Continue a prompt with a trained checkpoint (any Llama-layout HF directory).")
+    p.add_argument("checkpoint", help="checkpoint directory (e.g. runs/tiny/pretrain/model)")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, i.e. start from BOS)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = off (default: 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold, 1 = off (default: 0.95)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="> 1 discourages repeats, 1 = off (default: 1.1)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop before this string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt longer than the context instead of failing")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+
+    p = sub.add_parser("report", help="(re)write REPORT.md for a run directory")
+    p.add_argument("run_dir", help="run directory")
+    return top
+
+
+def _out_dir(args, recipe_path: str) -> Path:
+    return Path(args.out) if args.out else Path("runs") / Path(recipe_path).stem
+
+
+def _cmd_run(args, rest) -> int:
+    from lmforge import pipeline
+
+    recipe = load_recipe(args.recipe, _split_overrides(rest, None))
+    out = _out_dir(args, args.recipe)
+    force = tuple(s for s in args.force.split(",") if s)
+    bad = [s for s in force if s not in pipeline.STAGES]
+    if bad:
+        raise ConfigError(f"--force: unknown stage(s) {bad}; stages are {', '.join(pipeline.STAGES)}")
+    try:
+        res = pipeline.run(recipe, out, force=force)
+    except pipeline.Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
+    print(f"done in {res['wall_seconds'] / 60:.1f} min: {out / 'REPORT.md'}")
+    return 0
+
+
+def _cmd_stage(args, rest) -> int:
+    section = STAGE_SECTION[args.command]
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    overrides.update(_split_overrides(rest, section))
+    recipe = load_recipe(args.config, overrides)
+    out = _out_dir(args, args.config)
+    if args.command == "tokenizer":
+        from lmforge.tokenizer import run
+
+        stats = run(recipe.tokenizer, recipe.data, recipe.base_dir, out / "tokenizer")
+        print(f"tokenizer written to {out / 'tokenizer'}: {stats}")
+    elif args.command == "prepare":
+        from lmforge.data.prepare import run
+
+        manifest = run(recipe.data, args.tokenizer_dir or out / "tokenizer", recipe.base_dir, out / "data")
+        print(f"shards written to {out / 'data'} ({sum(s['tokens'] for s in manifest['train_shards']):,} training tokens)")
+    else:
+        from lmforge.train.pretrain import run
+
+        s = run(recipe.pretrain, recipe.model, args.data_dir or out / "data", args.tokenizer_dir or out / "tokenizer", out / "pretrain")
+        if s["interrupted"]:
+            print(f"interrupted at step {s['step']}; checkpoint saved under {out / 'pretrain' / 'checkpoints'}. "
+                  "Run the same command to resume.", file=sys.stderr)
+            return 130
+        print(f"model written to {out / 'pretrain' / 'model'}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from lmforge.infer.generate import fit_prompt, stream_text
+    from lmforge.model.checkpoint import load_model
+    from lmforge.perf import pick_device
+    from lmforge.tokenizer import Tokenizer
+
+    model = load_model(args.checkpoint, device=pick_device(args.device))
+    tok = Tokenizer.load(args.checkpoint)
+    ids = ([] if args.no_bos else [tok.bos_id]) + tok.encode(args.prompt)
+    ids = fit_prompt(ids, model.cfg.max_seq_len, args.max_new_tokens, args.truncate)
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for piece in stream_text(model, tok, ids, stop=args.stop, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             repetition_penalty=args.repetition_penalty, seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _pull_overrides(argv: list[str], keep: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Separate `--key VALUE` overrides from the options argparse knows, before it sees them:
+    otherwise an override's value could be taken for a positional argument."""
+    known, rest = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if arg.startswith("--") and name not in keep:
+            rest.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                rest.append(argv[i + 1])
+                i += 1
+        else:
+            known.append(arg)
+        i += 1
+    return known, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        known, rest = _pull_overrides(argv[1:], ("--out", "--force", "--help"))
+        args = parser.parse_args(["run", *known])
+    else:
+        args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if args.command == "run":
+            return _cmd_run(args, rest)
+        if rest:
+            if args.command in ("generate", "report"):
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command in STAGE_SECTION:
+            return _cmd_stage(args, rest)
+        if args.command == "generate":
+            return _cmd_generate(args)
+        if args.command == "report":
+            from lmforge.report import write_report
+
+            print(write_report(args.run_dir))
+            return 0
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
+        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

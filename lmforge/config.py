@@ -1,0 +1,350 @@
+"""Configuration: one flat dataclass per recipe section, YAML recipes, dotted CLI overrides.
+
+The one idea: a recipe is plain data. Every key is checked against the dataclass it lands in,
+so a typo is an error that names the closest valid key instead of a silently ignored value.
+A field's trailing comment is its `--help` text (read from this file's source).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or command-line value that cannot be used; the message names the key."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class SourceConfig:  # one entry of `data.sources`
+    name: str = ""  # short name used in reports and shard names
+    path: str = ""  # file, directory or glob; relative paths are tried against the cwd, then the recipe's folder and its parent
+    format: str = "auto"  # txt | jsonl | parquet; auto = from the extension (a trailing .gz is allowed)
+    text_field: str = "text"  # jsonl/parquet: the field that holds the document text
+    split_on: str = "blank_line"  # txt: what separates documents: file | blank_line | line
+    min_chars: int = 0  # txt: join consecutive pieces until a document has at least this many characters
+    lang: str = "en"  # language tag; validation loss and bits per byte are reported per language
+    max_docs: int = 0  # read at most this many documents (0 = all)
+
+    def __post_init__(self):
+        if not self.name:
+            self.name = Path(self.path).name.split(".")[0] or "source"
+        _check_choice(self, "format", ("auto", "txt", "jsonl", "parquet"))
+        _check_choice(self, "split_on", ("file", "blank_line", "line"))
+        if not self.path:
+            raise ConfigError(f"data source {self.name!r}: 'path' is required")
+
+
+@dataclass
+class DataConfig:  # `data:` turns raw documents into token shards (lmforge prepare)
+    sources: list[SourceConfig] = field(default_factory=list)  # the documents to read (see SourceConfig)
+    val_fraction: float = 0.01  # share of documents held out for validation, chosen by a hash of the text
+    num_workers: int = 2  # tokenizer worker processes
+    shard_tokens: int = 100_000_000  # at most this many tokens per shard file
+
+    def __post_init__(self):
+        self.sources = [
+            s if isinstance(s, SourceConfig) else build(SourceConfig, s, "data.sources")
+            for s in self.sources
+        ]
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: duplicate source names {names}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check_positive(self, "num_workers", "shard_tokens")
+
+
+@dataclass
+class TokenizerConfig:  # `tokenizer:` byte-level BPE (lmforge tokenizer)
+    vocab_size: int = 8192  # total size, special tokens included
+    sample_chars: int = 20_000_000  # train on at most this many characters of training documents
+    min_frequency: int = 2  # a merge must occur at least this often in the sample
+    path: str = ""  # use this existing tokenizer directory instead of training one
+
+    def __post_init__(self):
+        if self.vocab_size < 300:
+            raise ConfigError("tokenizer.vocab_size must be at least 300 (256 bytes + special tokens)")
+        _check_positive(self, "sample_chars", "min_frequency")
+
+
+@dataclass
+class ModelConfig:  # `model:` a LLaMA-style decoder; fields map one-to-one onto transformers' LlamaConfig
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    dim: int = 256  # hidden_size
+    n_layer: int = 4  # num_hidden_layers
+    n_head: int = 4  # num_attention_heads
+    n_kv_head: int = 0  # num_key_value_heads (grouped-query attention); 0 = n_head
+    ffn_dim: int = 0  # intermediate_size of the SwiGLU MLP; 0 = 8/3 * dim rounded up to a multiple of 64
+    max_seq_len: int = 512  # max_position_embeddings
+    rope_theta: float = 10000.0  # rotary embedding base
+    norm_eps: float = 1e-5  # rms_norm_eps
+    tie_embeddings: bool = True  # tie_word_embeddings: share the input embedding and the output head
+    init_std: float = 0.02  # initializer_range
+    bos_token_id: int = 1  # set from the tokenizer by the pipeline
+    eos_token_id: int = 2  # set from the tokenizer by the pipeline
+
+    def __post_init__(self):
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.ffn_dim == 0:
+            self.ffn_dim = 64 * -(-(8 * self.dim // 3) // 64)
+        _check_positive(self, "dim", "n_layer", "n_head", "n_kv_head", "ffn_dim", "max_seq_len")
+        if self.dim % self.n_head:
+            raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(
+                f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})"
+            )
+        if (self.dim // self.n_head) % 2:
+            raise ConfigError("model head dimension (dim / n_head) must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+
+@dataclass
+class PretrainConfig:  # `pretrain:` next-token prediction on the prepared shards (lmforge pretrain)
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256  # tokens per sequence (at most model.max_seq_len)
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    warmup_steps: int = 50  # linear warmup from 0 to the peak
+    schedule: str = "cosine"  # after warmup: cosine | wsd (warmup-stable-decay) | constant
+    decay_frac: float = 0.2  # wsd: fraction of steps spent in the final linear decay
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices (not on norms or embeddings)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    eval_every: int = 100  # evaluate validation loss every N steps (0 = only at the end)
+    eval_tokens: int = 32768  # validation tokens per language per evaluation
+    log_every: int = 10  # write a metrics line every N steps
+    save_every: int = 200  # write a checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2  # keep this many step checkpoints
+    seed: int = 1337  # seeds initialisation and data order
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    resume: bool = True  # continue from the newest checkpoint in the output folder if there is one
+
+    def __post_init__(self):
+        _check_positive(self, "max_steps", "batch_size", "grad_accum", "seq_len", "eval_tokens")
+        _check_positive(self, "log_every", "keep_last")
+        _check_choice(self, "schedule", ("cosine", "wsd", "constant"))
+        _check_choice(self, "device", ("auto", "cpu", "cuda", "mps"))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"pretrain.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lr <= 0:
+            raise ConfigError(f"pretrain.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class SampleConfig:  # `sample:` generations written into the report after pretraining
+    prompts: list[str] = field(default_factory=lambda: ["Once upon a time", "The history of"])  # one sample per prompt
+    max_new_tokens: int = 64  # tokens generated per prompt
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # keep only the k most likely tokens (0 = off)
+    top_p: float = 0.95  # nucleus sampling threshold (1 = off)
+    repetition_penalty: float = 1.1  # >1 discourages tokens already in the text (1 = off)
+    seed: int = 0  # sampling seed
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "tokenizer": TokenizerConfig,
+    "model": ModelConfig,
+    "pretrain": PretrainConfig,
+    "sample": SampleConfig,
+}
+
+
+@dataclass
+class Recipe:
+    """A whole pipeline: one config per section, plus where the recipe file lives."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    base_dir: str = "."  # folder of the recipe file, for resolving relative paths
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _check_positive(cfg, *names):
+    section = _section_name(type(cfg))
+    for n in names:
+        v = getattr(cfg, n)
+        if v <= 0:
+            raise ConfigError(f"{section}.{n} must be positive, got {v}")
+
+
+def _check_choice(cfg, name, choices):
+    v = getattr(cfg, name)
+    if v not in choices:
+        raise ConfigError(
+            f"{_section_name(type(cfg))}.{name} must be one of {', '.join(choices)}; got {v!r}"
+        )
+
+
+def _section_name(cls) -> str:
+    for k, v in SECTIONS.items():
+        if v is cls:
+            return k
+    return "data.sources" if cls is SourceConfig else cls.__name__
+
+
+def unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown key {key!r} in {where}{hint}")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or explain why not."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(inner):
+            return value
+        return [coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            if tp is int:
+                f = float(str(value).replace("_", ""))
+                if f != int(f):
+                    raise ValueError
+                return int(f)
+            return float(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{where} must be {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build(cls, values: dict | None, where: str):
+    """Make a section dataclass from a dict, rejecting unknown keys and converting types."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {values!r}")
+    types = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            raise unknown_key_error(k, names, where)
+        kwargs[k] = coerce(v, types[k], f"{where}.{k}")
+    return cls(**kwargs)
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a YAML recipe (or start from the defaults) and apply `section.key` overrides."""
+    raw: dict[str, Any] = {}
+    base_dir = "."
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"recipe {p} must be a mapping of sections, got {type(raw).__name__}")
+        base_dir = str(p.resolve().parent)
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise unknown_key_error(section, list(SECTIONS), "the recipe's sections")
+        if not name:
+            raise ConfigError(f"override {key!r} must look like section.key")
+        sec = raw.setdefault(section, {}) or {}
+        raw[section] = sec
+        sec[name] = value
+    kwargs = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise unknown_key_error(section, list(SECTIONS), "the recipe's sections")
+        kwargs[section] = build(SECTIONS[section], values, section)
+    return Recipe(**kwargs, base_dir=base_dir)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of configs (dataclasses or plain data); stages use it to skip work."""
+    blob = json.dumps(
+        [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolve_path(path: str, base_dir: str = ".") -> Path:
+    """Find a path given in a recipe: as written (cwd), then next to the recipe, then one level up."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    base = Path(base_dir)
+    for cand in (p, base / p, base.parent / p):
+        if cand.exists() or any(ch in path for ch in "*?["):
+            if cand.exists() or list(cand.parent.glob(cand.name)):
+                return cand
+    return p
+
+
+# --------------------------------------------------------------------------- help text
+
+
+def field_help(cls) -> dict[str, str]:
+    """The trailing `# comment` of each field in the class source: that is its --help."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for line in src.splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out

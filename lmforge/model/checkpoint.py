@@ -1,0 +1,94 @@
+"""Model checkpoints as Hugging Face directories: config.json, model.safetensors, tokenizer files,
+generation_config.json. transformers opens them with `from_pretrained`; we open theirs.
+
+Weights are never pickled. Writing goes through `lmforge.io.atomic_dir` in the caller, so a
+checkpoint directory is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import ConfigError, ModelConfig
+from lmforge.io import read_json, write_json
+from lmforge.model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from lmforge.model.transformer import GPT, rope_tables
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def save_model(model: GPT, out_dir: str | Path, tokenizer_dir: str | Path | None = None, pad_token_id: int | None = None) -> None:
+    """Write config.json, model.safetensors (HF names, fp32 on CPU), generation_config.json and
+    copies of the tokenizer files into out_dir (which the caller makes atomic)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    write_json(out / "config.json", to_hf_config(cfg, pad_token_id=pad_token_id, torch_dtype=dtype))
+    tensors = {k: v.cpu() for k, v in to_hf_state_dict(model.state_dict(), cfg).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_json(
+        out / "generation_config.json",
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": pad_token_id,
+         "do_sample": True, "temperature": 0.8, "top_p": 0.95, "max_length": cfg.max_seq_len},
+    )
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.exists():
+                shutil.copyfile(src, out / name)
+
+
+def _read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    files = [ckpt / "model.safetensors"]
+    index = ckpt / "model.safetensors.index.json"
+    if not files[0].exists() and index.exists():
+        weight_map = read_json(index, "safetensors index")["weight_map"]
+        files = [ckpt / f for f in sorted(set(weight_map.values()))]
+    tensors = {}
+    for f in files:
+        if not f.exists():
+            raise ConfigError(f"checkpoint {ckpt}: weights file {f.name} is missing")
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConfigError(f"checkpoint {ckpt}: {f.name} is corrupt or truncated ({e})") from None
+    return tensors
+
+
+def load_config(ckpt: str | Path) -> ModelConfig:
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise ConfigError(f"checkpoint directory not found: {ckpt}")
+    try:
+        hf = read_json(ckpt / "config.json", "checkpoint config")
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    return from_hf_config(hf)
+
+
+def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
+    """Open a HF-layout checkpoint directory (ours or one saved by transformers)."""
+    ckpt = Path(ckpt)
+    cfg = load_config(ckpt)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    sd = from_hf_state_dict(_read_tensors(ckpt), cfg)
+    for name, t in sd.items():
+        expected = model.state_dict()[name].shape
+        if t.shape != expected:
+            raise ConfigError(f"checkpoint {ckpt}: tensor for {name} has shape {tuple(t.shape)}, config implies {tuple(expected)}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    # rope tables were created on the meta device: rebuild them for real (they stay fp32)
+    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.to(device=device, dtype=dtype)
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    return model.eval()
+

@@ -1,0 +1,179 @@
+"""A LLaMA-style decoder-only Transformer: RMSNorm, rotary embeddings, grouped-query attention,
+SwiGLU MLP, optional tied embeddings.
+
+The one idea: the math is exactly transformers' `LlamaForCausalLM` (same RoPE convention, same
+norm placement), so a checkpoint converts by renaming tensors. The only layout difference is
+that q/k/v and gate/up are stored fused (`wqkv`, `w13`): one matmul instead of three or two,
+which matters on CPUs and for batch-1 decoding. `model/hf.py` splits them on export.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (max_seq_len, head_dim // 2), in float32 (HF computes them in fp32 too)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2): HF's `rotate_half` convention. x (B, T, H, D), cos/sin (T, 1, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys and values for all layers: (n_layer, B, n_kv_head, max_len, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int):
+        """Write k/v (B, KV, T, D) at positions [pos, pos+T); return everything up to pos+T."""
+        end = pos + k.shape[2]
+        self.k[layer, :, :, pos:end] = k
+        self.v[layer, :, :, pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, pos: int = 0):
+        B, T, _ = x.shape
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.wqkv(x).split([H * D, KV * D, KV * D], dim=-1)
+        q = apply_rope(q.view(B, T, H, D), cos, sin).transpose(1, 2)  # (B, H, T, D)
+        k = apply_rope(k.view(B, T, KV, D), cos, sin).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, KV, D).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, pos)  # (B, KV, pos+T, D)
+        if T == 1:  # one new token sees every cached position: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != KV)
+        elif k.shape[2] == T:  # no history: plain causal
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV)
+        else:  # a chunk after history: SDPA's is_causal aligns top-left, so spell the mask out
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.vocab_size > 0, "model.vocab_size must be set (the pipeline takes it from the tokenizer)"
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # residual-stream writers (wo, w2) get std / sqrt(2 * n_layer), as in GPT-2: the sum of
+        # 2 * n_layer residual branches then keeps unit-order variance at initialisation
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pos: int = 0, last_only: bool = False):
+        """idx (B, T) token ids at positions [pos, pos+T) -> logits (B, T, V), or (B, 1, V) if last_only."""
+        B, T = idx.shape
+        assert pos + T <= self.cfg.max_seq_len, (
+            f"sequence of {pos + T} tokens exceeds the model's context of {self.cfg.max_seq_len}"
+        )
+        cos = self.rope_cos[pos : pos + T].unsqueeze(1)  # (T, 1, D/2): broadcasts over heads
+        sin = self.rope_sin[pos : pos + T].unsqueeze(1)
+        x = self.tok_emb(idx)  # (B, T, dim)
+        for block in self.layers:
+            x = block(x, cos, sin, cache, pos)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)  # (B, T, V)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
+
+
+# --------------------------------------------------------------------------- size and cost
+
+
+def num_params(model: nn.Module, non_embedding: bool = False) -> int:
+    """Unique parameters (tied weights counted once); non_embedding drops the input table."""
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if non_embedding and isinstance(model, GPT) and not model.cfg.tie_embeddings:
+        n -= model.tok_emb.weight.numel()
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
+    """Matmul FLOPs per token: 2 per weight (forward), x3 with backward, plus attention scores
+    (QK^T and AV over on average seq_len/2 causal keys is counted as seq_len, the PaLM convention)."""
+    D, F_ = cfg.dim, cfg.ffn_dim
+    per_layer = 2 * D * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + 2 * cfg.n_head * cfg.head_dim * D
+    per_layer += 2 * 3 * D * F_
+    per_layer += 2 * 2 * cfg.n_head * cfg.head_dim * seq_len  # scores and weighted sum
+    fwd = cfg.n_layer * per_layer + 2 * D * cfg.vocab_size  # + output head
+    return 3 * fwd if training else fwd

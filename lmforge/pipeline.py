@@ -1,0 +1,133 @@
+"""`lmforge run`: the whole recipe, stage by stage, in one run directory.
+
+The one idea: each stage folder carries `stage.json` with the hash of everything that
+determines its output (its config and its inputs' hashes). A finished stage with the same hash
+is skipped; an unfinished one is resumed (pretraining continues from its last checkpoint); a
+stage whose inputs changed is moved aside — never deleted — and rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+from lmforge.config import Recipe, config_hash, resolve_path
+from lmforge.io import read_json, write_json
+
+STAGES = ("tokenizer", "data", "pretrain", "sample")
+# pretraining options that change how a run is watched or where it runs, not what it computes
+_PRETRAIN_RUNTIME = ("resume", "device", "threads", "compile", "log_every", "eval_every", "save_every", "keep_last", "eval_tokens")
+
+
+class Interrupted(Exception):
+    """A stage stopped early on the user's request, after saving what it had."""
+
+
+def stage_hashes(recipe: Recipe) -> dict[str, str]:
+    sources = [dict(dataclasses.asdict(s), path=str(resolve_path(s.path, recipe.base_dir))) for s in recipe.data.sources]
+    data = dataclasses.asdict(recipe.data) | {"sources": sources}
+    tok = config_hash(recipe.tokenizer, sources)
+    prep = config_hash(data, tok)
+    pre = {k: v for k, v in dataclasses.asdict(recipe.pretrain).items() if k not in _PRETRAIN_RUNTIME}
+    pretrain = config_hash(recipe.model, pre, prep)
+    sample = config_hash(recipe.sample, pretrain)
+    return {"tokenizer": tok, "data": prep, "pretrain": pretrain, "sample": sample}
+
+
+def stage_state(stage_dir: Path) -> dict:
+    try:
+        return read_json(stage_dir / "stage.json", "stage state")
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _move_aside(stage_dir: Path, old_hash: str) -> Path:
+    dest = stage_dir.with_name(f"{stage_dir.name}.{old_hash or 'old'}")
+    n = 1
+    while dest.exists():
+        dest = stage_dir.with_name(f"{stage_dir.name}.{old_hash or 'old'}.{n}")
+        n += 1
+    os.replace(stage_dir, dest)
+    return dest
+
+
+def run_stage(name: str, out: Path, h: str, fn, force: bool = False, log=print) -> dict:
+    """Run `fn(stage_dir)` unless the stage is already done for hash `h`."""
+    d = out / name
+    st = stage_state(d)
+    if st.get("done") and st.get("hash") == h and not force:
+        log(f"[{name}] up to date ({h}), skipping")
+        return st.get("result", {})
+    if d.exists() and (st.get("hash") != h or force):
+        moved = _move_aside(d, st.get("hash", ""))
+        log(f"[{name}] inputs changed: previous output moved to {moved}")
+    elif st:
+        log(f"[{name}] resuming unfinished stage")
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / "stage.json", {"hash": h, "done": False})
+    t0 = time.time()
+    result = fn(d) or {}
+    if result.get("interrupted"):
+        raise Interrupted(f"{name} was interrupted; rerun the same command to resume")
+    write_json(d / "stage.json", {"hash": h, "done": True, "seconds": time.time() - t0, "result": result})
+    return result
+
+
+def generate_samples(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
+    """One generation per prompt from the checkpoint, with the recipe's sampling settings."""
+    from lmforge.infer.generate import stream_text
+    from lmforge.model.checkpoint import load_model
+    from lmforge.perf import pick_device
+    from lmforge.tokenizer import Tokenizer
+
+    model = load_model(ckpt_dir, device=pick_device(device))
+    tok = Tokenizer.load(ckpt_dir)
+    out = []
+    for i, prompt in enumerate(sample_cfg.prompts):
+        ids = [tok.bos_id] + tok.encode(prompt)
+        text = "".join(stream_text(
+            model, tok, ids, max_new_tokens=sample_cfg.max_new_tokens, temperature=sample_cfg.temperature,
+            top_k=sample_cfg.top_k, top_p=sample_cfg.top_p, repetition_penalty=sample_cfg.repetition_penalty,
+            seed=sample_cfg.seed + i))
+        out.append({"prompt": prompt, "completion": text})
+    return out
+
+
+def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print) -> dict:
+    """tokenizer -> data (prepare) -> pretrain -> sample, then REPORT.md. Returns stage results."""
+    from lmforge.data import prepare
+    from lmforge.report import write_report
+    from lmforge.tokenizer import run as train_tokenizer
+    from lmforge.train import pretrain
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "recipe.json", dataclasses.asdict(recipe))
+    hashes = stage_hashes(recipe)
+    results: dict[str, dict] = {}
+    t_start = time.time()
+    try:
+        results["tokenizer"] = run_stage(
+            "tokenizer", out, hashes["tokenizer"], lambda d: train_tokenizer(recipe.tokenizer, recipe.data, recipe.base_dir, d),
+            "tokenizer" in force, log)
+        results["data"] = run_stage(
+            "data", out, hashes["data"], lambda d: prepare.run(recipe.data, out / "tokenizer", recipe.base_dir, d),
+            "data" in force, log)
+        results["pretrain"] = run_stage(
+            "pretrain", out, hashes["pretrain"],
+            lambda d: pretrain.run(recipe.pretrain, recipe.model, out / "data", out / "tokenizer", d),
+            "pretrain" in force, log)
+
+        def sample(d):
+            samples = generate_samples(out / "pretrain" / "model", recipe.sample, recipe.pretrain.device)
+            write_json(d / "samples.json", samples)
+            return {"samples": samples}
+
+        results["sample"] = run_stage("sample", out, hashes["sample"], sample, "sample" in force, log)
+    finally:
+        report = write_report(out)
+        log(f"report: {report}")
+    results["wall_seconds"] = time.time() - t_start
+    return results

@@ -1,0 +1,54 @@
+"""AdamW with weight-decay groups, and the learning-rate schedules (pure functions of the step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.config import PretrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms' gains and embedding rows are not weights to shrink."""
+    decay, no_decay = [], []
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = name.endswith("tok_emb.weight")
+        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """Fused AdamW where the build supports it (CUDA; CPU in recent torch), else foreach."""
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine or
+    warmup-stable-decay (hold the peak, then decay linearly over the last decay_frac of steps)."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = int(cfg.max_steps * (1 - cfg.decay_frac))
+    if step < decay_start:
+        return peak
+    progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+    return peak + (floor - peak) * min(1.0, progress)

@@ -1,0 +1,216 @@
+"""Pretraining driver (`lmforge pretrain`): next-token prediction on packed token shards.
+
+The one idea: the step counter is the only clock. Data (the loader's position), the learning
+rate and checkpoint names all derive from it, so stopping after any saved step and resuming
+reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lmforge.config import ConfigError, ModelConfig, PretrainConfig
+from lmforge.data.loader import PackedLoader, val_batches, val_languages
+from lmforge.io import atomic_dir, read_json, write_json
+from lmforge.model.checkpoint import save_model
+from lmforge.model.transformer import GPT, flops_per_token, num_params
+from lmforge.perf import matmul_flops, pick_device
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
+from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.state import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; CPUs here have no fast bf16, so they stay fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, data_dir, seq_len: int, batch_size: int, max_tokens: int, token_bytes: torch.Tensor, device) -> dict:
+    """Validation loss (nats/token) and bits per byte for each language's held-out text.
+    Bits per byte ignores BOS/EOS targets (they have no bytes), which makes it comparable
+    across tokenizers; the loss averages over all targets."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for lang in val_languages(data_dir):
+        nll_sum, n_tok, nll_bytes, n_bytes = 0.0, 0, 0.0, 0
+        for x, y in val_batches(data_dir, lang, seq_len, batch_size, max_tokens):
+            x, y = x.to(device), y.to(device)
+            with autocast(device):
+                logits = model(x)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            nb = token_bytes[y.flatten()]
+            nll_sum += nll.sum().item()
+            n_tok += y.numel()
+            nll_bytes += (nll * (nb > 0)).sum().item()
+            n_bytes += nb.sum().item()
+        if n_tok:
+            out[lang] = {"loss": nll_sum / n_tok, "bpb": nll_bytes / (math.log(2) * max(n_bytes, 1)), "tokens": n_tok}
+    model.train(was_training)
+    return out
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.stop:
+                raise KeyboardInterrupt
+            self.stop = True
+            tqdm.write("interrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            self._old = signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def prepare_model_config(model_cfg: ModelConfig, manifest: dict) -> ModelConfig:
+    """Fill vocabulary size and special ids from the prepared data; refuse a mismatch."""
+    vocab = manifest["vocab_size"]
+    if model_cfg.vocab_size and model_cfg.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's ({vocab})")
+    return dataclasses.replace(
+        model_cfg, vocab_size=model_cfg.vocab_size or vocab, bos_token_id=manifest["bos_id"], eos_token_id=manifest["eos_id"]
+    )
+
+
+def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, out_dir) -> dict:
+    """Train, evaluate, checkpoint. Returns a summary (also written to out_dir/summary.json)."""
+    # --- setup
+    out_dir, data_dir = Path(out_dir), Path(data_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    manifest = read_json(data_dir / "manifest.json", "data manifest (run `lmforge prepare` first)")
+    model_cfg = prepare_model_config(model_cfg, manifest)
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})")
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.long, device=device)
+    if len(token_bytes) < model_cfg.vocab_size:  # padded vocabulary: extra ids have no bytes
+        token_bytes = F.pad(token_bytes, (0, model_cfg.vocab_size - len(token_bytes)))
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    loader = PackedLoader(data_dir, cfg.seq_len, cfg.batch_size, cfg.seed)
+    ckpt_root = out_dir / "checkpoints"
+    step = 0
+    existing = list_checkpoints(ckpt_root) if cfg.resume else []
+    if existing:
+        state = load_checkpoint(existing[-1], model, optimizer)
+        step = state["step"]
+        loader.load_state_dict(state["loader"])
+        tqdm.write(f"resuming from {existing[-1]} (step {step})")
+    train_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if existing else None)
+
+    n_params = num_params(model)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    flops_step = flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
+    peak = matmul_flops(device)
+    write_json(out_dir / "model_config.json", dataclasses.asdict(model_cfg))
+
+    def save(at_step: int) -> Path:
+        path = save_checkpoint(ckpt_root / f"step_{at_step:06d}", model, optimizer, at_step, loader.state_dict(),
+                               tokenizer_dir, pad_token_id=tokenizer.pad_id)
+        prune_checkpoints(ckpt_root, cfg.keep_last)
+        return path
+
+    def run_eval(at_step: int) -> dict:
+        res = evaluate(model, data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device)
+        row = {f"val_{lang}_{k}": v for lang, r in res.items() for k, v in r.items() if k != "tokens"}
+        metrics.write(step=at_step, **row)
+        return res
+
+    # --- loop
+    model.train()
+    last_eval: dict = {}
+    interrupted = False
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    t_last, step_last = time.perf_counter(), step
+    train_time = 0.0
+    loss_acc = torch.zeros((), device=device)
+    with _StopFlag() as flag:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(cfg.grad_accum):
+                x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+                with autocast(device):
+                    logits = train_model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
+                loss.backward()
+                loss_acc += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                loss_val = loss_acc.item() / (step - step_last)  # the only host sync in the loop
+                dt = time.perf_counter() - t_last
+                train_time += dt
+                tok_s = tokens_per_step * (step - step_last) / dt
+                mfu = flops_step * (step - step_last) / dt / peak
+                metrics.write(step=step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tok_s, mfu=mfu,
+                              tokens=step * tokens_per_step)
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.0f}%")
+                loss_acc.zero_()
+                t_last, step_last = time.perf_counter(), step
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+                last_eval = run_eval(step)
+                bar.write("step {}: ".format(step) + ", ".join(
+                    f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for lang, r in last_eval.items()))
+                t_last = time.perf_counter()  # evaluation time is not training throughput
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                save(step)
+                t_last = time.perf_counter()
+            if flag.stop and step < cfg.max_steps:
+                save(step)
+                interrupted = True
+                break
+    bar.close()
+    if not last_eval and not interrupted:  # resumed at the last step: evaluate what was trained
+        last_eval = run_eval(step)
+
+    # --- outputs
+    summary = {"step": step, "max_steps": cfg.max_steps, "interrupted": interrupted, "params": n_params,
+               "tokens_per_step": tokens_per_step, "device": str(device), "peak_flops": peak,
+               "train_seconds": train_time, "val": last_eval, "model": dataclasses.asdict(model_cfg)}
+    rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "tokens_per_s" in r]
+    if rows:
+        summary["tokens_per_s"] = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
+        summary["mfu"] = sorted(r["mfu"] for r in rows)[len(rows) // 2]
+    if not interrupted:
+        with atomic_dir(out_dir / "model") as tmp:
+            save_model(model, tmp, tokenizer_dir, pad_token_id=tokenizer.pad_id)
+        plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title="pretraining loss")
+    write_json(out_dir / "summary.json", summary)
+    return summary
+
