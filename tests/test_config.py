@@ -1,0 +1,71 @@
+"""Recipes: strict keys with suggestions, typed overrides, validation, stable hashes."""
+
+import pytest
+
+from lmforge.config import (
+    ConfigError,
+    ModelConfig,
+    PretrainConfig,
+    build,
+    config_hash,
+    field_help,
+    load_recipe,
+)
+
+
+def test_unknown_keys_name_the_closest_valid_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'max_step' in pretrain; did you mean 'max_steps'"):
+        build(PretrainConfig, {"max_step": 3}, "pretrain")
+    with pytest.raises(ConfigError, match="unknown key 'pretrian'.*did you mean 'pretrain'"):
+        load_recipe(None, {"pretrian.max_steps": 3})
+    r = tmp_path / "r.yaml"
+    r.write_text("modle:\n  dim: 64\n")
+    with pytest.raises(ConfigError, match="unknown key 'modle'.*did you mean 'model'"):
+        load_recipe(r)
+
+
+def test_overrides_are_typed(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("pretrain:\n  lr: 1.0e-3\nmodel:\n  dim: 64\n  n_head: 2\n")
+    rec = load_recipe(r, {"pretrain.max_steps": "20", "pretrain.lr": "3e-4", "model.tie_embeddings": "false"})
+    assert rec.pretrain.max_steps == 20 and rec.pretrain.lr == 3e-4
+    assert rec.model.tie_embeddings is False and rec.model.dim == 64
+    assert rec.base_dir == str(tmp_path.resolve())
+    with pytest.raises(ConfigError, match="pretrain.max_steps must be an integer, got '2.5'"):
+        load_recipe(r, {"pretrain.max_steps": "2.5"})
+    with pytest.raises(ConfigError, match="pretrain.compile must be true or false"):
+        load_recipe(r, {"pretrain.compile": "maybe"})
+
+
+def test_validation_messages():
+    with pytest.raises(ConfigError, match="must be divisible by model.n_head"):
+        ModelConfig(dim=100, n_head=3)
+    with pytest.raises(ConfigError, match="pretrain.schedule must be one of cosine, wsd, constant"):
+        PretrainConfig(schedule="linear")
+    with pytest.raises(ConfigError, match="pretrain.batch_size must be positive"):
+        PretrainConfig(batch_size=0)
+
+
+def test_bad_yaml_is_a_clear_error(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("pretrain: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(r)
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_derived_fields_and_hash():
+    m = ModelConfig(dim=256, n_head=4)
+    assert m.n_kv_head == 4 and m.ffn_dim == 704 and m.head_dim == 64
+    assert config_hash(m) == config_hash(ModelConfig(dim=256, n_head=4))
+    assert config_hash(m) != config_hash(ModelConfig(dim=256, n_head=8))
+
+
+def test_every_field_has_help():
+    from lmforge.config import SECTIONS
+
+    for cls in SECTIONS.values():
+        helps = field_help(cls)
+        missing = [f for f in cls.__dataclass_fields__ if f not in helps]
+        assert not missing, (cls.__name__, missing)
