@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ class _StopFlag:
             if self.stop:
                 raise KeyboardInterrupt
             self.stop = True
-            tqdm.write("interrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+            tqdm.write("interrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)", file=sys.stderr)
 
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
             self._old = signal.signal(signal.SIGINT, handler)
@@ -124,7 +125,7 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
         state = load_checkpoint(existing[-1], model, optimizer)
         step = state["step"]
         loader.load_state_dict(state["loader"])
-        tqdm.write(f"resuming from {existing[-1]} (step {step})")
+        tqdm.write(f"resuming from {existing[-1]} (step {step})", file=sys.stderr)
     train_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if existing else None)
 
@@ -185,8 +186,8 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
                 t_last, step_last = time.perf_counter(), step
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 last_eval = run_eval(step)
-                bar.write("step {}: ".format(step) + ", ".join(
-                    f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for lang, r in last_eval.items()))
+                bar.write(f"step {step}: " + ", ".join(
+                    f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for lang, r in last_eval.items()), file=sys.stderr)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 save(step)

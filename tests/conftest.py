@@ -1,0 +1,61 @@
+"""Shared fixtures: a micro recipe over slices of the bundled datasets, prepared once per session."""
+
+from pathlib import Path
+
+import pytest
+
+from lmforge.config import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+MICRO_RECIPE = """
+data:
+  sources:
+    - {{name: enwiki, path: {d}/enwiki, format: jsonl, lang: en, max_docs: 150}}
+    - {{name: tinystories, path: {d}/tinystories, split_on: blank_line, min_chars: 400, lang: en, max_docs: 100}}
+    - {{name: zhwiki, path: {d}/chinese/zhwiki_sample.jsonl.gz, lang: zh, max_docs: 30}}
+    - {{name: honglou, path: {d}/chinese/novel_honglou_meng.txt.gz, split_on: line, min_chars: 600, lang: zh, max_docs: 60}}
+  val_fraction: 0.1
+  num_workers: 2
+tokenizer:
+  vocab_size: 512
+  sample_chars: 400000
+model:
+  dim: 32
+  n_layer: 2
+  n_head: 2
+  max_seq_len: 64
+pretrain:
+  max_steps: 8
+  batch_size: 4
+  seq_len: 32
+  warmup_steps: 2
+  eval_every: 4
+  eval_tokens: 2048
+  log_every: 1
+  save_every: 4
+  keep_last: 5
+sample:
+  prompts: ["Once upon a time", "话说"]
+  max_new_tokens: 8
+"""
+
+
+@pytest.fixture(scope="session")
+def micro_recipe_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "micro.yaml"
+    path.write_text(MICRO_RECIPE.format(d=REPO / "datasets"), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro_prepared(micro_recipe_path, tmp_path_factory):
+    """(recipe, run_dir) with tokenizer/ and data/ built once for every test that trains."""
+    from lmforge.data import prepare
+    from lmforge.tokenizer import run as train_tokenizer
+
+    recipe = load_recipe(micro_recipe_path)
+    run_dir = tmp_path_factory.mktemp("micro_run")
+    train_tokenizer(recipe.tokenizer, recipe.data, recipe.base_dir, run_dir / "tokenizer")
+    prepare.run(recipe.data, run_dir / "tokenizer", recipe.base_dir, run_dir / "data")
+    return recipe, run_dir

@@ -1,0 +1,87 @@
+"""The command line as a user runs it: a subprocess, end to end on the micro recipe."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def lmforge(*args, timeout=300, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+def test_help_lists_every_option():
+    out = lmforge("--help").stdout
+    for cmd in ("run", "tokenizer", "prepare", "pretrain", "generate", "report"):
+        assert cmd in out
+    out = lmforge("pretrain", "--help").stdout
+    assert "--max_steps" in out and "optimizer steps" in out and "--model.n_kv_head" in out
+
+
+def test_run_end_to_end_then_skip_then_generate(micro_recipe_path, tmp_path):
+    out = tmp_path / "run"
+    r = lmforge("run", micro_recipe_path, "--out", out, "--pretrain.max_steps", 4)
+    assert r.returncode == 0, r.stderr
+    report = (out / "REPORT.md").read_text()
+    for section in ("## Data", "## Pretraining", "## Samples", "bits per byte", "loss curve"):
+        assert section in report
+    assert "| en |" in report and "| zh |" in report
+    samples = json.loads((out / "sample" / "samples.json").read_text())
+    assert [s["prompt"] for s in samples] == ["Once upon a time", "话说"]
+
+    r = lmforge("run", micro_recipe_path, "--out", out, "--pretrain.max_steps", 4)
+    assert r.returncode == 0 and r.stdout.count("up to date") == 4, r.stdout
+
+    r = lmforge("generate", out / "pretrain" / "model", "--prompt", "Once", "--max-new-tokens", 5, "--seed", 1)
+    assert r.returncode == 0 and r.stdout.startswith("Once"), r.stderr
+    r = lmforge("generate", out / "pretrain" / "model", "--prompt", "word " * 100, "--max-new-tokens", 5)
+    assert r.returncode == 2 and "the model's context is 64" in r.stderr
+    r = lmforge("generate", out / "pretrain" / "model", "--prompt", "word " * 100, "--max-new-tokens", 5, "--truncate")
+    assert r.returncode == 0, r.stderr
+
+
+def test_bad_input_is_a_clear_error(micro_recipe_path, tmp_path):
+    r = lmforge("run", micro_recipe_path, "--out", tmp_path, "--pretrain.max_step", 3)
+    assert r.returncode == 2 and "did you mean 'max_steps'" in r.stderr and "Traceback" not in r.stderr
+    r = lmforge("pretrain", "--config", micro_recipe_path, "--out", tmp_path, "--lr", "fast")
+    assert r.returncode == 2 and "pretrain.lr must be a number, got 'fast'" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  sources:\n    - {name: x, path: no/such/file.txt}\n")
+    r = lmforge("run", bad, "--out", tmp_path / "r")
+    assert r.returncode == 2 and "no/such/file.txt" in r.stderr and "Traceback" not in r.stderr
+    r = lmforge("generate", tmp_path / "missing")
+    assert r.returncode == 2 and "checkpoint directory not found" in r.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_saves_and_rerun_resumes(micro_recipe_path, micro_prepared, tmp_path):
+    recipe_path = str(micro_recipe_path)
+    run_dir = micro_prepared[1]
+    out = tmp_path / "run"
+    (out).mkdir()
+    for d in ("tokenizer", "data"):
+        os.symlink(run_dir / d, out / d)
+    args = ["-m", "lmforge", "pretrain", "--config", recipe_path, "--out", str(out), "--max_steps", "100000",
+            "--save_every", "0", "--eval_every", "0"]
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "pretrain" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Run the same command to resume" in err
+    ckpts = list((out / "pretrain" / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1
+    step = int(ckpts[0].name.split("_")[1])
+    assert step >= 3
+    r = lmforge("pretrain", "--config", recipe_path, "--out", out, "--max_steps", step + 2, "--eval_every", "0")
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {ckpts[0]} (step {step})" in r.stderr

@@ -1,0 +1,73 @@
+"""The pretraining driver: exact resume, metrics, checkpoints, evaluation, a learning model."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import transformers
+
+from lmforge.train import pretrain
+from lmforge.train.metrics import read_metrics
+from lmforge.train.state import list_checkpoints
+
+
+def _losses(out_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(out_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def full_run(micro_prepared, tmp_path_factory):
+    recipe, run_dir = micro_prepared
+    out = tmp_path_factory.mktemp("pretrain_full")
+    summary = pretrain.run(recipe.pretrain, recipe.model, run_dir / "data", run_dir / "tokenizer", out)
+    return recipe, run_dir, out, summary
+
+
+def test_run_writes_everything(full_run):
+    recipe, run_dir, out, summary = full_run
+    assert summary["step"] == 8 and not summary["interrupted"]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_000004", "step_000008"]
+    assert set(summary["val"]) == {"en", "zh"}
+    for r in summary["val"].values():
+        assert 0 < r["bpb"] < 20 and r["loss"] > 0
+    losses = _losses(out)
+    assert [s for s, _ in losses] == list(range(1, 9))
+    assert losses[-1][1] < losses[0][1]  # it learns something in 8 steps
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["vocab_size"] == 512
+
+
+def test_resume_reproduces_the_uninterrupted_losses(full_run, tmp_path):
+    recipe, run_dir, out, _ = full_run
+    # a run that stopped after step 4: only its step-4 checkpoint and its metrics up to 4 exist
+    shutil.copytree(out / "checkpoints" / "step_000004", tmp_path / "checkpoints" / "step_000004")
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in read_metrics(out / "metrics.jsonl") if r["step"] <= 4))
+    pretrain.run(recipe.pretrain, recipe.model, run_dir / "data", run_dir / "tokenizer", tmp_path)
+    assert _losses(tmp_path) == _losses(out)  # bit-for-bit equal floats, steps 1..8
+
+
+def test_checkpoint_opens_in_transformers_with_same_loss(full_run):
+    import torch
+
+    from lmforge.model.checkpoint import load_model
+
+    _, run_dir, out, _ = full_run
+    ours = load_model(out / "model")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    x = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).logits).abs().max().item() <= 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(out / "model")
+    assert tok.bos_token == "<|bos|>" and tok.eos_token == "<|eos|>"
+
+
+def test_seq_len_over_context_is_an_error(micro_prepared, tmp_path):
+    from lmforge.config import ConfigError
+
+    recipe, run_dir = micro_prepared
+    cfg = dataclasses.replace(recipe.pretrain, seq_len=128)
+    with pytest.raises(ConfigError, match=r"seq_len \(128\) exceeds model.max_seq_len \(64\)"):
+        pretrain.run(cfg, recipe.model, run_dir / "data", run_dir / "tokenizer", tmp_path)
