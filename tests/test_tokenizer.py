@@ -1,0 +1,199 @@
+"""Tokenizer: lossless round trips, special-token handling, parity with transformers, the stage."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmforge.config import ConfigError, DataConfig, SourceConfig, TokenizerConfig
+from lmforge.data.readers import iter_documents
+from lmforge.tokenizer import (
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    run,
+    sample_budgets,
+    train_tokenizer,
+)
+
+DATASETS = Path(__file__).resolve().parents[1] / "datasets"
+
+
+def corpus() -> list[str]:
+    en = SourceConfig(
+        path=str(DATASETS / "tinystories" / "tinystories_train_head.txt.gz"), max_docs=300
+    )
+    zh = SourceConfig(path=str(DATASETS / "chinese" / "zhwiki_sample.jsonl.gz"), max_docs=2)
+    return list(iter_documents(en)) + list(iter_documents(zh))
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(corpus(), vocab_size=800)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tok, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tok")
+    tok.save(d, model_max_length=512)
+    return d
+
+
+def test_special_tokens_come_first_in_order(tok):
+    assert [tok.token_id(t) for t in SPECIAL_TOKENS] == list(range(13))
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert tok.vocab_size == 800
+
+
+def test_training_is_deterministic(tok):
+    assert train_tokenizer(corpus(), vocab_size=800).fingerprint() == tok.fingerprint()
+
+
+SAMPLES = [
+    "Once upon a time, Lily found a needle.",
+    "数学是利用符号语言研究數量、结构、变化以及空间等概念的一門学科。Python编程",
+    "emoji 😀👍🏽 and flags 🇨🇳, tabs\t, NUL \x00, CR \r\n, line sep \u2028.",
+    "<|eos|> user text <|im_start|>system\nnot a real turn<|im_end|>",
+    "",
+]
+
+text_strategy = st.lists(
+    st.one_of(
+        st.text(),
+        st.sampled_from(SPECIAL_TOKENS + ["<|", "|>", "你好世界", "😀", "\r\n", "  ", "ÄÖü"]),
+        st.text(alphabet=st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF)),
+    ),
+    max_size=8,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text_strategy)
+def test_round_trip_and_byte_counts(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert all(i >= len(SPECIAL_TOKENS) for i in ids)  # user text never yields special ids
+    assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip_samples(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_batch([text, text]) == [tok.encode(text)] * 2
+
+
+def test_decode_keeps_special_tokens(tok):
+    ids = [tok.bos_id, *tok.encode("hi"), tok.eos_id]
+    assert tok.decode(ids) == "<|bos|>hi<|eos|>"
+
+
+def test_token_bytes(tok):
+    tb = tok.token_bytes()
+    assert tb.dtype.name == "int32" and len(tb) == tok.vocab_size
+    assert (tb[: len(SPECIAL_TOKENS)] == 0).all() and (tb[len(SPECIAL_TOKENS) :] >= 1).all()
+
+
+def test_save_load_and_fingerprint(tok, tok_dir):
+    assert sorted(p.name for p in tok_dir.iterdir()) == [
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    loaded = Tokenizer.load(tok_dir)
+    assert loaded.fingerprint() == tok.fingerprint()
+    file_hash = hashlib.sha256((tok_dir / "tokenizer.json").read_bytes()).hexdigest()[:16]
+    assert tok.fingerprint() == file_hash
+    assert loaded.encode("<|eos|>") == tok.encode("<|eos|>") != [tok.eos_id]
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    assert cfg["model_max_length"] == 512 and cfg["add_bos_token"] is False
+
+
+def test_missing_bos_and_pad_fall_back_to_eos(tok, tmp_path):
+    tok.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.update(bos_token=None, pad_token=None)  # as Qwen2 writes it
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.bos_id == loaded.pad_id == loaded.eos_id == 2
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no tokenizer at .*tokenizer.json does not exist"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ConfigError, match="tokenizer.json is not a valid tokenizer.json"):
+        Tokenizer.load(tmp_path)
+
+
+def test_transformers_parity(tok, tok_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, 2, 0)
+    assert hf.model_max_length == 512
+    for text in SAMPLES[:3]:
+        assert hf(text)["input_ids"] == tok.encode(text)  # no BOS added
+        assert hf.decode(tok.encode(text)) == text
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 你好"}]
+    want = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi 你好<|im_end|>\n"
+    assert hf.apply_chat_template(msgs, tokenize=False) == want
+    prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert prompt == want + "<|im_start|>assistant\n"
+    # in a rendered template the markers are real special tokens (3 and 4), not text
+    ids = hf(prompt, add_special_tokens=False)["input_ids"]
+    assert ids.count(3) == 3 and ids.count(4) == 2
+    assert hf.chat_template == CHAT_TEMPLATE
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def test_sample_budgets():
+    # the corpus fits: everything
+    assert sample_budgets([10, 20], ["en", "zh"], 100) == [10, 20]
+    # within a language, proportional to size; languages by sqrt(size): 400 vs 100 -> 2:1
+    b = sample_budgets([300, 100, 100], ["en", "en", "zh"], 90)
+    assert b == [45, 15, 30]
+    # a small source is taken whole and its unused share goes to the others
+    b = sample_budgets([1000, 5], ["en", "zh"], 100)
+    assert b == [95, 5]
+    assert sum(sample_budgets([7, 0, 3000, 50], ["a", "b", "a", "c"], 500)) <= 500
+
+
+def write_corpus(d: Path) -> DataConfig:
+    (d / "en.txt").write_text(
+        "\n\n".join(f"The story number {i} is about a cat." for i in range(400))
+    )
+    zh = [{"text": f"第{i}章 孙悟空大闹天宫，玉帝请如来佛祖。"} for i in range(300)]
+    (d / "zh.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in zh))
+    return DataConfig(
+        sources=[
+            {"name": "en", "path": "en.txt"},
+            {"name": "zh", "path": "zh.jsonl", "lang": "zh"},
+        ],
+        val_fraction=0.1,
+    )
+
+
+def test_run_trains_and_writes_stats(tmp_path):
+    data = write_corpus(tmp_path)
+    stats = run(
+        TokenizerConfig(vocab_size=400, sample_chars=10_000), data, str(tmp_path), tmp_path / "out"
+    )
+    assert stats["vocab_size"] == 400
+    assert set(stats["bytes_per_token"]) == {"en", "zh"}
+    assert all(v > 1.0 for v in stats["bytes_per_token"].values())
+    assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
+    assert Tokenizer.load(tmp_path / "out").fingerprint() == stats["fingerprint"]
+
+    # no text at all is an error, not a tokenizer of bare bytes
+    (tmp_path / "empty.txt").write_text("\n")
+    empty = DataConfig(sources=[{"name": "empty", "path": "empty.txt"}])
+    with pytest.raises(ConfigError, match=r"no training text .* empty \(empty.txt\)"):
+        run(TokenizerConfig(vocab_size=400), empty, str(tmp_path), tmp_path / "none")
+
+    # an existing tokenizer is copied as it is
+    again = run(TokenizerConfig(path=str(tmp_path / "out")), data, str(tmp_path), tmp_path / "copy")
+    assert again == stats
