@@ -29,15 +29,22 @@ def _add_section_options(p: argparse.ArgumentParser, section: str, prefix: str =
     cls = SECTIONS[section]
     helps = field_help(cls)
     hints = typing.get_type_hints(cls)
-    group = p.add_argument_group(f"{section} options" + (" (the recipe's `" + section + ":` section)" if not prefix else ""))
+    group = p.add_argument_group(
+        f"{section} options" + (" (the recipe's `" + section + ":` section)" if not prefix else "")
+    )
     for f in dataclasses.fields(cls):
         if f.name == "sources":
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tp = hints[f.name]
         metavar = {int: "N", float: "X", bool: "BOOL", str: "STR"}.get(tp, "LIST")
-        group.add_argument(f"--{prefix}{f.name}", dest=f"{section}.{f.name}", metavar=metavar,
-                           default=argparse.SUPPRESS, help=f"{helps.get(f.name, '')} (default: {default})")
+        group.add_argument(
+            f"--{prefix}{f.name}",
+            dest=f"{section}.{f.name}",
+            metavar=metavar,
+            default=argparse.SUPPRESS,
+            help=f"{helps.get(f.name, '')} (default: {default})",
+        )
 
 
 def _split_overrides(rest: list[str], own_section: str | None) -> dict[str, str]:
@@ -77,23 +84,56 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("run", allow_abbrev=False, help="run a whole recipe: tokenizer -> prepare -> pretrain -> samples -> REPORT.md",
-                       description="Run every stage of a recipe in one run directory. Finished stages with the same config "
-                                   "are skipped and an interrupted stage resumes, so rerunning the command continues the run. "
-                                   "Override any recipe value with --section.key VALUE (e.g. --pretrain.max_steps 20).",
-                       epilog="recipe keys: " + "; ".join(f"{s}: {', '.join(_section_keys(s))}" for s in SECTIONS))
-    p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"YAML recipe (default: {DEFAULT_RECIPE})")
+    p = sub.add_parser(
+        "run",
+        allow_abbrev=False,
+        help="run a whole recipe: tokenizer -> prepare -> pretrain -> samples -> REPORT.md",
+        description="Run every stage of a recipe in one run directory. Finished stages with the same config "
+        "are skipped and an interrupted stage resumes, so rerunning the command continues the run. "
+        "Override any recipe value with --section.key VALUE (e.g. --pretrain.max_steps 20).",
+        epilog="recipe keys: " + "; ".join(f"{s}: {', '.join(_section_keys(s))}" for s in SECTIONS),
+    )
+    p.add_argument(
+        "recipe", nargs="?", default=DEFAULT_RECIPE, help=f"YAML recipe (default: {DEFAULT_RECIPE})"
+    )
     p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
-    p.add_argument("--force", default="", metavar="STAGES", help="comma-separated stages to redo even if up to date (tokenizer,data,pretrain,sample)")
+    p.add_argument(
+        "--force",
+        default="",
+        metavar="STAGES",
+        help="comma-separated stages to redo even if up to date (tokenizer,data,pretrain,sample)",
+    )
 
     for cmd, section, text in (
-        ("tokenizer", "tokenizer", "train the byte-level BPE tokenizer on the recipe's data (writes OUT/tokenizer)"),
-        ("prepare", "data", "tokenize the recipe's data into shards (writes OUT/data; needs OUT/tokenizer)"),
-        ("pretrain", "pretrain", "pretrain the model on prepared shards (writes OUT/pretrain; needs OUT/data, OUT/tokenizer)"),
+        (
+            "tokenizer",
+            "tokenizer",
+            "train the byte-level BPE tokenizer on the recipe's data (writes OUT/tokenizer)",
+        ),
+        (
+            "prepare",
+            "data",
+            "tokenize the recipe's data into shards (writes OUT/data; needs OUT/tokenizer)",
+        ),
+        (
+            "pretrain",
+            "pretrain",
+            "pretrain the model on prepared shards (writes OUT/pretrain; needs OUT/data, OUT/tokenizer)",
+        ),
     ):
-        p = sub.add_parser(cmd, allow_abbrev=False, help=text, description=text[0].upper() + text[1:] + ". Values come from "
-                           "the recipe, then from --key VALUE for this stage's section, or --section.key VALUE for any other.")
-        p.add_argument("--config", default=DEFAULT_RECIPE, metavar="RECIPE", help=f"YAML recipe (default: {DEFAULT_RECIPE})")
+        p = sub.add_parser(
+            cmd,
+            allow_abbrev=False,
+            help=text,
+            description=text[0].upper() + text[1:] + ". Values come from "
+            "the recipe, then from --key VALUE for this stage's section, or --section.key VALUE for any other.",
+        )
+        p.add_argument(
+            "--config",
+            default=DEFAULT_RECIPE,
+            metavar="RECIPE",
+            help=f"YAML recipe (default: {DEFAULT_RECIPE})",
+        )
         p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
         if cmd == "prepare":
             p.add_argument("--tokenizer-dir", help="tokenizer directory (default: OUT/tokenizer)")
@@ -104,18 +144,50 @@ def _parser() -> argparse.ArgumentParser:
         if cmd == "pretrain":
             _add_section_options(p, "model", prefix="model.")
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint, streamed to stdout",
-                       description="Continue a prompt with a trained checkpoint (any Llama-layout HF directory).")
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a checkpoint, streamed to stdout",
+        description="Continue a prompt with a trained checkpoint (any Llama-layout HF directory).",
+    )
     p.add_argument("checkpoint", help="checkpoint directory (e.g. runs/tiny/pretrain/model)")
-    p.add_argument("--prompt", default="", help="text to continue (default: empty, i.e. start from BOS)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
+    p.add_argument(
+        "--prompt", default="", help="text to continue (default: empty, i.e. start from BOS)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)"
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = off (default: 50)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold, 1 = off (default: 0.95)")
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="> 1 discourages repeats, 1 = off (default: 1.1)")
-    p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop before this string (repeatable)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=50,
+        help="sample among the k most likely tokens, 0 = off (default: 50)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        help="nucleus sampling threshold, 1 = off (default: 0.95)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.1,
+        help="> 1 discourages repeats, 1 = off (default: 1.1)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="stop before this string (repeatable)",
+    )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    p.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt longer than the context instead of failing")
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="keep the last tokens of a prompt longer than the context instead of failing",
+    )
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
 
@@ -136,7 +208,9 @@ def _cmd_run(args, rest) -> int:
     force = tuple(s for s in args.force.split(",") if s)
     bad = [s for s in force if s not in pipeline.STAGES]
     if bad:
-        raise ConfigError(f"--force: unknown stage(s) {bad}; stages are {', '.join(pipeline.STAGES)}")
+        raise ConfigError(
+            f"--force: unknown stage(s) {bad}; stages are {', '.join(pipeline.STAGES)}"
+        )
     try:
         res = pipeline.run(recipe, out, force=force)
     except pipeline.Interrupted as e:
@@ -160,15 +234,28 @@ def _cmd_stage(args, rest) -> int:
     elif args.command == "prepare":
         from lmforge.data.prepare import run
 
-        manifest = run(recipe.data, args.tokenizer_dir or out / "tokenizer", recipe.base_dir, out / "data")
-        print(f"shards written to {out / 'data'} ({sum(s['tokens'] for s in manifest['train_shards']):,} training tokens)")
+        manifest = run(
+            recipe.data, args.tokenizer_dir or out / "tokenizer", recipe.base_dir, out / "data"
+        )
+        print(
+            f"shards written to {out / 'data'} ({sum(s['tokens'] for s in manifest['train_shards']):,} training tokens)"
+        )
     else:
         from lmforge.train.pretrain import run
 
-        s = run(recipe.pretrain, recipe.model, args.data_dir or out / "data", args.tokenizer_dir or out / "tokenizer", out / "pretrain")
+        s = run(
+            recipe.pretrain,
+            recipe.model,
+            args.data_dir or out / "data",
+            args.tokenizer_dir or out / "tokenizer",
+            out / "pretrain",
+        )
         if s["interrupted"]:
-            print(f"interrupted at step {s['step']}; checkpoint saved under {out / 'pretrain' / 'checkpoints'}. "
-                  "Run the same command to resume.", file=sys.stderr)
+            print(
+                f"interrupted at step {s['step']}; checkpoint saved under {out / 'pretrain' / 'checkpoints'}. "
+                "Run the same command to resume.",
+                file=sys.stderr,
+            )
             return 130
         print(f"model written to {out / 'pretrain' / 'model'}")
     return 0
@@ -188,9 +275,18 @@ def _cmd_generate(args) -> int:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    for piece in stream_text(model, tok, ids, stop=args.stop, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             repetition_penalty=args.repetition_penalty, seed=args.seed):
+    for piece in stream_text(
+        model,
+        tok,
+        ids,
+        stop=args.stop,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    ):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

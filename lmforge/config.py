@@ -7,12 +7,16 @@ A field's trailing comment is its `--help` text (read from this file's source).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import glob as globlib
 import hashlib
 import inspect
+import io
 import json
-import re
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +35,11 @@ class ConfigError(ValueError):
 @dataclass
 class SourceConfig:  # one entry of `data.sources`
     name: str = ""  # short name used in reports and shard names
-    path: str = ""  # file, directory or glob; relative paths are tried against the cwd, then the recipe's folder and its parent
-    format: str = "auto"  # txt | jsonl | parquet; auto = from the extension (a trailing .gz is allowed)
+    path: str = ""  # file, folder or glob; relative: cwd, then the recipe's folder, then its parent
+    format: str = "auto"  # txt | jsonl | parquet; auto = from the extension (.gz allowed)
     text_field: str = "text"  # jsonl/parquet: the field that holds the document text
     split_on: str = "blank_line"  # txt: what separates documents: file | blank_line | line
-    min_chars: int = 0  # txt: join consecutive pieces until a document has at least this many characters
+    min_chars: int = 0  # txt: join consecutive pieces until a document has this many characters
     lang: str = "en"  # language tag; validation loss and bits per byte are reported per language
     max_docs: int = 0  # read at most this many documents (0 = all)
 
@@ -50,8 +54,8 @@ class SourceConfig:  # one entry of `data.sources`
 
 @dataclass
 class DataConfig:  # `data:` turns raw documents into token shards (lmforge prepare)
-    sources: list[SourceConfig] = field(default_factory=list)  # the documents to read (see SourceConfig)
-    val_fraction: float = 0.01  # share of documents held out for validation, chosen by a hash of the text
+    sources: list[SourceConfig] = field(default_factory=list)  # documents to read (SourceConfig)
+    val_fraction: float = 0.01  # share of documents held out for validation, by text hash
     num_workers: int = 2  # tokenizer worker processes
     shard_tokens: int = 100_000_000  # at most this many tokens per shard file
 
@@ -77,22 +81,24 @@ class TokenizerConfig:  # `tokenizer:` byte-level BPE (lmforge tokenizer)
 
     def __post_init__(self):
         if self.vocab_size < 300:
-            raise ConfigError("tokenizer.vocab_size must be at least 300 (256 bytes + special tokens)")
+            raise ConfigError(
+                "tokenizer.vocab_size must be at least 300 (256 bytes + special tokens)"
+            )
         _check_positive(self, "sample_chars", "min_frequency")
 
 
 @dataclass
-class ModelConfig:  # `model:` a LLaMA-style decoder; fields map one-to-one onto transformers' LlamaConfig
+class ModelConfig:  # `model:` a LLaMA-style decoder; fields map one-to-one onto LlamaConfig
     vocab_size: int = 0  # 0 = take it from the tokenizer
     dim: int = 256  # hidden_size
     n_layer: int = 4  # num_hidden_layers
     n_head: int = 4  # num_attention_heads
     n_kv_head: int = 0  # num_key_value_heads (grouped-query attention); 0 = n_head
-    ffn_dim: int = 0  # intermediate_size of the SwiGLU MLP; 0 = 8/3 * dim rounded up to a multiple of 64
+    ffn_dim: int = 0  # intermediate_size (SwiGLU); 0 = 8/3 * dim rounded up to a multiple of 64
     max_seq_len: int = 512  # max_position_embeddings
     rope_theta: float = 10000.0  # rotary embedding base
     norm_eps: float = 1e-5  # rms_norm_eps
-    tie_embeddings: bool = True  # tie_word_embeddings: share the input embedding and the output head
+    tie_embeddings: bool = True  # tie_word_embeddings: input embedding = output head
     init_std: float = 0.02  # initializer_range
     bos_token_id: int = 1  # set from the tokenizer by the pipeline
     eos_token_id: int = 2  # set from the tokenizer by the pipeline
@@ -104,13 +110,17 @@ class ModelConfig:  # `model:` a LLaMA-style decoder; fields map one-to-one onto
             self.ffn_dim = 64 * -(-(8 * self.dim // 3) // 64)
         _check_positive(self, "dim", "n_layer", "n_head", "n_kv_head", "ffn_dim", "max_seq_len")
         if self.dim % self.n_head:
-            raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_head ({self.n_head})")
+            raise ConfigError(
+                f"model.dim ({self.dim}) must be divisible by model.n_head ({self.n_head})"
+            )
         if self.n_head % self.n_kv_head:
             raise ConfigError(
                 f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})"
             )
         if (self.dim // self.n_head) % 2:
-            raise ConfigError("model head dimension (dim / n_head) must be even for rotary embeddings")
+            raise ConfigError(
+                "model head dimension (dim / n_head) must be even for rotary embeddings"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -128,7 +138,7 @@ class PretrainConfig:  # `pretrain:` next-token prediction on the prepared shard
     warmup_steps: int = 50  # linear warmup from 0 to the peak
     schedule: str = "cosine"  # after warmup: cosine | wsd (warmup-stable-decay) | constant
     decay_frac: float = 0.2  # wsd: fraction of steps spent in the final linear decay
-    weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices (not on norms or embeddings)
+    weight_decay: float = 0.1  # AdamW weight decay on matrices (not on norms or embeddings)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
@@ -156,7 +166,9 @@ class PretrainConfig:  # `pretrain:` next-token prediction on the prepared shard
 
 @dataclass
 class SampleConfig:  # `sample:` generations written into the report after pretraining
-    prompts: list[str] = field(default_factory=lambda: ["Once upon a time", "The history of"])  # one sample per prompt
+    prompts: list[str] = field(
+        default_factory=lambda: ["Once upon a time", "The history of"]
+    )  # one sample per prompt
     max_new_tokens: int = 64  # tokens generated per prompt
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 50  # keep only the k most likely tokens (0 = off)
@@ -237,7 +249,16 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "yes",
+            "1",
+            "on",
+            "false",
+            "no",
+            "0",
+            "off",
+        ):
             return value.lower() in ("true", "yes", "1", "on")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
@@ -253,7 +274,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 return int(f)
             return float(str(value).replace("_", ""))
         except ValueError:
-            raise ConfigError(f"{where} must be {'an integer' if tp is int else 'a number'}, got {value!r}") from None
+            raise ConfigError(
+                f"{where} must be {'an integer' if tp is int else 'a number'}, got {value!r}"
+            ) from None
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where} must be a string, got {value!r}")
@@ -315,7 +338,9 @@ def to_dict(cfg) -> dict:
 def config_hash(*parts: Any) -> str:
     """A short stable hash of configs (dataclasses or plain data); stages use it to skip work."""
     blob = json.dumps(
-        [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str
+        [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -326,10 +351,11 @@ def resolve_path(path: str, base_dir: str = ".") -> Path:
     if p.is_absolute():
         return p
     base = Path(base_dir)
+    is_glob = any(ch in path for ch in "*?[")
     for cand in (p, base / p, base.parent / p):
-        if cand.exists() or any(ch in path for ch in "*?["):
-            if cand.exists() or list(cand.parent.glob(cand.name)):
-                return cand
+        # glob.glob, not Path.glob on the parent: the wildcard may be in a folder name
+        if cand.exists() or (is_glob and globlib.glob(str(cand), recursive=True)):
+            return cand
     return p
 
 
@@ -337,14 +363,22 @@ def resolve_path(path: str, base_dir: str = ".") -> Path:
 
 
 def field_help(cls) -> dict[str, str]:
-    """The trailing `# comment` of each field in the class source: that is its --help."""
+    """The trailing `# comment` of each field in the class source: that is its --help.
+    Read with ast + tokenize so a field wrapped over several lines still finds its comment."""
     try:
-        src = inspect.getsource(cls)
+        src = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+        if tok.type == tokenize.COMMENT
+    }
     out = {}
-    for line in src.splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).strip()
+    for node in ast.parse(src).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = range(node.lineno, node.end_lineno + 1)
+            text = next((comments[n] for n in lines if n in comments), None)
+            if text:
+                out[node.target.id] = text
     return out

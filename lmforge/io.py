@@ -40,7 +40,9 @@ def write_json(path: str | Path, obj, indent: int = 2) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+        tmp.write_text(
+            json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+        )
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

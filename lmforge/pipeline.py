@@ -18,7 +18,17 @@ from lmforge.io import read_json, write_json
 
 STAGES = ("tokenizer", "data", "pretrain", "sample")
 # pretraining options that change how a run is watched or where it runs, not what it computes
-_PRETRAIN_RUNTIME = ("resume", "device", "threads", "compile", "log_every", "eval_every", "save_every", "keep_last", "eval_tokens")
+_PRETRAIN_RUNTIME = (
+    "resume",
+    "device",
+    "threads",
+    "compile",
+    "log_every",
+    "eval_every",
+    "save_every",
+    "keep_last",
+    "eval_tokens",
+)
 
 
 class Interrupted(Exception):
@@ -26,11 +36,16 @@ class Interrupted(Exception):
 
 
 def stage_hashes(recipe: Recipe) -> dict[str, str]:
-    sources = [dict(dataclasses.asdict(s), path=str(resolve_path(s.path, recipe.base_dir))) for s in recipe.data.sources]
+    sources = [
+        dict(dataclasses.asdict(s), path=str(resolve_path(s.path, recipe.base_dir)))
+        for s in recipe.data.sources
+    ]
     data = dataclasses.asdict(recipe.data) | {"sources": sources}
     tok = config_hash(recipe.tokenizer, sources)
     prep = config_hash(data, tok)
-    pre = {k: v for k, v in dataclasses.asdict(recipe.pretrain).items() if k not in _PRETRAIN_RUNTIME}
+    pre = {
+        k: v for k, v in dataclasses.asdict(recipe.pretrain).items() if k not in _PRETRAIN_RUNTIME
+    }
     pretrain = config_hash(recipe.model, pre, prep)
     sample = config_hash(recipe.sample, pretrain)
     return {"tokenizer": tok, "data": prep, "pretrain": pretrain, "sample": sample}
@@ -71,7 +86,9 @@ def run_stage(name: str, out: Path, h: str, fn, force: bool = False, log=print) 
     result = fn(d) or {}
     if result.get("interrupted"):
         raise Interrupted(f"{name} was interrupted; rerun the same command to resume")
-    write_json(d / "stage.json", {"hash": h, "done": True, "seconds": time.time() - t0, "result": result})
+    write_json(
+        d / "stage.json", {"hash": h, "done": True, "seconds": time.time() - t0, "result": result}
+    )
     return result
 
 
@@ -87,10 +104,19 @@ def generate_samples(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
     out = []
     for i, prompt in enumerate(sample_cfg.prompts):
         ids = [tok.bos_id] + tok.encode(prompt)
-        text = "".join(stream_text(
-            model, tok, ids, max_new_tokens=sample_cfg.max_new_tokens, temperature=sample_cfg.temperature,
-            top_k=sample_cfg.top_k, top_p=sample_cfg.top_p, repetition_penalty=sample_cfg.repetition_penalty,
-            seed=sample_cfg.seed + i))
+        text = "".join(
+            stream_text(
+                model,
+                tok,
+                ids,
+                max_new_tokens=sample_cfg.max_new_tokens,
+                temperature=sample_cfg.temperature,
+                top_k=sample_cfg.top_k,
+                top_p=sample_cfg.top_p,
+                repetition_penalty=sample_cfg.repetition_penalty,
+                seed=sample_cfg.seed + i,
+            )
+        )
         out.append({"prompt": prompt, "completion": text})
     return out
 
@@ -110,22 +136,42 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
     t_start = time.time()
     try:
         results["tokenizer"] = run_stage(
-            "tokenizer", out, hashes["tokenizer"], lambda d: train_tokenizer(recipe.tokenizer, recipe.data, recipe.base_dir, d),
-            "tokenizer" in force, log)
+            "tokenizer",
+            out,
+            hashes["tokenizer"],
+            lambda d: train_tokenizer(recipe.tokenizer, recipe.data, recipe.base_dir, d),
+            "tokenizer" in force,
+            log,
+        )
         results["data"] = run_stage(
-            "data", out, hashes["data"], lambda d: prepare.run(recipe.data, out / "tokenizer", recipe.base_dir, d),
-            "data" in force, log)
+            "data",
+            out,
+            hashes["data"],
+            lambda d: prepare.run(recipe.data, out / "tokenizer", recipe.base_dir, d),
+            "data" in force,
+            log,
+        )
         results["pretrain"] = run_stage(
-            "pretrain", out, hashes["pretrain"],
-            lambda d: pretrain.run(recipe.pretrain, recipe.model, out / "data", out / "tokenizer", d),
-            "pretrain" in force, log)
+            "pretrain",
+            out,
+            hashes["pretrain"],
+            lambda d: pretrain.run(
+                recipe.pretrain, recipe.model, out / "data", out / "tokenizer", d
+            ),
+            "pretrain" in force,
+            log,
+        )
 
         def sample(d):
-            samples = generate_samples(out / "pretrain" / "model", recipe.sample, recipe.pretrain.device)
+            samples = generate_samples(
+                out / "pretrain" / "model", recipe.sample, recipe.pretrain.device
+            )
             write_json(d / "samples.json", samples)
             return {"samples": samples}
 
-        results["sample"] = run_stage("sample", out, hashes["sample"], sample, "sample" in force, log)
+        results["sample"] = run_stage(
+            "sample", out, hashes["sample"], sample, "sample" in force, log
+        )
     finally:
         report = write_report(out)
         log(f"report: {report}")

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 
-
 def _load(path: Path) -> dict | list | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -38,21 +37,38 @@ def write_report(run_dir: str | Path) -> Path:
         if st:
             secs = st.get("seconds", 0.0)
             total += secs
-            rows.append(f"| {stage} | {'done' if st.get('done') else 'unfinished'} | {_duration(secs) if secs else '-'} | `{st.get('hash', '')}` |")
+            rows.append(
+                f"| {stage} | {'done' if st.get('done') else 'unfinished'} | {_duration(secs) if secs else '-'} | `{st.get('hash', '')}` |"
+            )
     if rows:
-        lines += ["## Stages", "", "| stage | status | time | config hash |", "|---|---|---|---|", *rows,
-                  f"| **total** | | {_duration(total)} | |", ""]
+        lines += [
+            "## Stages",
+            "",
+            "| stage | status | time | config hash |",
+            "|---|---|---|---|",
+            *rows,
+            f"| **total** | | {_duration(total)} | |",
+            "",
+        ]
 
     # --- data
     manifest = _load(run / "data" / "manifest.json")
     if manifest:
-        lines += ["## Data", "", f"Tokenizer `{manifest.get('tokenizer_fingerprint', manifest.get('tokenizer_hash', '?'))}`, "
-                  f"vocabulary {manifest.get('vocab_size')}, shards of `{manifest.get('dtype')}`.", "",
-                  "| source | lang | train docs | train tokens | val docs | val tokens |", "|---|---|---:|---:|---:|---:|"]
+        lines += [
+            "## Data",
+            "",
+            f"Tokenizer `{manifest.get('tokenizer_fingerprint', manifest.get('tokenizer_hash', '?'))}`, "
+            f"vocabulary {manifest.get('vocab_size')}, shards of `{manifest.get('dtype')}`.",
+            "",
+            "| source | lang | train docs | train tokens | val docs | val tokens |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for src in manifest.get("sources", []):
             tr, va = src.get("train", {}), src.get("val", {})
-            lines.append(f"| {src.get('name')} | {src.get('lang')} | {_fmt_int(tr.get('docs'))} | {_fmt_int(tr.get('tokens'))} "
-                         f"| {_fmt_int(va.get('docs'))} | {_fmt_int(va.get('tokens'))} |")
+            lines.append(
+                f"| {src.get('name')} | {src.get('lang')} | {_fmt_int(tr.get('docs'))} | {_fmt_int(tr.get('tokens'))} "
+                f"| {_fmt_int(va.get('docs'))} | {_fmt_int(va.get('tokens'))} |"
+            )
         lines.append("")
     tstats = _load(run / "tokenizer" / "stats.json")
     if tstats and tstats.get("bytes_per_token"):
@@ -63,19 +79,31 @@ def write_report(run_dir: str | Path) -> Path:
     summary = _load(run / "pretrain" / "summary.json")
     if summary:
         m = summary.get("model", {})
-        lines += ["## Pretraining", "",
-                  f"Model: {m.get('n_layer')} layers, width {m.get('dim')}, {m.get('n_head')} heads "
-                  f"({m.get('n_kv_head')} key/value), context {m.get('max_seq_len')}, "
-                  f"{_fmt_int(summary.get('params'))} parameters. {summary.get('step')} of {summary.get('max_steps')} steps "
-                  f"of {_fmt_int(summary.get('tokens_per_step'))} tokens on {summary.get('device')}.", ""]
+        lines += [
+            "## Pretraining",
+            "",
+            f"Model: {m.get('n_layer')} layers, width {m.get('dim')}, {m.get('n_head')} heads "
+            f"({m.get('n_kv_head')} key/value), context {m.get('max_seq_len')}, "
+            f"{_fmt_int(summary.get('params'))} parameters. {summary.get('step')} of {summary.get('max_steps')} steps "
+            f"of {_fmt_int(summary.get('tokens_per_step'))} tokens on {summary.get('device')}.",
+            "",
+        ]
         if summary.get("tokens_per_s"):
-            lines += [f"Throughput (median of logged intervals): {summary['tokens_per_s']:,.0f} tokens/s, "
-                      f"MFU {100 * summary.get('mfu', 0):.1f}% of the measured matmul peak "
-                      f"({summary.get('peak_flops', 0) / 1e9:.0f} GFLOP/s).", ""]
+            lines += [
+                f"Throughput (median of logged intervals): {summary['tokens_per_s']:,.0f} tokens/s, "
+                f"MFU {100 * summary.get('mfu', 0):.1f}% of the measured matmul peak "
+                f"({summary.get('peak_flops', 0) / 1e9:.0f} GFLOP/s).",
+                "",
+            ]
         if summary.get("val"):
-            lines += ["| validation | loss (nats/token) | bits per byte | tokens |", "|---|---:|---:|---:|"]
+            lines += [
+                "| validation | loss (nats/token) | bits per byte | tokens |",
+                "|---|---:|---:|---:|",
+            ]
             for lang, r in summary["val"].items():
-                lines.append(f"| {lang} | {r['loss']:.3f} | {r['bpb']:.3f} | {_fmt_int(r.get('tokens'))} |")
+                lines.append(
+                    f"| {lang} | {r['loss']:.3f} | {r['bpb']:.3f} | {_fmt_int(r.get('tokens'))} |"
+                )
             lines.append("")
         if (run / "pretrain" / "loss.png").exists():
             lines += ["![loss curve](pretrain/loss.png)", ""]
@@ -91,7 +119,14 @@ def write_report(run_dir: str | Path) -> Path:
     # --- config
     recipe = _load(run / "recipe.json")
     if recipe:
-        lines += ["## Configuration", "", "```json", json.dumps(recipe, indent=1, ensure_ascii=False), "```", ""]
+        lines += [
+            "## Configuration",
+            "",
+            "```json",
+            json.dumps(recipe, indent=1, ensure_ascii=False),
+            "```",
+            "",
+        ]
     path = run / "REPORT.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -12,8 +12,14 @@ import pytest
 
 def lmforge(*args, timeout=300, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kw,
+    )
 
 
 def test_help_lists_every_option():
@@ -38,17 +44,38 @@ def test_run_end_to_end_then_skip_then_generate(micro_recipe_path, tmp_path):
     r = lmforge("run", micro_recipe_path, "--out", out, "--pretrain.max_steps", 4)
     assert r.returncode == 0 and r.stdout.count("up to date") == 4, r.stdout
 
-    r = lmforge("generate", out / "pretrain" / "model", "--prompt", "Once", "--max-new-tokens", 5, "--seed", 1)
+    r = lmforge(
+        "generate",
+        out / "pretrain" / "model",
+        "--prompt",
+        "Once",
+        "--max-new-tokens",
+        5,
+        "--seed",
+        1,
+    )
     assert r.returncode == 0 and r.stdout.startswith("Once"), r.stderr
-    r = lmforge("generate", out / "pretrain" / "model", "--prompt", "word " * 100, "--max-new-tokens", 5)
+    r = lmforge(
+        "generate", out / "pretrain" / "model", "--prompt", "word " * 100, "--max-new-tokens", 5
+    )
     assert r.returncode == 2 and "the model's context is 64" in r.stderr
-    r = lmforge("generate", out / "pretrain" / "model", "--prompt", "word " * 100, "--max-new-tokens", 5, "--truncate")
+    r = lmforge(
+        "generate",
+        out / "pretrain" / "model",
+        "--prompt",
+        "word " * 100,
+        "--max-new-tokens",
+        5,
+        "--truncate",
+    )
     assert r.returncode == 0, r.stderr
 
 
 def test_bad_input_is_a_clear_error(micro_recipe_path, tmp_path):
     r = lmforge("run", micro_recipe_path, "--out", tmp_path, "--pretrain.max_step", 3)
-    assert r.returncode == 2 and "did you mean 'max_steps'" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 2 and "did you mean 'max_steps'" in r.stderr and "Traceback" not in r.stderr
+    )
     r = lmforge("pretrain", "--config", micro_recipe_path, "--out", tmp_path, "--lr", "fast")
     assert r.returncode == 2 and "pretrain.lr must be a number, got 'fast'" in r.stderr
     bad = tmp_path / "bad.yaml"
@@ -67,12 +94,29 @@ def test_ctrl_c_saves_and_rerun_resumes(micro_recipe_path, micro_prepared, tmp_p
     (out).mkdir()
     for d in ("tokenizer", "data"):
         os.symlink(run_dir / d, out / d)
-    args = ["-m", "lmforge", "pretrain", "--config", recipe_path, "--out", str(out), "--max_steps", "100000",
-            "--save_every", "0", "--eval_every", "0"]
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "-m",
+        "lmforge",
+        "pretrain",
+        "--config",
+        recipe_path,
+        "--out",
+        str(out),
+        "--max_steps",
+        "100000",
+        "--save_every",
+        "0",
+        "--eval_every",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = out / "pretrain" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    while time.time() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= 3
+    ):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -82,6 +126,16 @@ def test_ctrl_c_saves_and_rerun_resumes(micro_recipe_path, micro_prepared, tmp_p
     assert len(ckpts) == 1
     step = int(ckpts[0].name.split("_")[1])
     assert step >= 3
-    r = lmforge("pretrain", "--config", recipe_path, "--out", out, "--max_steps", step + 2, "--eval_every", "0")
+    r = lmforge(
+        "pretrain",
+        "--config",
+        recipe_path,
+        "--out",
+        out,
+        "--max_steps",
+        step + 2,
+        "--eval_every",
+        "0",
+    )
     assert r.returncode == 0, r.stderr
     assert f"resuming from {ckpts[0]} (step {step})" in r.stderr

@@ -14,7 +14,9 @@ from lmforge.config import (
 
 
 def test_unknown_keys_name_the_closest_valid_key(tmp_path):
-    with pytest.raises(ConfigError, match="unknown key 'max_step' in pretrain; did you mean 'max_steps'"):
+    with pytest.raises(
+        ConfigError, match="unknown key 'max_step' in pretrain; did you mean 'max_steps'"
+    ):
         build(PretrainConfig, {"max_step": 3}, "pretrain")
     with pytest.raises(ConfigError, match="unknown key 'pretrian'.*did you mean 'pretrain'"):
         load_recipe(None, {"pretrian.max_steps": 3})
@@ -27,7 +29,9 @@ def test_unknown_keys_name_the_closest_valid_key(tmp_path):
 def test_overrides_are_typed(tmp_path):
     r = tmp_path / "r.yaml"
     r.write_text("pretrain:\n  lr: 1.0e-3\nmodel:\n  dim: 64\n  n_head: 2\n")
-    rec = load_recipe(r, {"pretrain.max_steps": "20", "pretrain.lr": "3e-4", "model.tie_embeddings": "false"})
+    rec = load_recipe(
+        r, {"pretrain.max_steps": "20", "pretrain.lr": "3e-4", "model.tie_embeddings": "false"}
+    )
     assert rec.pretrain.max_steps == 20 and rec.pretrain.lr == 3e-4
     assert rec.model.tie_embeddings is False and rec.model.dim == 64
     assert rec.base_dir == str(tmp_path.resolve())

@@ -35,5 +35,7 @@ def test_unfinished_stage_resumes_in_place(tmp_path):
         run_stage("s", tmp_path, "h1", interrupted, log=lambda m: None)
     assert json.loads((tmp_path / "s" / "stage.json").read_text()) == {"hash": "h1", "done": False}
     seen = []
-    run_stage("s", tmp_path, "h1", lambda d: seen.append((d / "partial.txt").exists()), log=lambda m: None)
+    run_stage(
+        "s", tmp_path, "h1", lambda d: seen.append((d / "partial.txt").exists()), log=lambda m: None
+    )
     assert seen == [True]  # same folder, partial work still there to resume from

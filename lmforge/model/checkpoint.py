@@ -22,7 +22,12 @@ from lmforge.model.transformer import GPT, rope_tables
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def save_model(model: GPT, out_dir: str | Path, tokenizer_dir: str | Path | None = None, pad_token_id: int | None = None) -> None:
+def save_model(
+    model: GPT,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    pad_token_id: int | None = None,
+) -> None:
     """Write config.json, model.safetensors (HF names, fp32 on CPU), generation_config.json and
     copies of the tokenizer files into out_dir (which the caller makes atomic)."""
     out = Path(out_dir)
@@ -34,8 +39,15 @@ def save_model(model: GPT, out_dir: str | Path, tokenizer_dir: str | Path | None
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     write_json(
         out / "generation_config.json",
-        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": pad_token_id,
-         "do_sample": True, "temperature": 0.8, "top_p": 0.95, "max_length": cfg.max_seq_len},
+        {
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id,
+            "pad_token_id": pad_token_id,
+            "do_sample": True,
+            "temperature": 0.8,
+            "top_p": 0.95,
+            "max_length": cfg.max_seq_len,
+        },
     )
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
@@ -57,7 +69,9 @@ def _read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
         try:
             tensors.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ConfigError(f"checkpoint {ckpt}: {f.name} is corrupt or truncated ({e})") from None
+            raise ConfigError(
+                f"checkpoint {ckpt}: {f.name} is corrupt or truncated ({e})"
+            ) from None
     return tensors
 
 
@@ -72,7 +86,9 @@ def load_config(ckpt: str | Path) -> ModelConfig:
     return from_hf_config(hf)
 
 
-def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
+def load_model(
+    ckpt: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> GPT:
     """Open a HF-layout checkpoint directory (ours or one saved by transformers)."""
     ckpt = Path(ckpt)
     cfg = load_config(ckpt)
@@ -82,7 +98,9 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torc
     for name, t in sd.items():
         expected = model.state_dict()[name].shape
         if t.shape != expected:
-            raise ConfigError(f"checkpoint {ckpt}: tensor for {name} has shape {tuple(t.shape)}, config implies {tuple(expected)}")
+            raise ConfigError(
+                f"checkpoint {ckpt}: tensor for {name} has shape {tuple(t.shape)}, config implies {tuple(expected)}"
+            )
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
@@ -91,4 +109,3 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", dtype: torc
     model.to(device=device, dtype=dtype)
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     return model.eval()
-

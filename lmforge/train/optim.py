@@ -26,7 +26,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(model: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, cfg: PretrainConfig, device: torch.device
+) -> torch.optim.AdamW:
     """Fused AdamW where the build supports it (CUDA; CPU in recent torch), else foreach."""
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)

@@ -28,7 +28,12 @@ from lmforge.perf import matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
 from lmforge.train.optim import lr_at, make_optimizer
-from lmforge.train.state import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from lmforge.train.state import (
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 
 
 def autocast(device: torch.device):
@@ -39,7 +44,15 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, data_dir, seq_len: int, batch_size: int, max_tokens: int, token_bytes: torch.Tensor, device) -> dict:
+def evaluate(
+    model,
+    data_dir,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int,
+    token_bytes: torch.Tensor,
+    device,
+) -> dict:
     """Validation loss (nats/token) and bits per byte for each language's held-out text.
     Bits per byte ignores BOS/EOS targets (they have no bytes), which makes it comparable
     across tokenizers; the loss averages over all targets."""
@@ -59,7 +72,11 @@ def evaluate(model, data_dir, seq_len: int, batch_size: int, max_tokens: int, to
             nll_bytes += (nll * (nb > 0)).sum().item()
             n_bytes += nb.sum().item()
         if n_tok:
-            out[lang] = {"loss": nll_sum / n_tok, "bpb": nll_bytes / (math.log(2) * max(n_bytes, 1)), "tokens": n_tok}
+            out[lang] = {
+                "loss": nll_sum / n_tok,
+                "bpb": nll_bytes / (math.log(2) * max(n_bytes, 1)),
+                "tokens": n_tok,
+            }
     model.train(was_training)
     return out
 
@@ -76,7 +93,10 @@ class _StopFlag:
             if self.stop:
                 raise KeyboardInterrupt
             self.stop = True
-            tqdm.write("interrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)", file=sys.stderr)
+            tqdm.write(
+                "interrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)",
+                file=sys.stderr,
+            )
 
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
             self._old = signal.signal(signal.SIGINT, handler)
@@ -91,9 +111,14 @@ def prepare_model_config(model_cfg: ModelConfig, manifest: dict) -> ModelConfig:
     """Fill vocabulary size and special ids from the prepared data; refuse a mismatch."""
     vocab = manifest["vocab_size"]
     if model_cfg.vocab_size and model_cfg.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's ({vocab})")
+        raise ConfigError(
+            f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's ({vocab})"
+        )
     return dataclasses.replace(
-        model_cfg, vocab_size=model_cfg.vocab_size or vocab, bos_token_id=manifest["bos_id"], eos_token_id=manifest["eos_id"]
+        model_cfg,
+        vocab_size=model_cfg.vocab_size or vocab,
+        bos_token_id=manifest["bos_id"],
+        eos_token_id=manifest["eos_id"],
     )
 
 
@@ -108,7 +133,9 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
     manifest = read_json(data_dir / "manifest.json", "data manifest (run `lmforge prepare` first)")
     model_cfg = prepare_model_config(model_cfg, manifest)
     if cfg.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})")
+        raise ConfigError(
+            f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})"
+        )
     tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.long, device=device)
     if len(token_bytes) < model_cfg.vocab_size:  # padded vocabulary: extra ids have no bytes
@@ -136,14 +163,25 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
     write_json(out_dir / "model_config.json", dataclasses.asdict(model_cfg))
 
     def save(at_step: int) -> Path:
-        path = save_checkpoint(ckpt_root / f"step_{at_step:06d}", model, optimizer, at_step, loader.state_dict(),
-                               tokenizer_dir, pad_token_id=tokenizer.pad_id)
+        path = save_checkpoint(
+            ckpt_root / f"step_{at_step:06d}",
+            model,
+            optimizer,
+            at_step,
+            loader.state_dict(),
+            tokenizer_dir,
+            pad_token_id=tokenizer.pad_id,
+        )
         prune_checkpoints(ckpt_root, cfg.keep_last)
         return path
 
     def run_eval(at_step: int) -> dict:
-        res = evaluate(model, data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device)
-        row = {f"val_{lang}_{k}": v for lang, r in res.items() for k, v in r.items() if k != "tokens"}
+        res = evaluate(
+            model, data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device
+        )
+        row = {
+            f"val_{lang}_{k}": v for lang, r in res.items() for k, v in r.items() if k != "tokens"
+        }
         metrics.write(step=at_step, **row)
         return res
 
@@ -167,7 +205,9 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
                 loss.backward()
                 loss_acc += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.grad_clip or float("inf")
+            )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -179,15 +219,30 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
                 train_time += dt
                 tok_s = tokens_per_step * (step - step_last) / dt
                 mfu = flops_step * (step - step_last) / dt / peak
-                metrics.write(step=step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tok_s, mfu=mfu,
-                              tokens=step * tokens_per_step)
-                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.0f}%")
+                metrics.write(
+                    step=step,
+                    loss=loss_val,
+                    lr=lr,
+                    grad_norm=grad_norm.item(),
+                    tokens_per_s=tok_s,
+                    mfu=mfu,
+                    tokens=step * tokens_per_step,
+                )
+                bar.set_postfix(
+                    loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.0f}%"
+                )
                 loss_acc.zero_()
                 t_last, step_last = time.perf_counter(), step
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 last_eval = run_eval(step)
-                bar.write(f"step {step}: " + ", ".join(
-                    f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for lang, r in last_eval.items()), file=sys.stderr)
+                bar.write(
+                    f"step {step}: "
+                    + ", ".join(
+                        f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}"
+                        for lang, r in last_eval.items()
+                    ),
+                    file=sys.stderr,
+                )
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 save(step)
@@ -201,9 +256,18 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
         last_eval = run_eval(step)
 
     # --- outputs
-    summary = {"step": step, "max_steps": cfg.max_steps, "interrupted": interrupted, "params": n_params,
-               "tokens_per_step": tokens_per_step, "device": str(device), "peak_flops": peak,
-               "train_seconds": train_time, "val": last_eval, "model": dataclasses.asdict(model_cfg)}
+    summary = {
+        "step": step,
+        "max_steps": cfg.max_steps,
+        "interrupted": interrupted,
+        "params": n_params,
+        "tokens_per_step": tokens_per_step,
+        "device": str(device),
+        "peak_flops": peak,
+        "train_seconds": train_time,
+        "val": last_eval,
+        "model": dataclasses.asdict(model_cfg),
+    }
     rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "tokens_per_s" in r]
     if rows:
         summary["tokens_per_s"] = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
@@ -214,4 +278,3 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title="pretraining loss")
     write_json(out_dir / "summary.json", summary)
     return summary
-

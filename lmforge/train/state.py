@@ -27,17 +27,25 @@ def rng_state() -> tuple[dict, dict]:
     """Every RNG as (tensors, json-able scalars), so it reloads with weights_only=True."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
-    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+    }
     if torch.cuda.is_available():
         tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    scalars = {"numpy": [kind, pos, has_gauss, gauss], "python": [version, list(py_state), py_gauss]}
+    scalars = {
+        "numpy": [kind, pos, has_gauss, gauss],
+        "python": [version, list(py_state), py_gauss],
+    }
     return tensors, scalars
 
 
 def set_rng_state(tensors: dict, scalars: dict) -> None:
     torch.set_rng_state(tensors["torch"])
     kind, pos, has_gauss, gauss = scalars["numpy"]
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state(
+        (kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss)
+    )
     version, py_state, py_gauss = scalars["python"]
     random.setstate((version, tuple(py_state), py_gauss))
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
@@ -45,8 +53,16 @@ def set_rng_state(tensors: dict, scalars: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(ckpt_dir: str | Path, model, optimizer, step: int, loader_state: dict,
-                    tokenizer_dir=None, extra: dict | None = None, pad_token_id: int | None = None) -> Path:
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    model,
+    optimizer,
+    step: int,
+    loader_state: dict,
+    tokenizer_dir=None,
+    extra: dict | None = None,
+    pad_token_id: int | None = None,
+) -> Path:
     """Write model + trainer_state into ckpt_dir atomically; returns the final path."""
     ckpt_dir = Path(ckpt_dir)
     with atomic_dir(ckpt_dir) as tmp:
@@ -56,7 +72,10 @@ def save_checkpoint(ckpt_dir: str | Path, model, optimizer, step: int, loader_st
         torch.save(optimizer.state_dict(), ts / "optimizer.pt")
         rng_tensors, rng_scalars = rng_state()
         torch.save(rng_tensors, ts / "rng.pt")
-        write_json(ts / "state.json", {"step": step, "loader": loader_state, "rng": rng_scalars, **(extra or {})})
+        write_json(
+            ts / "state.json",
+            {"step": step, "loader": loader_state, "rng": rng_scalars, **(extra or {})},
+        )
     return ckpt_dir
 
 
@@ -68,7 +87,9 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer=None) -> dict:
     ts = ckpt_dir / "trainer_state"
     state = read_json(ts / "state.json", "trainer state")
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(ts / "optimizer.pt", weights_only=True, map_location="cpu"))
+        optimizer.load_state_dict(
+            torch.load(ts / "optimizer.pt", weights_only=True, map_location="cpu")
+        )
         set_rng_state(torch.load(ts / "rng.pt", weights_only=True), state["rng"])
     return state
 
@@ -78,7 +99,9 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found) if (p / "trainer_state" / "state.json").exists()]
 
 

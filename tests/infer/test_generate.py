@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError, ModelConfig
-from lmforge.infer.generate import apply_repetition_penalty, fit_prompt, generate, sample_next, stream_text
+from lmforge.infer.generate import (
+    apply_repetition_penalty,
+    fit_prompt,
+    generate,
+    sample_next,
+    stream_text,
+)
 from lmforge.model.transformer import GPT
 
 

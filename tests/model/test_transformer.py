@@ -13,7 +13,9 @@ TOL = 1e-4  # fp32, max abs difference over all logits (the issue's bound)
 
 
 def tiny(**kw):
-    base = dict(vocab_size=320, dim=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=64, rope_theta=500.0)
+    base = dict(
+        vocab_size=320, dim=64, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=64, rope_theta=500.0
+    )
     return ModelConfig(**(base | kw))
 
 
@@ -32,9 +34,17 @@ def test_logits_match_transformers(tmp_path, tie, n_kv_head):
 
 def test_transformers_checkpoint_loads_into_ours(tmp_path):
     torch.manual_seed(1)
-    hf_cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
-                                      rope_theta=10000.0, tie_word_embeddings=False)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
     theirs = transformers.LlamaForCausalLM(hf_cfg).eval()
     theirs.save_pretrained(tmp_path)
     ours = load_model(tmp_path)

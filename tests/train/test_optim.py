@@ -9,15 +9,21 @@ from lmforge.train.optim import lr_at, param_groups
 
 
 def test_cosine_schedule():
-    cfg = PretrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule="cosine")
+    cfg = PretrainConfig(
+        max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, schedule="cosine"
+    )
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(55, cfg) == pytest.approx(0.55)  # halfway through the cosine: mean of peak and floor
+    assert lr_at(55, cfg) == pytest.approx(
+        0.55
+    )  # halfway through the cosine: mean of peak and floor
     assert lr_at(100, cfg) == pytest.approx(0.1)
 
 
 def test_wsd_schedule():
-    cfg = PretrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0, schedule="wsd", decay_frac=0.2)
+    cfg = PretrainConfig(
+        max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0, schedule="wsd", decay_frac=0.2
+    )
     assert lr_at(50, cfg) == 1.0 and lr_at(79, cfg) == 1.0
     assert lr_at(90, cfg) == pytest.approx(0.5)
     assert lr_at(100, cfg) == pytest.approx(0.0)

@@ -20,7 +20,9 @@ def _losses(out_dir):
 def full_run(micro_prepared, tmp_path_factory):
     recipe, run_dir = micro_prepared
     out = tmp_path_factory.mktemp("pretrain_full")
-    summary = pretrain.run(recipe.pretrain, recipe.model, run_dir / "data", run_dir / "tokenizer", out)
+    summary = pretrain.run(
+        recipe.pretrain, recipe.model, run_dir / "data", run_dir / "tokenizer", out
+    )
     return recipe, run_dir, out, summary
 
 
@@ -44,7 +46,8 @@ def test_resume_reproduces_the_uninterrupted_losses(full_run, tmp_path):
     # a run that stopped after step 4: only its step-4 checkpoint and its metrics up to 4 exist
     shutil.copytree(out / "checkpoints" / "step_000004", tmp_path / "checkpoints" / "step_000004")
     (tmp_path / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in read_metrics(out / "metrics.jsonl") if r["step"] <= 4))
+        "".join(json.dumps(r) + "\n" for r in read_metrics(out / "metrics.jsonl") if r["step"] <= 4)
+    )
     pretrain.run(recipe.pretrain, recipe.model, run_dir / "data", run_dir / "tokenizer", tmp_path)
     assert _losses(tmp_path) == _losses(out)  # bit-for-bit equal floats, steps 1..8
 
