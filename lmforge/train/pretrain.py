@@ -270,8 +270,10 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
     }
     rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "tokens_per_s" in r]
     if rows:
+        # the peak is measured again now: a busy machine at start-up would understate it
+        summary["peak_flops"] = peak = max(peak, matmul_flops(device))
         summary["tokens_per_s"] = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
-        summary["mfu"] = sorted(r["mfu"] for r in rows)[len(rows) // 2]
+        summary["mfu"] = summary["tokens_per_s"] * flops_step / tokens_per_step / peak
     if not interrupted:
         with atomic_dir(out_dir / "model") as tmp:
             save_model(model, tmp, tokenizer_dir, pad_token_id=tokenizer.pad_id)
