@@ -24,7 +24,9 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
         raise RuntimeError("device 'mps' was asked for but it is not available")
     return torch.device(name)
 
@@ -43,7 +45,12 @@ def _timeit(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+def matmul_flops(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    n: int = 1024,
+    repeats: int = 5,
+) -> float:
     """Best-of-N FLOP/s of an n x n x n matmul: the practical peak MFU is measured against."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -57,7 +64,9 @@ def matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.
     return 2 * n**3 / _timeit(lambda: a @ b, device, repeats)
 
 
-def memory_bandwidth(device: torch.device | str = "cpu", mbytes: int = 256, repeats: int = 5) -> float:
+def memory_bandwidth(
+    device: torch.device | str = "cpu", mbytes: int = 256, repeats: int = 5
+) -> float:
     """Bytes/s of reading a large buffer (a sum over it): the bound for batch-1 decoding."""
     device = torch.device(device)
     x = torch.ones(mbytes * 2**20 // 4, device=device)

@@ -19,16 +19,20 @@ from lmforge.config import ModelConfig
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (max_seq_len, head_dim // 2), in float32 (HF computes them in fp32 too)."""
+    """cos and signed sin, both (max_seq_len, head_dim) in float32 (HF computes them in fp32 too).
+    HF rotates with `x * cos + rotate_half(x) * sin`, rotate_half(x) = (-x2, x1); folding that
+    minus sign into the table's first half leaves a plain swap of halves for `apply_rope`."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return angles.cos().repeat(1, 2), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2): HF's `rotate_half` convention. x (B, T, H, D), cos/sin (T, 1, D/2)."""
+    """Rotate pairs (i, i + D/2), HF's convention, in three kernels (cat, mul, addcmul) rather than
+    seven: this runs on every q and k in training. x (B, T, H, D), cos/sin (T, 1, D)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -42,36 +46,37 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for all layers: (n_layer, B, n_kv_head, max_len, head_dim)."""
+    """Preallocated keys and values, one (B, n_kv_head, max_len, head_dim) buffer per layer."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int):
         """Write k/v (B, KV, T, D) at positions [pos, pos+T); return everything up to pos+T."""
-        end = pos + k.shape[2]
-        self.k[layer, :, :, pos:end] = k
-        self.v[layer, :, :, pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        T = k.shape[2]
+        self.k[layer].narrow(2, pos, T).copy_(k)  # narrow + copy_: no Python indexing per token
+        self.v[layer].narrow(2, pos, T).copy_(v)
+        return self.k[layer].narrow(2, 0, pos + T), self.v[layer].narrow(2, 0, pos + T)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, pos: int = 0):
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.wqkv(x).split([H * D, KV * D, KV * D], dim=-1)
-        q = apply_rope(q.view(B, T, H, D), cos, sin).transpose(1, 2)  # (B, H, T, D)
-        k = apply_rope(k.view(B, T, KV, D), cos, sin).transpose(1, 2)  # (B, KV, T, D)
-        v = v.view(B, T, KV, D).transpose(1, 2)
+        qkv = self.wqkv(x).view(B, T, H + 2 * KV, D)
+        qk = apply_rope(qkv[:, :, : H + KV], cos, sin)  # q and k heads rotate together
+        q, k = qk.transpose(1, 2).split([H, KV], dim=1)  # (B, H, T, D), (B, KV, T, D)
+        v = qkv[:, :, H + KV :].transpose(1, 2)  # (B, KV, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, pos)  # (B, KV, pos+T, D)
         if T == 1:  # one new token sees every cached position: no mask needed
@@ -111,7 +116,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        assert cfg.vocab_size > 0, "model.vocab_size must be set (the pipeline takes it from the tokenizer)"
+        assert cfg.vocab_size > 0, (
+            "model.vocab_size must be set (the pipeline takes it from the tokenizer)"
+        )
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -136,13 +143,15 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pos: int = 0, last_only: bool = False):
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, pos: int = 0, last_only: bool = False
+    ):
         """idx (B, T) token ids at positions [pos, pos+T) -> logits (B, T, V), or (B, 1, V) if last_only."""
         B, T = idx.shape
         assert pos + T <= self.cfg.max_seq_len, (
             f"sequence of {pos + T} tokens exceeds the model's context of {self.cfg.max_seq_len}"
         )
-        cos = self.rope_cos[pos : pos + T].unsqueeze(1)  # (T, 1, D/2): broadcasts over heads
+        cos = self.rope_cos[pos : pos + T].unsqueeze(1)  # (T, 1, D): broadcasts over heads
         sin = self.rope_sin[pos : pos + T].unsqueeze(1)
         x = self.tok_emb(idx)  # (B, T, dim)
         for block in self.layers:
@@ -172,7 +181,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     """Matmul FLOPs per token: 2 per weight (forward), x3 with backward, plus attention scores
     (QK^T and AV over on average seq_len/2 causal keys is counted as seq_len, the PaLM convention)."""
     D, F_ = cfg.dim, cfg.ffn_dim
-    per_layer = 2 * D * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + 2 * cfg.n_head * cfg.head_dim * D
+    per_layer = (
+        2 * D * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + 2 * cfg.n_head * cfg.head_dim * D
+    )
     per_layer += 2 * 3 * D * F_
     per_layer += 2 * 2 * cfg.n_head * cfg.head_dim * seq_len  # scores and weighted sum
     fwd = cfg.n_layer * per_layer + 2 * D * cfg.vocab_size  # + output head
