@@ -72,13 +72,18 @@ def fit_prompt(
 class SplitLinear(torch.nn.Linear):
     """nn.Linear whose one-row product (batch-1 decoding) is one `torch.bmm` over column blocks
     of the weight, a block per thread: MKL runs a matrix-vector product on one core, ~20 GB/s
-    here where two cores stream ~30, but spreads a batched product over its threads. Any other
-    input, one block, or a width the blocks do not divide takes plain F.linear."""
+    here where two cores stream ~30, but spreads a batched product over its threads. Other
+    inputs, one block, and compiled graphs (there it measured 2x slower) take F.linear."""
 
     blocks = 1  # prepare_for_decoding sets the thread count (read here, it would break compile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.in_features or self.blocks == 1 or self.out_features % self.blocks:
+        split = (
+            x.numel() == self.in_features
+            and self.blocks > 1
+            and self.out_features % self.blocks == 0
+        )
+        if not split or torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
         # (out, in) -> (blocks, in, out / blocks): a view, for either memory layout of the weight
         w = self.weight.view(self.blocks, -1, self.in_features).transpose(1, 2)
