@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.config import ConfigError
+from lmforge.infer.cpu_decode import CpuDecoder
+from lmforge.model.transformer import GPT
 
 
 def apply_repetition_penalty(
@@ -69,54 +70,6 @@ def fit_prompt(
     return ids
 
 
-class SplitLinear(torch.nn.Linear):
-    """nn.Linear whose one-row product (batch-1 decoding) is one `torch.bmm` over column blocks
-    of the weight, a block per thread: MKL runs a matrix-vector product on one core, ~20 GB/s
-    here where two cores stream ~30, but spreads a batched product over its threads. Other
-    inputs, one block, and compiled graphs (there it measured 2x slower) take F.linear."""
-
-    blocks = 1  # prepare_for_decoding sets the thread count (read here, it would break compile)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        split = (
-            x.numel() == self.in_features
-            and self.blocks > 1
-            and self.out_features % self.blocks == 0
-        )
-        if not split or torch.compiler.is_compiling():
-            return F.linear(x, self.weight, self.bias)
-        # (out, in) -> (blocks, in, out / blocks): a view, for either memory layout of the weight
-        w = self.weight.view(self.blocks, -1, self.in_features).transpose(1, 2)
-        y = torch.bmm(x.reshape(1, 1, -1).expand(self.blocks, 1, -1), w).view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
-
-
-def prepare_for_decoding(model) -> None:
-    """Make batch-1 decoding on CPU stream weights faster; no value, shape or state_dict key changes.
-
-    Each decode step multiplies every weight by one vector, so it runs at the speed the weights
-    stream from memory (benchmarks/bench_decode.py). Two changes, measured on a 2-core AVX2 EPYC:
-    MKL streams an (out, in) matrix with out > in at ~15 GB/s but the same matrix stored
-    (in, out)-major at ~22 GB/s, so qkv, gate/up and the output head become transposed views of
-    (in, out)-contiguous storage (down-projections are faster as they are); and every nn.Linear
-    becomes a `SplitLinear` to use all threads. Idempotent; the model trains and saves as before.
-    """
-    if model.tok_emb.weight.device.type != "cpu":
-        return
-    with torch.inference_mode(False), torch.no_grad():  # normal tensors: the model may train later
-        for m in model.modules():
-            if type(m) is torch.nn.Linear:
-                m.__class__ = SplitLinear
-            if isinstance(m, SplitLinear):
-                m.blocks = torch.get_num_threads()
-            if (
-                isinstance(m, torch.nn.Linear)
-                and m.out_features > m.in_features
-                and m.weight.is_contiguous()
-            ):
-                m.weight.data = m.weight.t().contiguous().t()
-
-
 @torch.inference_mode()
 def generate(
     model,
@@ -131,15 +84,14 @@ def generate(
 ) -> Iterator[int]:
     """Yield new token ids one at a time (batch 1) until max_new_tokens, a stop id or the end
     of the context. A stop id is yielded last so callers can tell why generation ended.
-    CPU models are first prepared with `prepare_for_decoding`. A `torch.compile(model,
-    dynamic=True)` module works here too: it cuts per-token overhead at a one-off compile cost."""
+    A `GPT` on a CPU decodes through `CpuDecoder` (same logits, a fraction of the per-token
+    overhead); anything else, e.g. a model on CUDA, through its own cached forward."""
     cfg = model.cfg
     device = model.tok_emb.weight.device
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     T = ids.shape[1]
     if T >= cfg.max_seq_len:
         raise ConfigError(f"the prompt has {T} tokens but the model's context is {cfg.max_seq_len}")
-    prepare_for_decoding(model)
     gen = torch.Generator(device=device)
     if seed is not None:
         gen.manual_seed(seed)
@@ -150,7 +102,12 @@ def generate(
     seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=device)
     seen[0, ids[0]] = True
     stop = set(stop_ids)
-    logits = model(ids, cache, 0, last_only=True)[:, -1]  # prefill
+    if device.type == "cpu" and isinstance(model, GPT):
+        decoder = CpuDecoder(model)
+        logits = decoder.prefill(ids[0], cache).view(1, -1)
+    else:
+        decoder = None
+        logits = model(ids, cache, 0, last_only=True)[:, -1]  # prefill
     for i in range(steps):
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (1,)
@@ -160,7 +117,10 @@ def generate(
             return
         if repetition_penalty != 1.0:
             seen[0, tok] = True
-        logits = model(nxt.view(1, 1), cache, T + i)[:, -1]
+        if decoder is not None:
+            logits = decoder.step(nxt, cache, T + i).view(1, -1)
+        else:
+            logits = model(nxt.view(1, 1), cache, T + i)[:, -1]
 
 
 def stream_text(
