@@ -177,12 +177,98 @@ class SampleConfig:  # `sample:` generations written into the report after pretr
     seed: int = 0  # sampling seed
 
 
+@dataclass
+class SFTSourceConfig:  # one entry of `sft.sources`
+    name: str = ""  # short name used in reports
+    path: str = ""  # JSONL file: instruction/input/output rows or OpenAI-style `messages` lists
+    weight: float = 1.0  # epochs of this source per pass (0.5 = half its rows, 2 = twice)
+    max_rows: int = 0  # read at most this many rows (0 = all)
+
+    def __post_init__(self):
+        if not self.name:
+            self.name = Path(self.path).name.split(".")[0] or "source"
+        if not self.path:
+            raise ConfigError(f"sft source {self.name!r}: 'path' is required")
+        if self.weight < 0:
+            raise ConfigError(f"sft source {self.name!r}: weight must be >= 0, got {self.weight}")
+
+
+@dataclass
+class SFTConfig:  # `sft:` supervised fine-tuning on instruction data (lmforge sft)
+    sources: list[SFTSourceConfig] = field(default_factory=list)  # instruction data (JSONL)
+    system_prompt: str = ""  # system message put before conversations that have none ("" = none)
+    val_fraction: float = 0.05  # share of conversations held out, by text hash
+    max_steps: int = 200  # optimizer steps
+    batch_size: int = 8  # conversations per micro-batch (padded to the longest)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256  # longest conversation in tokens (at most model.max_seq_len)
+    overflow: str = "truncate"  # a conversation longer than seq_len: truncate | drop
+    lr: float = 1e-3  # peak learning rate (LoRA usually wants more than full fine-tuning)
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    warmup_steps: int = 20  # linear warmup from 0 to the peak
+    schedule: str = "cosine"  # after warmup: cosine | wsd | constant
+    decay_frac: float = 0.2  # wsd: fraction of steps spent in the final linear decay
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    eval_every: int = 50  # held-out loss every N steps (0 = only at the end)
+    log_every: int = 10  # write a metrics line every N steps
+    save_every: int = 100  # write a checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2  # keep this many step checkpoints
+    skip_bad_rows: bool = False  # count and skip malformed rows instead of stopping at the first
+    seed: int = 1337  # seeds data order and LoRA initialisation
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    resume: bool = True  # continue from the newest checkpoint in the output folder if there is one
+
+    def __post_init__(self):
+        _check_positive(self, "max_steps", "batch_size", "grad_accum", "seq_len", "log_every")
+        _check_positive(self, "keep_last")
+        _check_choice(self, "overflow", ("truncate", "drop"))
+        _check_choice(self, "schedule", ("cosine", "wsd", "constant"))
+        _check_choice(self, "device", ("auto", "cpu", "cuda", "mps"))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"sft.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            raise ConfigError(f"sft.lr must be positive, got {self.lr}")
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LoRAConfig:  # `lora:` low-rank adapters for fine-tuning (r = 0: train every weight)
+    r: int = 0  # adapter rank (0 = no LoRA: full fine-tuning)
+    alpha: float = 16.0  # scaling numerator: adapter output is multiplied by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input during training
+    targets: list[str] = field(
+        default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"]
+    )  # projections that get adapters: q k v o gate up down
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise ConfigError(f"lora.r must be >= 0, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ConfigError(
+                f"lora.targets: unknown projection {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}"
+            )
+        if self.r and not self.targets:
+            raise ConfigError("lora.targets is empty; name at least one projection")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "tokenizer": TokenizerConfig,
     "model": ModelConfig,
     "pretrain": PretrainConfig,
     "sample": SampleConfig,
+    "sft": SFTConfig,
+    "lora": LoRAConfig,
 }
 
 
@@ -195,6 +281,8 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     base_dir: str = "."  # folder of the recipe file, for resolving relative paths
 
 
