@@ -17,7 +17,12 @@ from pathlib import Path
 
 from lmforge.config import SECTIONS, ConfigError, field_help, load_recipe, unknown_key_error
 
-STAGE_SECTION = {"tokenizer": "tokenizer", "prepare": "data", "pretrain": "pretrain"}
+STAGE_SECTION = {
+    "tokenizer": "tokenizer",
+    "prepare": "data",
+    "pretrain": "pretrain",
+    "sft": "sft",
+}
 DEFAULT_RECIPE = "recipes/tiny-cpu.yaml"
 
 
@@ -120,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
             "pretrain",
             "pretrain the model on prepared shards (writes OUT/pretrain; needs OUT/data, OUT/tokenizer)",
         ),
+        (
+            "sft",
+            "sft",
+            "instruction-tune a model on chat data, fully or with LoRA (--lora.r 8); writes "
+            "OUT/sft/model, or OUT/sft/adapter with LoRA",
+        ),
     ):
         p = sub.add_parser(
             cmd,
@@ -143,6 +154,13 @@ def _parser() -> argparse.ArgumentParser:
         _add_section_options(p, section)
         if cmd == "pretrain":
             _add_section_options(p, "model", prefix="model.")
+        if cmd == "sft":
+            p.add_argument(
+                "--model-dir",
+                help="model to fine-tune: ours or any supported HF directory "
+                "(default: OUT/pretrain/model)",
+            )
+            _add_section_options(p, "lora", prefix="lora.")
 
     p = sub.add_parser(
         "generate",
@@ -190,6 +208,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal (streaming, multi-turn)",
+        description="Interactive chat using the model's chat template. The conversation is kept "
+        "within the context: when it outgrows it, the oldest turns are dropped (never the system "
+        "prompt) and you are told. A model without a chat template continues plain text instead. "
+        "Commands: /reset, /system TEXT, /save FILE, /help, /quit.",
+    )
+    p.add_argument("checkpoint", help="model directory, or a LoRA adapter directory")
+    p.add_argument("--system", default="", help="system prompt (default: none)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)"
+    )
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off (default: 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default: 0.95)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off (default: 1.1)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+
+    p = sub.add_parser(
+        "export",
+        help="write a model directory: e.g. merge a LoRA adapter into its base",
+        description="Export a checkpoint. With --merge-lora, CHECKPOINT is a LoRA adapter "
+        "directory and OUT receives the base model with the adapter folded into its weights: a "
+        "plain HF checkpoint that transformers, vLLM and lmforge open without peft.",
+    )
+    p.add_argument("checkpoint", help="adapter directory (with --merge-lora) or model directory")
+    p.add_argument("out", help="output directory (must not exist)")
+    p.add_argument(
+        "--merge-lora", action="store_true", help="fold the LoRA adapter into the base weights"
+    )
+    p.add_argument(
+        "--base",
+        help="base model directory (default: the adapter's base_model_name_or_path)",
+    )
 
     p = sub.add_parser("report", help="(re)write REPORT.md for a run directory")
     p.add_argument("run_dir", help="run directory")
@@ -239,6 +294,29 @@ def _cmd_stage(args, rest) -> int:
         )
         print(
             f"shards written to {out / 'data'} ({sum(s['tokens'] for s in manifest['train_shards']):,} training tokens)"
+        )
+    elif args.command == "sft":
+        from lmforge.align.sft import run
+
+        s = run(
+            recipe.sft,
+            recipe.lora,
+            args.model_dir or out / "pretrain" / "model",
+            out / "sft",
+            recipe.base_dir,
+        )
+        if s["interrupted"]:
+            print(
+                f"interrupted at step {s['step']}; checkpoint saved under {out / 'sft' / 'checkpoints'}. "
+                "Run the same command to resume.",
+                file=sys.stderr,
+            )
+            return 130
+        where = out / "sft" / ("adapter" if s["lora"] else "model")
+        print(
+            f"{'adapter' if s['lora'] else 'model'} written to {where} "
+            f"(held-out reply loss {s['val_loss']:.3f}, {s['trainable_params']:,} trainable "
+            f"parameters of {s['params']:,})"
         )
     else:
         from lmforge.train.pretrain import run
@@ -293,6 +371,38 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_chat(args) -> int:
+    from lmforge.infer.chat import load_for_inference, run_chat
+    from lmforge.perf import pick_device
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, tok = load_for_inference(args.checkpoint, device=pick_device(args.device))
+    run_chat(
+        model,
+        tok,
+        system=args.system,
+        reserve=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from lmforge.align.lora import export_merged
+
+    if not args.merge_lora:
+        raise ConfigError("nothing to do: pass --merge-lora (the only export so far)")
+    out = export_merged(args.checkpoint, args.out, base=args.base)
+    print(f"merged model written to {out}")
+    return 0
+
+
 def _pull_overrides(argv: list[str], keep: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Separate `--key VALUE` overrides from the options argparse knows, before it sees them:
     otherwise an override's value could be taken for a positional argument."""
@@ -327,12 +437,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args, rest)
         if rest:
-            if args.command in ("generate", "report"):
+            if args.command in ("generate", "report", "chat", "export"):
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command in STAGE_SECTION:
             return _cmd_stage(args, rest)
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "chat":
+            return _cmd_chat(args)
+        if args.command == "export":
+            return _cmd_export(args)
         if args.command == "report":
             from lmforge.report import write_report
 

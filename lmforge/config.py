@@ -175,6 +175,10 @@ class SampleConfig:  # `sample:` generations written into the report after pretr
     top_p: float = 0.95  # nucleus sampling threshold (1 = off)
     repetition_penalty: float = 1.1  # >1 discourages tokens already in the text (1 = off)
     seed: int = 0  # sampling seed
+    chat_prompts: list[str] = field(
+        default_factory=lambda: ["What is the capital of France?", "用一句话介绍长城。"]
+    )  # user messages answered before and after SFT (greedy), shown side by side in the report
+    chat_max_new_tokens: int = 64  # tokens per chat answer
 
 
 @dataclass
@@ -224,6 +228,13 @@ class SFTConfig:  # `sft:` supervised fine-tuning on instruction data (lmforge s
     resume: bool = True  # continue from the newest checkpoint in the output folder if there is one
 
     def __post_init__(self):
+        self.sources = [
+            s if isinstance(s, SFTSourceConfig) else build(SFTSourceConfig, s, "sft.sources")
+            for s in self.sources
+        ]
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sft.sources: duplicate source names {names}")
         _check_positive(self, "max_steps", "batch_size", "grad_accum", "seq_len", "log_every")
         _check_positive(self, "keep_last")
         _check_choice(self, "overflow", ("truncate", "drop"))
@@ -309,7 +320,8 @@ def _section_name(cls) -> str:
     for k, v in SECTIONS.items():
         if v is cls:
             return k
-    return "data.sources" if cls is SourceConfig else cls.__name__
+    nested = {SourceConfig: "data.sources", SFTSourceConfig: "sft.sources"}
+    return nested.get(cls, cls.__name__)
 
 
 def unknown_key_error(key: str, valid: list[str], where: str) -> ConfigError:

@@ -16,7 +16,7 @@ from pathlib import Path
 from lmforge.config import Recipe, config_hash, resolve_path
 from lmforge.io import read_json, write_json
 
-STAGES = ("tokenizer", "data", "pretrain", "sample")
+STAGES = ("tokenizer", "data", "pretrain", "sft", "sample")
 # pretraining options that change how a run is watched or where it runs, not what it computes
 _PRETRAIN_RUNTIME = (
     "resume",
@@ -28,6 +28,7 @@ _PRETRAIN_RUNTIME = (
     "save_every",
     "keep_last",
     "eval_tokens",
+    "skip_bad_rows",
 )
 
 
@@ -47,8 +48,16 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
         k: v for k, v in dataclasses.asdict(recipe.pretrain).items() if k not in _PRETRAIN_RUNTIME
     }
     pretrain = config_hash(recipe.model, pre, prep)
-    sample = config_hash(recipe.sample, pretrain)
-    return {"tokenizer": tok, "data": prep, "pretrain": pretrain, "sample": sample}
+    sft_sources = [
+        dict(dataclasses.asdict(s), path=str(resolve_path(s.path, recipe.base_dir)))
+        for s in recipe.sft.sources
+    ]
+    sft_cfg = {
+        k: v for k, v in dataclasses.asdict(recipe.sft).items() if k not in _PRETRAIN_RUNTIME
+    }
+    sft = config_hash(sft_cfg | {"sources": sft_sources}, recipe.lora, pretrain)
+    sample = config_hash(recipe.sample, pretrain, sft if recipe.sft.sources else None)
+    return {"tokenizer": tok, "data": prep, "pretrain": pretrain, "sft": sft, "sample": sample}
 
 
 def stage_state(stage_dir: Path) -> dict:
@@ -94,13 +103,11 @@ def run_stage(name: str, out: Path, h: str, fn, force: bool = False, log=print) 
 
 def generate_samples(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
     """One generation per prompt from the checkpoint, with the recipe's sampling settings."""
+    from lmforge.infer.chat import load_for_inference
     from lmforge.infer.generate import stream_text
-    from lmforge.model.checkpoint import load_model
     from lmforge.perf import pick_device
-    from lmforge.tokenizer import Tokenizer
 
-    model = load_model(ckpt_dir, device=pick_device(device))
-    tok = Tokenizer.load(ckpt_dir)
+    model, tok = load_for_inference(ckpt_dir, device=pick_device(device))
     out = []
     for i, prompt in enumerate(sample_cfg.prompts):
         ids = [tok.bos_id] + tok.encode(prompt)
@@ -121,8 +128,34 @@ def generate_samples(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
     return out
 
 
+def chat_answers(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
+    """Greedy answers to the recipe's chat prompts, each a fresh one-turn conversation."""
+    from lmforge.infer.chat import answer, load_for_inference
+    from lmforge.perf import pick_device
+
+    model, tok = load_for_inference(ckpt_dir, device=pick_device(device))
+    return [
+        {
+            "prompt": prompt,
+            "answer": "".join(
+                answer(
+                    model,
+                    tok,
+                    [{"role": "user", "content": prompt}],
+                    max_new_tokens=sample_cfg.chat_max_new_tokens,
+                    temperature=0.0,
+                    repetition_penalty=sample_cfg.repetition_penalty,
+                )
+            ),
+        }
+        for prompt in sample_cfg.chat_prompts
+    ]
+
+
 def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print) -> dict:
-    """tokenizer -> data (prepare) -> pretrain -> sample, then REPORT.md. Returns stage results."""
+    """tokenizer -> data (prepare) -> pretrain -> sft (when the recipe has sft sources) -> sample,
+    then REPORT.md. Returns stage results."""
+    from lmforge.align import sft
     from lmforge.data import prepare
     from lmforge.report import write_report
     from lmforge.tokenizer import run as train_tokenizer
@@ -162,12 +195,34 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
             log,
         )
 
-        def sample(d):
-            samples = generate_samples(
-                out / "pretrain" / "model", recipe.sample, recipe.pretrain.device
+        if recipe.sft.sources:
+            results["sft"] = run_stage(
+                "sft",
+                out,
+                hashes["sft"],
+                lambda d: sft.run(
+                    recipe.sft, recipe.lora, out / "pretrain" / "model", d, recipe.base_dir
+                ),
+                "sft" in force,
+                log,
             )
+
+        def sample(d):
+            base = out / "pretrain" / "model"
+            samples = generate_samples(base, recipe.sample, recipe.pretrain.device)
             write_json(d / "samples.json", samples)
-            return {"samples": samples}
+            result = {"samples": samples}
+            if recipe.sft.sources and recipe.sample.chat_prompts:
+                tuned = out / "sft" / ("adapter" if recipe.lora.r else "model")
+                before = chat_answers(base, recipe.sample, recipe.pretrain.device)
+                after = chat_answers(tuned, recipe.sample, recipe.sft.device)
+                chat = [
+                    {"prompt": b["prompt"], "before": b["answer"], "after": a["answer"]}
+                    for b, a in zip(before, after)
+                ]
+                write_json(d / "chat.json", chat)
+                result["chat"] = chat
+            return result
 
         results["sample"] = run_stage(
             "sample", out, hashes["sample"], sample, "sample" in force, log

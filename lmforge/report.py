@@ -32,7 +32,7 @@ def write_report(run_dir: str | Path) -> Path:
     # --- stages
     rows = []
     total = 0.0
-    for stage in ("tokenizer", "data", "pretrain", "sample"):
+    for stage in ("tokenizer", "data", "pretrain", "sft", "sample"):
         st = _load(run / stage / "stage.json") or {}
         if st:
             secs = st.get("seconds", 0.0)
@@ -108,7 +108,43 @@ def write_report(run_dir: str | Path) -> Path:
         if (run / "pretrain" / "loss.png").exists():
             lines += ["![loss curve](pretrain/loss.png)", ""]
 
+    # --- instruction tuning
+    sft = _load(run / "sft" / "summary.json")
+    if sft:
+        lora = sft.get("lora")
+        how = f"LoRA r={lora['r']} on {', '.join(lora['targets'])}" if lora else "full fine-tuning"
+        lines += [
+            "## Instruction tuning (SFT)",
+            "",
+            f"{how}: {_fmt_int(sft.get('trainable_params'))} of {_fmt_int(sft.get('params'))} "
+            f"parameters trained, {sft.get('step')} of {sft.get('max_steps')} steps; "
+            f"held-out loss on assistant replies {sft.get('val_loss', float('nan')):.3f} nats/token"
+            + (f", {sft['tokens_per_s']:,.0f} tokens/s." if sft.get("tokens_per_s") else "."),
+            "",
+            "| source | rows | bad rows | truncated | dropped | train | val | reply tokens |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, d in sft.get("data", {}).items():
+            lines.append(
+                f"| {name} | {_fmt_int(d['rows'])} | {d['bad_rows']} | {d['truncated']} "
+                f"| {d['dropped']} | {_fmt_int(d['train'])} | {_fmt_int(d['val'])} "
+                f"| {_fmt_int(d['reply_tokens'])} |"
+            )
+        lines.append("")
+        if (run / "sft" / "loss.png").exists():
+            lines += ["![SFT loss curve](sft/loss.png)", ""]
+
     # --- samples
+    chat = _load(run / "sample" / "chat.json")
+    if chat:
+        lines += ["## Answers before and after SFT (greedy)", ""]
+        lines += ["| prompt | pretrained model | after SFT |", "|---|---|---|"]
+        for c in chat:
+            cells = [
+                c[k].replace("\n", " ⏎ ").replace("|", "\\|") for k in ("prompt", "before", "after")
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     samples = _load(run / "sample" / "samples.json")
     if samples:
         lines += ["## Samples", ""]

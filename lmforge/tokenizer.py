@@ -15,13 +15,16 @@ At vocab 16384 the gap grows: 3.86 for whole runs against 3.03 for single charac
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import zlib
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +80,68 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# --------------------------------------------------------------------------- chat templates
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(source: str):
+    """Jinja with the environment transformers' apply_chat_template uses: sandboxed,
+    trim_blocks + lstrip_blocks, loop controls, `raise_exception`, a non-escaping `tojson`."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ConfigError(
+            f"chat_template is not valid Jinja (line {e.lineno}): {e.message}"
+        ) from None
+
+
+def render_chat(
+    template: str, messages: list[dict], add_generation_prompt: bool = False, **kwargs
+) -> str:
+    """Render a conversation (a list of {"role", "content"} dicts) with a Jinja chat template,
+    with the semantics of transformers' `apply_chat_template(tokenize=False)`; kwargs
+    (bos_token, eos_token, ...) are visible to the template."""
+    import jinja2
+
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ConfigError(f"message {i} must be a dict with a string 'role', got {m!r}")
+    try:
+        return _compile_template(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+    except jinja2.exceptions.TemplateError as e:
+        raise ConfigError(f"chat template: {e}") from None
+
+
+def _hide_specials(message: dict, hidden: dict[str, str]) -> dict:
+    """A copy of the message whose text has each special-token string replaced by its sentinel."""
+    content = message.get("content")
+    if not isinstance(content, str):
+        return dict(message)
+    for sentinel, special in hidden.items():
+        content = content.replace(special, sentinel)
+    return {**message, "content": content}
+
+
 # --------------------------------------------------------------------------- the wrapper
 
 
@@ -89,8 +154,10 @@ class Tokenizer:
         bos_token: str | None = BOS,
         eos_token: str | None = EOS,
         pad_token: str | None = PAD,
+        chat_template: str | None = CHAT_TEMPLATE,
     ):
         self._tok = tok
+        self.chat_template = chat_template  # Jinja source; None: a base model with no chat format
         self._tok.encode_special_tokens = True  # user text never produces special ids
         # tokenizers without BOS or PAD (Qwen2, GPT-2) use EOS there, as GPT-2 does
         self.bos_token = bos_token if bos_token is not None else eos_token
@@ -123,6 +190,11 @@ class Tokenizer:
             for key in names:  # a missing bos or pad falls back to eos in __init__
                 value = cfg.get(key)
                 names[key] = value.get("content") if isinstance(value, dict) else value
+            template = cfg.get("chat_template")
+            if isinstance(template, list):  # HF's named-template form: take the default one
+                named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+                template = named.get("default")
+            names["chat_template"] = template if isinstance(template, str) else None
         return cls(tok, **names)
 
     def save(self, path: str | Path, model_max_length: int = 2048) -> None:
@@ -153,7 +225,7 @@ class Tokenizer:
             "add_bos_token": False,  # lmforge adds BOS/EOS itself, per document
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,  # it would change text and break round trips
-            "chat_template": CHAT_TEMPLATE,
+            **({"chat_template": self.chat_template} if self.chat_template else {}),
             "added_tokens_decoder": added,
         }
         special_map = {
@@ -180,6 +252,83 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens are kept as their strings, so nothing is silently lost."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def special_tokens(self) -> list[str]:
+        """Strings of the special added tokens (<|bos|>, <|im_start|>, ...), longest first."""
+        added = self._tok.get_added_tokens_decoder().values()
+        return sorted((t.content for t in added if t.special), key=len, reverse=True)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Ids of text made by a chat template: the special-token strings in it become special
+        ids, everything between them is encoded as plain text."""
+        specials = self.special_tokens()
+        if not specials:
+            return self.encode(text)
+        ids: list[int] = []
+        for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, specials)) + ")", text)):
+            if i % 2:
+                ids.append(self.token_id(piece))
+            elif piece:
+                ids.extend(self.encode(piece))
+        return ids
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as text through this tokenizer's chat template (see `render_chat`)."""
+        if not self.chat_template:
+            raise ConfigError(
+                "this tokenizer has no chat_template (a base model): use plain completion, or add "
+                "a chat_template to its tokenizer_config.json"
+            )
+        special = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        special["pad_token"] = self.pad_token
+        return render_chat(self.chat_template, messages, add_generation_prompt, **special)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        """Token ids of a conversation. Special-token strings typed inside a message stay plain
+        text: only the template's own markers become special ids."""
+        return [
+            i for ids, _ in self.encode_chat_segments(messages, add_generation_prompt) for i in ids
+        ]
+
+    def encode_chat_segments(
+        self, messages: list[dict], add_generation_prompt: bool = False
+    ) -> list[tuple[list[int], bool]]:
+        """The conversation as (ids, is_assistant_reply) pieces, in order. A reply is what the
+        template adds for an assistant message after its generation prompt (the content and
+        the end-of-turn marker), so training on replies matches what the model sees when it
+        is asked to generate. Each piece is encoded on its own, as at generation time."""
+        nonce = f"\ue000{os.urandom(6).hex()}"  # hides special strings inside message text
+        hidden = {f"{nonce}{i}\ue000": s for i, s in enumerate(self.special_tokens())}
+        safe = [_hide_specials(m, hidden) for m in messages]
+        pieces: list[tuple[str, bool]] = []
+        done = ""
+        for i, m in enumerate(safe):
+            if m.get("role") != "assistant":
+                continue
+            prompt = self.render_chat(safe[:i], add_generation_prompt=True)
+            full = self.render_chat(safe[: i + 1])
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise ConfigError(
+                    "the chat template does not render conversations incrementally (a prefix of "
+                    "the conversation must render as a prefix of its text), so assistant replies "
+                    "cannot be located for loss masking"
+                )
+            pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+            done = full
+        rest = self.render_chat(safe, add_generation_prompt)
+        if not rest.startswith(done):
+            raise ConfigError("the chat template does not render conversations incrementally")
+        pieces.append((rest[len(done) :], False))
+        return [(self._encode_unhiding(text, hidden), reply) for text, reply in pieces]
+
+    def _encode_unhiding(self, text: str, hidden: dict[str, str]) -> list[int]:
+        """encode_rendered, with hidden special strings put back as plain text."""
+        if not hidden:
+            return self.encode_rendered(text)
+        ids: list[int] = []
+        for j, part in enumerate(re.split("(" + "|".join(map(re.escape, hidden)) + ")", text)):
+            ids += self.encode(hidden[part]) if j % 2 else self.encode_rendered(part)
+        return ids
 
     def token_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)

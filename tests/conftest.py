@@ -35,9 +35,23 @@ pretrain:
   log_every: 1
   save_every: 4
   keep_last: 5
+sft:
+  sources:
+    - {{name: alpaca_en, path: {d}/sft/alpaca_en_demo.jsonl.gz, max_rows: 60}}
+    - {{name: alpaca_zh, path: {d}/sft/alpaca_zh_demo.jsonl.gz, max_rows: 60}}
+  max_steps: 4
+  batch_size: 4
+  seq_len: 64
+  warmup_steps: 1
+  eval_every: 2
+  log_every: 1
+  save_every: 2
+  keep_last: 5
 sample:
   prompts: ["Once upon a time", "话说"]
   max_new_tokens: 8
+  chat_prompts: ["Name a color."]
+  chat_max_new_tokens: 6
 """
 
 
@@ -59,3 +73,14 @@ def micro_prepared(micro_recipe_path, tmp_path_factory):
     train_tokenizer(recipe.tokenizer, recipe.data, recipe.base_dir, run_dir / "tokenizer")
     prepare.run(recipe.data, run_dir / "tokenizer", recipe.base_dir, run_dir / "data")
     return recipe, run_dir
+
+
+@pytest.fixture(scope="session")
+def micro_pretrained(micro_prepared, tmp_path_factory):
+    """(recipe, model_dir): the micro recipe's model after its few pretraining steps."""
+    from lmforge.train import pretrain
+
+    recipe, run_dir = micro_prepared
+    out = tmp_path_factory.mktemp("micro_pretrain")
+    pretrain.run(recipe.pretrain, recipe.model, run_dir / "data", run_dir / "tokenizer", out)
+    return recipe, out / "model"

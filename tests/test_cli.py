@@ -37,12 +37,22 @@ def test_run_end_to_end_then_skip_then_generate(micro_recipe_path, tmp_path):
     report = (out / "REPORT.md").read_text()
     for section in ("## Data", "## Pretraining", "## Samples", "bits per byte", "loss curve"):
         assert section in report
+    assert "## Instruction tuning (SFT)" in report and "## Answers before and after SFT" in report
     assert "| en |" in report and "| zh |" in report
     samples = json.loads((out / "sample" / "samples.json").read_text())
     assert [s["prompt"] for s in samples] == ["Once upon a time", "话说"]
+    chat = json.loads((out / "sample" / "chat.json").read_text())
+    assert [c["prompt"] for c in chat] == ["Name a color."] and set(chat[0]) == {
+        "prompt",
+        "before",
+        "after",
+    }
 
     r = lmforge("run", micro_recipe_path, "--out", out, "--pretrain.max_steps", 4)
-    assert r.returncode == 0 and r.stdout.count("up to date") == 4, r.stdout
+    assert r.returncode == 0 and r.stdout.count("up to date") == 5, r.stdout
+    # a changed SFT setting redoes SFT and the samples, not the stages before them
+    r = lmforge("run", micro_recipe_path, "--out", out, "--pretrain.max_steps", 4, "--sft.lr", 2e-3)
+    assert r.returncode == 0 and r.stdout.count("up to date") == 3, r.stdout
 
     r = lmforge(
         "generate",

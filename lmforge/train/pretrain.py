@@ -81,7 +81,7 @@ def evaluate(
     return out
 
 
-class _StopFlag:
+class StopFlag:
     """First Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
 
     def __init__(self):
@@ -193,7 +193,7 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
     t_last, step_last = time.perf_counter(), step
     train_time = 0.0
     loss_acc = torch.zeros((), device=device)
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:

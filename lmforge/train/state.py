@@ -62,11 +62,16 @@ def save_checkpoint(
     tokenizer_dir=None,
     extra: dict | None = None,
     pad_token_id: int | None = None,
+    write_weights=None,
 ) -> Path:
-    """Write model + trainer_state into ckpt_dir atomically; returns the final path."""
+    """Write model + trainer_state into ckpt_dir atomically; returns the final path.
+    `write_weights(dir)` replaces the full model save (LoRA writes only its adapter)."""
     ckpt_dir = Path(ckpt_dir)
     with atomic_dir(ckpt_dir) as tmp:
-        save_model(model, tmp, tokenizer_dir, pad_token_id=pad_token_id)
+        if write_weights is None:
+            save_model(model, tmp, tokenizer_dir, pad_token_id=pad_token_id)
+        else:
+            write_weights(tmp)
         ts = tmp / "trainer_state"
         ts.mkdir()
         torch.save(optimizer.state_dict(), ts / "optimizer.pt")
@@ -79,11 +84,15 @@ def save_checkpoint(
     return ckpt_dir
 
 
-def load_checkpoint(ckpt_dir: str | Path, model, optimizer=None) -> dict:
-    """Restore weights (and optimizer and RNG when given) in place; returns state.json."""
+def load_checkpoint(ckpt_dir: str | Path, model, optimizer=None, read_weights=None) -> dict:
+    """Restore weights (and optimizer and RNG when given) in place; returns state.json.
+    `read_weights(dir)` replaces the full model load (the counterpart of write_weights)."""
     ckpt_dir = Path(ckpt_dir)
-    sd = from_hf_state_dict(_read_tensors(ckpt_dir), model.cfg)
-    model.load_state_dict(sd, strict=True)
+    if read_weights is None:
+        sd = from_hf_state_dict(_read_tensors(ckpt_dir), model.cfg)
+        model.load_state_dict(sd, strict=True)
+    else:
+        read_weights(ckpt_dir)
     ts = ckpt_dir / "trainer_state"
     state = read_json(ts / "state.json", "trainer state")
     if optimizer is not None:

@@ -1,0 +1,422 @@
+"""Supervised fine-tuning (`lmforge sft`): teach a base model the chat format on instruction data.
+
+The one idea: a conversation is rendered with the tokenizer's chat template and the loss is
+taken only on the assistant's replies (their text and end-of-turn marker). Prompts, system
+messages and padding are context, never targets: the model learns to answer, not to imitate
+users. Conversations are padded to the longest in their batch (right padding, so a causal
+model never attends from a real token to a pad), and the batch order is a pure function of
+the step, so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lmforge.config import ConfigError, LoRAConfig, SFTConfig, SFTSourceConfig, resolve_path
+from lmforge.data.readers import DataError, is_val, iter_lines
+from lmforge.io import atomic_dir, write_json
+from lmforge.model.checkpoint import load_model, save_model
+from lmforge.model.transformer import flops_per_token, num_params
+from lmforge.perf import matmul_flops, pick_device
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
+from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.pretrain import StopFlag, autocast
+from lmforge.train.state import (
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+
+IGNORE = -100  # label of a position that is not a target (F.cross_entropy's ignore_index)
+ROLES = ("system", "user", "assistant")
+
+# --------------------------------------------------------------------------- rows
+
+
+def row_to_messages(row, system_prompt: str = "") -> list[dict]:
+    """One JSONL row -> a conversation. Either Alpaca-style `instruction` (+ optional `input`)
+    and `output`, or an OpenAI-style `messages` list. Raises ValueError naming the bad field."""
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise ValueError(f"messages[{i}] must be an object")
+            if m.get("role") not in ROLES:
+                raise ValueError(
+                    f"messages[{i}].role must be one of {ROLES}, got {m.get('role')!r}"
+                )
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}].content must be a string")
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise ValueError(f"messages[{i}] is an empty assistant turn")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("'messages' has no assistant turn to learn from")
+    elif "instruction" in row or "output" in row:
+        for key in ("instruction", "output"):
+            if not isinstance(row.get(key), str):
+                raise ValueError(f"field {key!r} must be a string")
+        extra = row.get("input", "")
+        if not isinstance(extra, str):
+            raise ValueError("field 'input' must be a string")
+        if not row["output"].strip():
+            raise ValueError("field 'output' is empty (an empty assistant turn)")
+        user = row["instruction"] + ("\n\n" + extra if extra.strip() else "")
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": row["output"]},
+        ]
+    else:
+        raise ValueError("a row needs 'messages', or 'instruction' and 'output'")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def read_source(
+    src: SFTSourceConfig, base_dir: str, system_prompt: str, skip_bad_rows: bool
+) -> tuple[list[list[dict]], list[str]]:
+    """(conversations, problems) of one JSONL file. A bad row is a DataError naming file and
+    line, unless skip_bad_rows, which lists it in problems and goes on."""
+    path = resolve_path(src.path, base_dir)
+    if not path.is_file():
+        raise DataError(f"sft source {src.name!r}: file not found: {path}")
+    conversations, problems = [], []
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            conversations.append(row_to_messages(json.loads(line), system_prompt))
+        except json.JSONDecodeError as e:
+            problem = f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}"
+        except ValueError as e:
+            problem = f"{path}:{lineno}: {e}"
+        else:
+            problem = ""
+        if problem:
+            if not skip_bad_rows:
+                raise DataError(
+                    problem + " (pass --skip_bad_rows true to skip such rows)"
+                ) from None
+            problems.append(problem)
+        if src.max_rows and len(conversations) >= src.max_rows:
+            break
+    if not conversations:
+        raise DataError(f"sft source {src.name!r}: {path} has no usable rows")
+    return conversations, problems
+
+
+# --------------------------------------------------------------------------- tokens and labels
+
+
+def encode_example(
+    tokenizer: Tokenizer, messages: list[dict], seq_len: int, overflow: str
+) -> tuple[np.ndarray | None, str]:
+    """(example, status). The example is (2, n) int64 with n <= seq_len: row 0 the input ids
+    (BOS first), row 1 the labels (the next token where it belongs to an assistant reply, else
+    IGNORE). Status is "ok", "truncated", or "dropped" (example None): too long with
+    overflow="drop", or no reply token left after truncation."""
+    ids, reply = [tokenizer.bos_id], [False]
+    for piece, is_reply in tokenizer.encode_chat_segments(messages):
+        ids += piece
+        reply += [is_reply] * len(piece)
+    status = "ok"
+    if len(ids) > seq_len + 1:
+        if overflow == "drop":
+            return None, "dropped"
+        ids, reply, status = ids[: seq_len + 1], reply[: seq_len + 1], "truncated"
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    labels = np.where(np.asarray(reply[1:]), ids_arr[1:], IGNORE)
+    if not (labels != IGNORE).any():
+        return None, "dropped"
+    return np.stack([ids_arr[:-1], labels]), status
+
+
+def pad_batch(examples: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest: x (B, T) with pad_id, y (B, T) with IGNORE."""
+    T = max(e.shape[1] for e in examples)
+    x = np.full((len(examples), T), pad_id, dtype=np.int64)
+    y = np.full((len(examples), T), IGNORE, dtype=np.int64)
+    for i, e in enumerate(examples):
+        x[i, : e.shape[1]], y[i, : e.shape[1]] = e
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's micro-batches of example indices. A seeded shuffle, then each window of 64
+    batches is sorted by length and cut into batches (so a batch pads to a similar length: on
+    the bundled data this halves the padding), then the batches are shuffled."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = 64 * batch_size
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = order[w : w + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class BatchPlan:
+    """Micro-batch `index` of the whole run -> example indices, a pure function of the index
+    (epochs follow one another), so resuming at a step needs nothing but the step."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
+        self.per_epoch = len(epoch_batches(self.lengths, batch_size, seed, 0))
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def __call__(self, index: int) -> list[int]:
+        epoch, i = divmod(index, self.per_epoch)
+        if epoch not in self._cache:
+            self._cache = {epoch: epoch_batches(self.lengths, self.batch_size, self.seed, epoch)}
+        return self._cache[epoch][i]
+
+
+def masked_nll(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over target positions and how many there are."""
+    nll = F.cross_entropy(
+        logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    return nll, int((y != IGNORE).sum())
+
+
+# --------------------------------------------------------------------------- data
+
+
+def build_examples(cfg: SFTConfig, tokenizer: Tokenizer, base_dir: str) -> tuple[list, list, dict]:
+    """Train and validation examples of every source, and their counts for the report."""
+    if not cfg.sources:
+        raise ConfigError("sft.sources is empty: name at least one JSONL file of instruction data")
+    rng = np.random.default_rng(cfg.seed)
+    train, val, stats = [], [], {"sources": {}, "problems": []}
+    for src in cfg.sources:
+        convs, problems = read_source(src, base_dir, cfg.system_prompt, cfg.skip_bad_rows)
+        stats["problems"] += problems
+        s = {"rows": len(convs), "bad_rows": len(problems), "dropped": 0, "truncated": 0}
+        s.update({"train": 0, "val": 0, "train_tokens": 0, "reply_tokens": 0})
+        src_train = []
+        for conv in convs:
+            ex, status = encode_example(tokenizer, conv, cfg.seq_len, cfg.overflow)
+            if ex is None:
+                s["dropped"] += 1
+                continue
+            s["truncated"] += status == "truncated"
+            if is_val(json.dumps(conv, ensure_ascii=False), cfg.val_fraction):
+                val.append(ex)
+                s["val"] += 1
+            else:
+                src_train.append(ex)
+        # weight = epochs of this source: whole copies, then a seeded sample for the fraction
+        whole, frac = divmod(src.weight, 1.0)
+        picked = src_train * int(whole)
+        picked += [
+            src_train[i] for i in rng.permutation(len(src_train))[: round(frac * len(src_train))]
+        ]
+        train += picked
+        s["train"] = len(picked)
+        s["train_tokens"] = int(sum(e.shape[1] for e in picked))
+        s["reply_tokens"] = int(sum((e[1] != IGNORE).sum() for e in picked))
+        stats["sources"][src.name] = s
+    if not train:
+        raise ConfigError("sft: no training examples left (all dropped, held out or weight 0)")
+    return train, val, stats
+
+
+@torch.no_grad()
+def evaluate(model, examples: list, batch_size: int, pad_id: int, device) -> float:
+    """Mean loss per reply token over the held-out conversations (nan when there are none)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        x, y = pad_batch(examples[i : i + batch_size], pad_id)
+        with autocast(device):
+            logits = model(x.to(device))
+        nll, n = masked_nll(logits, y.to(device))
+        total, count = total + nll.item(), count + n
+    model.train(was_training)
+    return total / count if count else math.nan
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run(
+    cfg: SFTConfig,
+    lora_cfg: LoRAConfig,
+    model_dir,
+    out_dir,
+    base_dir: str = ".",
+) -> dict:
+    """Fine-tune the model in model_dir; writes out_dir/model (or out_dir/adapter with LoRA),
+    metrics.jsonl, loss.png and summary.json. Returns the summary."""
+    # --- setup
+    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tokenizer = Tokenizer.load(model_dir)
+    model = load_model(model_dir, device=device)
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise ConfigError(
+            f"sft.seq_len ({cfg.seq_len}) exceeds the model's context ({model.cfg.max_seq_len})"
+        )
+    train, val, stats = build_examples(cfg, tokenizer, base_dir)
+    for p in stats["problems"][:5]:
+        tqdm.write(f"skipped {p}", file=sys.stderr)
+
+    torch.manual_seed(cfg.seed)
+    lora = None
+    if lora_cfg.r:
+        from lmforge.align import lora
+
+        lora.apply_lora(model, lora_cfg, seed=cfg.seed)
+    optimizer = make_optimizer(model, cfg, device)
+    ckpt_root = out_dir / "checkpoints"
+    write_weights = (lambda d: lora.save_adapter(model, d, str(model_dir))) if lora else None
+    read_weights = (lambda d: lora.load_adapter_weights(model, d)) if lora else None
+    step = 0
+    existing = list_checkpoints(ckpt_root) if cfg.resume else []
+    if existing:
+        state = load_checkpoint(existing[-1], model, optimizer, read_weights=read_weights)
+        step = state["step"]
+        tqdm.write(f"resuming from {existing[-1]} (step {step})", file=sys.stderr)
+    train_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if existing else None)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    peak = matmul_flops(device)
+    flops_tok = flops_per_token(model.cfg, cfg.seq_len)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def save(at_step: int) -> None:
+        save_checkpoint(
+            ckpt_root / f"step_{at_step:06d}",
+            model,
+            optimizer,
+            at_step,
+            {"micro_batches": at_step * cfg.grad_accum},
+            model_dir,
+            pad_token_id=tokenizer.pad_id,
+            write_weights=write_weights,
+        )
+        prune_checkpoints(ckpt_root, cfg.keep_last)
+
+    def run_eval(at_step: int) -> float:
+        loss = evaluate(model, val, cfg.batch_size, tokenizer.pad_id, device)
+        metrics.write(step=at_step, val_loss=loss)
+        return loss
+
+    # --- loop
+    plan = BatchPlan([e.shape[1] for e in train], cfg.batch_size, cfg.seed)
+    model.train()
+    val_loss = math.nan
+    interrupted = False
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True)
+    t_last, tokens_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+    train_time = 0.0
+    with StopFlag() as flag:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [
+                pad_batch([train[i] for i in plan(m)], tokenizer.pad_id)
+                for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
+            ]
+            # the step's loss is the mean over all its reply tokens, however they fall in batches
+            n_targets = max(1, sum(int((y != IGNORE).sum()) for _, y in batches))
+            for x, y in batches:
+                x, y = x.to(device), y.to(device)
+                with autocast(device):
+                    logits = train_model(x)
+                nll, _ = masked_nll(logits, y)
+                (nll / n_targets).backward()
+                loss_sum += nll.item()
+                tokens_since += int((x != tokenizer.pad_id).sum())
+            loss_n += n_targets
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or float("inf")
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                dt = time.perf_counter() - t_last
+                train_time += dt
+                tok_s = tokens_since / dt
+                metrics.write(
+                    step=step,
+                    loss=loss_sum / loss_n,
+                    lr=lr,
+                    grad_norm=grad_norm.item(),
+                    tokens_per_s=tok_s,
+                    mfu=flops_tok * tok_s / peak,
+                )
+                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", tok_s=f"{tok_s:,.0f}")
+                t_last, tokens_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+                val_loss = run_eval(step)
+                bar.write(f"step {step}: held-out reply loss {val_loss:.3f}", file=sys.stderr)
+                t_last = time.perf_counter()
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                save(step)
+                t_last = time.perf_counter()
+            if flag.stop and step < cfg.max_steps:
+                save(step)
+                interrupted = True
+                break
+    bar.close()
+    if math.isnan(val_loss) and not interrupted and val:
+        val_loss = run_eval(step)
+
+    # --- outputs
+    summary = {
+        "step": step,
+        "max_steps": cfg.max_steps,
+        "interrupted": interrupted,
+        "params": num_params(model),
+        "trainable_params": trainable,
+        "lora": dataclasses.asdict(lora_cfg) if lora else None,
+        "examples": {"train": len(train), "val": len(val)},
+        "data": stats["sources"],
+        "bad_rows": len(stats["problems"]),
+        "val_loss": val_loss,
+        "train_seconds": train_time,
+        "device": str(device),
+        "base_model": str(model_dir),
+    }
+    rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "tokens_per_s" in r]
+    if rows:
+        summary["tokens_per_s"] = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
+    if device.type == "cuda":
+        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    if not interrupted:
+        if lora:
+            with atomic_dir(out_dir / "adapter") as tmp:
+                lora.save_adapter(model, tmp, str(model_dir))
+        else:
+            with atomic_dir(out_dir / "model") as tmp:
+                save_model(model, tmp, model_dir, pad_token_id=tokenizer.pad_id)
+        plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title="SFT loss")
+    write_json(out_dir / "summary.json", summary)
+    return summary

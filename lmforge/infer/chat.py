@@ -1,0 +1,175 @@
+"""Conversations with a model: prompt building with the chat template, a context budget, and the
+interactive terminal chat (`lmforge chat`).
+
+The one idea: the conversation is kept as messages and re-rendered with the tokenizer's chat
+template every turn, so the prompt is exactly what SFT trained on. When it outgrows the context
+the oldest turns are dropped (never the system prompt) and the user is told.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from lmforge.config import ConfigError
+from lmforge.infer.generate import fit_prompt, stream_text
+from lmforge.tokenizer import Tokenizer
+
+END_OF_TURN = "<|im_end|>"
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a model directory, or from a LoRA adapter directory (its
+    adapter_config.json names the base model; the adapter is merged in for speed)."""
+    from lmforge.model.checkpoint import load_model
+
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        from lmforge.align.lora import load_adapter, merge_lora
+
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise ConfigError(
+                f"{path / 'adapter_config.json'}: base_model_name_or_path {base!r} is not a "
+                "model directory here; merge the adapter with `lmforge export --merge-lora`"
+            )
+        model = load_model(base, device=device)
+        load_adapter(model, path)
+        return merge_lora(model).eval(), Tokenizer.load(base)
+    return load_model(path, device=device).eval(), Tokenizer.load(path)
+
+
+def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
+    """Generation ends at EOS or at the end-of-turn marker, whichever the model emits."""
+    ids = [tok.eos_id]
+    if END_OF_TURN in tok.special_tokens():
+        ids.append(tok.token_id(END_OF_TURN))
+    return tuple(ids)
+
+
+def chat_prompt_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
+    """BOS, then the conversation rendered with the generation prompt (as SFT encodes it)."""
+    return [tok.bos_id] + tok.encode_chat(messages, add_generation_prompt=True)
+
+
+def fit_history(
+    tok: Tokenizer, messages: list[dict], max_prompt_tokens: int
+) -> tuple[list[dict], int]:
+    """Drop the oldest non-system messages (a user turn with its reply) until the prompt fits.
+    Returns the kept messages and how many were dropped. The system prompt and the newest user
+    message are never dropped; if those alone do not fit, that is an error."""
+    kept = list(messages)
+    dropped = 0
+    while len(chat_prompt_ids(tok, kept)) > max_prompt_tokens:
+        first = 1 if kept and kept[0]["role"] == "system" else 0
+        if len(kept) - first <= 1:
+            raise ConfigError(
+                f"the system prompt and your message need more than {max_prompt_tokens} tokens "
+                "(the context minus the room kept for the answer); shorten them"
+            )
+        n = 2 if len(kept) - first > 2 and kept[first + 1]["role"] == "assistant" else 1
+        del kept[first : first + n]
+        dropped += n
+    return kept, dropped
+
+
+def answer(model, tok: Tokenizer, messages: list[dict], **sampling) -> Iterator[str]:
+    """Stream the assistant's reply to the conversation (text pieces)."""
+    ids = chat_prompt_ids(tok, messages)
+    ids = fit_prompt(ids, model.cfg.max_seq_len, sampling.get("max_new_tokens", 64), False)
+    return stream_text(model, tok, ids, stop_ids=stop_ids(tok), **sampling)
+
+
+# --------------------------------------------------------------------------- terminal chat
+
+HELP = """commands: /reset (forget the conversation), /system TEXT (set the system prompt and
+reset), /save FILE (write the conversation as JSON), /help, /quit (or Ctrl-D)"""
+
+
+def run_chat(
+    model,
+    tok: Tokenizer,
+    system: str = "",
+    reserve: int = 128,
+    read: Callable[[str], str] = input,
+    write: Callable[[str], None] = lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+    **sampling,
+) -> None:
+    """The read-answer loop. With no chat template (a base model) each line is continued as
+    plain text instead. `reserve` tokens of the context are kept free for the answer."""
+    chat_mode = bool(tok.chat_template)
+    system_msgs = [{"role": "system", "content": system}] if system else []
+    history: list[dict] = []
+    budget = model.cfg.max_seq_len - min(reserve, model.cfg.max_seq_len // 2)
+    sampling["max_new_tokens"] = min(sampling.get("max_new_tokens", reserve), reserve)
+    if not chat_mode:
+        write("(no chat template: base model, plain completion mode)\n")
+    write(HELP + "\n")
+    while True:
+        try:
+            line = read("you> " if chat_mode else "prompt> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/help":
+            write(HELP + "\n")
+            continue
+        if text == "/reset":
+            history = []
+            write("(conversation cleared)\n")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system") :].strip()
+            system_msgs = [{"role": "system", "content": system}] if system else []
+            history = []
+            write(f"(system prompt {'set' if system else 'removed'}; conversation cleared)\n")
+            continue
+        if text.startswith("/save"):
+            dest = text[len("/save") :].strip()
+            if not dest:
+                write("(usage: /save FILE)\n")
+                continue
+            Path(dest).write_text(
+                json.dumps(system_msgs + history, ensure_ascii=False, indent=2), encoding="utf-8"
+            )
+            write(f"(saved {len(system_msgs + history)} messages to {dest})\n")
+            continue
+        if text.startswith("/"):
+            write(f"(unknown command {text.split()[0]}; /help lists them)\n")
+            continue
+        try:
+            if chat_mode:
+                history.append({"role": "user", "content": line})
+                kept, dropped = fit_history(tok, system_msgs + history, budget)
+                if dropped:
+                    history = kept[len(system_msgs) :]
+                    write(f"(context full: dropped the {dropped} oldest messages)\n")
+                write("assistant> ")
+                reply = "".join(_echo(answer(model, tok, kept, **sampling), write))
+                history.append({"role": "assistant", "content": reply})
+            else:
+                ids = fit_prompt([tok.bos_id] + tok.encode(line), model.cfg.max_seq_len, 1, True)
+                write(line)
+                for piece in stream_text(model, tok, ids, **sampling):
+                    write(piece)
+        except ConfigError as e:
+            if chat_mode and history and history[-1]["role"] == "user":
+                history.pop()
+            write(f"(error: {e})\n")
+            continue
+        write("\n")
+
+
+def _echo(pieces: Iterator[str], write) -> Iterator[str]:
+    for piece in pieces:
+        write(piece)
+        yield piece
