@@ -221,3 +221,37 @@ def _plain(cfg) -> dict:
 def _losses(path) -> list[float]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_lora_sft_resumes_exactly_and_exports_a_merged_model(micro_pretrained, tmp_path):
+    from lmforge.align.lora import load_adapter
+    from lmforge.infer.chat import load_for_inference
+
+    recipe, model_dir = micro_pretrained
+    lora = LoRAConfig(r=4, alpha=8, targets=["q", "v", "down"])
+    full = run(recipe.sft, lora, model_dir, tmp_path / "full", recipe.base_dir)
+    cfg = load_model(model_dir).cfg
+    per_layer = 4 * (cfg.dim + cfg.n_head * cfg.head_dim)  # q: A (4, dim) + B (q_out, 4)
+    per_layer += 4 * (cfg.dim + cfg.n_kv_head * cfg.head_dim) + 4 * (cfg.ffn_dim + cfg.dim)
+    assert full["trainable_params"] == cfg.n_layer * per_layer < full["params"] / 10
+    adapter = tmp_path / "full" / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists()
+    half = build(type(recipe.sft), {**_plain(recipe.sft), "max_steps": 2}, "sft")
+    run(half, lora, model_dir, tmp_path / "resumed", recipe.base_dir)
+    run(recipe.sft, lora, model_dir, tmp_path / "resumed", recipe.base_dir)
+    assert _losses(tmp_path / "full" / "metrics.jsonl") == _losses(
+        tmp_path / "resumed" / "metrics.jsonl"
+    )
+    # the exported merged checkpoint computes what base + adapter compute
+    from lmforge.cli import main
+
+    assert main(["export", str(adapter), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    assert main(["export", str(adapter), str(tmp_path / "merged"), "--merge-lora"]) == 2
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        adapted = load_adapter(load_model(model_dir), adapter)(x)
+        merged = load_model(tmp_path / "merged")(x)
+        served, _ = load_for_inference(adapter)
+        assert (adapted - merged).abs().max().item() < 1e-5
+        assert (served(x) - adapted).abs().max().item() < 1e-5
+        assert (load_model(model_dir)(x) - adapted).abs().max().item() > 1e-3  # it did train

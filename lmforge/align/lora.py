@@ -141,14 +141,14 @@ def _slices(cfg, fused: str, base: nn.Linear) -> dict[str, int]:
     }[fused]
 
 
-def _check_model(model: nn.Module) -> None:
+def _check_model(model: nn.Module, adapted_ok: bool = False) -> None:
     arch = getattr(model.cfg, "arch", "llama")
     if arch not in SUPPORTED_ARCHS:
         raise ConfigError(
             f"LoRA is not supported for model arch {arch!r}: lmforge adapts {', '.join(SUPPORTED_ARCHS)}"
             " models, whose projections carry HF Llama's module names"
         )
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if not adapted_ok and any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ConfigError("the model already has LoRA adapters: merge_lora it before adding more")
 
 
@@ -345,12 +345,10 @@ def _read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{path} is corrupt or truncated ({e})") from None
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Apply a PEFT LoRA directory (ours, or PEFT's for a Llama-style model) to `model`, in
-    place, with the base frozen as after apply_lora. Everything is checked before the model is
-    touched, so an error leaves it as it was."""
-    adapter_dir = Path(adapter_dir)
-    _check_model(model)
+def _parse_adapter(model: nn.Module, adapter_dir: Path, adapted_ok: bool = False):
+    """(r, alpha, dropout, {(layer, slice): {"A": t, "B": t}}) of an adapter directory, every
+    name and shape checked against `model`."""
+    _check_model(model, adapted_ok)
     r, alpha, dropout = _read_adapter_config(adapter_dir / CONFIG_FILE)
     path = adapter_dir / WEIGHTS_FILE
     tensors = _read_adapter_tensors(path)
@@ -373,6 +371,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     for (i, s), ab in found.items():
         fused = TARGETS[s][0]
         base = model.layers[i].get_submodule(fused)
+        base = base.base if isinstance(base, LoRALinear) else base
         shapes = {"A": (r, base.in_features), "B": (_slices(model.cfg, fused, base)[s], r)}
         for which, shape in shapes.items():
             name = f"layers.{i}.{TARGETS[s][1]}.lora_{which}.weight"
@@ -383,11 +382,67 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                     f"{path}: {name} has shape {tuple(ab[which].shape)}; r = {r} and the model"
                     f" imply {shape}"
                 )
-    per_layer = [{s for (j, s) in found if j == i} for i in range(len(model.layers))]
-    _wrap(model, per_layer, r, alpha, dropout)
+    return r, alpha, dropout, found
+
+
+def _copy_adapter(model: nn.Module, found) -> None:
     with torch.no_grad():
         for (i, s), ab in found.items():
             m = model.layers[i].get_submodule(TARGETS[s][0])
             m.lora_A[s].copy_(ab["A"])  # copy_ casts to the model's dtype and device
             m.lora_B[s].copy_(ab["B"])
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Apply a PEFT LoRA directory (ours, or PEFT's for a Llama-style model) to `model`, in
+    place, with the base frozen as after apply_lora. Everything is checked before the model is
+    touched, so an error leaves it as it was."""
+    r, alpha, dropout, found = _parse_adapter(model, Path(adapter_dir))
+    per_layer = [{s for (j, s) in found if j == i} for i in range(len(model.layers))]
+    _wrap(model, per_layer, r, alpha, dropout)
+    _copy_adapter(model, found)
     return model
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Copy a saved adapter into a model that already carries the same adapters (resuming)."""
+    adapter_dir = Path(adapter_dir)
+    r, alpha, _, found = _parse_adapter(model, adapter_dir, adapted_ok=True)
+    have = {
+        (i, s)
+        for i, layer in enumerate(model.layers)
+        for m in layer.modules()
+        if isinstance(m, LoRALinear)
+        for s in m.spans
+    }
+    wrapped = _lora_layers(model)
+    if have != set(found) or any(m.r != r or m.scale != alpha / r for _, m in wrapped):
+        raise ConfigError(
+            f"{adapter_dir}: its adapters (r={r}, {len(found)} projections) differ from the "
+            f"model's ({len(have)} projections); was lora.r or lora.targets changed?"
+        )
+    _copy_adapter(model, found)
+    return model
+
+
+def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
+    """Base model + adapter -> a plain HF checkpoint in out_dir (which must not exist)."""
+    from lmforge.model.checkpoint import load_model, save_model
+    from lmforge.tokenizer import Tokenizer
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir} already exists; choose a new output directory")
+    base = base or read_json(adapter_dir / CONFIG_FILE, "adapter config").get(
+        "base_model_name_or_path"
+    )
+    if not base or not Path(base).is_dir():
+        raise ConfigError(
+            f"{adapter_dir / CONFIG_FILE}: base model {base!r} is not a directory here; "
+            "pass --base DIR"
+        )
+    model = merge_lora(load_adapter(load_model(base), adapter_dir))
+    tok = Tokenizer.load(base)
+    with atomic_dir(out_dir) as tmp:
+        save_model(model, tmp, base, pad_token_id=tok.pad_id)
+    return out_dir

@@ -8,10 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import ConfigError, LoRAConfig, ModelConfig
-from lmforge.infer.cpu_decode import CpuDecoder
-from lmforge.io import atomic_dir
-from lmforge.lora import (
+from lmforge.align.lora import (
     LoRALinear,
     apply_lora,
     base_state_dict,
@@ -20,6 +17,9 @@ from lmforge.lora import (
     merge_lora,
     save_adapter,
 )
+from lmforge.config import ConfigError, LoRAConfig, ModelConfig
+from lmforge.infer.cpu_decode import CpuDecoder
+from lmforge.io import atomic_dir
 from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.transformer import GPT
 
