@@ -87,44 +87,76 @@ class TokenizerConfig:  # `tokenizer:` byte-level BPE (lmforge tokenizer)
         _check_positive(self, "sample_chars", "min_frequency")
 
 
+# What each Hugging Face family computes. `arch` names the family a checkpoint is saved as; the
+# model itself branches only on the features (norm, mlp, pos, biases), so they must match it.
+ARCH_FEATURES = {
+    "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, bias=False),
+    "qwen2": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=True, bias=False),
+    "mistral": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, bias=False),
+    "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, bias=True),
+}
+
+
 @dataclass
-class ModelConfig:  # `model:` a LLaMA-style decoder; fields map one-to-one onto LlamaConfig
+class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto LlamaConfig (or kin)
     vocab_size: int = 0  # 0 = take it from the tokenizer
     dim: int = 256  # hidden_size
     n_layer: int = 4  # num_hidden_layers
     n_head: int = 4  # num_attention_heads
     n_kv_head: int = 0  # num_key_value_heads (grouped-query attention); 0 = n_head
-    ffn_dim: int = 0  # intermediate_size (SwiGLU); 0 = 8/3 * dim rounded up to a multiple of 64
+    head_dim: int = 0  # width of one attention head; 0 = dim / n_head
+    ffn_dim: int = 0  # intermediate_size; 0 = 8/3 * dim rounded up to 64s (swiglu), 4 * dim (gelu)
     max_seq_len: int = 512  # max_position_embeddings
     rope_theta: float = 10000.0  # rotary embedding base
-    norm_eps: float = 1e-5  # rms_norm_eps
+    norm_eps: float = 1e-5  # rms_norm_eps (layer_norm_epsilon for layernorm)
     tie_embeddings: bool = True  # tie_word_embeddings: input embedding = output head
     init_std: float = 0.02  # initializer_range
     bos_token_id: int = 1  # set from the tokenizer by the pipeline
     eos_token_id: int = 2  # set from the tokenizer by the pipeline
+    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | gpt2
+    norm: str = "rmsnorm"  # rmsnorm | layernorm (gpt2)
+    mlp: str = "swiglu"  # swiglu (gated) | gelu (gpt2: tanh-approximate GELU, not gated)
+    pos: str = "rope"  # positions: rope | learned (gpt2: a table added to the token embeddings)
+    qkv_bias: bool = False  # the q/k/v projections have biases (qwen2, gpt2)
+    bias: bool = False  # every other linear layer and the norms have biases (gpt2)
+    sliding_window: int = 0  # attend to at most this many latest positions (mistral); 0 = all
 
     def __post_init__(self):
+        _check_choice(self, "arch", tuple(ARCH_FEATURES))
+        _check_choice(self, "norm", ("rmsnorm", "layernorm"))
+        _check_choice(self, "mlp", ("swiglu", "gelu"))
+        _check_choice(self, "pos", ("rope", "learned"))
+        wrong = {k: v for k, v in ARCH_FEATURES[self.arch].items() if getattr(self, k) != v}
+        if wrong:
+            need = ", ".join(f"{k}: {str(v).lower()}" for k, v in wrong.items())
+            raise ConfigError(f"model.arch {self.arch!r} computes with {need}; set those too")
+        if self.sliding_window and self.arch != "mistral":
+            raise ConfigError(f"model.sliding_window needs arch 'mistral', not {self.arch!r}")
+        _check_positive(self, "dim", "n_layer", "n_head", "max_seq_len")
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
-        if self.ffn_dim == 0:
-            self.ffn_dim = 64 * -(-(8 * self.dim // 3) // 64)
-        _check_positive(self, "dim", "n_layer", "n_head", "n_kv_head", "ffn_dim", "max_seq_len")
-        if self.dim % self.n_head:
+        if self.head_dim == 0 and self.dim % self.n_head:
             raise ConfigError(
                 f"model.dim ({self.dim}) must be divisible by model.n_head ({self.n_head})"
             )
+        self.head_dim = self.head_dim or self.dim // self.n_head
+        if self.ffn_dim == 0:
+            gated = 64 * -(-(8 * self.dim // 3) // 64)  # SwiGLU's 8/3 keeps the parameter count
+            self.ffn_dim = 4 * self.dim if self.mlp == "gelu" else gated
+        _check_positive(self, "n_kv_head", "head_dim", "ffn_dim")
+        if self.sliding_window < 0:
+            raise ConfigError(f"model.sliding_window must be >= 0, got {self.sliding_window}")
         if self.n_head % self.n_kv_head:
             raise ConfigError(
                 f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})"
             )
-        if (self.dim // self.n_head) % 2:
+        if self.pos == "rope" and self.head_dim % 2:
             raise ConfigError(
-                "model head dimension (dim / n_head) must be even for rotary embeddings"
+                f"model.head_dim ({self.head_dim}) must be even for rotary embeddings"
             )
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
+        plain_mha = self.head_dim * self.n_head == self.dim and self.n_kv_head == self.n_head
+        if self.arch == "gpt2" and not plain_mha:  # HF's c_attn is three dim x dim blocks
+            raise ConfigError("gpt2 needs model.head_dim = dim / n_head and n_kv_head = n_head")
 
 
 @dataclass

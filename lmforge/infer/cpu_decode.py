@@ -13,7 +13,9 @@ both without copying a weight or changing a value:
 - The ordinary forward spends ~30 small kernels and their Python per layer on shapes, masks
   and batching that one token does not need; `CpuDecoder.step` works on flat vectors instead.
 
-`tests/infer/test_cpu_decode.py` holds the step to the model's own cached forward.
+It covers the Llama-shaped families (Llama, Qwen2's q/k/v biases, Mistral's sliding window);
+`CpuDecoder.supports` says which models it takes. `tests/infer/test_cpu_decode.py` holds the
+step to the model's own cached forward.
 """
 
 from __future__ import annotations
@@ -46,17 +48,29 @@ class CpuDecoder:
     updates but not a replaced parameter.
     """
 
+    @staticmethod
+    def supports(model) -> bool:
+        """True for a `GPT` with RMSNorm, RoPE and SwiGLU (Llama, Qwen2, Mistral); GPT-2's
+        LayerNorm, learned positions and GELU decode through the model's own forward."""
+        if not isinstance(model, GPT):
+            return False
+        cfg = model.cfg
+        return (cfg.norm, cfg.pos, cfg.mlp, cfg.bias) == ("rmsnorm", "rope", "swiglu", False)
+
     def __init__(self, model: GPT, threads: int | None = None):
+        assert self.supports(model), f"CpuDecoder does not support arch {model.cfg.arch!r}"
         relayout(model)
         cfg = model.cfg
         self.model = model
         self.threads = threads or torch.get_num_threads()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.eps = cfg.norm_eps
+        self.window = cfg.sliding_window
         self.layers = [
             (
                 b.attn_norm.weight,
                 self._blocks(b.attn.wqkv.weight),
+                b.attn.wqkv.bias,  # None but for Qwen2
                 self._blocks(b.attn.wo.weight),
                 b.mlp_norm.weight,
                 self._blocks(b.mlp.w13.weight),
@@ -91,8 +105,12 @@ class CpuDecoder:
         model = self.model
         x = F.embedding(token.view(-1), model.tok_emb.weight).view(-1)
         cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (D,): the signed-sin table
-        for i, (attn_norm, wqkv, wo, mlp_norm, w13, w2) in enumerate(self.layers):
-            qkv = self._mv(self._norm(x, attn_norm), wqkv).view(H + 2 * KV, D)
+        start = max(0, pos + 1 - self.window) if self.window else 0  # Mistral's sliding window
+        for i, (attn_norm, wqkv, bqkv, wo, mlp_norm, w13, w2) in enumerate(self.layers):
+            qkv = self._mv(self._norm(x, attn_norm), wqkv)
+            if bqkv is not None:
+                qkv = qkv + bqkv
+            qkv = qkv.view(H + 2 * KV, D)
             qk = qkv[: H + KV]  # rotate q and k heads together; roll swaps the halves
             qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)
             k_all, v_all = cache.k[i], cache.v[i]  # (1, KV, max_len, D)
@@ -100,8 +118,8 @@ class CpuDecoder:
             v_all.select(2, pos).copy_(qkv[H + KV :].view(1, KV, D))
             y = F.scaled_dot_product_attention(
                 qk[:H].view(1, H, 1, D),
-                k_all.narrow(2, 0, pos + 1),
-                v_all.narrow(2, 0, pos + 1),
+                k_all.narrow(2, start, pos + 1 - start),
+                v_all.narrow(2, start, pos + 1 - start),
                 enable_gqa=H != KV,
             )
             x = x + self._mv(y.view(-1), wo)

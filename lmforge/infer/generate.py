@@ -102,7 +102,7 @@ def generate(
     seen = torch.zeros(1, cfg.vocab_size, dtype=torch.bool, device=device)
     seen[0, ids[0]] = True
     stop = set(stop_ids)
-    if device.type == "cpu" and isinstance(model, GPT):
+    if device.type == "cpu" and isinstance(model, GPT) and CpuDecoder.supports(model):
         decoder = CpuDecoder(model)
         logits = decoder.prefill(ids[0], cache).view(1, -1)
     else:

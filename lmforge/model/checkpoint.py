@@ -28,8 +28,9 @@ def save_model(
     tokenizer_dir: str | Path | None = None,
     pad_token_id: int | None = None,
 ) -> None:
-    """Write config.json, model.safetensors (HF names, fp32 on CPU), generation_config.json and
-    copies of the tokenizer files into out_dir (which the caller makes atomic)."""
+    """Write config.json, model.safetensors (HF names of the model's family, `cfg.arch`; fp32 on
+    CPU), generation_config.json and copies of the tokenizer files into out_dir (which the caller
+    makes atomic)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -89,7 +90,8 @@ def load_config(ckpt: str | Path) -> ModelConfig:
 def load_model(
     ckpt: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> GPT:
-    """Open a HF-layout checkpoint directory (ours or one saved by transformers)."""
+    """Open a HF-layout checkpoint directory (ours or one saved by transformers) of a Llama,
+    Qwen2, Mistral or GPT-2 model; `save_model` writes it back in the same family's format."""
     ckpt = Path(ckpt)
     cfg = load_config(ckpt)
     with torch.device("meta"):
@@ -104,8 +106,10 @@ def load_model(
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    # rope tables were created on the meta device: rebuild them for real (they stay fp32)
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    rope = cfg.pos == "rope"
+    if rope:  # the tables were created on the meta device: rebuild them for real (they stay fp32)
+        model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     model.to(device=device, dtype=dtype)
-    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    if rope:
+        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     return model.eval()

@@ -1,17 +1,31 @@
-"""Hugging Face interop: our ModelConfig <-> LlamaConfig fields, our tensors <-> HF tensor names.
+"""Hugging Face interop: our ModelConfig <-> the config.json of four families (Llama, Qwen2,
+Mistral, GPT-2), our tensors <-> their tensor names.
 
-The one idea: names and shapes are all that differ. HF stores q/k/v and gate/up as separate
-matrices; we keep them fused, so export splits along the output dimension and import concatenates.
-RoPE needs no permutation because our rotation already uses HF's rotate_half pairing.
+The one idea: names and shapes are all that differ. HF stores q/k/v (and SwiGLU's gate/up) as
+separate matrices; we keep them fused, so export splits along the output dimension and import
+concatenates. GPT-2 already fuses q/k/v (`c_attn`) but in a `Conv1D`, whose weight is (in, out):
+those are transposed. RoPE needs no permutation because our rotation uses HF's rotate_half pairing.
+
+Options that change the math and that we do not compute (rope scaling, a Qwen2 sliding window,
+GPT-2's attention variants) are refused with the field named. Dropout rates are ignored on import
+(they do not change inference) and written as 0.0 on export: lmforge trains without dropout.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lmforge.config import ConfigError, ModelConfig
+from lmforge.config import ARCH_FEATURES, ConfigError, ModelConfig
 
-# our ModelConfig field -> LlamaConfig field
+# model_type -> the `architectures` entry transformers' AutoModelForCausalLM opens
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+
+# our ModelConfig field -> LlamaConfig field (Qwen2Config and MistralConfig use the same names)
 CONFIG_FIELDS = {
     "vocab_size": "vocab_size",
     "dim": "hidden_size",
@@ -28,64 +42,134 @@ CONFIG_FIELDS = {
     "eos_token_id": "eos_token_id",
 }
 
+# our ModelConfig field -> GPT2Config field
+GPT2_FIELDS = {
+    "vocab_size": "vocab_size",
+    "dim": "n_embd",
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+    "ffn_dim": "n_inner",  # null = 4 * n_embd, as our ffn_dim = 0
+    "max_seq_len": "n_positions",
+    "norm_eps": "layer_norm_epsilon",
+    "tie_embeddings": "tie_word_embeddings",
+    "init_std": "initializer_range",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+}
+
+# transformers' class defaults for keys an older config.json may leave out
+HF_DEFAULTS = {
+    "llama": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
+    "qwen2": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
+    "mistral": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
+    "gpt2": {"tie_word_embeddings": True, "layer_norm_epsilon": 1e-5},
+}
+
+GPT2_DEFAULTS = {  # GPT2Config options we compute only at their default
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "add_cross_attention": False,
+}
+
+
+def hf_family(hf: dict) -> str:
+    """The family of a config.json: its model_type, else its architectures entry."""
+    arch = (hf.get("architectures") or [None])[0]
+    family = hf.get("model_type") or {v: k for k, v in ARCHITECTURES.items()}.get(arch)
+    if family not in ARCHITECTURES:
+        raise ConfigError(
+            f"config.json: model_type {hf.get('model_type')!r} (architectures {arch!r}) is not "
+            f"supported; supported: {', '.join(ARCHITECTURES)}"
+        )
+    return family
+
 
 def to_hf_config(
     cfg: ModelConfig, pad_token_id: int | None = None, torch_dtype: str = "float32"
 ) -> dict:
-    """config.json contents for `LlamaForCausalLM`."""
-    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-    out.update({hf: getattr(cfg, ours) for ours, hf in CONFIG_FIELDS.items()})
-    out.update(
-        head_dim=cfg.head_dim,
-        hidden_act="silu",
-        attention_bias=False,
-        attention_dropout=0.0,
-        mlp_bias=False,
-        pretraining_tp=1,
-        rope_scaling=None,
-        use_cache=True,
-        pad_token_id=pad_token_id,
-        torch_dtype=torch_dtype,
-    )
+    """config.json contents for the model's own family (`cfg.arch`)."""
+    out = {"architectures": [ARCHITECTURES[cfg.arch]], "model_type": cfg.arch}
+    if cfg.arch == "gpt2":
+        out.update({hf: getattr(cfg, ours) for ours, hf in GPT2_FIELDS.items()})
+        out.update(GPT2_DEFAULTS, activation_function="gelu_new")
+        out.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        out.update({hf: getattr(cfg, ours) for ours, hf in CONFIG_FIELDS.items()})
+        out.update(
+            head_dim=cfg.head_dim, hidden_act="silu", attention_dropout=0.0, rope_scaling=None
+        )
+    if cfg.arch == "llama":
+        out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif cfg.arch == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+    elif cfg.arch == "mistral":
+        out.update(sliding_window=cfg.sliding_window or None)
+    out.update(use_cache=True, pad_token_id=pad_token_id, torch_dtype=torch_dtype)
     return out
 
 
-def from_hf_config(hf: dict) -> ModelConfig:
-    """ModelConfig from a LlamaConfig dict; refuses what our model would compute differently."""
-    arch = (hf.get("architectures") or ["?"])[0]
-    if hf.get("model_type", "llama") != "llama":
-        raise ConfigError(
-            f"config.json: model_type {hf.get('model_type')!r} ({arch}) is not supported yet; expected 'llama'"
-        )
-    unsupported = {
-        "rope_scaling": hf.get("rope_scaling"),
-        "attention_bias": hf.get("attention_bias"),
-        "mlp_bias": hf.get("mlp_bias"),
-    }
-    bad = [k for k, v in unsupported.items() if v]
+def _unsupported_options(hf: dict, family: str) -> list[str]:
+    """Options in a config.json that would make transformers compute something we do not."""
+    if family == "gpt2":
+        bad = [f"{k}={hf[k]}" for k, v in GPT2_DEFAULTS.items() if hf.get(k, v) != v]
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            bad.append(f"activation_function={act}")
+        return bad
+    bad = [k for k in ("rope_scaling", "attention_bias", "mlp_bias") if hf.get(k)]
     if hf.get("hidden_act", "silu") != "silu":
         bad.append(f"hidden_act={hf['hidden_act']}")
-    rope_params = hf.get("rope_parameters") or {}
-    if rope_params.get("rope_type", "default") != "default":
-        bad.append(f"rope_type={rope_params['rope_type']}")
+    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
+    if rope_type != "default":
+        bad.append(f"rope_type={rope_type}")
+    window = hf.get("sliding_window")
+    if family == "qwen2" and hf.get("use_sliding_window") and window is not None:
+        n_layer, max_full = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
+        types = hf.get("layer_types") or [i >= max_full for i in range(n_layer)]
+        slides = any(t is True or t == "sliding_attention" for t in types)
+        if slides and window < hf.get("max_position_embeddings", 32768):
+            bad.append(f"use_sliding_window=true with sliding_window={window}")
+    return bad
+
+
+def from_hf_config(hf: dict) -> ModelConfig:
+    """ModelConfig from a config.json of a supported family; refuses what our model would compute
+    differently, naming the field."""
+    family = hf_family(hf)
+    bad = _unsupported_options(hf, family)
     if bad:
-        raise ConfigError(f"config.json: unsupported Llama options {bad}")
-    kwargs = {
-        ours: hf[theirs] for ours, theirs in CONFIG_FIELDS.items() if hf.get(theirs) is not None
-    }
-    if "rope_theta" not in kwargs and "rope_theta" in rope_params:
+        raise ConfigError(f"config.json: unsupported {family} options {bad}")
+    hf = HF_DEFAULTS[family] | {k: v for k, v in hf.items() if v is not None}
+    fields = GPT2_FIELDS if family == "gpt2" else CONFIG_FIELDS
+    kwargs = {ours: hf[theirs] for ours, theirs in fields.items() if theirs in hf}
+    if family == "gpt2" and "n_positions" not in hf and "n_ctx" in hf:  # older GPT-2 configs
+        kwargs["max_seq_len"] = hf["n_ctx"]
+    rope_params = hf.get("rope_parameters") or {}
+    if family != "gpt2" and "rope_theta" not in kwargs and "rope_theta" in rope_params:
         kwargs["rope_theta"] = rope_params["rope_theta"]
-    head_dim = hf.get("head_dim")
-    if head_dim and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        raise ConfigError(
-            "config.json: head_dim * num_attention_heads != hidden_size is not supported"
-        )
-    return ModelConfig(**kwargs)
+    for k in ("bos_token_id", "eos_token_id"):
+        if isinstance(kwargs.get(k), list):  # several stop ids (Llama 3): keep the first
+            kwargs[k] = kwargs[k][0]
+    if family != "gpt2":
+        kwargs["head_dim"] = hf.get("head_dim") or 0
+    if family == "mistral":
+        kwargs["sliding_window"] = hf.get("sliding_window") or 0
+    return ModelConfig(arch=family, **ARCH_FEATURES[family], **kwargs)
+
+
+# --------------------------------------------------------------------------- tensors
 
 
 def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict -> HF LlamaForCausalLM tensor names (contiguous copies, ready for safetensors)."""
-    H, KV, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    """Our state dict -> the tensor names of cfg.arch (contiguous copies, ready for safetensors)."""
+    out = _to_gpt2(sd, cfg) if cfg.arch == "gpt2" else _to_llama(sd, cfg)
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _to_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Llama, Qwen2 and Mistral share these names; Qwen2 adds q/k/v biases."""
+    sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
     out = {
         "model.embed_tokens.weight": sd["tok_emb.weight"],
         "model.norm.weight": sd["norm.weight"],
@@ -94,13 +178,13 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         out["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.n_layer):
         p, hp = f"layers.{i}.", f"model.layers.{i}."
-        q, k, v = sd[p + "attn.wqkv.weight"].split([H * D, KV * D, KV * D], dim=0)
+        kinds = ("weight", "bias") if cfg.qkv_bias else ("weight",)
+        for kind in kinds:
+            q, k, v = sd[p + f"attn.wqkv.{kind}"].split(sizes, dim=0)
+            out.update({hp + f"self_attn.{n}_proj.{kind}": t for n, t in zip("qkv", (q, k, v))})
         gate, up = sd[p + "mlp.w13.weight"].chunk(2, dim=0)
         out.update(
             {
-                hp + "self_attn.q_proj.weight": q,
-                hp + "self_attn.k_proj.weight": k,
-                hp + "self_attn.v_proj.weight": v,
                 hp + "self_attn.o_proj.weight": sd[p + "attn.wo.weight"],
                 hp + "mlp.gate_proj.weight": gate,
                 hp + "mlp.up_proj.weight": up,
@@ -109,42 +193,93 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
                 hp + "post_attention_layernorm.weight": sd[p + "mlp_norm.weight"],
             }
         )
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    return out
+
+
+# our per-layer module -> GPT-2's; linear weights are transposed (Conv1D stores (in, out))
+GPT2_LAYER = {
+    "attn_norm": "ln_1",
+    "attn.wqkv": "attn.c_attn",
+    "attn.wo": "attn.c_proj",
+    "mlp_norm": "ln_2",
+    "mlp.w1": "mlp.c_fc",
+    "mlp.w2": "mlp.c_proj",
+}
+
+
+def _to_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {
+        "transformer.wte.weight": sd["tok_emb.weight"],
+        "transformer.wpe.weight": sd["pos_emb.weight"],
+        "transformer.ln_f.weight": sd["norm.weight"],
+        "transformer.ln_f.bias": sd["norm.bias"],
+    }
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        for ours, theirs in GPT2_LAYER.items():
+            for kind in ("weight", "bias"):
+                t = sd[f"layers.{i}.{ours}.{kind}"]
+                linear = kind == "weight" and "norm" not in ours
+                out[f"transformer.h.{i}.{theirs}.{kind}"] = t.t() if linear else t
+    return out
 
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF LlamaForCausalLM tensors -> our state dict. Missing tensors are an error naming them."""
+    """HF tensors of cfg.arch -> our state dict. Missing tensors are an error naming them; extra
+    ones (GPT-2's stored attention masks, rotary caches) are ignored."""
     missing = []
 
     def get(name):
         if name not in hf:
             missing.append(name)
-            return None
-        return hf[name]
+        return hf.get(name)
 
-    out = {
-        "tok_emb.weight": get("model.embed_tokens.weight"),
-        "norm.weight": get("model.norm.weight"),
-    }
-    if cfg.tie_embeddings:
-        out["lm_head.weight"] = out["tok_emb.weight"]
-    else:
-        out["lm_head.weight"] = get("lm_head.weight")
-    for i in range(cfg.n_layer):
-        p, hp = f"layers.{i}.", f"model.layers.{i}."
-        qkv = [get(hp + f"self_attn.{n}_proj.weight") for n in "qkv"]
-        gate_up = [get(hp + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
-        if None in qkv or None in gate_up:
-            continue
-        out[p + "attn.wqkv.weight"] = torch.cat(qkv, dim=0)
-        out[p + "attn.wo.weight"] = get(hp + "self_attn.o_proj.weight")
-        out[p + "mlp.w13.weight"] = torch.cat(gate_up, dim=0)
-        out[p + "mlp.w2.weight"] = get(hp + "mlp.down_proj.weight")
-        out[p + "attn_norm.weight"] = get(hp + "input_layernorm.weight")
-        out[p + "mlp_norm.weight"] = get(hp + "post_attention_layernorm.weight")
+    out = _from_gpt2(hf, get, cfg) if cfg.arch == "gpt2" else _from_llama(get, cfg)
+    out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else get("lm_head.weight")
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
         raise ConfigError(f"checkpoint is missing tensors: {shown}")
+    return out
+
+
+def _cat(parts: list) -> torch.Tensor | None:
+    return None if any(t is None for t in parts) else torch.cat(parts, dim=0)
+
+
+def _from_llama(get, cfg: ModelConfig) -> dict:
+    out = {
+        "tok_emb.weight": get("model.embed_tokens.weight"),
+        "norm.weight": get("model.norm.weight"),
+    }
+    for i in range(cfg.n_layer):
+        p, hp = f"layers.{i}.", f"model.layers.{i}."
+        out[p + "attn.wqkv.weight"] = _cat([get(hp + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        if cfg.qkv_bias:
+            out[p + "attn.wqkv.bias"] = _cat([get(hp + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        out[p + "attn.wo.weight"] = get(hp + "self_attn.o_proj.weight")
+        out[p + "mlp.w13.weight"] = _cat([get(hp + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
+        out[p + "mlp.w2.weight"] = get(hp + "mlp.down_proj.weight")
+        out[p + "attn_norm.weight"] = get(hp + "input_layernorm.weight")
+        out[p + "mlp_norm.weight"] = get(hp + "post_attention_layernorm.weight")
+    return out
+
+
+def _from_gpt2(hf: dict, get, cfg: ModelConfig) -> dict:
+    # openai-community/gpt2 itself was saved from GPT2Model: no `transformer.` prefix
+    pre = "transformer." if "transformer.wte.weight" in hf or "wte.weight" not in hf else ""
+    out = {
+        "tok_emb.weight": get(pre + "wte.weight"),
+        "pos_emb.weight": get(pre + "wpe.weight"),
+        "norm.weight": get(pre + "ln_f.weight"),
+        "norm.bias": get(pre + "ln_f.bias"),
+    }
+    for i in range(cfg.n_layer):
+        for ours, theirs in GPT2_LAYER.items():
+            for kind in ("weight", "bias"):
+                t = get(f"{pre}h.{i}.{theirs}.{kind}")
+                linear = t is not None and kind == "weight" and "norm" not in ours
+                out[f"layers.{i}.{ours}.{kind}"] = t.t().contiguous() if linear else t
     return out

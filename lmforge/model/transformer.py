@@ -1,10 +1,15 @@
-"""A LLaMA-style decoder-only Transformer: RMSNorm, rotary embeddings, grouped-query attention,
-SwiGLU MLP, optional tied embeddings.
+"""A decoder-only Transformer: by default LLaMA-style (RMSNorm, rotary embeddings, grouped-query
+attention, SwiGLU MLP, optional tied embeddings); a few config features also make it Qwen2
+(q/k/v biases), Mistral (sliding-window attention, explicit head_dim) or GPT-2 (LayerNorm with
+bias, learned positions `pos_emb`, GELU MLP, biases on every linear).
 
-The one idea: the math is exactly transformers' `LlamaForCausalLM` (same RoPE convention, same
-norm placement), so a checkpoint converts by renaming tensors. The only layout difference is
-that q/k/v and gate/up are stored fused (`wqkv`, `w13`): one matmul instead of three or two,
-which matters on CPUs and for batch-1 decoding. `model/hf.py` splits them on export.
+The one idea: the math is exactly transformers' (`LlamaForCausalLM` and kin: same RoPE
+convention, same norm placement), so a checkpoint converts by renaming tensors. The only layout
+difference is that q/k/v are stored fused as `wqkv` (rows q, then k, then v; its bias likewise)
+and SwiGLU's gate/up as `w13`: one matmul instead of three or two, which matters on CPUs and for
+batch-1 decoding. GPT-2's MLP is `w1` -> GELU -> `w2`, and its Conv1D weights are stored
+transposed, as nn.Linear (out, in). `model/hf.py` splits, concatenates and transposes.
+The model branches on features (`cfg.norm`, `cfg.mlp`, `cfg.pos`, biases), never on the family.
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layernorm":  # GPT-2: in the model's dtype, as transformers runs it
+        return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+    return RMSNorm(cfg.dim, cfg.norm_eps)
+
+
 class KVCache:
     """Preallocated keys and values, one (B, n_kv_head, max_len, head_dim) buffer per layer."""
 
@@ -67,46 +78,69 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
+        self.window = cfg.sliding_window
+        qkv_dim = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, qkv_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=cfg.bias)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, pos: int = 0):
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * KV, D)
-        qk = apply_rope(qkv[:, :, : H + KV], cos, sin)  # q and k heads rotate together
+        qk = qkv[:, :, : H + KV]
+        if cos is not None:  # rotary positions (learned ones were added to the input instead)
+            qk = apply_rope(qk, cos, sin)  # q and k heads rotate together
         q, k = qk.transpose(1, 2).split([H, KV], dim=1)  # (B, H, T, D), (B, KV, T, D)
         v = qkv[:, :, H + KV :].transpose(1, 2)  # (B, KV, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, pos)  # (B, KV, pos+T, D)
-        if T == 1:  # one new token sees every cached position: no mask needed
+        S = k.shape[2]  # keys: pos + T
+        if self.window and S > self.window:  # Mistral: query i sees keys (i - window, i]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device)
+            mask = mask.tril(S - T).triu(S - T - self.window + 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)
+        elif T == 1:  # one new token sees every cached position: no mask needed
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != KV)
-        elif k.shape[2] == T:  # no history: plain causal
+        elif S == T:  # no history: plain causal
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV)
         else:  # a chunk after history: SDPA's is_causal aligns top-left, so spell the mask out
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
+    """SwiGLU: w2(silu(gate) * up)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # gate and up, fused
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=cfg.bias)  # gate and up, fused
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.bias)  # down
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: w2(gelu(w1 x)), tanh-approximate GELU (transformers' `gelu_new`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.bias)  # HF c_fc
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.bias)  # HF c_proj
+
+    def forward(self, x):
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
@@ -121,14 +155,16 @@ class GPT(nn.Module):
         )
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -138,6 +174,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
             else:
@@ -151,9 +189,13 @@ class GPT(nn.Module):
         assert pos + T <= self.cfg.max_seq_len, (
             f"sequence of {pos + T} tokens exceeds the model's context of {self.cfg.max_seq_len}"
         )
-        cos = self.rope_cos[pos : pos + T].unsqueeze(1)  # (T, 1, D): broadcasts over heads
-        sin = self.rope_sin[pos : pos + T].unsqueeze(1)
         x = self.tok_emb(idx)  # (B, T, dim)
+        cos = sin = None
+        if self.pos_emb is None:
+            cos = self.rope_cos[pos : pos + T].unsqueeze(1)  # (T, 1, D): broadcasts over heads
+            sin = self.rope_sin[pos : pos + T].unsqueeze(1)
+        else:  # GPT-2: a learned vector per absolute position, added once at the input
+            x = x + self.pos_emb.weight[pos : pos + T]
         for block in self.layers:
             x = block(x, cos, sin, cache, pos)
         x = self.norm(x)
@@ -170,10 +212,13 @@ class GPT(nn.Module):
 
 
 def num_params(model: nn.Module, non_embedding: bool = False) -> int:
-    """Unique parameters (tied weights counted once); non_embedding drops the input table."""
+    """Unique parameters (tied weights counted once); non_embedding drops the input tables."""
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    if non_embedding and isinstance(model, GPT) and not model.cfg.tie_embeddings:
-        n -= model.tok_emb.weight.numel()
+    if non_embedding and isinstance(model, GPT):
+        if not model.cfg.tie_embeddings:
+            n -= model.tok_emb.weight.numel()
+        if model.pos_emb is not None:
+            n -= model.pos_emb.weight.numel()
     return n
 
 
@@ -184,7 +229,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     per_layer = (
         2 * D * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + 2 * cfg.n_head * cfg.head_dim * D
     )
-    per_layer += 2 * 3 * D * F_
+    per_layer += 2 * (3 if cfg.mlp == "swiglu" else 2) * D * F_  # gate, up, down | up, down
     per_layer += 2 * 2 * cfg.n_head * cfg.head_dim * seq_len  # scores and weighted sum
     fwd = cfg.n_layer * per_layer + 2 * D * cfg.vocab_size  # + output head
     return 3 * fwd if training else fwd

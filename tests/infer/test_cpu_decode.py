@@ -9,12 +9,19 @@ from lmforge.infer.cpu_decode import CpuDecoder, relayout
 from lmforge.infer.generate import generate
 from lmforge.model.transformer import GPT
 
+BASE = dict(vocab_size=96, dim=64, n_layer=2, n_head=4)
 CONFIGS = {
     "mha-untied": dict(vocab_size=96, dim=64, n_layer=2, n_head=4, tie_embeddings=False),
     "gqa-tied": dict(vocab_size=96, dim=64, n_layer=2, n_head=4, n_kv_head=2),
     # 97 outputs split into no even blocks: the head falls back to one block
     "odd-vocab": dict(vocab_size=97, dim=48, n_layer=1, n_head=3, ffn_dim=120),
+    "qwen2-qkv-bias": BASE | dict(n_kv_head=2, arch="qwen2", qkv_bias=True),
+    # a window of 6 binds from position 6 on; head_dim 24 is not dim / n_head
+    "mistral-window-head_dim": BASE
+    | dict(n_kv_head=2, arch="mistral", sliding_window=6, head_dim=24, tie_embeddings=False),
 }
+GPT2 = BASE | dict(arch="gpt2", norm="layernorm", mlp="gelu", pos="learned")
+GPT2 |= dict(qkv_bias=True, bias=True)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -22,6 +29,10 @@ CONFIGS = {
 def test_step_matches_cached_forward(name, threads):
     torch.manual_seed(0)
     model = GPT(ModelConfig(max_seq_len=32, **CONFIGS[name])).eval()
+    with torch.no_grad():  # biases start at zero: make them matter
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_()
     ids = torch.randint(0, model.cfg.vocab_size, (20,))
     with torch.no_grad():
         ref_cache = model.new_cache(1)
@@ -80,3 +91,16 @@ def test_generate_cpu_path_equals_forward_path():
         list(generate(m, [1, 2], 30, temperature=1.0, seed=3)) for m in (model, Wrapped(model))
     ]
     assert sampled[0] == sampled[1]
+
+
+def test_gpt2_is_not_supported_and_generate_uses_the_forward():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(max_seq_len=64, **GPT2)).eval()
+    assert not CpuDecoder.supports(model)
+    assert all(CpuDecoder.supports(GPT(ModelConfig(**c))) for c in CONFIGS.values())
+    ids = [1, 2, 3]
+    out = list(generate(model, ids, 10))  # greedy: each token is the forward's argmax
+    with torch.no_grad():
+        for tok in out:
+            assert tok == model(torch.tensor([ids]))[0, -1].argmax().item()
+            ids.append(tok)
