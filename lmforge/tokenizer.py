@@ -158,6 +158,9 @@ class Tokenizer:
     ):
         self._tok = tok
         self.chat_template = chat_template  # Jinja source; None: a base model with no chat format
+        # sequences start with BOS unless the tokenizer has none of its own (Qwen2: the EOS
+        # fallback below is then only a stand-in, never prepended)
+        self.prepend_bos = bos_token is not None
         self._tok.encode_special_tokens = True  # user text never produces special ids
         # tokenizers without BOS or PAD (Qwen2, GPT-2) use EOS there, as GPT-2 does
         self.bos_token = bos_token if bos_token is not None else eos_token
@@ -282,6 +285,13 @@ class Tokenizer:
         special = {"bos_token": self.bos_token, "eos_token": self.eos_token}
         special["pad_token"] = self.pad_token
         return render_chat(self.chat_template, messages, add_generation_prompt, **special)
+
+    def chat_prefix(self, messages: list[dict]) -> list[int]:
+        """[BOS] to put before a rendered conversation, or [] when the tokenizer has no BOS of
+        its own or its template already writes one (Llama-3 style `{{ bos_token }}`)."""
+        if not self.prepend_bos:
+            return []
+        return [] if self.render_chat(messages).startswith(self.bos_token) else [self.bos_id]
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
         """Token ids of a conversation. Special-token strings typed inside a message stay plain

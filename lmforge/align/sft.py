@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -129,10 +130,11 @@ def encode_example(
     tokenizer: Tokenizer, messages: list[dict], seq_len: int, overflow: str
 ) -> tuple[np.ndarray | None, str]:
     """(example, status). The example is (2, n) int64 with n <= seq_len: row 0 the input ids
-    (BOS first), row 1 the labels (the next token where it belongs to an assistant reply, else
+    (BOS first where the tokenizer uses one), row 1 the labels (the next token where it belongs to an assistant reply, else
     IGNORE). Status is "ok", "truncated", or "dropped" (example None): too long with
     overflow="drop", or no reply token left after truncation."""
-    ids, reply = [tokenizer.bos_id], [False]
+    ids = tokenizer.chat_prefix(messages)
+    reply = [False] * len(ids)
     for piece, is_reply in tokenizer.encode_chat_segments(messages):
         ids += piece
         reply += [is_reply] * len(piece)
@@ -410,6 +412,8 @@ def run(
         summary["tokens_per_s"] = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
     if device.type == "cuda":
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    else:  # the process's peak resident memory (Linux reports KiB): weights, optimizer, activations
+        summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if not interrupted:
         if lora:
             with atomic_dir(out_dir / "adapter") as tmp:

@@ -53,7 +53,7 @@ def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
 
 def chat_prompt_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
     """BOS, then the conversation rendered with the generation prompt (as SFT encodes it)."""
-    return [tok.bos_id] + tok.encode_chat(messages, add_generation_prompt=True)
+    return tok.chat_prefix(messages) + tok.encode_chat(messages, add_generation_prompt=True)
 
 
 def fit_history(

@@ -255,3 +255,14 @@ def test_lora_sft_resumes_exactly_and_exports_a_merged_model(micro_pretrained, t
         assert (adapted - merged).abs().max().item() < 1e-5
         assert (served(x) - adapted).abs().max().item() < 1e-5
         assert (load_model(model_dir)(x) - adapted).abs().max().item() > 1e-3  # it did train
+
+
+def test_bos_is_added_once_whatever_the_template(tok):
+    ours = tok.chat_prefix(CONVERSATION)
+    assert ours == [tok.bos_id]  # ChatML writes no BOS: we add it, as pretraining did
+    writes_bos = Tokenizer(tok._tok, chat_template="{{ bos_token }}" + tok.chat_template)
+    assert writes_bos.chat_prefix(CONVERSATION) == []  # Llama-3 style: the template has it
+    no_bos = Tokenizer(tok._tok, bos_token=None, chat_template=tok.chat_template)
+    assert no_bos.chat_prefix(CONVERSATION) == []  # Qwen2 style: no BOS at all
+    ex, _ = encode_example(writes_bos, CONVERSATION, 256, "truncate")
+    assert list(ex[0][:2]).count(tok.bos_id) == 1
