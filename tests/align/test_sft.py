@@ -266,3 +266,48 @@ def test_bos_is_added_once_whatever_the_template(tok):
     assert no_bos.chat_prefix(CONVERSATION) == []  # Qwen2 style: no BOS at all
     ex, _ = encode_example(writes_bos, CONVERSATION, 256, "truncate")
     assert list(ex[0][:2]).count(tok.bos_id) == 1
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_sft_on_an_imported_qwen2_checkpoint_saves_qwen2(micro_prepared, tmp_path, lora_r):
+    """A transformers Qwen2 model (q/k/v biases, GQA) with our tokenizer: SFT, full or LoRA,
+    and what comes out is a Qwen2 checkpoint transformers opens with our logits."""
+    import transformers
+
+    recipe, run_dir = micro_prepared
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(
+        vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen2")
+    tok.save(tmp_path / "qwen2")
+    s = run(
+        recipe.sft, LoRAConfig(r=lora_r, targets=["q", "v"]), tmp_path / "qwen2", tmp_path / "out"
+    )
+    assert s["step"] == recipe.sft.max_steps and s["val_loss"] < 100
+    if lora_r:
+        from lmforge.cli import main
+
+        assert (
+            main(
+                [
+                    "export",
+                    str(tmp_path / "out" / "adapter"),
+                    str(tmp_path / "out" / "model"),
+                    "--merge-lora",
+                ]
+            )
+            == 0
+        )
+    saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert saved["model_type"] == "qwen2" and saved["architectures"] == ["Qwen2ForCausalLM"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    ours = load_model(tmp_path / "out" / "model")
+    x = torch.randint(0, tok.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert (theirs(input_ids=x).logits - ours(x)).abs().max().item() < 1e-4
+        before = load_model(tmp_path / "qwen2")(x)
+        assert (before - ours(x)).abs().max().item() > 1e-4  # it trained
