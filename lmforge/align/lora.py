@@ -5,7 +5,8 @@ PEFT give each projection its own adapter. So a `LoRALinear` wraps one fused lay
 adapter per output slice (`q`, `k`, `v` of wqkv; `gate`, `up` of w13; the whole of `o`, `down`):
 slice s of the output gains `alpha / r * B_s @ A_s @ dropout(x)`. One adapter per slice is
 exactly one PEFT adapter per HF module, so saving is renaming, and merging adds each `B_s @ A_s`
-to its rows of the fused weight.
+to its rows of the fused weight. GPT-2 fuses q/k/v in HF too (Conv1D `c_attn`), so PEFT gives it
+one adapter and so do we: a single slice `qkv` spanning all of wqkv (targets q, k, v together).
 
     model = apply_lora(load_model("runs/x/model"), LoRAConfig(r=8), seed=0)  # base frozen
     ...train...
@@ -19,6 +20,7 @@ import itertools
 import math
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,28 +31,43 @@ from torch import nn
 from lmforge.config import ConfigError, LoRAConfig
 from lmforge.io import atomic_dir, read_json, write_json
 
-# our target name -> (fused layer inside a Block, HF/PEFT module inside model.layers.{i})
-TARGETS = {
-    "q": ("attn.wqkv", "self_attn.q_proj"),
-    "k": ("attn.wqkv", "self_attn.k_proj"),
-    "v": ("attn.wqkv", "self_attn.v_proj"),
-    "o": ("attn.wo", "self_attn.o_proj"),
-    "gate": ("mlp.w13", "mlp.gate_proj"),
-    "up": ("mlp.w13", "mlp.up_proj"),
-    "down": ("mlp.w2", "mlp.down_proj"),
-}
-LORA_ORDER = tuple(TARGETS)
-HF_MODULES = {hf: ours for ours, (_, hf) in TARGETS.items()}  # "self_attn.q_proj" -> "q"
-HF_TARGETS = {hf.split(".")[1]: ours for ours, (_, hf) in TARGETS.items()}  # "q_proj" -> "q"
-SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")  # the ones that share HF Llama's module names
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PREFIX = "base_model.model.model.layers"  # PeftModelForCausalLM > LlamaForCausalLM > LlamaModel
 
-# PEFT tensor names: `[base_model.model.][model.]layers.{i}.{self_attn|mlp}.{x}_proj.lora_{A|B}.weight`
-# (an adapter name such as `.default` may appear before `.weight` in files from old PEFT versions)
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])(?:\.\w+)?\.weight$"
+class Family(NamedTuple):
+    """How PEFT names the adapters of one HF family."""
+
+    slices: dict[str, tuple[str, str]]  # adapter slice -> (our layer in a Block, PEFT module)
+    targets: dict[str, str]  # lora.targets name -> the slice it adapts
+    layers: str  # PEFT's path to the layer list, under `base_model.model.`
+    fan_in_fan_out: bool  # PEFT's flag for Conv1D weights, stored (in, out)
+
+
+LLAMA = Family(
+    slices={
+        "q": ("attn.wqkv", "self_attn.q_proj"),
+        "k": ("attn.wqkv", "self_attn.k_proj"),
+        "v": ("attn.wqkv", "self_attn.v_proj"),
+        "o": ("attn.wo", "self_attn.o_proj"),
+        "gate": ("mlp.w13", "mlp.gate_proj"),
+        "up": ("mlp.w13", "mlp.up_proj"),
+        "down": ("mlp.w2", "mlp.down_proj"),
+    },
+    targets={t: t for t in ("q", "k", "v", "o", "gate", "up", "down")},
+    layers="model.layers",  # PeftModelForCausalLM > LlamaForCausalLM > LlamaModel
+    fan_in_fan_out=False,
 )
+GPT2 = Family(
+    slices={
+        "qkv": ("attn.wqkv", "attn.c_attn"),  # one adapter over all 3 * dim outputs, as PEFT's
+        "o": ("attn.wo", "attn.c_proj"),
+        "up": ("mlp.w1", "mlp.c_fc"),
+        "down": ("mlp.w2", "mlp.c_proj"),  # `c_proj` alone in target_modules names both
+    },
+    targets={"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "up": "up", "down": "down"},
+    layers="transformer.h",  # PeftModelForCausalLM > GPT2LMHeadModel > GPT2Model
+    fan_in_fan_out=True,
+)
+FAMILIES = {"llama": LLAMA, "qwen2": LLAMA, "mistral": LLAMA, "gpt2": GPT2}
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
 class LoRALinear(nn.Module):
@@ -130,38 +147,64 @@ class LoRALinear(nn.Module):
 # --------------------------------------------------------------------------- applying and merging
 
 
-def _slices(cfg, fused: str, base: nn.Linear) -> dict[str, int]:
+def _slices(cfg, fam: Family, fused: str, base: nn.Linear) -> dict[str, int]:
     """The named output slices of one fused layer, in row order."""
+    names = [s for s, (layer, _) in fam.slices.items() if layer == fused]
+    if len(names) == 1:  # the whole layer: o, down; GPT-2's qkv and up
+        return {names[0]: base.out_features}
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    return {
-        "attn.wqkv": {"q": q, "k": kv, "v": kv},
-        "attn.wo": {"o": base.out_features},
-        "mlp.w13": {"gate": cfg.ffn_dim, "up": cfg.ffn_dim},
-        "mlp.w2": {"down": base.out_features},
-    }[fused]
+    sizes = {"q": q, "k": kv, "v": kv, "gate": cfg.ffn_dim, "up": cfg.ffn_dim}
+    return {s: sizes[s] for s in names}
 
 
-def _check_model(model: nn.Module, adapted_ok: bool = False) -> None:
-    arch = getattr(model.cfg, "arch", "llama")
-    if arch not in SUPPORTED_ARCHS:
+def _family(model: nn.Module) -> Family:
+    arch = model.cfg.arch
+    if arch not in FAMILIES:
         raise ConfigError(
-            f"LoRA is not supported for model arch {arch!r}: lmforge adapts {', '.join(SUPPORTED_ARCHS)}"
-            " models, whose projections carry HF Llama's module names"
+            f"LoRA is not supported for model arch {arch!r}: lmforge adapts {', '.join(FAMILIES)}"
+            " models, whose PEFT module names it knows"
         )
+    return FAMILIES[arch]
+
+
+def _check_model(model: nn.Module, adapted_ok: bool = False) -> Family:
+    fam = _family(model)
     if not adapted_ok and any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ConfigError("the model already has LoRA adapters: merge_lora it before adding more")
+    return fam
 
 
-def _wrap(model, per_layer: list[set[str]], r: int, alpha: float, dropout: float):
-    """Replace every fused layer that has a target in per_layer[i] by a LoRALinear; freeze all
+def _target_slices(targets, fam: Family, arch: str) -> set[str]:
+    """lora.targets -> the family's adapter slices. A slice covering several targets (GPT-2's
+    c_attn: q, k, v) is one PEFT module with one adapter, so it needs all of them named."""
+    named = set(targets)
+    unknown = sorted(named - fam.targets.keys())
+    if unknown:
+        raise ConfigError(
+            f"lora.targets: a {arch} model has no {unknown[0]!r} projection; choose from"
+            f" {', '.join(fam.targets)}"
+        )
+    for s in {fam.targets[t] for t in named}:
+        group = [t for t, s2 in fam.targets.items() if s2 == s]
+        if not named.issuperset(group):
+            module = fam.slices[s][1].rpartition(".")[2]
+            raise ConfigError(
+                f"lora.targets: {arch} fuses {'/'.join(group)} into one {module} adapter in PEFT,"
+                f" so name {', '.join(group)} together (got {', '.join(sorted(named & set(group)))})"
+            )
+    return {fam.targets[t] for t in named}
+
+
+def _wrap(model, fam: Family, per_layer: list[set[str]], r: int, alpha: float, dropout: float):
+    """Replace every fused layer that has a slice in per_layer[i] by a LoRALinear; freeze all
     other parameters. Returns the new LoRALinears in layer order."""
     wrapped = []
     for i, block in enumerate(model.layers):
-        for fused in dict.fromkeys(TARGETS[t][0] for t in LORA_ORDER if t in per_layer[i]):
+        for fused in dict.fromkeys(fam.slices[s][0] for s in fam.slices if s in per_layer[i]):
             parent_name, attr = fused.split(".")
             parent = getattr(block, parent_name)
             base = getattr(parent, attr)
-            slices = _slices(model.cfg, fused, base)
+            slices = _slices(model.cfg, fam, fused, base)
             m = LoRALinear(base, slices, per_layer[i], r, alpha, dropout)
             setattr(parent, attr, m.train(model.training))  # new Dropouts would start in train
             wrapped.append(m)
@@ -179,9 +222,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int | None = None) -> nn
     `seed` makes the A initialisation reproducible (B starts at zero)."""
     if cfg.r == 0:
         return model
-    _check_model(model)
-    targets = set(cfg.targets)
-    wrapped = _wrap(model, [targets] * len(model.layers), cfg.r, cfg.alpha, cfg.dropout)
+    fam = _check_model(model)
+    slices = _target_slices(cfg.targets, fam, model.cfg.arch)
+    wrapped = _wrap(model, fam, [slices] * len(model.layers), cfg.r, cfg.alpha, cfg.dropout)
     gen = None
     if seed is not None:
         gen = torch.Generator(device=wrapped[0].base.weight.device).manual_seed(seed)
@@ -231,25 +274,40 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
 # --------------------------------------------------------------------------- PEFT directories
 
 
+def _target_modules(fam: Family, used: set[str]) -> list[str]:
+    """PEFT's target_modules for the adapted slices: the module's last name (`q_proj`, `c_attn`)
+    unless that also names a module left unadapted (GPT-2's `c_proj` is attn's and mlp's): then
+    the longer `attn.c_proj`, which PEFT matches as a suffix too."""
+    hf = {s: module for s, (_, module) in fam.slices.items()}
+    out = []
+    for s in (s for s in fam.slices if s in used):
+        short = hf[s].rpartition(".")[2]
+        twins = {t for t, module in hf.items() if module.rpartition(".")[2] == short}
+        name = short if twins <= used else hf[s]
+        out += [name] if name not in out else []
+    return out
+
+
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str = "") -> None:
     """Write adapter_config.json and adapter_model.safetensors as PEFT does, atomically:
-    `PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), out_dir)` opens it."""
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)` opens it."""
     layers = _lora_layers(model)
     if not layers:
         raise ConfigError(
             "the model has no LoRA adapters to save (apply_lora or load_adapter first)"
         )
+    fam = _family(model)
     hyper = {(m.r, m.alpha, m.dropout_p) for _, m in layers}
     assert len(hyper) == 1, f"adapters differ in (r, alpha, dropout): {sorted(hyper)}"
     r, alpha, dropout = hyper.pop()
-    tensors, targets = {}, set()
+    tensors, used = {}, set()
     for name, m in layers:
         i = int(name.split(".")[1])  # "layers.{i}.attn.wqkv"
         for s in m.spans:
-            hf = f"{PREFIX}.{i}.{TARGETS[s][1]}"
+            hf = f"base_model.model.{fam.layers}.{i}.{fam.slices[s][1]}"
             tensors[hf + ".lora_A.weight"] = m.lora_A[s].detach().cpu().contiguous()
             tensors[hf + ".lora_B.weight"] = m.lora_B[s].detach().cpu().contiguous()
-            targets.add(s)
+            used.add(s)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -257,9 +315,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_path: str = "
         "r": r,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": dropout,
-        "target_modules": [TARGETS[t][1].split(".")[1] for t in LORA_ORDER if t in targets],
+        "target_modules": _target_modules(fam, used),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fam.fan_in_fan_out,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -281,7 +339,6 @@ UNSUPPORTED = {
     "use_rslora": "rank-stabilised scaling (alpha / sqrt(r))",
     "use_dora": "weight-decomposed LoRA (DoRA)",
     "lora_bias": "adapter biases",
-    "fan_in_fan_out": "Conv1D-layout weights (GPT-2)",
     "rank_pattern": "per-module ranks",
     "alpha_pattern": "per-module alphas",
     "modules_to_save": "fully trained extra modules",
@@ -297,9 +354,9 @@ UNSUPPORTED = {
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
-def _read_adapter_config(path: Path) -> tuple[int, float, float]:
-    """(r, alpha, dropout) from adapter_config.json; anything we would compute differently is
-    an error naming the key and the file."""
+def _read_adapter_config(path: Path, fam: Family, arch: str) -> tuple[int, float, float]:
+    """(r, alpha, dropout) from adapter_config.json for a model of `arch`; anything we would
+    compute differently is an error naming the key and the file."""
     try:
         conf = read_json(path, "adapter config")
     except (FileNotFoundError, ValueError) as e:
@@ -313,6 +370,12 @@ def _read_adapter_config(path: Path) -> tuple[int, float, float]:
     for key, what in UNSUPPORTED.items():
         if conf.get(key):
             refuse(key, f"{what} is not supported by lmforge's LoRA")
+    if bool(conf.get("fan_in_fan_out")) != fam.fan_in_fan_out:
+        refuse(
+            "fan_in_fan_out",
+            f"expected {str(fam.fan_in_fan_out).lower()} for a {arch} model (true marks Conv1D"
+            " weights stored (in, out), which only GPT-2 has)",
+        )
     if conf.get("bias", "none") != "none":
         refuse("bias", "trained biases are not supported; expected 'none'")
     init = conf.get("init_lora_weights", True)
@@ -325,11 +388,12 @@ def _read_adapter_config(path: Path) -> tuple[int, float, float]:
         refuse("lora_alpha", "expected a number")
     targets = conf.get("target_modules")
     if isinstance(targets, list):  # a string is a regex (or "all-linear"): the tensors decide
-        unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in HF_TARGETS]
+        known = list(dict.fromkeys(hf.rpartition(".")[2] for _, hf in fam.slices.values()))
+        unknown = [t for t in targets if t.rpartition(".")[2] not in known]
         if unknown:
             refuse(
                 "target_modules",
-                f"lmforge cannot adapt {unknown[0]!r}; known: {', '.join(HF_TARGETS)}",
+                f"lmforge cannot adapt {unknown[0]!r} in a {arch} model; known: {', '.join(known)}",
             )
     return r, float(alpha), float(conf.get("lora_dropout") or 0.0)
 
@@ -348,19 +412,27 @@ def _read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _parse_adapter(model: nn.Module, adapter_dir: Path, adapted_ok: bool = False):
     """(r, alpha, dropout, {(layer, slice): {"A": t, "B": t}}) of an adapter directory, every
     name and shape checked against `model`."""
-    _check_model(model, adapted_ok)
-    r, alpha, dropout = _read_adapter_config(adapter_dir / CONFIG_FILE)
+    fam = _check_model(model, adapted_ok)
+    r, alpha, dropout = _read_adapter_config(adapter_dir / CONFIG_FILE, fam, model.cfg.arch)
     path = adapter_dir / WEIGHTS_FILE
     tensors = _read_adapter_tensors(path)
+    # PEFT names `[base_model.model.][model.]layers.{i}.self_attn.q_proj.lora_A.weight` (GPT-2:
+    # `transformer.h.{i}.attn.c_attn`); files from old PEFT versions may add `.default` (the
+    # adapter name) before `.weight`
+    outer, inner = (re.escape(p) for p in fam.layers.split("."))
+    pattern = re.compile(
+        rf"^(?:base_model\.model\.)?(?:{outer}\.)?{inner}\.(\d+)\.(\w+\.\w+)\.lora_([AB])(?:\.\w+)?\.weight$"
+    )
+    modules = {hf: s for s, (_, hf) in fam.slices.items()}  # "self_attn.q_proj" -> "q"
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = _KEY.match(key)
-        if m is None or m[2] not in HF_MODULES:
+        m = pattern.match(key)
+        if m is None or m[2] not in modules:
             raise ConfigError(
                 f"{path}: tensor {key!r} is not a LoRA weight of a module lmforge adapts"
-                f" ({', '.join(HF_MODULES)} in model.layers.N)"
+                f" ({', '.join(modules)} in {fam.layers}.N)"
             )
-        i, s = int(m[1]), HF_MODULES[m[2]]
+        i, s = int(m[1]), modules[m[2]]
         if i >= len(model.layers):
             raise ConfigError(
                 f"{path}: tensor {key!r} is for layer {i}; the model has {len(model.layers)}"
@@ -369,12 +441,12 @@ def _parse_adapter(model: nn.Module, adapter_dir: Path, adapted_ok: bool = False
     if not found:
         raise ConfigError(f"{path}: holds no LoRA tensors")
     for (i, s), ab in found.items():
-        fused = TARGETS[s][0]
+        fused, hf = fam.slices[s]
         base = model.layers[i].get_submodule(fused)
         base = base.base if isinstance(base, LoRALinear) else base
-        shapes = {"A": (r, base.in_features), "B": (_slices(model.cfg, fused, base)[s], r)}
+        shapes = {"A": (r, base.in_features), "B": (_slices(model.cfg, fam, fused, base)[s], r)}
         for which, shape in shapes.items():
-            name = f"layers.{i}.{TARGETS[s][1]}.lora_{which}.weight"
+            name = f"{fam.layers}.{i}.{hf}.lora_{which}.weight"
             if which not in ab:
                 raise ConfigError(f"{path}: {name} is missing (its pair is there)")
             if tuple(ab[which].shape) != shape:
@@ -382,32 +454,32 @@ def _parse_adapter(model: nn.Module, adapter_dir: Path, adapted_ok: bool = False
                     f"{path}: {name} has shape {tuple(ab[which].shape)}; r = {r} and the model"
                     f" imply {shape}"
                 )
-    return r, alpha, dropout, found
+    return fam, r, alpha, dropout, found
 
 
-def _copy_adapter(model: nn.Module, found) -> None:
+def _copy_adapter(model: nn.Module, fam: Family, found) -> None:
     with torch.no_grad():
         for (i, s), ab in found.items():
-            m = model.layers[i].get_submodule(TARGETS[s][0])
+            m = model.layers[i].get_submodule(fam.slices[s][0])
             m.lora_A[s].copy_(ab["A"])  # copy_ casts to the model's dtype and device
             m.lora_B[s].copy_(ab["B"])
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Apply a PEFT LoRA directory (ours, or PEFT's for a Llama-style model) to `model`, in
-    place, with the base frozen as after apply_lora. Everything is checked before the model is
-    touched, so an error leaves it as it was."""
-    r, alpha, dropout, found = _parse_adapter(model, Path(adapter_dir))
+    """Apply a PEFT LoRA directory (ours, or PEFT's for a Llama-style or GPT-2 model) to `model`,
+    in place, with the base frozen as after apply_lora. Everything is checked before the model
+    is touched, so an error leaves it as it was."""
+    fam, r, alpha, dropout, found = _parse_adapter(model, Path(adapter_dir))
     per_layer = [{s for (j, s) in found if j == i} for i in range(len(model.layers))]
-    _wrap(model, per_layer, r, alpha, dropout)
-    _copy_adapter(model, found)
+    _wrap(model, fam, per_layer, r, alpha, dropout)
+    _copy_adapter(model, fam, found)
     return model
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Copy a saved adapter into a model that already carries the same adapters (resuming)."""
     adapter_dir = Path(adapter_dir)
-    r, alpha, _, found = _parse_adapter(model, adapter_dir, adapted_ok=True)
+    fam, r, alpha, _, found = _parse_adapter(model, adapter_dir, adapted_ok=True)
     have = {
         (i, s)
         for i, layer in enumerate(model.layers)
@@ -421,7 +493,7 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> nn.Module
             f"{adapter_dir}: its adapters (r={r}, {len(found)} projections) differ from the "
             f"model's ({len(have)} projections); was lora.r or lora.targets changed?"
         )
-    _copy_adapter(model, found)
+    _copy_adapter(model, fam, found)
     return model
 
 

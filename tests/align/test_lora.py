@@ -1,5 +1,6 @@
 """LoRA: merged = unmerged, only adapters train, slices stay separate, and PEFT opens our adapter
-directories and we open its (logits against PEFT's own forward)."""
+directories and we open its (logits against PEFT's own forward), for Llama-style models and for
+GPT-2 (one adapter over the fused c_attn, Conv1D layout)."""
 
 import copy
 import json
@@ -14,10 +15,11 @@ from lmforge.align.lora import (
     base_state_dict,
     count_trainable,
     load_adapter,
+    load_adapter_weights,
     merge_lora,
     save_adapter,
 )
-from lmforge.config import ConfigError, LoRAConfig, ModelConfig
+from lmforge.config import ARCH_FEATURES, ConfigError, LoRAConfig, ModelConfig
 from lmforge.infer.cpu_decode import CpuDecoder
 from lmforge.io import atomic_dir
 from lmforge.model.checkpoint import load_model, save_model
@@ -139,10 +141,10 @@ def test_apply_refuses_unsupported_models_and_r0_is_a_no_op():
     apply_lora(model, LoRAConfig(r=2))
     with pytest.raises(ConfigError, match="already has LoRA"):
         apply_lora(model, LoRAConfig(r=2))
-    gpt2 = _model()
-    gpt2.cfg.arch = "gpt2"  # the attribute another architecture table sets
-    with pytest.raises(ConfigError, match="'gpt2'"):
-        apply_lora(gpt2, LoRAConfig(r=2))
+    other = _model()
+    other.cfg.arch = "bert"  # a family without a PEFT naming table
+    with pytest.raises(ConfigError, match="not supported for model arch 'bert'"):
+        apply_lora(other, LoRAConfig(r=2))
 
 
 def _save_adapter(model, path):
@@ -262,6 +264,7 @@ def test_missing_and_truncated_files_are_named(adapter_dir):
         ({"peft_type": "IA3"}, r"adapter_config\.json: peft_type = 'IA3'"),
         ({"init_lora_weights": "pissa"}, r"init_lora_weights = 'pissa'"),
         ({"target_modules": ["q_proj", "c_attn"]}, r"target_modules .* cannot adapt 'c_attn'"),
+        ({"fan_in_fan_out": True}, r"fan_in_fan_out = True: expected false for a llama model"),
     ],
 )
 def test_unsupported_options_name_key_and_file(adapter_dir, changes, match):
@@ -299,3 +302,155 @@ def test_merged_model_saves_and_reloads(tmp_path):
         save_model(merged, tmp)
     with torch.no_grad():
         assert _max_diff(load_model(tmp_path / "m")(x), adapted) <= 1e-5
+
+
+# --------------------------------------------------------------------------- GPT-2
+
+GPT2_CFG = dict(CFG, n_kv_head=4, arch="gpt2", **ARCH_FEATURES["gpt2"])
+GPT2_TARGETS = ["q", "k", "v", "o", "up", "down"]  # no gate: GPT-2's MLP is c_fc -> GELU -> c_proj
+
+
+def _gpt2(seed=0):
+    return _model(seed, **GPT2_CFG)
+
+
+def test_gpt2_has_one_qkv_adapter_and_merges_exactly():
+    model = _gpt2()
+    x = _ids()
+    with torch.no_grad():
+        base_logits = model(x)
+    apply_lora(model, LoRAConfig(r=4, alpha=8.0, targets=GPT2_TARGETS), seed=0)
+    layer = model.layers[0]
+    assert set(layer.attn.wqkv.lora_A) == {"qkv"}  # PEFT's c_attn: one adapter, all 96 rows
+    assert layer.attn.wqkv.lora_A["qkv"].shape == (4, 32)
+    assert layer.attn.wqkv.lora_B["qkv"].shape == (96, 4)
+    assert all(isinstance(m, LoRALinear) for m in (layer.attn.wo, layer.mlp.w1, layer.mlp.w2))
+    _randomize_b(model)
+    with torch.no_grad():
+        adapted = model(x)
+        assert _max_diff(adapted, base_logits) > 1e-2
+        merged = merge_lora(model)(x)
+    assert _max_diff(merged, adapted) <= 1e-5
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_gpt2_one_adamw_step_changes_only_adapters():
+    model = _gpt2().train()
+    apply_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=0.1, targets=GPT2_TARGETS), seed=0)
+    _randomize_b(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x = _ids(T=17)
+    logits = model(x[:, :-1])
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+    opt.step()
+    after = model.state_dict()
+    for k, v in before.items():
+        if ".lora_" in k:
+            assert not torch.equal(after[k], v), f"adapter {k} did not train"
+        else:
+            assert torch.equal(after[k], v), f"frozen {k} changed"
+    # 2 layers x r x (in + out) of c_attn (32 -> 96), attn.c_proj (32 -> 32), c_fc (32 -> 48),
+    # mlp.c_proj (48 -> 32)
+    adapters = 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 48) + (48 + 32))
+    assert count_trainable(model)[0] == adapters
+
+
+@pytest.mark.parametrize(
+    "targets, match",
+    [
+        (["q", "gate"], r"a gpt2 model has no 'gate' projection; choose from q, k, v, o, up, down"),
+        (["q", "o"], r"gpt2 fuses q/k/v into one c_attn adapter in PEFT, so name q, k, v together"),
+    ],
+)
+def test_gpt2_targets_it_cannot_adapt_are_errors(targets, match):
+    model = _gpt2()
+    with pytest.raises(ConfigError, match=match):
+        apply_lora(model, LoRAConfig(r=4, targets=targets))
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path, peft_env):
+    """A tiny GPT2LMHeadModel saved by transformers, with biases and norms made to matter."""
+    _, transformers = peft_env
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=48,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    hf = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize(
+    "targets, modules",
+    [
+        (GPT2_TARGETS, ["c_attn", "c_proj", "c_fc"]),
+        (["q", "k", "v", "down"], ["c_attn", "mlp.c_proj"]),  # `c_proj` would adapt attn's too
+    ],
+)
+def test_peft_opens_our_gpt2_adapter(tmp_path, peft_env, gpt2_dir, targets, modules):
+    peft, transformers = peft_env
+    model = load_model(gpt2_dir)
+    apply_lora(model, LoRAConfig(r=4, alpha=8.0, targets=targets), seed=0)
+    _randomize_b(model)
+    save_adapter(model, tmp_path / "a", base_model_path=str(gpt2_dir))
+    conf = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert conf["target_modules"] == modules and conf["fan_in_fan_out"] is True
+    hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "a").eval()
+    x = _ids()
+    with torch.no_grad():
+        ours, ref = model(x), theirs(x).logits
+        with theirs.disable_adapter():
+            assert _max_diff(ref, theirs(x).logits) > 1e-2
+    assert _max_diff(ours, ref) <= 1e-4
+    theirs.save_pretrained(tmp_path / "again")  # PEFT adapted exactly our modules, same names
+    mine, again = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("a", "again"))
+    assert mine.keys() == again.keys()
+    assert all(torch.equal(mine[k], again[k]) for k in mine)
+    assert mine["base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"].shape == (96, 4)
+
+
+def test_we_open_a_peft_gpt2_adapter(tmp_path, peft_env, gpt2_dir):
+    peft, transformers = peft_env
+    hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    lora = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        task_type="CAUSAL_LM",
+    )
+    theirs = peft.get_peft_model(hf, lora).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    theirs.save_pretrained(tmp_path / "a")
+    model = load_adapter(load_model(gpt2_dir), tmp_path / "a")
+    x = _ids()
+    with torch.no_grad():
+        ref = theirs(x).logits
+        with theirs.disable_adapter():
+            assert _max_diff(ref, theirs(x).logits) > 1e-2
+        assert _max_diff(model(x), ref) <= 1e-4
+        # resuming: the same adapter copied into a model that apply_lora prepared
+        resumed = apply_lora(load_model(gpt2_dir), LoRAConfig(r=4, alpha=8.0, targets=GPT2_TARGETS))
+        assert torch.equal(load_adapter_weights(resumed, tmp_path / "a")(x), model(x))
+    _edit_config(tmp_path / "a", fan_in_fan_out=False)  # PEFT writes true for Conv1D modules
+    with pytest.raises(ConfigError, match="fan_in_fan_out = False: expected true for a gpt2"):
+        load_adapter(load_model(gpt2_dir), tmp_path / "a")
