@@ -339,6 +339,12 @@ def _cmd_stage(args, rest) -> int:
     return 0
 
 
+def _sampling(args) -> dict:
+    """The sampling flags `generate` and `chat` share, as keyword arguments of `generate`."""
+    keys = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
 def _cmd_generate(args) -> int:
     from lmforge.infer.generate import fit_prompt, stream_text
     from lmforge.model.checkpoint import load_model
@@ -359,11 +365,7 @@ def _cmd_generate(args) -> int:
         ids,
         stop=args.stop,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
+        **_sampling(args),
     ):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -384,11 +386,7 @@ def _cmd_chat(args) -> int:
         system=args.system,
         reserve=args.max_new_tokens,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
+        **_sampling(args),
     )
     return 0
 

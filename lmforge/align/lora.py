@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.config import ConfigError, LoRAConfig
+from lmforge.config import LORA_TARGETS, ConfigError, LoRAConfig
 from lmforge.io import atomic_dir, read_json, write_json
 
 
@@ -178,6 +178,8 @@ def _target_slices(targets, fam: Family, arch: str) -> set[str]:
     """lora.targets -> the family's adapter slices. A slice covering several targets (GPT-2's
     c_attn: q, k, v) is one PEFT module with one adapter, so it needs all of them named."""
     named = set(targets)
+    if named == set(LORA_TARGETS):  # all seven (the default) means every projection there is
+        named = set(fam.targets)
     unknown = sorted(named - fam.targets.keys())
     if unknown:
         raise ConfigError(

@@ -454,3 +454,9 @@ def test_we_open_a_peft_gpt2_adapter(tmp_path, peft_env, gpt2_dir):
     _edit_config(tmp_path / "a", fan_in_fan_out=False)  # PEFT writes true for Conv1D modules
     with pytest.raises(ConfigError, match="fan_in_fan_out = False: expected true for a gpt2"):
         load_adapter(load_model(gpt2_dir), tmp_path / "a")
+
+
+def test_default_targets_mean_every_projection_the_family_has():
+    model = apply_lora(_gpt2(), LoRAConfig(r=4))  # the default lists all seven, gate included
+    explicit = apply_lora(_gpt2(), LoRAConfig(r=4, targets=GPT2_TARGETS))
+    assert count_trainable(model) == count_trainable(explicit)
