@@ -123,30 +123,58 @@ def generate(
             logits = model(nxt.view(1, 1), cache, T + i)[:, -1]
 
 
+class TextStream:
+    """Token ids in, text pieces out, for streaming. Holds back the bytes of an unfinished UTF-8
+    character and any tail that could still become a stop string; once a stop string appears,
+    `stopped` is set and the text before it is the last piece."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already handed out
+        self.stopped = False
+        self.text = ""  # everything handed out so far
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:  # earlier text had no stop string, so this is its first appearance
+            self.stopped = True
+            return self._emit(text, max(cut, self.emitted))
+        hold = max(
+            (k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0
+        )
+        return self._emit(text, len(text) - hold)
+
+    def flush(self) -> str:
+        """The held-back tail, when generation ends without a stop string."""
+        return "" if self.stopped else self._emit(self.tokenizer.decode(self.ids), None)
+
+    def _emit(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        piece = text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        self.text += piece
+        return piece
+
+
 def stream_text(
     model, tokenizer, prompt_ids: Sequence[int], stop: Sequence[str] = (), **kwargs
 ) -> Iterator[str]:
-    """Decode `generate` incrementally into text pieces. Holds back bytes of an unfinished UTF-8
-    character and any tail that could still become a stop string; stops before a stop string."""
+    """Decode `generate` incrementally into text pieces, stopping before a stop string."""
     stop_ids = kwargs.pop("stop_ids", (tokenizer.eos_id,))
-    out_ids: list[int] = []
-    emitted = 0
+    stream = TextStream(tokenizer, stop)
     for tok in generate(model, prompt_ids, stop_ids=stop_ids, **kwargs):
         if tok in stop_ids:
             break
-        out_ids.append(tok)
-        text = tokenizer.decode(out_ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            continue
-        cut = min((text.find(s) for s in stop if s in text), default=-1)  # earlier text had none
-        if cut >= 0:
-            if cut > emitted:
-                yield text[emitted:cut]
+        piece = stream.push(tok)
+        if piece:
+            yield piece
+        if stream.stopped:
             return
-        hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        if len(text) - hold > emitted:
-            yield text[emitted : len(text) - hold]
-            emitted = len(text) - hold
-    text = tokenizer.decode(out_ids)
-    if len(text) > emitted:
-        yield text[emitted:]
+    tail = stream.flush()
+    if tail:
+        yield tail

@@ -65,6 +65,14 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
 
+    def rows(self, start: int, n: int) -> KVCache:
+        """A view of batch rows [start, start+n): writes through it land in this cache."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t.narrow(0, start, n) for t in self.k]
+        view.v = [t.narrow(0, start, n) for t in self.v]
+        view.max_len = self.max_len
+        return view
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int):
         """Write k/v (B, KV, T, D) at positions [pos, pos+T); return everything up to pos+T."""
         T = k.shape[2]

@@ -1,0 +1,304 @@
+"""The inference engine: many requests decoded together, joining and leaving as they come.
+
+The one idea (continuous batching): the KV cache has `max_batch` slots. A request waits in a
+queue until a slot is free, is prefilled alone into that slot, then advances one token per
+engine step together with every other running request in one batched forward; a request that
+finishes frees its slot at once for the next in the queue. Rows sit at different positions, so
+the batched step gathers each row's rotary angles and masks each row's keys by its own length.
+
+Greedy results do not depend on the company a request keeps: the decode step always runs all
+`max_batch` rows (idle rows compute on a dummy token), so a row's matmuls have the same shape
+and the same rounding whether it runs alone or in a full batch
+(tests/infer/test_engine.py checks this against requests run one at a time).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ConfigError
+from lmforge.infer.generate import TextStream, apply_repetition_penalty, sample_next
+from lmforge.model.transformer import GPT, KVCache, apply_rope
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is at its limit; the caller should retry later (HTTP 429)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64  # new tokens at most
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()  # stop strings (not included in the output)
+    stop_ids: Sequence[int] = ()  # stop tokens (not included in the output)
+    logprobs: bool = False  # record the log-probability of each chosen token
+
+
+@dataclass
+class Request:
+    """One generation. `on_event(request, piece, done)` is called from the engine thread with
+    each new text piece, and once with done=True at the end (`finish_reason` is then set:
+    "stop" for a stop token or string, "length", "cancelled" or "error")."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[Request, str, bool], None] | None = None
+    id: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; its slot is freed at the next step."""
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+class _Slot:
+    """A running request: its cache row, next position, text stream and sampler state."""
+
+    def __init__(self, req: Request, tokenizer, vocab: int, device):
+        self.req, self.pos = req, len(req.prompt_ids)
+        self.prompt_len = self.pos
+        self.stream = TextStream(tokenizer, req.params.stop)
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(req.params.seed if req.params.seed is not None else time.time_ns())
+        self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+        self.seen[0, req.prompt_ids] = True
+
+
+class Engine:
+    """Continuous batching over one model. Use `submit` + `start` (a background thread), or
+    `run_until_done` for a synchronous batch."""
+
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 0:
+            raise ConfigError("max_batch must be >= 1 and max_queue >= 0")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.cfg = model.cfg
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.device = model.tok_emb.weight.device
+        self.cache = model.new_cache(max_batch)
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    # --- requests
+
+    def submit(
+        self, prompt_ids: Sequence[int], params: SamplingParams, on_event=None, request_id=""
+    ) -> Request:
+        """Queue a request (raises ConfigError for a bad one, QueueFull when the queue is full)."""
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty")
+        if len(prompt_ids) >= self.cfg.max_seq_len:
+            raise ConfigError(
+                f"the prompt has {len(prompt_ids)} tokens but the model's context is "
+                f"{self.cfg.max_seq_len} (and at least one new token must fit)"
+            )
+        if params.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        bad = [i for i in prompt_ids if not 0 <= i < self.cfg.vocab_size]
+        if bad:
+            raise ConfigError(f"token id {bad[0]} is outside the vocabulary")
+        with self.lock:
+            if self.waiting.qsize() >= self.max_queue and all(self.slots):
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            req = Request(prompt_ids, params, on_event, request_id or f"req-{next(self._ids)}")
+            self.waiting.put(req)
+        self._wake.set()
+        return req
+
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def pending(self) -> int:
+        return self.waiting.qsize()
+
+    # --- the loop
+
+    def start(self) -> None:
+        """Run steps in a background thread until `shutdown`."""
+        self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, cancel: bool = False, timeout: float | None = None) -> None:
+        """Stop the loop: first finish (or, with cancel, cancel) running and waiting requests."""
+        if cancel:
+            self.cancel_all()
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def cancel_all(self) -> None:
+        for s in self.slots:
+            if s is not None:
+                s.req.cancel()
+        for req in list(self.waiting.queue):
+            req.cancel()
+
+    def _loop(self) -> None:
+        while True:
+            busy = self.step()
+            if not busy:
+                if self._stop.is_set():
+                    return
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def run_until_done(self) -> None:
+        """Step until no request is running or waiting (synchronous use and tests)."""
+        while self.step():
+            pass
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit waiting requests into free slots, then advance every running request by one
+        token. Returns whether there was anything to do."""
+        self._admit()
+        rows = [i for i, s in enumerate(self.slots) if s is not None]
+        if not rows:
+            return not self.waiting.empty()
+        for i in rows:
+            if self.slots[i].req._cancel.is_set():
+                self._finish(i, "cancelled")
+        rows = [i for i, s in enumerate(self.slots) if s is not None]
+        if rows:
+            tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+            pos = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+            for i in rows:
+                tokens[i] = self.slots[i].req.output_ids[-1]
+                pos[i] = self.slots[i].pos
+            logits = decode_step(self.model, tokens, pos, self.cache)
+            for i in rows:
+                self.slots[i].pos += 1
+                self._accept(i, logits[i : i + 1])
+        return True
+
+    def _admit(self) -> None:
+        for i in range(self.max_batch):
+            if self.slots[i] is not None:
+                continue
+            try:
+                req = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if req._cancel.is_set():
+                self._finish_request(req, "cancelled")
+                continue
+            slot = _Slot(req, self.tokenizer, self.cfg.vocab_size, self.device)
+            self.slots[i] = slot
+            try:
+                ids = torch.tensor([req.prompt_ids], device=self.device)
+                logits = self.model(ids, self.cache.rows(i, 1), 0, last_only=True)[:, -1]
+            except Exception as e:  # a failing request must not take the engine down
+                req.error = str(e)
+                self._finish(i, "error")
+                continue
+            self._accept(i, logits)
+
+    def _accept(self, i: int, logits: torch.Tensor) -> None:
+        """Sample the next token of slot i from its logits (1, V); emit it or finish."""
+        slot = self.slots[i]
+        req, p = slot.req, slot.req.params
+        logits = apply_repetition_penalty(logits, slot.seen, p.repetition_penalty)
+        nxt = sample_next(logits, p.temperature, p.top_k, p.top_p, slot.gen)
+        tok = int(nxt.item())
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        if tok in p.stop_ids:
+            self._finish(i, "stop")
+            return
+        req.output_ids.append(tok)
+        slot.seen[0, tok] = True
+        if p.logprobs:
+            scaled = logits.float() / p.temperature if p.temperature > 0 else logits.float()
+            req.logprobs.append(F.log_softmax(scaled, dim=-1)[0, tok].item())
+        piece = slot.stream.push(tok)
+        if piece and req.on_event:
+            req.on_event(req, piece, False)
+        if slot.stream.stopped:
+            self._finish(i, "stop")
+        elif len(req.output_ids) >= min(p.max_tokens, self.cfg.max_seq_len - slot.prompt_len):
+            self._finish(i, "length")  # the context rule is generate()'s: the same outputs
+
+    def _finish(self, i: int, reason: str) -> None:
+        slot = self.slots[i]
+        self.slots[i] = None
+        tail = slot.stream.flush() if reason in ("length", "stop") else ""
+        if tail and slot.req.on_event:
+            slot.req.on_event(slot.req, tail, False)
+        slot.req.text = slot.stream.text
+        self._finish_request(slot.req, reason)
+
+    def _finish_request(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        req.finished_at = time.perf_counter()
+        req._done.set()
+        if req.on_event:
+            req.on_event(req, "", True)
+
+
+def decode_step(model: GPT, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache):
+    """One new token for every row: tokens (B,) at positions pos (B,) -> logits (B, V).
+    Each row writes its key/value at its own position and attends to its own prefix; the
+    model's modules do the rest, so every architecture the model supports works here."""
+    cfg = model.cfg
+    B = tokens.shape[0]
+    H, KV, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    S = int(pos.max()) + 1  # keys up to the longest row
+    keys = torch.arange(S, device=tokens.device)
+    mask = keys[None, :] <= pos[:, None]  # (B, S): a row sees its own prefix and itself
+    if cfg.sliding_window:
+        mask &= keys[None, :] > pos[:, None] - cfg.sliding_window
+    mask = mask[:, None, None, :]  # (B, 1, 1, S)
+    x = model.tok_emb(tokens)[:, None]  # (B, 1, dim)
+    cos = sin = None
+    if model.pos_emb is None:
+        cos, sin = model.rope_cos[pos][:, None, None], model.rope_sin[pos][:, None, None]
+    else:
+        x = x + model.pos_emb(pos)[:, None]
+    rows = torch.arange(B, device=tokens.device)
+    for layer, block in enumerate(model.layers):
+        attn = block.attn
+        qkv = attn.wqkv(block.attn_norm(x)).view(B, 1, H + 2 * KV, D)
+        qk = qkv[:, :, : H + KV] if cos is None else apply_rope(qkv[:, :, : H + KV], cos, sin)
+        cache.k[layer][rows, :, pos] = qk[:, 0, H:]
+        cache.v[layer][rows, :, pos] = qkv[:, 0, H + KV :]
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, 1, D)
+        k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)
+        x = x + attn.wo(y.transpose(1, 2).reshape(B, 1, H * D))
+        x = x + block.mlp(block.mlp_norm(x))
+    return model.lm_head(model.norm(x))[:, 0]
