@@ -85,7 +85,8 @@ class _Slot:
     def __init__(self, req: Request, tokenizer, vocab: int, device):
         self.req, self.pos = req, len(req.prompt_ids)
         self.prompt_len = self.pos
-        self.stream = TextStream(tokenizer, req.params.stop)
+        # no tokenizer (token-level use, e.g. benchmarks): ids only, no text and no stop strings
+        self.stream = TextStream(tokenizer, req.params.stop) if tokenizer is not None else None
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(req.params.seed if req.params.seed is not None else time.time_ns())
         self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
@@ -184,8 +185,8 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """Admit waiting requests into free slots, then advance every running request by one
-        token. Returns whether there was anything to do."""
+        """Admit waiting requests into free slots, advance every running request by one token,
+        and refill the slots that frees. Returns whether there was anything to do."""
         self._admit()
         rows = [i for i, s in enumerate(self.slots) if s is not None]
         if not rows:
@@ -204,6 +205,7 @@ class Engine:
             for i in rows:
                 self.slots[i].pos += 1
                 self._accept(i, logits[i : i + 1])
+        self._admit()  # slots freed in this step take waiting requests now, not a step later
         return True
 
     def _admit(self) -> None:
@@ -245,10 +247,10 @@ class Engine:
         if p.logprobs:
             scaled = logits.float() / p.temperature if p.temperature > 0 else logits.float()
             req.logprobs.append(F.log_softmax(scaled, dim=-1)[0, tok].item())
-        piece = slot.stream.push(tok)
+        piece = slot.stream.push(tok) if slot.stream else ""
         if piece and req.on_event:
             req.on_event(req, piece, False)
-        if slot.stream.stopped:
+        if slot.stream and slot.stream.stopped:
             self._finish(i, "stop")
         elif len(req.output_ids) >= min(p.max_tokens, self.cfg.max_seq_len - slot.prompt_len):
             self._finish(i, "length")  # the context rule is generate()'s: the same outputs
@@ -256,10 +258,11 @@ class Engine:
     def _finish(self, i: int, reason: str) -> None:
         slot = self.slots[i]
         self.slots[i] = None
-        tail = slot.stream.flush() if reason in ("length", "stop") else ""
-        if tail and slot.req.on_event:
-            slot.req.on_event(slot.req, tail, False)
-        slot.req.text = slot.stream.text
+        if slot.stream:
+            tail = slot.stream.flush() if reason in ("length", "stop") else ""
+            if tail and slot.req.on_event:
+                slot.req.on_event(slot.req, tail, False)
+            slot.req.text = slot.stream.text
         self._finish_request(slot.req, reason)
 
     def _finish_request(self, req: Request, reason: str) -> None:
