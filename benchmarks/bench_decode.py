@@ -1,5 +1,6 @@
-"""Batch-1 greedy decoding speed: `lmforge.infer.generate` vs. transformers' `generate`, on the
-same weights, in one process.
+"""Batch-1 greedy decoding speed: `lmforge.infer.generate` and the serving engine
+(`lmforge.infer.engine`, one request) vs. transformers' `generate`, on the same weights, in one
+process.
 
 Regime: one user chatting with a model on a CPU. Each new token reads every weight once (all
 parameters except the input embedding table, whose one row per token is noise), so decoding is
@@ -25,6 +26,7 @@ import torch
 from common import environment, median, print_json, print_table, quiet_transformers
 
 from lmforge.config import ModelConfig
+from lmforge.infer.engine import Engine, SamplingParams
 from lmforge.infer.generate import generate
 from lmforge.model.checkpoint import save_model
 from lmforge.model.transformer import GPT, num_params
@@ -87,7 +89,19 @@ def bench_model(name: str, args) -> dict:
         )
         return out[0, prompt.shape[1] :].tolist()
 
-    sides = {"ours": lambda: run_ours(ours), "transformers": run_theirs}
+    def run_engine(invariant: bool) -> list[int]:
+        # the serving engine with one request; batch-invariant, its step runs all its slots
+        engine = Engine(ours, None, max_batch=args.engine_batch, batch_invariant=invariant)
+        req = engine.submit(prompt[0].tolist(), SamplingParams(max_tokens=n))
+        engine.run_until_done()
+        return req.output_ids
+
+    sides = {
+        "ours": lambda: run_ours(ours),
+        "transformers": run_theirs,
+        "engine": lambda: run_engine(True),
+        "engine_fast": lambda: run_engine(False),
+    }
     if args.compile:
         # generate() takes a compiled module as is; dynamic shapes, as the cache grows every step
         compiled = torch.compile(ours, dynamic=True)
@@ -112,6 +126,9 @@ def bench_model(name: str, args) -> dict:
         **{f"{side}_tok_s": n / median(ts) for side, ts in times.items()},
         "ratio": median(times["transformers"]) / median(times["ours"]),
         "same_tokens": tokens["ours"] == tokens["transformers"],
+        "engine_ratio": median(times["transformers"]) / median(times["engine"]),
+        "engine_fast_ratio": median(times["transformers"]) / median(times["engine_fast"]),
+        "engine_same_tokens": tokens["engine"] == tokens["engine_fast"] == tokens["transformers"],
         "first_divergence": first_divergence(tokens["ours"], tokens["transformers"]),
     }
     if args.compile:
@@ -134,6 +151,13 @@ def main():
     )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument(
+        "--engine-batch",
+        type=int,
+        default=8,
+        help="slots of the engine (one request runs): 'engine' is batch-invariant (its step "
+        "runs every slot), 'engine fast' runs only the busy one",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="also time ours under torch.compile (and its compile time)",
@@ -146,7 +170,8 @@ def main():
     bandwidth = memory_bandwidth("cpu")
     results = [bench_model(name, args) for name in args.models.split(",")]
     bandwidth = max(bandwidth, memory_bandwidth("cpu"))  # best of before and after
-    sides = ["ours", "transformers"] + (["compiled"] if args.compile else [])
+    sides = ["ours", "transformers", "engine", "engine_fast"]
+    sides += ["compiled"] if args.compile else []
     for r in results:
         r["max_tok_s"] = bandwidth / r["bytes_per_token"]
         for side in sides:
@@ -167,6 +192,10 @@ def main():
         "ours/bound",
         "HF/bound",
         "same tokens",
+        "engine tok/s",
+        "engine/HF",
+        "engine fast tok/s",
+        "fast/HF",
     ]
     rows = [
         [
@@ -180,6 +209,10 @@ def main():
             f"{100 * r['ours_of_bound']:.0f}%",
             f"{100 * r['transformers_of_bound']:.0f}%",
             "yes" if r["same_tokens"] else f"no, from token {r['first_divergence']}",
+            r["engine_tok_s"],
+            f"{r['engine_ratio']:.2f}x",
+            r["engine_fast_tok_s"],
+            f"{r['engine_fast_ratio']:.2f}x",
         ]
         for r in results
     ]

@@ -6,10 +6,13 @@ engine step together with every other running request in one batched forward; a 
 finishes frees its slot at once for the next in the queue. Rows sit at different positions, so
 the batched step gathers each row's rotary angles and masks each row's keys by its own length.
 
-Greedy results do not depend on the company a request keeps: the decode step always runs all
-`max_batch` rows (idle rows compute on a dummy token), so a row's matmuls have the same shape
-and the same rounding whether it runs alone or in a full batch
-(tests/infer/test_engine.py checks this against requests run one at a time).
+Greedy results do not depend on the company a request keeps (`batch_invariant`, the default):
+the decode step always runs all `max_batch` rows (idle rows compute on a dummy token), so a
+row's matmuls have the same shape and the same rounding whether it runs alone or in a full
+batch (tests/infer/test_engine.py checks this against requests run one at a time). The price
+is paid at low load: on 2 CPU cores an 8-row product streams the weights at about half the
+rate of a one-row product, so one request alone decodes ~2-3x slower than with
+batch_invariant=False, which runs only the rows up to the last busy slot.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ConfigError
+from lmforge.infer.cpu_decode import relayout
 from lmforge.infer.generate import TextStream, apply_repetition_penalty, sample_next
 from lmforge.model.transformer import GPT, KVCache, apply_rope
 
@@ -97,14 +101,26 @@ class Engine:
     """Continuous batching over one model. Use `submit` + `start` (a background thread), or
     `run_until_done` for a synchronous batch."""
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 8, max_queue: int = 64):
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        batch_invariant: bool = True,
+    ):
         if max_batch < 1 or max_queue < 0:
             raise ConfigError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cfg = model.cfg
         self.max_batch, self.max_queue = max_batch, max_queue
+        # True: every decode step runs all max_batch rows, so a request's greedy output never
+        # depends on the others; False: only rows up to the last busy slot (faster when few
+        # requests run; a near-tie between two logits may then resolve differently)
+        self.batch_invariant = batch_invariant
         self.device = model.tok_emb.weight.device
         self.cache = model.new_cache(max_batch)
+        self.linears = BlockedLinears(model)
         self.slots: list[_Slot | None] = [None] * max_batch
         self.waiting: queue.Queue[Request] = queue.Queue()
         self._ids = itertools.count(1)
@@ -196,12 +212,14 @@ class Engine:
                 self._finish(i, "cancelled")
         rows = [i for i, s in enumerate(self.slots) if s is not None]
         if rows:
-            tokens = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
-            pos = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
+            n = self.max_batch if self.batch_invariant else rows[-1] + 1
+            tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+            pos = torch.zeros(n, dtype=torch.long, device=self.device)
             for i in rows:
                 tokens[i] = self.slots[i].req.output_ids[-1]
                 pos[i] = self.slots[i].pos
-            logits = decode_step(self.model, tokens, pos, self.cache)
+            cache = self.cache if n == self.max_batch else self.cache.rows(0, n)
+            logits = decode_step(self.model, tokens, pos, cache, self.linears)
             for i in rows:
                 self.slots[i].pos += 1
                 self._accept(i, logits[i : i + 1])
@@ -273,10 +291,54 @@ class Engine:
             req.on_event(req, "", True)
 
 
-def decode_step(model: GPT, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache):
+class BlockedLinears:
+    """Linear layers for a few rows at a time on a CPU: MKL runs a small-M product on one
+    core, so each weight is split into one column block per thread and multiplied with a
+    single batched `bmm` (the layout `infer/cpu_decode.py` uses for one row). Elsewhere, and
+    for layers that do not split evenly, the layer itself."""
+
+    def __init__(self, model: GPT, threads: int | None = None):
+        self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if model.tok_emb.weight.device.type != "cpu":
+            return
+        relayout(model)
+        n = threads or torch.get_num_threads()
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "LoRALinear":
+                w = m.weight.detach()  # LoRALinear: base plus adapters, merged once here
+                if n > 1 and w.shape[0] % n == 0:
+                    blocks = w.view(n, -1, w.shape[1]).transpose(1, 2)  # (n, in, out / n)
+                    self.blocks[id(m)] = (blocks, m.bias)
+
+    def __call__(self, m, x: torch.Tensor) -> torch.Tensor:
+        """m(x) for x (B, 1, in) -> (B, 1, out)."""
+        entry = self.blocks.get(id(m))
+        if entry is None:
+            return m(x)
+        w, bias = entry
+        B = x.shape[0]
+        y = torch.bmm(x.view(1, B, -1).expand(w.shape[0], B, -1), w)  # (n, B, out / n)
+        y = y.transpose(0, 1).reshape(B, 1, -1)
+        return y if bias is None else y + bias
+
+
+def _mlp(block, x: torch.Tensor, linear) -> torch.Tensor:
+    """The block's MLP with its matmuls through `linear` (the model's MLP modules' math)."""
+    mlp = block.mlp
+    if hasattr(mlp, "w13"):  # SwiGLU
+        gate, up = linear(mlp.w13, x).chunk(2, dim=-1)
+        return linear(mlp.w2, F.silu(gate) * up)
+    return linear(mlp.w2, F.gelu(linear(mlp.w1, x), approximate="tanh"))  # GPT-2
+
+
+def decode_step(
+    model: GPT, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache, linear=None
+) -> torch.Tensor:
     """One new token for every row: tokens (B,) at positions pos (B,) -> logits (B, V).
-    Each row writes its key/value at its own position and attends to its own prefix; the
-    model's modules do the rest, so every architecture the model supports works here."""
+    Each row writes its key/value at its own position and attends to its own prefix.
+    `linear(module, x)` runs the projections (default: the module itself)."""
+    linear = linear or (lambda m, x: m(x))
     cfg = model.cfg
     B = tokens.shape[0]
     H, KV, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -295,13 +357,13 @@ def decode_step(model: GPT, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCa
     rows = torch.arange(B, device=tokens.device)
     for layer, block in enumerate(model.layers):
         attn = block.attn
-        qkv = attn.wqkv(block.attn_norm(x)).view(B, 1, H + 2 * KV, D)
+        qkv = linear(attn.wqkv, block.attn_norm(x)).view(B, 1, H + 2 * KV, D)
         qk = qkv[:, :, : H + KV] if cos is None else apply_rope(qkv[:, :, : H + KV], cos, sin)
         cache.k[layer][rows, :, pos] = qk[:, 0, H:]
         cache.v[layer][rows, :, pos] = qkv[:, 0, H + KV :]
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, 1, D)
         k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != KV)
-        x = x + attn.wo(y.transpose(1, 2).reshape(B, 1, H * D))
-        x = x + block.mlp(block.mlp_norm(x))
-    return model.lm_head(model.norm(x))[:, 0]
+        x = x + linear(attn.wo, y.transpose(1, 2).reshape(B, 1, H * D))
+        x = x + _mlp(block, block.mlp_norm(x), linear)
+    return linear(model.lm_head, model.norm(x))[:, 0]

@@ -188,3 +188,18 @@ def test_background_thread_and_shutdown(served):
     engine.shutdown(cancel=True, timeout=30)
     assert all(r.done for r in long)
     assert {r.finish_reason for r in long} <= {"cancelled", "length"}
+
+
+def test_without_batch_invariance_only_busy_rows_run(served):
+    model, tok = served
+    engine = Engine(model, tok, max_batch=4, batch_invariant=False)
+    reqs = [
+        engine.submit(p, SamplingParams(max_tokens=6 + i)) for i, p in enumerate(_prompts(tok, 6))
+    ]
+    engine.run_until_done()
+    assert [len(r.output_ids) for r in reqs] == [6 + i for i in range(6)]
+    alone = _alone(model, tok, _prompts(tok)[0], SamplingParams(max_tokens=6))
+    solo = Engine(model, tok, max_batch=4, batch_invariant=False)
+    r = solo.submit(_prompts(tok)[0], SamplingParams(max_tokens=6, logprobs=True))
+    solo.run_until_done()  # one busy row: a one-row step, same tokens as the full-width one here
+    assert r.output_ids == alone.output_ids
