@@ -246,6 +246,52 @@ def _parser() -> argparse.ArgumentParser:
         help="base model directory (default: the adapter's base_model_name_or_path)",
     )
 
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API, with a web chat page",
+        description="Serve a model directory (or LoRA adapter directory) at /v1/chat/completions, "
+        "/v1/completions and /v1/models, OpenAI-compatible (streaming included), with /health and "
+        "a web chat page at /. Requests are decoded together by the continuous-batching engine. "
+        "Needs the serve extra: pip install 'lmforge[serve]'.",
+    )
+    p.add_argument("checkpoint", help="model directory, or a LoRA adapter directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LMFORGE_API_KEY, or none)",
+    )
+    p.add_argument("--model-name", default=None, help="model id clients use (default: CHECKPOINT)")
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="requests decoded together (default: 8)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting for a slot before new ones get 429 (default: 64)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1024,
+        help="largest max_tokens a request may ask for, and the default (default: 1024)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body; bigger ones get 413 (default: 1048576)",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="info logs one line per request (default: info)",
+    )
+
     p = sub.add_parser("report", help="(re)write REPORT.md for a run directory")
     p.add_argument("run_dir", help="run directory")
     return top
@@ -401,6 +447,28 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_serve(args, rest) -> int:
+    import logging
+
+    if rest:
+        raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
+    from lmforge.serve.app import create_app, serve
+
+    level = args.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    app = create_app(
+        args.checkpoint,
+        args.model_name,
+        api_key=args.api_key or os.environ.get("LMFORGE_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_tokens=args.max_tokens,
+        max_request_bytes=args.max_request_bytes,
+        device=args.device,
+    )
+    return serve(app, args.host, args.port, log_level=args.log_level)
+
+
 def _pull_overrides(argv: list[str], keep: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Separate `--key VALUE` overrides from the options argparse knows, before it sees them:
     otherwise an override's value could be taken for a positional argument."""
@@ -445,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_chat(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "serve":
+            return _cmd_serve(args, rest)
         if args.command == "report":
             from lmforge.report import write_report
 

@@ -1,0 +1,694 @@
+"""The OpenAI-compatible HTTP server (`lmforge serve`): /v1/chat/completions, /v1/completions,
+/v1/models, /health, and the web chat page under / and /static.
+
+The one idea: the engine decodes every request in one background thread and calls back with
+each text piece; the callback hands the piece to that request's asyncio.Queue through
+`loop.call_soon_threadsafe`, so an HTTP request is a coroutine awaiting its queue while one
+thread keeps all of them in one batch. A request whose client goes away is cancelled, which
+frees its slot at the engine's next step.
+
+Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status
+OpenAI uses: 400 bad request, 401 API key, 404 unknown model, 413 body too large, 429 queue
+full, 503 model still loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+from lmforge.config import ConfigError
+
+try:
+    import uvicorn
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # the core install has no web stack
+    raise ConfigError(
+        f"lmforge serve needs FastAPI and uvicorn ({e.name} is missing): "
+        "pip install 'lmforge[serve]'"
+    ) from None
+
+log = logging.getLogger("lmforge.serve")
+STATIC = Path(__file__).parent / "static"
+POLL_S = 0.5  # how often a waiting request checks whether its client is still there
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy (dividing logits by ~0 overflows)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(
+        self, status: int, message: str, type="invalid_request_error", param=None, code=None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code = param, code
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+# --------------------------------------------------------------------------- request bodies
+# Strict: "5" is not an int and "true" is not a bool, as with OpenAI. Fields OpenAI has and we
+# do not use (user, metadata, store, ...) are ignored; ones that would change the answer and
+# are not supported are refused in `_refuse_unsupported`.
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):  # many clients send "temperature": null for "not set"
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class _StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str | None = None  # optional: there is one model
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # extensions, with vLLM's names
+    top_k: int = Field(0, ge=-1)  # 0 or -1 = off
+    repetition_penalty: float = Field(1.0, gt=0)
+    ignore_eos: bool = False  # no stop tokens: always generate max_tokens (benchmarks)
+
+
+class _TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class _Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_TextPart] | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+def _refuse_unsupported(body: _Sampling) -> None:
+    unsupported = {
+        "n": body.n != 1,
+        "presence_penalty": body.presence_penalty != 0,
+        "frequency_penalty": body.frequency_penalty != 0,
+        "top_logprobs": bool(getattr(body, "top_logprobs", None)),
+        "tools": bool(getattr(body, "tools", None)),
+        "logprobs": bool(getattr(body, "logprobs", 0)) and isinstance(body, CompletionRequest),
+        "echo": getattr(body, "echo", False),
+        "best_of": getattr(body, "best_of", None) not in (None, 1),
+        "suffix": getattr(body, "suffix", None) is not None,
+    }
+    for name, bad in unsupported.items():
+        if bad:
+            value = getattr(body, name)
+            raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
+    if isinstance(body.stop, list) and len(body.stop) > 4:
+        raise APIError(400, "stop takes at most 4 sequences", param="stop")
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class _Server:
+    """The loaded model and engine, the limits, and what the endpoints share."""
+
+    def __init__(self, load, model_name, api_key, max_batch, max_queue, max_tokens, max_bytes):
+        self._load = load
+        self.model_name, self.api_key = model_name, api_key
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_tokens, self.max_bytes = max_tokens, max_bytes
+        self.engine = self.tok = None
+        self.load_error: str | None = None
+        self.on_load_error: Callable[[str], None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.created = int(time.time())
+        self.finished: Counter[str] = Counter()  # finish reasons so far (tests, /health)
+
+    async def load(self) -> None:
+        from lmforge.infer.engine import Engine
+
+        try:
+            model, tok = await asyncio.to_thread(self._load)
+            engine = Engine(model, tok, self.max_batch, self.max_queue)
+        except Exception as e:
+            self.load_error = f"{e}" if isinstance(e, ConfigError | OSError) else repr(e)
+            log.error("the model failed to load: %s", self.load_error)
+            if self.on_load_error:
+                self.on_load_error(self.load_error)
+            return
+        engine.start()
+        self.engine, self.tok = engine, tok
+        log.info("serving %s (%d tokens of context)", self.model_name, model.cfg.max_seq_len)
+
+    async def close(self) -> None:
+        """In-flight requests have finished (uvicorn waits for them); cancel any left."""
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown, cancel=True, timeout=10)
+
+    def ready(self):
+        if self.engine is None:
+            if self.load_error:
+                raise APIError(503, f"the model failed to load: {self.load_error}", "server_error")
+            raise APIError(
+                503,
+                "the model is still loading; retry shortly",
+                "server_error",
+                code="model_loading",
+            )
+        if not self.engine._thread.is_alive():
+            raise APIError(503, "the engine thread has stopped", "server_error")
+        return self.engine
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    # --- generation
+
+    def params(self, body: _Sampling, max_tokens: int | None, logprobs: bool):
+        from lmforge.infer.chat import stop_ids
+        from lmforge.infer.engine import SamplingParams
+
+        self.check_model(body.model)
+        _refuse_unsupported(body)
+        if max_tokens is not None and max_tokens > self.max_tokens:
+            raise APIError(
+                400,
+                f"max_tokens is {max_tokens} but this server allows at most {self.max_tokens}",
+                param="max_tokens",
+            )
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        chat = isinstance(body, ChatRequest)
+        ids = () if body.ignore_eos else stop_ids(self.tok) if chat else (self.tok.eos_id,)
+        return SamplingParams(
+            max_tokens=max_tokens or self.max_tokens,  # the engine also stops at the context
+            temperature=body.temperature if body.temperature >= SAMPLING_EPS else 0.0,
+            top_k=max(body.top_k, 0),
+            top_p=body.top_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=body.seed,
+            stop=stop,
+            stop_ids=ids,
+            logprobs=logprobs,
+        )
+
+    def submit(self, prompt_ids: list[int], params, rid: str, param: str):
+        """Queue a request; returns (engine request, its asyncio queue of events)."""
+        from lmforge.infer.engine import QueueFull
+
+        engine = self.ready()
+        n_ctx = engine.cfg.max_seq_len
+        if len(prompt_ids) >= n_ctx:
+            raise APIError(
+                400,
+                f"the prompt has {len(prompt_ids)} tokens but the model's context is {n_ctx} "
+                "(and at least one new token must fit)",
+                param=param,
+                code="context_length_exceeded",
+            )
+        loop, events = self.loop, asyncio.Queue()
+        t0 = time.perf_counter()
+
+        def on_event(req, piece: str, done: bool) -> None:  # the engine thread
+            n = len(req.output_ids)  # tokens so far, read here: the list grows in this thread
+            if done:
+                self.finished[req.finish_reason] += 1
+                latency = time.perf_counter() - t0
+                error = f" error={req.error}" if req.error else ""
+                log.info(
+                    f"{req.id} prompt={len(req.prompt_ids)} completion={n} latency={latency:.3f}s "
+                    f"finish={req.finish_reason}{error}"
+                )
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (piece, done, n))
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+        try:
+            req = engine.submit(prompt_ids, params, on_event=on_event, request_id=rid)
+        except QueueFull as e:
+            raise APIError(
+                429, f"{e}; retry later", "rate_limit_error", code="queue_full"
+            ) from None
+        except ConfigError as e:
+            raise APIError(400, str(e), param=param) from None
+        return req, events
+
+
+async def _events(http: Request, req, events: asyncio.Queue) -> AsyncIterator[tuple]:
+    """(piece, done, n_tokens) events until done. If the client goes away (a disconnect seen
+    here, or the streaming response cancelling us) the request is cancelled, freeing its slot."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), POLL_S)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    return
+                continue
+            yield event
+            if event[1]:
+                return
+    finally:
+        if not req.done:
+            req.cancel()
+
+
+async def _read_json(http: Request, limit: int) -> dict:
+    """The body as a JSON object: 413 past `limit` bytes, 400 when it is not JSON."""
+    body, total = bytearray(), 0
+    async for chunk in http.stream():
+        total += len(chunk)
+        if total <= limit:
+            body += chunk
+        elif total > 4 * limit:  # read a little past the limit so the client sees our answer
+            break
+    if total > limit:
+        raise APIError(
+            413,
+            f"the request body is over this server's limit of {limit} bytes",
+            param=None,
+            code="request_too_large",
+        )
+    try:
+        obj = json.loads(body)
+    except ValueError as e:
+        raise APIError(
+            400, f"the request body is not valid JSON: {e}", code="invalid_json"
+        ) from None
+    if not isinstance(obj, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return obj
+
+
+def _validate(cls, obj: dict):
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as e:
+        raise _validation_error(e.errors(include_url=False)) from None
+
+
+def _validation_error(errors) -> APIError:
+    err = errors[0]
+    loc = [str(x) for x in err["loc"] if x != "body"]
+    where = ".".join(loc)
+    return APIError(
+        400,
+        f"{where}: {err['msg']}" if where else err["msg"],
+        param=loc[0] if loc else None,
+        code="invalid_value" if "type" not in err["type"] else "invalid_type",
+    )
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(req) -> dict:
+    p, c = len(req.prompt_ids), len(req.output_ids)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _finish_error(req) -> APIError | None:
+    """A request that ended without an answer (client gone, engine error, server stopping)."""
+    if not req.done:  # the client disconnected: nobody reads this
+        return APIError(499, "the client closed the connection")
+    if req.finish_reason == "error":
+        return APIError(500, f"generation failed: {req.error}", "server_error")
+    if req.finish_reason == "cancelled":
+        return APIError(
+            503, "the request was cancelled: the server is shutting down", "server_error"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(
+    model,
+    model_name: str | None = None,
+    *,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    max_tokens: int = 1024,
+    max_request_bytes: int = 1 << 20,
+    device: str = "auto",
+) -> FastAPI:
+    """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
+    pair, or a function returning one; it is loaded in the background at startup, and /health
+    answers 503 until it is ready. `max_tokens` caps (and is the default of) a request's
+    max_tokens; `api_key`, when set, is required as `Authorization: Bearer KEY` on /v1/*."""
+    if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
+        raise ConfigError(
+            "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
+        )
+    if isinstance(model, str | Path):
+        path = Path(model)
+        if not path.is_dir():
+            raise ConfigError(f"{path} is not a model or adapter directory")
+
+        def load():
+            from lmforge.infer.chat import load_for_inference
+            from lmforge.perf import pick_device
+
+            return load_for_inference(path, pick_device(device))
+
+        model_name = model_name or str(model)
+    elif isinstance(model, tuple | list):
+        pair = tuple(model)
+
+        def load():
+            return pair
+
+    else:
+        load = model
+    srv = _Server(
+        load, model_name or "lmforge", api_key, max_batch, max_queue, max_tokens, max_request_bytes
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        srv.loop = asyncio.get_running_loop()
+        loading = asyncio.create_task(srv.load())  # so that /health answers 503 meanwhile
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await srv.close()
+
+    app = FastAPI(
+        title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.server = srv
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):  # FastAPI's 422 -> OpenAI's 400
+        return _validation_error(e.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        return APIError(e.status_code, str(e.detail), _error_type(e.status_code)).response()
+
+    def authorize(request: Request) -> None:
+        if srv.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(
+                401,
+                "missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+        if not hmac.compare_digest(token.strip().encode(), srv.api_key.encode()):
+            raise APIError(401, "incorrect API key", "authentication_error", code="invalid_api_key")
+
+    # --- the page and health
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        page = STATIC / "index.html"
+        if not page.is_file():
+            raise APIError(404, "the web chat page is not installed", code="not_found")
+        return FileResponse(page)
+
+    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+
+    @app.get("/health")
+    async def health():
+        try:
+            engine = srv.ready()
+        except APIError as e:
+            status = "error" if srv.load_error or srv.engine is not None else "loading"
+            return JSONResponse({"status": status, "message": e.message}, status_code=503)
+        return {"status": "ok", "running": engine.active(), "waiting": engine.pending()}
+
+    # --- the OpenAI API
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [_model_card(srv)]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    async def model_card(name: str):
+        srv.check_model(name)
+        return _model_card(srv)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(http: Request):
+        from lmforge.infer.chat import chat_prompt_ids
+
+        srv.ready()
+        body = _validate(ChatRequest, await _read_json(http, srv.max_bytes))
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = srv.params(body, max_tokens, body.logprobs)
+        messages = [_plain_message(m) for m in body.messages]
+        try:
+            prompt_ids = chat_prompt_ids(srv.tok, messages)
+        except ConfigError as e:
+            raise APIError(400, str(e), param="messages") from None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        req, events = srv.submit(prompt_ids, params, rid, "messages")
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _stream(_chat_chunks(http, srv, req, events, usage))
+        text = "".join([piece async for piece, _, _ in _events(http, req, events)])
+        if err := _finish_error(req):
+            raise err
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": _chat_logprobs(srv.tok, req, 0, len(req.output_ids)),
+            "finish_reason": req.finish_reason,
+        }
+        return _response(req, rid, "chat.completion", srv, choice)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(http: Request):
+        srv.ready()
+        body = _validate(CompletionRequest, await _read_json(http, srv.max_bytes))
+        params = srv.params(body, body.max_tokens, body.logprobs is not None)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "a list of several prompts is not supported", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            tok = srv.tok
+            prompt = ([tok.bos_id] if tok.prepend_bos else []) + tok.encode(prompt)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        req, events = srv.submit(prompt, params, rid, "prompt")
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _stream(_text_chunks(http, srv, req, events, usage))
+        text = "".join([piece async for piece, _, _ in _events(http, req, events)])
+        if err := _finish_error(req):
+            raise err
+        choice = {
+            "text": text,
+            "index": 0,
+            "logprobs": _text_logprobs(srv.tok, req, 0, len(req.output_ids), 0),
+            "finish_reason": req.finish_reason,
+        }
+        return _response(req, rid, "text_completion", srv, choice)
+
+    return app
+
+
+def _error_type(status: int) -> str:
+    return {401: "authentication_error", 429: "rate_limit_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+
+
+def _model_card(srv: _Server) -> dict:
+    card = {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "lmforge"}
+    if srv.engine is not None:
+        card["max_model_len"] = srv.engine.cfg.max_seq_len  # vLLM's field: the web page uses it
+    return card
+
+
+def _plain_message(m: _Message) -> dict:
+    """{"role", "content": str}: text parts joined; OpenAI's "developer" is the system role."""
+    parts = m.content if isinstance(m.content, list) else []
+    content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in parts)
+    return {"role": "system" if m.role == "developer" else m.role, "content": content}
+
+
+def _response(req, rid: str, obj: str, srv: _Server, choice: dict) -> dict:
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": srv.model_name,
+        "choices": [choice],
+        "usage": _usage(req),
+    }
+
+
+def _chat_logprobs(tok, req, start: int, end: int) -> dict | None:
+    if not req.params.logprobs:
+        return None
+    content = []
+    for i, lp in zip(req.output_ids[start:end], req.logprobs[start:end]):
+        token = tok.decode([i])
+        content.append(
+            {"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": []}
+        )
+    return {"content": content}
+
+
+def _text_logprobs(tok, req, start: int, end: int, offset: int) -> dict | None:
+    if not req.params.logprobs:
+        return None
+    tokens = [tok.decode([i]) for i in req.output_ids[start:end]]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": req.logprobs[start:end],
+        "top_logprobs": None,
+        "text_offset": offsets,
+    }
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def _stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+
+
+async def _chat_chunks(http, srv: _Server, req, events, include_usage: bool):
+    created = int(time.time())
+
+    def chunk(delta: dict, finish=None, logprobs=None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        obj = {"id": req.id, "object": "chat.completion.chunk", "created": created}
+        obj.update(model=srv.model_name, choices=[choice])
+        return _sse({**obj, "usage": None} if include_usage else obj)
+
+    yield chunk({"role": "assistant", "content": ""})
+    seen = 0
+    async for piece, _, n in _events(http, req, events):
+        if piece:
+            yield chunk({"content": piece}, logprobs=_chat_logprobs(srv.tok, req, seen, n))
+            seen = n
+    async for tail in _stream_end(req, srv, include_usage, chunk({}, req.finish_reason)):
+        yield tail
+
+
+async def _text_chunks(http, srv: _Server, req, events, include_usage: bool):
+    created = int(time.time())
+
+    def chunk(text: str, finish=None, logprobs=None) -> str:
+        choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}
+        obj = {"id": req.id, "object": "text_completion", "created": created}
+        obj.update(model=srv.model_name, choices=[choice])
+        return _sse({**obj, "usage": None} if include_usage else obj)
+
+    seen, offset = 0, 0
+    async for piece, _, n in _events(http, req, events):
+        if piece:
+            yield chunk(piece, logprobs=_text_logprobs(srv.tok, req, seen, n, offset))
+            seen, offset = n, offset + len(piece)
+    async for tail in _stream_end(req, srv, include_usage, chunk("", req.finish_reason)):
+        yield tail
+
+
+async def _stream_end(req, srv: _Server, include_usage: bool, last: str):
+    """The finish chunk, the usage chunk when asked for, then [DONE]; an error event instead
+    when the request ended without an answer (headers are sent: the status is already 200)."""
+    if not req.done:  # the client went away
+        return
+    if err := _finish_error(req):
+        body = {"message": err.message, "type": err.type, "param": None, "code": err.code}
+        yield _sse({"error": body})
+    else:
+        yield last
+        if include_usage:
+            obj = "chat.completion.chunk" if req.id.startswith("chatcmpl") else "text_completion"
+            usage = {"id": req.id, "object": obj, "created": int(time.time())}
+            usage.update(model=srv.model_name, choices=[], usage=_usage(req))
+            yield _sse(usage)
+    yield "data: [DONE]\n\n"
+
+
+# --------------------------------------------------------------------------- running it
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **uvicorn_kwargs) -> int:
+    """Run the app with uvicorn until Ctrl-C / SIGTERM (graceful: stop accepting, let running
+    requests finish for up to 30 s, then cancel the rest and stop the engine). A model that
+    fails to load stops the server at once and raises ConfigError."""
+    config = uvicorn.Config(
+        app, host=host, port=port, timeout_graceful_shutdown=30, **uvicorn_kwargs
+    )
+    server = uvicorn.Server(config)
+    srv: _Server = app.state.server
+
+    def stop(message: str) -> None:
+        server.should_exit = True
+
+    srv.on_load_error = stop
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal stop
+        pass
+    if srv.load_error:
+        raise ConfigError(f"the model failed to load: {srv.load_error}")
+    return 0
