@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -114,7 +115,11 @@ def main():
     p.add_argument("--max-tokens", type=int, default=48, help="tokens per answer")
     p.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     p.add_argument("--threads", type=int, default=2, help="the server's torch threads")
-    p.add_argument("--serve-args", default="", help="extra arguments for `lmforge serve`")
+    p.add_argument(
+        "--serve-args",
+        default="",
+        help="extra arguments for `lmforge serve`, e.g. '--no-batch-invariance'",
+    )
     args = p.parse_args()
     args.model_name = "bench"
     port = free_port()
@@ -122,7 +127,8 @@ def main():
     cmd = [sys.executable, "-m", "lmforge", "serve", args.model, "--port", str(port)]
     cmd += ["--max-batch", str(args.max_batch), "--model-name", args.model_name]
     cmd += args.serve_args.split()
-    server = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # the server logs a line per request: never a full pipe
+    server = subprocess.Popen(cmd, env=env, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -132,7 +138,8 @@ def main():
             except httpx.TransportError:
                 pass
             if server.poll() is not None:
-                sys.exit(f"the server exited:\n{server.stderr.read()[-3000:]}")
+                log.seek(0)
+                sys.exit(f"the server exited:\n{log.read()[-3000:]}")
             time.sleep(0.2)
         asyncio.run(run_level(base, 1, argparse.Namespace(**{**vars(args), "requests": 1})))
         levels = [asyncio.run(run_level(base, int(n), args)) for n in args.clients.split(",")]
@@ -140,7 +147,8 @@ def main():
         server.terminate()
         server.wait(30)
     print(
-        f"lmforge serve {args.model}: --max-batch {args.max_batch}, {args.threads} threads; "
+        f"lmforge serve {args.model}: --max-batch {args.max_batch} {args.serve_args}, "
+        f"{args.threads} threads; "
         f"{args.requests} streaming requests per client of {args.max_tokens} tokens, greedy"
     )
     header = ["clients", "requests", "errors", "tokens/s", "TTFT p50", "TTFT p99"]

@@ -152,8 +152,11 @@ def _refuse_unsupported(body: _Sampling) -> None:
 class _Server:
     """The loaded model and engine, the limits, and what the endpoints share."""
 
-    def __init__(self, load, model_name, api_key, max_batch, max_queue, max_tokens, max_bytes):
+    def __init__(
+        self, load, model_name, api_key, max_batch, max_queue, max_tokens, max_bytes, invariant
+    ):
         self._load = load
+        self.batch_invariant = invariant
         self.model_name, self.api_key = model_name, api_key
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_tokens, self.max_bytes = max_tokens, max_bytes
@@ -169,7 +172,7 @@ class _Server:
 
         try:
             model, tok = await asyncio.to_thread(self._load)
-            engine = Engine(model, tok, self.max_batch, self.max_queue)
+            engine = Engine(model, tok, self.max_batch, self.max_queue, self.batch_invariant)
         except Exception as e:
             self.load_error = f"{e}" if isinstance(e, ConfigError | OSError) else repr(e)
             log.error("the model failed to load: %s", self.load_error)
@@ -380,11 +383,13 @@ def create_app(
     max_tokens: int = 1024,
     max_request_bytes: int = 1 << 20,
     device: str = "auto",
+    batch_invariant: bool = True,
 ) -> FastAPI:
     """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
     pair, or a function returning one; it is loaded in the background at startup, and /health
     answers 503 until it is ready. `max_tokens` caps (and is the default of) a request's
-    max_tokens; `api_key`, when set, is required as `Authorization: Bearer KEY` on /v1/*."""
+    max_tokens; `api_key`, when set, is required as `Authorization: Bearer KEY` on /v1/*.
+    `batch_invariant=False` lets the engine run only its busy rows (see infer/engine.py)."""
     if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
         raise ConfigError(
             "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
@@ -410,7 +415,14 @@ def create_app(
     else:
         load = model
     srv = _Server(
-        load, model_name or "lmforge", api_key, max_batch, max_queue, max_tokens, max_request_bytes
+        load,
+        model_name or "lmforge",
+        api_key,
+        max_batch,
+        max_queue,
+        max_tokens,
+        max_request_bytes,
+        batch_invariant,
     )
 
     @asynccontextmanager
