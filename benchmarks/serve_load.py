@@ -128,7 +128,7 @@ def main():
     cmd += ["--max-batch", str(args.max_batch), "--model-name", args.model_name]
     cmd += args.serve_args.split()
     log = tempfile.TemporaryFile("w+")  # the server logs a line per request: never a full pipe
-    server = subprocess.Popen(cmd, env=env, stderr=log, text=True)
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
