@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ConfigError
-from lmforge.infer.cpu_decode import relayout
+from lmforge.infer.cpu_decode import CpuDecoder, relayout
 from lmforge.infer.generate import TextStream, apply_repetition_penalty, sample_next
 from lmforge.model.transformer import GPT, KVCache, apply_rope
 
@@ -121,6 +121,9 @@ class Engine:
         self.device = model.tok_emb.weight.device
         self.cache = model.new_cache(max_batch)
         self.linears = BlockedLinears(model)
+        # one busy row without batch invariance: the batch-1 CPU decode step, the fastest path
+        supported = self.device.type == "cpu" and CpuDecoder.supports(model)
+        self.solo = CpuDecoder(model) if supported and not batch_invariant else None
         self.slots: list[_Slot | None] = [None] * max_batch
         self.waiting: queue.Queue[Request] = queue.Queue()
         self._ids = itertools.count(1)
@@ -218,8 +221,14 @@ class Engine:
             for i in rows:
                 tokens[i] = self.slots[i].req.output_ids[-1]
                 pos[i] = self.slots[i].pos
-            cache = self.cache if n == self.max_batch else self.cache.rows(0, n)
-            logits = decode_step(self.model, tokens, pos, cache, self.linears)
+            if self.solo is not None and len(rows) == 1:
+                i = rows[0]
+                step = self.solo.step(tokens[i : i + 1], self.cache.rows(i, 1), int(pos[i]))
+                logits = torch.zeros(n, step.shape[-1], device=self.device)
+                logits[i] = step
+            else:
+                cache = self.cache if n == self.max_batch else self.cache.rows(0, n)
+                logits = decode_step(self.model, tokens, pos, cache, self.linears)
             for i in rows:
                 self.slots[i].pos += 1
                 self._accept(i, logits[i : i + 1])
