@@ -2,9 +2,9 @@
 /v1/models, /health, and the web chat page under / and /static.
 
 The one idea: the engine decodes every request in one background thread and calls back with
-each text piece; the callback hands the piece to that request's asyncio.Queue through
-`loop.call_soon_threadsafe`, so an HTTP request is a coroutine awaiting its queue while one
-thread keeps all of them in one batch. A request whose client goes away is cancelled, which
+each text piece; the callback drops the piece into that request's inbox and wakes the event
+loop through `loop.call_soon_threadsafe` (once, however many pieces arrive meanwhile), so an
+HTTP request is a coroutine awaiting its inbox while one thread keeps all of them in one batch. A request whose client goes away is cancelled, which
 frees its slot at the engine's next step.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status
@@ -15,6 +15,7 @@ full, 503 model still loading.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import json
 import logging
@@ -241,7 +242,7 @@ class _Server:
         )
 
     def submit(self, prompt_ids: list[int], params, rid: str, param: str):
-        """Queue a request; returns (engine request, its asyncio queue of events)."""
+        """Queue a request; returns (engine request, the inbox of its events)."""
         from lmforge.infer.engine import QueueFull
 
         engine = self.ready()
@@ -254,7 +255,7 @@ class _Server:
                 param=param,
                 code="context_length_exceeded",
             )
-        loop, events = self.loop, asyncio.Queue()
+        events = _Inbox(self.loop)
         t0 = time.perf_counter()
 
         def on_event(req, piece: str, done: bool) -> None:  # the engine thread
@@ -267,10 +268,7 @@ class _Server:
                     f"{req.id} prompt={len(req.prompt_ids)} completion={n} latency={latency:.3f}s "
                     f"finish={req.finish_reason}{error}"
                 )
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (piece, done, n))
-            except RuntimeError:  # the event loop is closed: nobody is listening any more
-                pass
+            events.put((piece, done, n))
 
         try:
             req = engine.submit(prompt_ids, params, on_event=on_event, request_id=rid)
@@ -283,19 +281,55 @@ class _Server:
         return req, events
 
 
-async def _events(http: Request, req, events: asyncio.Queue) -> AsyncIterator[tuple]:
-    """(piece, done, n_tokens) events until done. If the client goes away (a disconnect seen
-    here, or the streaming response cancelling us) the request is cancelled, freeing its slot."""
+class _Inbox:
+    """Events from the engine thread to one request's coroutine. However many tokens arrive
+    while the coroutine is busy, the event loop is woken once (one `call_soon_threadsafe`,
+    which costs a system call), and the coroutine takes them all at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.ready = loop, collections.deque(), asyncio.Event()
+        self.wake_pending = False
+
+    def put(self, item: tuple) -> None:  # the engine thread
+        self.items.append(item)
+        if not self.wake_pending:
+            self.wake_pending = True
+            try:
+                self.loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+    def _wake(self) -> None:  # the event loop
+        self.wake_pending = False
+        self.ready.set()
+
+    async def take(self, timeout: float) -> list[tuple]:
+        """Everything that arrived, waiting up to `timeout` (asyncio.TimeoutError)."""
+        await asyncio.wait_for(self.ready.wait(), timeout)
+        self.ready.clear()
+        out = []
+        while self.items:
+            out.append(self.items.popleft())
+        return out
+
+
+async def _events(http: Request, req, events: _Inbox) -> AsyncIterator[tuple]:
+    """(piece, done, n_tokens) events until done, pieces already waiting merged into one. If
+    the client goes away (a disconnect seen here, or the streaming response cancelling us) the
+    request is cancelled, freeing its slot."""
     try:
         while True:
             try:
-                event = await asyncio.wait_for(events.get(), POLL_S)
+                batch = await events.take(POLL_S)
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
                     return
                 continue
-            yield event
-            if event[1]:
+            if not batch:
+                continue
+            _, done, n = batch[-1]  # the engine sends done last
+            yield "".join(piece for piece, _, _ in batch), done, n
+            if done:
                 return
     finally:
         if not req.done:
