@@ -546,19 +546,16 @@ def create_app(
             raise APIError(400, str(e), param="messages") from None
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         req, events = srv.submit(prompt_ids, params, rid, "messages")
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(_chat_chunks(http, srv, req, events, usage))
-        text = "".join([piece async for piece, _, _ in _events(http, req, events)])
-        if err := _finish_error(req):
-            raise err
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": _chat_logprobs(srv.tok, req, 0, len(req.output_ids)),
-            "finish_reason": req.finish_reason,
-        }
-        return _response(req, rid, "chat.completion", srv, choice)
+
+        def choice(text: str) -> dict:
+            return {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": _chat_logprobs(srv.tok, req, 0, len(req.output_ids)),
+                "finish_reason": req.finish_reason,
+            }
+
+        return await _reply(http, srv, body, req, events, _chat_chunks, "chat.completion", choice)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(http: Request):
@@ -575,21 +572,30 @@ def create_app(
             prompt = ([tok.bos_id] if tok.prepend_bos else []) + tok.encode(prompt)
         rid = f"cmpl-{uuid.uuid4().hex}"
         req, events = srv.submit(prompt, params, rid, "prompt")
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(_text_chunks(http, srv, req, events, usage))
-        text = "".join([piece async for piece, _, _ in _events(http, req, events)])
-        if err := _finish_error(req):
-            raise err
-        choice = {
-            "text": text,
-            "index": 0,
-            "logprobs": _text_logprobs(srv.tok, req, 0, len(req.output_ids), 0),
-            "finish_reason": req.finish_reason,
-        }
-        return _response(req, rid, "text_completion", srv, choice)
+
+        def choice(text: str) -> dict:
+            return {
+                "text": text,
+                "index": 0,
+                "logprobs": _text_logprobs(srv.tok, req, 0, len(req.output_ids), 0),
+                "finish_reason": req.finish_reason,
+            }
+
+        return await _reply(http, srv, body, req, events, _text_chunks, "text_completion", choice)
 
     return app
+
+
+async def _reply(http, srv, body, req, events, chunks, kind: str, choice):
+    """The response to a queued request: an SSE stream of `chunks`, or, once generation has
+    finished, one `kind` object whose choice is `choice(text)`."""
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _stream(chunks(http, srv, req, events, usage))
+    text = "".join([piece async for piece, _, _ in _events(http, req, events)])
+    if err := _finish_error(req):
+        raise err
+    return _response(req, req.id, kind, srv, choice(text))
 
 
 def _error_type(status: int) -> str:

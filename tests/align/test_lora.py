@@ -51,6 +51,22 @@ def _ids(seed=2, T=12):
     )
 
 
+def _assert_a_step_trains_only_adapters(model, before: dict) -> None:
+    """One AdamW step over every parameter (frozen ones included, with weight decay): each
+    adapter tensor changes, every other tensor stays bit for bit what it was in `before`."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x = _ids(T=17)
+    logits = model(x[:, :-1])
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+    opt.step()
+    after = model.state_dict()
+    for k, v in before.items():
+        if ".lora_" in k:
+            assert not torch.equal(after[k], v), f"adapter {k} did not train"
+        else:
+            assert torch.equal(after[k], v), f"frozen {k} changed"
+
+
 def _max_diff(a, b):
     return (a - b).abs().max().item()
 
@@ -82,18 +98,7 @@ def test_one_adamw_step_changes_only_adapters():
     apply_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=0.1), seed=0)
     _randomize_b(model)  # with B = 0 the first step would leave every A unchanged
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # every parameter
-    x = _ids(T=17)
-    logits = model(x[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-    loss.backward()
-    opt.step()
-    after = model.state_dict()
-    for k, v in before.items():
-        if ".lora_" in k:
-            assert not torch.equal(after[k], v), f"adapter {k} did not train"
-        else:
-            assert torch.equal(after[k], v), f"frozen {k} changed"
+    _assert_a_step_trains_only_adapters(model, before)
     # 2 layers x (A: r x dim for q k v o gate up, r x ffn for down; B: r x each output)
     r, dim, ffn, q, kv = 4, 32, 48, 32, 16
     adapters = 2 * r * (6 * dim + ffn + (q + 2 * kv) + dim + 2 * ffn + dim)
@@ -339,17 +344,7 @@ def test_gpt2_one_adamw_step_changes_only_adapters():
     apply_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=0.1, targets=GPT2_TARGETS), seed=0)
     _randomize_b(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    x = _ids(T=17)
-    logits = model(x[:, :-1])
-    torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
-    opt.step()
-    after = model.state_dict()
-    for k, v in before.items():
-        if ".lora_" in k:
-            assert not torch.equal(after[k], v), f"adapter {k} did not train"
-        else:
-            assert torch.equal(after[k], v), f"frozen {k} changed"
+    _assert_a_step_trains_only_adapters(model, before)
     # 2 layers x r x (in + out) of c_attn (32 -> 96), attn.c_proj (32 -> 32), c_fc (32 -> 48),
     # mlp.c_proj (48 -> 32)
     adapters = 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 48) + (48 + 32))
