@@ -1,0 +1,1 @@
+"""Evaluation: log-likelihood scoring, multiple-choice benchmarks, perplexity."""
