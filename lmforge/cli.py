@@ -298,6 +298,24 @@ def _parser() -> argparse.ArgumentParser:
         help="info logs one line per request (default: info)",
     )
 
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: multiple choice, GSM8K, HumanEval, perplexity, BLEU/ROUGE",
+        description="Run evaluation tasks on a checkpoint and write one JSON file per task "
+        "(task, metric, value, standard error, n, model, config, seed) plus a table. Tasks: "
+        "mmlu, cmmlu, arc_challenge, hellaswag (or any task YAML of that shape), gsm8k, humaneval, "
+        "lm:TEXTFILE (perplexity, bits per byte), sim:PAIRS.jsonl (BLEU, ROUGE). "
+        "`lmforge eval --compare A B` puts two result folders side by side.",
+    )
+    p.add_argument("checkpoint", nargs="?", help="model directory, or a LoRA adapter directory")
+    p.add_argument("--tasks", default="mmlu,cmmlu", help="comma-separated (default: mmlu,cmmlu)")
+    p.add_argument("--out", help="results folder (default: CHECKPOINT/../eval)")
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling tasks (default: 0)")
+    p.add_argument(
+        "--compare", nargs=2, metavar=("A", "B"), help="compare two results folders instead"
+    )
+
     p = sub.add_parser("report", help="(re)write REPORT.md for a run directory")
     p.add_argument("run_dir", help="run directory")
     return top
@@ -476,6 +494,22 @@ def _cmd_serve(args, rest) -> int:
     return serve(app, args.host, args.port, log_level=args.log_level)
 
 
+def _cmd_eval(args) -> int:
+    from lmforge.eval import run as evaluation
+
+    if args.compare:
+        print(evaluation.compare(*args.compare))
+        return 0
+    if not args.checkpoint:
+        raise ConfigError("name a CHECKPOINT to evaluate, or pass --compare A B")
+    tasks = [t for t in args.tasks.split(",") if t]
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    rows = evaluation.run(args.checkpoint, tasks, out, limit=args.limit, seed=args.seed)
+    print(evaluation.table(rows))
+    print(f"results written to {out}")
+    return 0
+
+
 def _pull_overrides(argv: list[str], keep: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Separate `--key VALUE` overrides from the options argparse knows, before it sees them:
     otherwise an override's value could be taken for a positional argument."""
@@ -510,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args, rest)
         if rest:
-            if args.command in ("generate", "report", "chat", "export"):
+            if args.command in ("generate", "report", "chat", "export", "eval"):
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command in STAGE_SECTION:
             return _cmd_stage(args, rest)
@@ -520,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_chat(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
         if args.command == "serve":
             return _cmd_serve(args, rest)
         if args.command == "report":

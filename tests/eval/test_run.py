@@ -1,0 +1,51 @@
+"""`lmforge eval`: result files, the table, --compare, and clear errors, through the CLI."""
+
+import json
+import subprocess
+import sys
+
+
+def lmforge(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_eval_writes_results_and_compares(micro_pretrained, tmp_path):
+    model_dir = micro_pretrained[1]
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time there was a cat. 从前有一只猫。\n" * 20, encoding="utf-8")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"source": "Hello", "reference": "Hi"}) + "\n", encoding="utf-8")
+    out = tmp_path / "a"
+    tasks = f"mmlu,cmmlu,lm:{text},sim:{pairs}"
+    r = lmforge("eval", model_dir, "--tasks", tasks, "--limit", 4, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "| mmlu | acc |" in r.stdout and "| cmmlu | acc_norm |" in r.stdout
+    record = json.loads((out / "mmlu.json").read_text())
+    assert set(record) >= {"task", "results", "model", "config", "seed"}
+    row = record["results"][0]
+    assert set(row) == {"task", "metric", "value", "stderr", "n"} and row["n"] == 4
+    assert record["config"]["num_fewshot"] == 4 and record["config"]["limit"] == 4
+    lm = json.loads(next(out.glob("lm_*.json")).read_text())["results"]
+    metrics = {r["metric"]: r["value"] for r in lm}
+    assert metrics["perplexity"] > 1 and metrics["bits_per_byte"] > 0
+    sim = json.loads(next(out.glob("sim_*.json")).read_text())["results"]
+    assert {r["metric"] for r in sim} == {"bleu", "rouge1", "rouge2", "rougeL"}
+
+    r = lmforge("eval", model_dir, "--tasks", "mmlu", "--limit", 2, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    r = lmforge("eval", "--compare", out, tmp_path / "b")
+    assert r.returncode == 0 and "| mmlu | acc |" in r.stdout and "difference" in r.stdout
+
+
+def test_eval_errors_are_clear(micro_pretrained, tmp_path):
+    model_dir = micro_pretrained[1]
+    r = lmforge("eval", model_dir, "--tasks", "mmlux", "--out", tmp_path)
+    assert r.returncode == 2 and "unknown task 'mmlux'" in r.stderr and "mmlu" in r.stderr
+    r = lmforge("eval", model_dir, "--tasks", f"lm:{tmp_path / 'nope.txt'}", "--out", tmp_path)
+    assert r.returncode == 2 and "text file not found" in r.stderr
+    r = lmforge("eval", "--compare", tmp_path / "x", tmp_path / "y")
+    assert r.returncode == 2 and "no evaluation results" in r.stderr
+    r = lmforge("eval")
+    assert r.returncode == 2 and "name a CHECKPOINT" in r.stderr
