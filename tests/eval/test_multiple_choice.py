@@ -1,0 +1,134 @@
+"""Multiple choice: each format's loader, few-shot prompts, a memorising model scores 100%, a
+uniform model follows the stated tie rule."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.eval.multiple_choice import MCTask, build_context, evaluate_mc, load_rows, load_task
+from lmforge.model.checkpoint import load_model
+from lmforge.model.transformer import GPT
+from lmforge.tokenizer import Tokenizer
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def micro(micro_pretrained):
+    _, model_dir = micro_pretrained
+    return load_model(model_dir), Tokenizer.load(model_dir)
+
+
+def test_load_arc():
+    rows = load_rows("arc", DATA / "arc", "dev")
+    assert len(rows) == 8
+    assert rows[0] == {
+        "question": "Which gas do plants take in from the air to make food?",
+        "choices": ["oxygen", "carbon dioxide", "nitrogen", "helium"],
+        "gold": 1,
+        "subject": "",
+    }
+    assert rows[7]["gold"] == 1  # answerKey "2" among numeric labels 1-4
+
+
+def test_load_hellaswag():
+    rows = load_rows("hellaswag", DATA / "hellaswag", "dev")
+    assert [r["gold"] for r in rows] == [0, 1, 2, 0]
+    assert rows[1]["question"] == "A man sprays soap on a red car. he"
+    assert rows[1]["choices"][1] == "scrubs the car with a sponge."
+    assert rows[1]["subject"] == "Washing a car"
+
+
+@pytest.mark.parametrize("fmt,n_subjects", [("mmlu", 57), ("cmmlu", 67)])
+def test_load_bundled_dev(fmt, n_subjects):
+    rows = load_rows(fmt, f"datasets/eval/{fmt}", "dev")
+    assert len(rows) == 5 * n_subjects
+    assert len({r["subject"] for r in rows}) == n_subjects
+    assert all(len(r["choices"]) == 4 and 0 <= r["gold"] < 4 and r["question"] for r in rows)
+    if fmt == "mmlu":
+        assert rows[0]["subject"] == "abstract_algebra" and rows[0]["gold"] == 1
+    else:
+        assert rows[0] == {
+            "question": "肉牛屠宰后，胴体的哪个部位肉质较好",
+            "choices": ["胸", "腹", "大腿", "小腿"],
+            "gold": 2,
+            "subject": "agronomy",
+        }
+
+
+def test_bundled_tasks_load_and_fewshot_excludes_the_question():
+    for name in ("mmlu", "cmmlu", "arc_challenge", "hellaswag"):
+        assert load_task(name).name == name
+    task = load_task("mmlu")
+    rows = load_rows(task.format, task.path, task.split)
+    ctx = build_context(task, rows[0], rows)
+    assert ctx.startswith(
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+    )
+    assert ctx.count(rows[0]["question"]) == 1 and ctx.endswith("D. 3\nAnswer:")
+    assert ctx.count("\nAnswer:") == task.num_fewshot + 1
+    assert all(r["question"] not in ctx for r in rows[5:])  # other subjects stay out
+
+
+def _memorise(tok, texts, steps=100):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layer=2, n_head=4, max_seq_len=64)
+    model = GPT(cfg)
+    seqs = [[tok.bos_id] + tok.encode(t) for t in texts]
+    T = max(map(len, seqs))
+    x = torch.full((len(seqs), T), tok.pad_id)
+    for i, s in enumerate(seqs):
+        x[i, : len(s)] = torch.tensor(s)
+    y = x[:, 1:].masked_fill(x[:, 1:] == tok.pad_id, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # the floor is the first tokens' entropy (which sequence starts), not zero
+    assert loss.item() < 0.3, f"did not memorise: loss {loss.item():.3f}"
+    return model.eval()
+
+
+def test_memorising_model_scores_100(micro):
+    _, tok = micro
+    arc = MCTask(name="arc", format="arc", path=str(DATA / "arc"))
+    hs = MCTask(name="hs", format="hellaswag", path=str(DATA / "hellaswag"), prompt="{question}")
+    texts = []
+    for task in (arc, hs):
+        for r in load_rows(task.format, task.path, task.split):
+            texts.append(task.prompt.format(question=r["question"]) + " " + r["choices"][r["gold"]])
+    model = _memorise(tok, texts)
+    for task, n in ((arc, 8), (hs, 4)):
+        out = evaluate_mc(model, tok, task, batch_size=5)
+        assert out == {
+            "task": task.name,
+            "acc": 1.0,
+            "acc_stderr": 0.0,
+            "acc_norm": 1.0,
+            "acc_norm_stderr": 0.0,
+            "n": n,
+        }
+
+
+def test_uniform_model_answers_first_choice(micro):
+    """All logits equal: every one-token letter " A".." D" scores -log V, and ties go to the
+    first choice, so the model answers A and its accuracy is the share of questions whose answer
+    is A (near the 1/4 of chance)."""
+    model, tok = micro
+    uniform = copy.deepcopy(model)
+    uniform.lm_head.weight = torch.nn.Parameter(torch.zeros_like(uniform.lm_head.weight))
+    assert {len(tok.encode(f" {c}")) for c in "ABCD"} == {1}
+    task = MCTask(**{**load_task("mmlu").__dict__, "num_fewshot": 1})
+    out = evaluate_mc(uniform, tok, task, limit=100, batch_size=32)
+    golds = [r["gold"] for r in load_rows(task.format, task.path, task.split)[:100]]
+    share_a = sum(g == 0 for g in golds) / 100
+    assert out["n"] == 100
+    assert out["acc"] == pytest.approx(share_a) and out["acc_norm"] == pytest.approx(share_a)
+    assert out["acc_stderr"] == pytest.approx((share_a * (1 - share_a) / 100) ** 0.5)
+    assert abs(out["acc"] - 0.25) < 3 * 0.0433  # three standard errors of chance at n = 100
