@@ -1,0 +1,234 @@
+"""Generative tasks: GSM8K (k-shot math, exact match of the final number) and HumanEval (code
+completion, pass@k with the unit tests run in `sandbox.py`).
+
+The one idea: generation and scoring are separate steps. `gsm8k_outputs`/`humaneval_completions`
+turn a model into text; `score_gsm8k`/`score_humaneval` turn text into numbers, so scoring is
+tested on hand-written outputs and canonical solutions, without a model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from lmforge.eval.sandbox import run_code
+from lmforge.infer.generate import fit_prompt, stream_text
+
+GSM8K_SHOT_POOL = 8  # the file's first rows are worked examples for prompts and never scored
+GSM8K_STOP = ("Question:", "\n\n")
+HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _prompt_ids(tok, text: str) -> list[int]:
+    return ([tok.bos_id] if tok.prepend_bos else []) + tok.encode(text)
+
+
+def _generate(model, tok, text: str, stop, max_new_tokens: int, **sampling) -> tuple[str, bool]:
+    """(completion, whether the prompt was cut to fit the context: its oldest tokens go)."""
+    ids = _prompt_ids(tok, text)
+    fitted = fit_prompt(ids, model.cfg.max_seq_len, max_new_tokens, truncate=True)
+    pieces = stream_text(model, tok, fitted, stop=stop, max_new_tokens=max_new_tokens, **sampling)
+    return "".join(pieces), len(fitted) < len(ids)
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error sqrt(var / n) (population variance, as multiple_choice)."""
+    n = len(values)
+    if n == 0:
+        return 0.0, 0.0
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n / n)
+
+
+# --- GSM8K
+
+# a number: thousands with commas ("1,234") or plain digits, optional decimals; a minus sign
+# counts only when it does not join two words or numbers ("3-4" is a range, not -4)
+_NUMBER = re.compile(r"(?<![\w.])(-)?\s?\$?\s?(-)?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?")
+
+
+def _normalize(sign: str, digits: str, decimals: str) -> str | None:
+    try:
+        value = Decimal(sign + digits.replace(",", "") + (decimals or ""))
+    except InvalidOperation:
+        return None
+    if value == 0:
+        return "0"
+    return format(value.normalize(), "f")  # "3.50" -> "3.5", "1E+2" -> "100"
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer as a canonical number string, or None. Looks after the last "####"
+    (GSM8K's reference format) or "answer is", else takes the last number in the text."""
+    for marker in ("####", "answer is", "Answer is", "answer:", "Answer:"):
+        cut = text.rfind(marker)
+        if cut >= 0:
+            m = _NUMBER.search(text, cut + len(marker))
+            if m:
+                return _normalize(m[1] or m[2] or "", m[3], m[4])
+    found = list(_NUMBER.finditer(text))
+    if not found:
+        return None
+    m = found[-1]
+    return _normalize(m[1] or m[2] or "", m[3], m[4])
+
+
+def worked_answer(reference: str) -> str:
+    """A GSM8K reference as a prompt shows it: calculator notes `<<48/2=24>>` removed and the
+    `#### N` line replaced by "The answer is N." (the form `extract_answer` looks for)."""
+    reasoning, _, final = reference.partition("####")
+    reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
+    return f"{reasoning}\nThe answer is {final.strip()}."
+
+
+def gsm8k_prompt(question: str, shots: list[dict]) -> str:
+    parts = [f"Question: {s['question']}\nAnswer: {worked_answer(s['answer'])}\n\n" for s in shots]
+    return "".join(parts) + f"Question: {question}\nAnswer:"
+
+
+def gsm8k_outputs(
+    model, tok, rows: list[dict], shots: list[dict], max_new_tokens: int = 128
+) -> tuple[list[str], int]:
+    """Greedy answers to rows, and how many prompts had to lose shots or tokens to fit."""
+    outputs, cut = [], 0
+    for row in rows:
+        k = len(shots)
+        # drop whole shots before cutting tokens: a prompt starting mid-question confuses more
+        while (
+            k > 0
+            and len(_prompt_ids(tok, gsm8k_prompt(row["question"], shots[:k])))
+            + min(max_new_tokens, model.cfg.max_seq_len // 2)
+            > model.cfg.max_seq_len
+        ):
+            k -= 1
+        text, truncated = _generate(
+            model, tok, gsm8k_prompt(row["question"], shots[:k]), GSM8K_STOP, max_new_tokens
+        )
+        outputs.append(text)
+        cut += truncated or k < len(shots)
+    return outputs, cut
+
+
+def score_gsm8k(rows: list[dict], outputs: list[str]) -> dict:
+    """Exact match of the extracted final number against the reference's `#### N`."""
+    correct = [
+        float(
+            extract_answer(out) is not None and extract_answer(out) == extract_answer(row["answer"])
+        )
+        for row, out in zip(rows, outputs, strict=True)
+    ]
+    acc, se = _mean_stderr(correct)
+    return {"accuracy": acc, "accuracy_stderr": se, "n": len(rows)}
+
+
+def evaluate_gsm8k(
+    model, tok, path: str | Path, k: int = 4, limit: int | None = None, max_new_tokens: int = 128
+) -> dict:
+    """k-shot GSM8K accuracy on the rows after the shot pool (see datasets/eval/gsm8k)."""
+    rows = load_jsonl(path)
+    assert 0 <= k <= GSM8K_SHOT_POOL < len(rows), f"k={k} must be at most {GSM8K_SHOT_POOL}"
+    shots, rows = rows[:k], rows[GSM8K_SHOT_POOL:][:limit]
+    outputs, cut = gsm8k_outputs(model, tok, rows, shots, max_new_tokens)
+    result = score_gsm8k(rows, outputs)
+    return {**result, "k": k, "prompts_cut": cut, "example_output": outputs[0] if outputs else ""}
+
+
+# --- HumanEval
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c pass (Chen et al. 2021, arXiv:2107.03374):
+    1 - C(n-c, k) / C(n, k), as a product: the binomials overflow floats for large n."""
+    assert 0 <= c <= n and 1 <= k <= n, f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}"
+    if n - c < k:  # every draw of k samples holds a passing one
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    return (
+        f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    )
+
+
+def humaneval_completions(
+    model,
+    tok,
+    problems: list[dict],
+    n: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+) -> tuple[list[list[str]], int]:
+    """n completions per problem (greedy at temperature 0, nucleus 0.95 otherwise), and how
+    many prompts lost their oldest tokens to fit the context."""
+    sampling = {"temperature": temperature, "top_p": 0.95 if temperature > 0 else 1.0}
+    completions, cut = [], 0
+    for p, problem in enumerate(problems):
+        samples = []
+        for i in range(n):
+            text, truncated = _generate(
+                model, tok, problem["prompt"], HUMANEVAL_STOP, max_new_tokens,
+                seed=seed + p * n + i, **sampling,
+            )  # fmt: skip
+            samples.append(text)
+            cut += truncated and i == 0
+        completions.append(samples)
+    return completions, cut
+
+
+def score_humaneval(
+    problems: list[dict], completions: list[list[str]], k=(1,), timeout_s: float = 5.0
+) -> dict:
+    """pass@k (mean over problems, with its standard error) of the given completions, each run
+    with the problem's tests in the sandbox."""
+    statuses: dict[str, int] = {}
+    per_problem: dict[int, list[float]] = {kk: [] for kk in k}
+    for problem, samples in zip(problems, completions, strict=True):
+        c = 0
+        for completion in samples:
+            result = run_code(humaneval_program(problem, completion), timeout_s=timeout_s)
+            statuses[result.status] = statuses.get(result.status, 0) + 1
+            c += result.passed
+        for kk in k:
+            per_problem[kk].append(pass_at_k(len(samples), c, kk))
+    out: dict = {}
+    for kk in k:
+        out[f"pass@{kk}"], out[f"pass@{kk}_stderr"] = _mean_stderr(per_problem[kk])
+    return {**out, "n": len(problems), "statuses": statuses}
+
+
+def evaluate_humaneval(
+    model,
+    tok,
+    path: str | Path,
+    n: int = 1,
+    k=(1,),
+    temperature: float | None = None,
+    limit: int | None = None,
+    max_new_tokens: int = 256,
+    timeout_s: float = 5.0,
+    seed: int = 0,
+) -> dict:
+    """HumanEval pass@k from n completions per problem; temperature defaults to 0 (greedy)
+    for n = 1 and 0.8 for n > 1, where greedy samples would all be the same."""
+    assert all(1 <= kk <= n for kk in k), f"every k in {k} must be between 1 and n={n}"
+    if temperature is None:
+        temperature = 0.0 if n == 1 else 0.8
+    problems = load_jsonl(path)[:limit]
+    completions, cut = humaneval_completions(
+        model, tok, problems, n, temperature, max_new_tokens, seed
+    )
+    result = score_humaneval(problems, completions, k, timeout_s)
+    return {**result, "n_samples": n, "temperature": temperature, "prompts_cut": cut}
