@@ -132,9 +132,14 @@ def _target(task: MCTask, row: dict, i: int) -> str:
 
 
 def build_context(task: MCTask, row: dict, shots: list[dict]) -> str:
-    """Description, then the first k same-subject rows of the few-shot pool that are not the
-    question itself, each answered, then the question."""
-    same = [s for s in shots if s["subject"] == row["subject"] and s["question"] != row["question"]]
+    """Description, then the first k rows of the few-shot pool (of the same subject for MMLU and
+    CMMLU) that are not the question itself, each answered, then the question."""
+    by_subject = task.format in ("mmlu", "cmmlu")
+    same = [
+        s
+        for s in shots
+        if s["question"] != row["question"] and (not by_subject or s["subject"] == row["subject"])
+    ]
     parts = [_prompt(task, s) + _target(task, s, s["gold"]) for s in same[: task.num_fewshot]]
     head = task.description.format(subject=row["subject"].replace("_", " "))
     return head + "\n\n".join(parts + [_prompt(task, row)])

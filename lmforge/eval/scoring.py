@@ -68,11 +68,10 @@ def perplexity(
     then each chunk's first token has no history and goes unscored, as in the guide.
     A string is encoded with BOS first (if the tokenizer has one); token ids are used as given.
     Returns loss (nats/token), perplexity, bits_per_byte (of the scored tokens' text) and tokens."""
-    ids = (
-        text
-        if not isinstance(text, str)
-        else ([tok.bos_id] if tok.prepend_bos else []) + tok.encode(text)
-    )
+    if isinstance(text, str):
+        ids = ([tok.bos_id] if tok.prepend_bos else []) + tok.encode(text)
+    else:
+        ids = [int(t) for t in text]
     L = model.cfg.max_seq_len
     stride = stride or L
     assert 0 < stride <= L, f"stride {stride} must be in [1, context {L}]"
