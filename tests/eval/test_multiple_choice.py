@@ -132,3 +132,15 @@ def test_uniform_model_answers_first_choice(micro):
     assert out["acc"] == pytest.approx(share_a) and out["acc_norm"] == pytest.approx(share_a)
     assert out["acc_stderr"] == pytest.approx((share_a * (1 - share_a) / 100) ** 0.5)
     assert abs(out["acc"] - 0.25) < 3 * 0.0433  # three standard errors of chance at n = 100
+
+
+def test_arc_fewshot_draws_from_the_whole_pool():
+    task = MCTask(name="arc", format="arc", path=str(DATA / "arc"), num_fewshot=2)
+    rows = load_rows(task.format, task.path, task.split)
+    ctx = build_context(task, rows[0], rows)
+    expected = [
+        "Question: What is the main source of energy for Earth's water cycle?\nAnswer: the Sun",
+        "Question: Which object is a good conductor of electricity?\nAnswer: a copper wire",
+        "Question: Which gas do plants take in from the air to make food?\nAnswer:",
+    ]
+    assert ctx == "\n\n".join(expected)
