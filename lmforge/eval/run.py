@@ -65,9 +65,9 @@ def run_task(model, tok, name: str, limit: int | None, seed: int) -> tuple[list[
 
         if name == "gsm8k":
             m = generative.evaluate_gsm8k(model, tok, _bundled("gsm8k"), limit=limit)
-            return _rows(name, m, ["accuracy", "exact_match", "acc"]), {"k": m.get("k")}
+            return _rows(name, m, ["accuracy"]), {"k": m.get("k")}
         m = generative.evaluate_humaneval(model, tok, _bundled("humaneval"), limit=limit)
-        keys = [k for k in m if k.startswith("pass@")]
+        keys = [k for k in m if k.startswith("pass@") and not k.endswith("_stderr")]
         return _rows(name, m, keys), {"n_samples": m.get("n_samples")}
     from lmforge.eval.multiple_choice import evaluate_mc, load_task
 

@@ -33,8 +33,16 @@ def test_eval_writes_results_and_compares(micro_pretrained, tmp_path):
     sim = json.loads(next(out.glob("sim_*.json")).read_text())["results"]
     assert {r["metric"] for r in sim} == {"bleu", "rouge1", "rouge2", "rougeL"}
 
-    r = lmforge("eval", model_dir, "--tasks", "mmlu", "--limit", 2, "--out", tmp_path / "b")
+    r = lmforge(
+        "eval", model_dir, "--tasks", "mmlu,gsm8k,humaneval", "--limit", 2, "--out", tmp_path / "b"
+    )
     assert r.returncode == 0, r.stderr
+    gen = {
+        r["metric"]: r
+        for f in ("gsm8k", "humaneval")
+        for r in json.loads((tmp_path / "b" / f"{f}.json").read_text())["results"]
+    }
+    assert set(gen) == {"accuracy", "pass@1"} and gen["pass@1"]["n"] == 2
     r = lmforge("eval", "--compare", out, tmp_path / "b")
     assert r.returncode == 0 and "| mmlu | acc |" in r.stdout and "difference" in r.stdout
 
