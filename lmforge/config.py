@@ -304,6 +304,25 @@ class LoRAConfig:  # `lora:` low-rank adapters for fine-tuning (r = 0: train eve
             raise ConfigError("lora.targets is empty; name at least one projection")
 
 
+@dataclass
+class EvalConfig:  # `eval:` the report card written by `lmforge run` (lmforge eval for one model)
+    tasks: list[str] = field(
+        default_factory=lambda: ["mmlu", "cmmlu", "gsm8k", "humaneval"]
+    )  # task names (see lmforge eval --help); empty = no evaluation stage
+    limit: int = 100  # at most this many examples per task (0 = all)
+    models: list[str] = field(
+        default_factory=lambda: ["pretrain", "sft"]
+    )  # which of the run's models to evaluate, side by side: pretrain | sft
+    seed: int = 0  # seed for sampling tasks
+
+    def __post_init__(self):
+        bad = [m for m in self.models if m not in ("pretrain", "sft")]
+        if bad:
+            raise ConfigError(f"eval.models: unknown model {bad[0]!r}; choose pretrain or sft")
+        if self.limit < 0:
+            raise ConfigError(f"eval.limit must be >= 0, got {self.limit}")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "tokenizer": TokenizerConfig,
@@ -312,6 +331,7 @@ SECTIONS: dict[str, type] = {
     "sample": SampleConfig,
     "sft": SFTConfig,
     "lora": LoRAConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -326,6 +346,7 @@ class Recipe:
     sample: SampleConfig = field(default_factory=SampleConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     base_dir: str = "."  # folder of the recipe file, for resolving relative paths
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from lmforge.config import Recipe, config_hash, resolve_path
 from lmforge.io import read_json, write_json
 
-STAGES = ("tokenizer", "data", "pretrain", "sft", "sample")
+STAGES = ("tokenizer", "data", "pretrain", "sft", "sample", "eval")
 # pretraining options that change how a run is watched or where it runs, not what it computes
 _PRETRAIN_RUNTIME = (
     "resume",
@@ -57,7 +57,15 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
     }
     sft = config_hash(sft_cfg | {"sources": sft_sources}, recipe.lora, pretrain)
     sample = config_hash(recipe.sample, pretrain, sft if recipe.sft.sources else None)
-    return {"tokenizer": tok, "data": prep, "pretrain": pretrain, "sft": sft, "sample": sample}
+    ev = config_hash(recipe.eval, pretrain, sft if recipe.sft.sources else None)
+    return {
+        "tokenizer": tok,
+        "data": prep,
+        "pretrain": pretrain,
+        "sft": sft,
+        "sample": sample,
+        "eval": ev,
+    }
 
 
 def stage_state(stage_dir: Path) -> dict:
@@ -153,8 +161,8 @@ def chat_answers(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
 
 
 def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print) -> dict:
-    """tokenizer -> data (prepare) -> pretrain -> sft (when the recipe has sft sources) -> sample,
-    then REPORT.md. Returns stage results."""
+    """tokenizer -> data (prepare) -> pretrain -> sft (when the recipe has sft sources) -> sample
+    -> eval (when the recipe names tasks), then REPORT.md. Returns stage results."""
     from lmforge.align import sft
     from lmforge.data import prepare
     from lmforge.report import write_report
@@ -227,6 +235,23 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
         results["sample"] = run_stage(
             "sample", out, hashes["sample"], sample, "sample" in force, log
         )
+
+        def evaluate(d):
+            from lmforge.eval import run as evaluation
+
+            done = {}
+            for name in recipe.eval.models:
+                if name == "sft" and not recipe.sft.sources:
+                    continue
+                ckpt = out / name / ("adapter" if name == "sft" and recipe.lora.r else "model")
+                rows = evaluation.run(
+                    ckpt, recipe.eval.tasks, d / name, recipe.eval.limit or None, recipe.eval.seed
+                )
+                done[name] = rows
+            return {"models": list(done)}
+
+        if recipe.eval.tasks:
+            results["eval"] = run_stage("eval", out, hashes["eval"], evaluate, "eval" in force, log)
     finally:
         report = write_report(out)
         log(f"report: {report}")

@@ -25,6 +25,59 @@ def _duration(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
 
+def _report_card(run: Path) -> list[str]:
+    """The evaluation table (one column per evaluated model) and a bar chart of the main
+    metric of each task, from the eval stage's result files."""
+    models = [d for d in ("pretrain", "sft") if (run / "eval" / d).is_dir()]
+    if not models:
+        return []
+    from lmforge.eval.run import read_results
+
+    results = {}
+    for m in models:
+        try:
+            results[m] = {(r["task"], r["metric"]): r for r in read_results(run / "eval" / m)}
+        except Exception:  # an unfinished stage: report what is there
+            continue
+    keys = sorted({k for rows in results.values() for k in rows})
+    if not keys:
+        return []
+    lines = ["## Evaluation", "", "| task | metric | n | " + " | ".join(results) + " |"]
+    lines.append("|---|---|---:|" + "---:|" * len(results))
+    for key in keys:
+        cells = []
+        for rows in results.values():
+            r = rows.get(key)
+            se = f" ± {r['stderr']:.3f}" if r and r.get("stderr") is not None else ""
+            cells.append(f"{r['value']:.3f}{se}" if r else "-")
+        n = next(rows[key]["n"] for rows in results.values() if key in rows)
+        lines.append(f"| {key[0]} | {key[1]} | {n} | " + " | ".join(cells) + " |")
+    lines.append("")
+    main = [k for k in keys if k[1] in ("acc", "accuracy", "pass@1")]
+    if main:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(main), 3.2))
+        width = 0.8 / len(results)
+        for j, (m, rows) in enumerate(results.items()):
+            xs = [i + j * width for i in range(len(main))]
+            vals = [rows[k]["value"] if k in rows else 0 for k in main]
+            errs = [(rows[k].get("stderr") or 0) if k in rows else 0 for k in main]
+            ax.bar(xs, vals, width, yerr=errs, label=m, capsize=3)
+        ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(main))])
+        ax.set_xticklabels([f"{t}\n{m}" for t, m in main], fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(run / "eval" / "report_card.png", dpi=100)
+        plt.close(fig)
+        lines += ["![report card](eval/report_card.png)", ""]
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     lines = [f"# lmforge run: `{run.name}`", ""]
@@ -32,7 +85,7 @@ def write_report(run_dir: str | Path) -> Path:
     # --- stages
     rows = []
     total = 0.0
-    for stage in ("tokenizer", "data", "pretrain", "sft", "sample"):
+    for stage in ("tokenizer", "data", "pretrain", "sft", "sample", "eval"):
         st = _load(run / stage / "stage.json") or {}
         if st:
             secs = st.get("seconds", 0.0)
@@ -151,6 +204,9 @@ def write_report(run_dir: str | Path) -> Path:
         for s in samples:
             text = s["completion"].replace("\n", " ⏎ ")
             lines += [f"**{s['prompt']}**{text}", ""]
+
+    # --- evaluation
+    lines += _report_card(run)
 
     # --- config
     recipe = _load(run / "recipe.json")

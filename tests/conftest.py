@@ -52,6 +52,9 @@ sample:
   max_new_tokens: 8
   chat_prompts: ["Name a color."]
   chat_max_new_tokens: 6
+eval:
+  tasks: [mmlu, gsm8k]
+  limit: 2
 """
 
 

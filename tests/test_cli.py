@@ -38,6 +38,10 @@ def test_run_end_to_end_then_skip_then_generate(micro_recipe_path, tmp_path):
     for section in ("## Data", "## Pretraining", "## Samples", "bits per byte", "loss curve"):
         assert section in report
     assert "## Instruction tuning (SFT)" in report and "## Answers before and after SFT" in report
+    assert "## Evaluation" in report and "| mmlu | acc | 2 |" in report
+    assert (out / "eval" / "report_card.png").exists() and (
+        out / "eval" / "sft" / "gsm8k.json"
+    ).exists()
     assert "| en |" in report and "| zh |" in report
     samples = json.loads((out / "sample" / "samples.json").read_text())
     assert [s["prompt"] for s in samples] == ["Once upon a time", "话说"]
@@ -49,7 +53,7 @@ def test_run_end_to_end_then_skip_then_generate(micro_recipe_path, tmp_path):
     }
 
     r = lmforge("run", micro_recipe_path, "--out", out, "--pretrain.max_steps", 4)
-    assert r.returncode == 0 and r.stdout.count("up to date") == 5, r.stdout
+    assert r.returncode == 0 and r.stdout.count("up to date") == 6, r.stdout
     # a changed SFT setting redoes SFT and the samples, not the stages before them
     r = lmforge("run", micro_recipe_path, "--out", out, "--pretrain.max_steps", 4, "--sft.lr", 2e-3)
     assert r.returncode == 0 and r.stdout.count("up to date") == 3, r.stdout
