@@ -9,7 +9,8 @@ Task names:
 - a file in lmforge/eval/tasks/ (mmlu, cmmlu, arc_challenge, hellaswag, ...) or a path to a
   task YAML of that shape: multiple choice by log-likelihood;
 - gsm8k, humaneval: the bundled generative sets (datasets/eval/);
-- lm:PATH: loss, perplexity and bits per byte of a text file (sliding windows);
+- lm:PATH: loss, perplexity and bits per byte of a text file, or of each language's validation
+  shard in a prepared data folder (its first `limit` tokens), with sliding windows;
 - sim:PATH: BLEU and ROUGE on a JSONL file of {"source", "reference"} rows.
 """
 
@@ -51,10 +52,26 @@ def run_task(model, tok, name: str, limit: int | None, seed: int) -> tuple[list[
         from lmforge.eval.scoring import perplexity
 
         path = Path(name[3:])
+        keys = ["loss", "perplexity", "bits_per_byte"]
+        stride = max(1, model.cfg.max_seq_len // 2)  # every token after the first is scored,
+        # with at least half a context of history once past the first window
+        if (path / "manifest.json").is_file():  # a prepared data folder: its validation shards
+            import numpy as np
+
+            from lmforge.data.loader import _memmap, read_manifest
+
+            manifest, rows = read_manifest(path), []
+            for lang, val in sorted(manifest.get("val", {}).items()):
+                ids = _memmap(path, val["file"], np.dtype(manifest["dtype"]))[: limit or None]
+                m = perplexity(model, tok, ids.astype(np.int64).tolist(), stride)
+                rows += _rows(f"{name}:{lang}", m, keys)
+            if not rows:
+                raise ConfigError(f"lm task: {path} has no validation shards")
+            return rows, {"path": str(path), "max_tokens": limit}
         if not path.is_file():
-            raise ConfigError(f"lm task: text file not found: {path}")
-        m = perplexity(model, tok, path.read_text(encoding="utf-8"))
-        return _rows(name, m, ["loss", "perplexity", "bits_per_byte"]), {"path": str(path)}
+            raise ConfigError(f"lm task: text file or prepared data folder not found: {path}")
+        m = perplexity(model, tok, path.read_text(encoding="utf-8"), stride)
+        return _rows(name, m, keys), {"path": str(path), "stride": stride}
     if name.startswith("sim:"):
         from lmforge.eval.similarity import evaluate_similarity
 

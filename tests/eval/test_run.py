@@ -47,12 +47,23 @@ def test_eval_writes_results_and_compares(micro_pretrained, tmp_path):
     assert r.returncode == 0 and "| mmlu | acc |" in r.stdout and "difference" in r.stdout
 
 
+def test_eval_on_prepared_validation_shards(micro_prepared, micro_pretrained, tmp_path):
+    data_dir = micro_prepared[1] / "data"
+    r = lmforge(
+        "eval", micro_pretrained[1], "--tasks", f"lm:{data_dir}", "--limit", 300, "--out", tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(next(tmp_path.glob("lm_*.json")).read_text())["results"]
+    assert {r["task"].rsplit(":", 1)[1] for r in rows} == {"en", "zh"}
+    assert all(r["n"] == 299 for r in rows if r["metric"] == "loss")  # every token but the first
+
+
 def test_eval_errors_are_clear(micro_pretrained, tmp_path):
     model_dir = micro_pretrained[1]
     r = lmforge("eval", model_dir, "--tasks", "mmlux", "--out", tmp_path)
     assert r.returncode == 2 and "unknown task 'mmlux'" in r.stderr and "mmlu" in r.stderr
     r = lmforge("eval", model_dir, "--tasks", f"lm:{tmp_path / 'nope.txt'}", "--out", tmp_path)
-    assert r.returncode == 2 and "text file not found" in r.stderr
+    assert r.returncode == 2 and "text file or prepared data folder not found" in r.stderr
     r = lmforge("eval", "--compare", tmp_path / "x", tmp_path / "y")
     assert r.returncode == 2 and "no evaluation results" in r.stderr
     r = lmforge("eval")
