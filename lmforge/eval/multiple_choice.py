@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from lmforge.config import ConfigError
 from lmforge.eval.scoring import loglikelihood
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,10 +43,10 @@ class MCTask:  # one file in lmforge/eval/tasks/
     target: str = " {choice}"  # a choice's continuation: {choice} (its text) or {letter}
 
     def __post_init__(self):
-        assert self.format in FORMATS, (
-            f"task {self.name}: format {self.format!r} is not one of {FORMATS}"
-        )
-        assert self.num_fewshot >= 0, f"task {self.name}: num_fewshot must be >= 0"
+        if self.format not in FORMATS:
+            raise ConfigError(f"task {self.name}: format {self.format!r} is not one of {FORMATS}")
+        if self.num_fewshot < 0:
+            raise ConfigError(f"task {self.name}: num_fewshot must be >= 0")
 
 
 def load_task(path: str | Path) -> MCTask:
@@ -56,7 +57,8 @@ def load_task(path: str | Path) -> MCTask:
     d = yaml.safe_load(p.read_text(encoding="utf-8"))
     fields = set(MCTask.__dataclass_fields__)
     unknown = set(d) - fields
-    assert not unknown, f"{p}: unknown keys {sorted(unknown)}; valid: {sorted(fields)}"
+    if unknown:
+        raise ConfigError(f"{p}: unknown keys {sorted(unknown)}; valid: {sorted(fields)}")
     return MCTask(**d)
 
 
@@ -73,7 +75,8 @@ def _split_files(root: Path, split: str, pattern: str) -> list[Path]:
     files = files or [
         f for f in (root / f"{split}.jsonl", root / f"{split}.jsonl.gz") if f.exists()
     ]
-    assert files, f"no {split} data in {root}"
+    if not files:
+        raise ConfigError(f"no {split} data in {root}")
     return files
 
 

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from lmforge.config import ConfigError
+
 
 @torch.no_grad()
 def loglikelihood(
@@ -84,7 +86,8 @@ def perplexity(
         prev_end = end
         if end == len(ids):
             break
-    assert requests, "nothing to score: the text needs at least two tokens"
+    if not requests:
+        raise ConfigError("nothing to score: the text needs at least two tokens")
     scores = loglikelihood(model, requests, batch_size)
     nats = -sum(s for s, _ in scores)
     scored = [t for _, cont in requests for t in cont]

@@ -64,6 +64,10 @@ def test_eval_errors_are_clear(micro_pretrained, tmp_path):
     assert r.returncode == 2 and "unknown task 'mmlux'" in r.stderr and "mmlu" in r.stderr
     r = lmforge("eval", model_dir, "--tasks", f"lm:{tmp_path / 'nope.txt'}", "--out", tmp_path)
     assert r.returncode == 2 and "text file or prepared data folder not found" in r.stderr
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("name: mine\nformat: arc\npath: nowhere\nshots: 2\n", encoding="utf-8")
+    r = lmforge("eval", model_dir, "--tasks", bad, "--out", tmp_path)
+    assert r.returncode == 2 and "unknown keys ['shots']" in r.stderr
     r = lmforge("eval", "--compare", tmp_path / "x", tmp_path / "y")
     assert r.returncode == 2 and "no evaluation results" in r.stderr
     r = lmforge("eval")
