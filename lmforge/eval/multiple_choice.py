@@ -24,7 +24,7 @@ from lmforge.config import ConfigError
 from lmforge.eval.scoring import loglikelihood
 
 REPO = Path(__file__).resolve().parents[2]
-FORMATS = ("mmlu", "cmmlu", "arc", "hellaswag")
+FORMATS = ("mmlu", "cmmlu", "ceval", "arc", "hellaswag")
 LETTERS = "ABCDEFGH"
 
 
@@ -88,17 +88,17 @@ def _subject(path: Path) -> str:
 def load_rows(fmt: str, path: str | Path, split: str) -> list[dict]:
     root = Path(path) if Path(path).is_absolute() else REPO / path
     rows = []
-    if fmt in ("mmlu", "cmmlu"):
+    if fmt in ("mmlu", "cmmlu", "ceval"):
         for f in _split_files(root, split, "*.csv*"):
             for r in csv.DictReader(io.StringIO(_read_text(f))):
                 if fmt == "mmlu":  # the mirror's reformatted files: choice0-3, 0-based answer
                     choices = [r[f"choice{i}"] for i in range(4)]
                     gold = int(r["answer"])
                     question = r["question"]
-                else:  # CMMLU: ,Question,A,B,C,D,Answer with a letter answer
+                else:  # CMMLU: ,Question,A,B,C,D,Answer; C-Eval: id,question,A-D,answer,...
                     choices = [r[c] for c in "ABCD"]
-                    gold = LETTERS.index(r["Answer"].strip())
-                    question = r["Question"]
+                    gold = LETTERS.index((r.get("Answer") or r.get("answer") or "").strip())
+                    question = r.get("Question") or r.get("question")
                 rows.append(
                     {"question": question, "choices": choices, "gold": gold, "subject": _subject(f)}
                 )
@@ -158,7 +158,12 @@ def _stats(correct: list[bool]) -> tuple[float, float]:
 
 
 def evaluate_mc(
-    model, tok, task: MCTask | str | Path, limit: int | None = None, batch_size: int = 16
+    model,
+    tok,
+    task: MCTask | str | Path,
+    limit: int | None = None,
+    batch_size: int = 16,
+    share_context: bool = True,
 ) -> dict:
     """Accuracy and byte-length-normalised accuracy with standard errors over the task's split
     (its first `limit` rows). Ties go to the first choice: a model with uniform logits answers
@@ -172,7 +177,7 @@ def evaluate_mc(
         ctx = bos + tok.encode(build_context(task, row, shots))
         spans.append((len(requests), len(row["choices"])))
         requests += [(ctx, tok.encode(_target(task, row, i))) for i in range(len(row["choices"]))]
-    scores = [s for s, _ in loglikelihood(model, requests, batch_size)]
+    scores = [s for s, _ in loglikelihood(model, requests, batch_size, share_context)]
     acc, acc_norm = [], []
     for row, (start, n) in zip(rows, spans):
         ll = scores[start : start + n]

@@ -17,11 +17,15 @@ from lmforge.config import ConfigError
 
 @torch.no_grad()
 def loglikelihood(
-    model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16
+    model,
+    requests: list[tuple[list[int], list[int]]],
+    batch_size: int = 16,
+    share_context: bool = True,
 ) -> list[tuple[float, bool]]:
     """(summed log-prob of the continuation, whether every continuation token is the greedy
     argmax) per request, in input order. Contexts too long for the model lose their oldest tokens;
-    the continuation is always kept whole."""
+    the continuation is always kept whole. share_context=False runs every request on its own
+    (for benchmarks: the results are the same)."""
     max_len = model.cfg.max_seq_len
     rows = []  # (input ids, target ids, continuation length)
     for ctx, cont in requests:
@@ -33,29 +37,46 @@ def loglikelihood(
         )
         full = (list(ctx) + list(cont))[-(max_len + 1) :]  # left truncation
         rows.append((full[:-1], full[1:], len(cont)))
+    # a one-token continuation is read off the context's last position, so requests that share
+    # their context and continue it by one token (the A/B/C/D of a multiple-choice question)
+    # share one forward: a job is (input, its rows, whether it is such a shared job)
+    jobs: list[tuple[list[int], list[int], bool]] = []
+    shared: dict[tuple[int, ...], int] = {}
+    for i, (inp, _, n_cont) in enumerate(rows):
+        if n_cont == 1 and share_context:
+            key = tuple(inp)
+            if key not in shared:
+                shared[key] = len(jobs)
+                jobs.append((inp, [], True))
+            jobs[shared[key]][1].append(i)
+        else:
+            jobs.append((inp, [i], False))
     # longest first: each batch pads to its first row, so similar lengths waste the least compute
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    order = sorted(range(len(jobs)), key=lambda j: -len(jobs[j][0]))
     device = next(model.parameters()).device
     out: list[tuple[float, bool] | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        T = len(rows[idx[0]][0])
+        T = len(jobs[idx[0]][0])
         x = torch.zeros(len(idx), T, dtype=torch.long)  # pad id 0: never read by a real token
-        y = torch.zeros(len(idx), T, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.bool)  # the continuation's target positions
-        for r, i in enumerate(idx):
-            inp, tgt, n_cont = rows[i]
-            x[r, : len(inp)] = torch.tensor(inp)
-            y[r, : len(tgt)] = torch.tensor(tgt)
-            mask[r, len(tgt) - n_cont : len(tgt)] = True
-        x, y, mask = x.to(device), y.to(device), mask.to(device)
-        logp = model(x).float().log_softmax(-1)  # (B, T, V)
-        tok_logp = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
-        hit = logp.argmax(-1) == y  # (B, T)
-        sums = (tok_logp * mask).sum(-1).tolist()
-        greedy = (hit | ~mask).all(-1).tolist()
-        for r, i in enumerate(idx):
-            out[i] = (sums[r], greedy[r])
+        for r, j in enumerate(idx):
+            x[r, : len(jobs[j][0])] = torch.tensor(jobs[j][0])
+        logp = model(x.to(device)).float().log_softmax(-1)  # (B, T, V)
+        for r, j in enumerate(idx):
+            inp, members, one_token = jobs[j]
+            if one_token:
+                last = logp[r, len(inp) - 1]  # (V,): the next-token distribution after the context
+                best = int(last.argmax())
+                for i in members:
+                    t = rows[i][1][-1]
+                    out[i] = (float(last[t]), best == t)
+                continue
+            (i,) = members
+            tgt, n_cont = rows[i][1], rows[i][2]
+            pos = torch.arange(len(tgt) - n_cont, len(tgt), device=device)
+            y = torch.tensor(tgt[-n_cont:], device=device)
+            lp = logp[r, pos]  # (n_cont, V)
+            out[i] = (float(lp.gather(-1, y[:, None]).sum()), bool((lp.argmax(-1) == y).all()))
     return out
 
 

@@ -144,3 +144,21 @@ def test_arc_fewshot_draws_from_the_whole_pool():
         "Question: Which gas do plants take in from the air to make food?\nAnswer:",
     ]
     assert ctx == "\n\n".join(expected)
+
+
+def test_ceval_format(micro_pretrained):
+    """C-Eval's csv (id,question,A,B,C,D,answer,explanation) loads and scores like CMMLU."""
+    from pathlib import Path
+
+    from lmforge.eval.multiple_choice import MCTask, evaluate_mc, load_rows
+    from lmforge.model.checkpoint import load_model
+    from lmforge.tokenizer import Tokenizer
+
+    root = Path(__file__).parent / "data" / "ceval"
+    rows = load_rows("ceval", root, "val")
+    assert [r["gold"] for r in rows] == [0, 1] and rows[0]["choices"][0] == "中国"
+    assert rows[0]["question"] == "长城位于哪个国家？" and rows[0]["subject"]
+    task = MCTask(name="ceval", format="ceval", path=str(root), split="val", num_fewshot=1)
+    model_dir = micro_pretrained[1]
+    res = evaluate_mc(load_model(model_dir), Tokenizer.load(model_dir), task)
+    assert res["n"] == 2 and 0 <= res["acc"] <= 1

@@ -104,3 +104,17 @@ def test_uniform_model_perplexity_is_vocab_size(micro):
     uniform.lm_head.weight = torch.nn.Parameter(torch.zeros_like(uniform.lm_head.weight))  # unties
     out = perplexity(uniform, tok, "The quick brown fox jumps over the lazy dog. " * 8, stride=32)
     assert out["perplexity"] == pytest.approx(model.cfg.vocab_size, rel=1e-5)
+
+
+def test_shared_context_scoring_equals_one_request_at_a_time(micro_pretrained):
+    """Choices that continue one context by a single token share its forward: same numbers."""
+    from lmforge.eval.scoring import loglikelihood
+    from lmforge.model.checkpoint import load_model
+
+    model = load_model(micro_pretrained[1]).eval()
+    ctx = [1, 40, 41, 42, 43]
+    reqs = [(ctx, [t]) for t in (50, 51, 52, 53)] + [(ctx[:3], [7, 8]), ([1, 9], [10])]
+    shared = loglikelihood(model, reqs, batch_size=4, share_context=True)
+    alone = loglikelihood(model, reqs, batch_size=1, share_context=False)
+    for (a, ga), (b, gb) in zip(shared, alone):
+        assert abs(a - b) < 1e-5 and ga == gb
