@@ -67,6 +67,19 @@ def _assert_a_step_trains_only_adapters(model, before: dict) -> None:
             assert torch.equal(after[k], v), f"frozen {k} changed"
 
 
+def _peft_model_with_random_b(peft, hf, lora, out_dir):
+    """PEFT's own adapted model with non-zero B (so the adapter changes the logits), saved to
+    out_dir with PEFT's save_pretrained."""
+    theirs = peft.get_peft_model(hf, lora).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    theirs.save_pretrained(out_dir)
+    return theirs
+
+
 def _max_diff(a, b):
     return (a - b).abs().max().item()
 
@@ -210,13 +223,7 @@ def test_we_open_a_peft_adapter(tmp_path, peft_env):
         save_model(_model(), tmp)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=HF_NAMES, task_type="CAUSAL_LM")
-    theirs = peft.get_peft_model(hf, lora).eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    theirs.save_pretrained(tmp_path / "a")
+    theirs = _peft_model_with_random_b(peft, hf, lora, tmp_path / "a")
     model = load_adapter(load_model(tmp_path / "m"), tmp_path / "a")
     x = _ids()
     with torch.no_grad():
@@ -429,13 +436,7 @@ def test_we_open_a_peft_gpt2_adapter(tmp_path, peft_env, gpt2_dir):
         fan_in_fan_out=True,
         task_type="CAUSAL_LM",
     )
-    theirs = peft.get_peft_model(hf, lora).eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    theirs.save_pretrained(tmp_path / "a")
+    theirs = _peft_model_with_random_b(peft, hf, lora, tmp_path / "a")
     model = load_adapter(load_model(gpt2_dir), tmp_path / "a")
     x = _ids()
     with torch.no_grad():
