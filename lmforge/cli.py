@@ -84,7 +84,8 @@ def _split_overrides(rest: list[str], own_section: str | None) -> dict[str, str]
 def _parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="lmforge",
-        description="Build a language model end to end: tokenizer, data shards, pretraining, generation.",
+        description="Build a language model end to end: tokenizer, data shards, pretraining, "
+        "instruction tuning (full or LoRA), evaluation, chat and an OpenAI-compatible server.",
         epilog="Quick start: lmforge run recipes/tiny-cpu.yaml --out runs/tiny  (then: lmforge generate runs/tiny/pretrain/model)",
     )
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
@@ -92,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         allow_abbrev=False,
-        help="run a whole recipe: tokenizer -> prepare -> pretrain -> samples -> REPORT.md",
+        help="run a whole recipe: tokenizer -> prepare -> pretrain -> sft -> samples -> eval -> "
+        "REPORT.md",
         description="Run every stage of a recipe in one run directory. Finished stages with the same config "
         "are skipped and an interrupted stage resumes, so rerunning the command continues the run. "
         "Override any recipe value with --section.key VALUE (e.g. --pretrain.max_steps 20).",
@@ -106,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
         "--force",
         default="",
         metavar="STAGES",
-        help="comma-separated stages to redo even if up to date (tokenizer,data,pretrain,sample)",
+        help="comma-separated stages to redo even if up to date "
+        "(tokenizer,data,pretrain,sft,sample,eval)",
     )
 
     for cmd, section, text in (
