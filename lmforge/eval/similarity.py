@@ -18,15 +18,16 @@ import math
 from pathlib import Path
 
 from lmforge.config import ConfigError
+from lmforge.data.readers import iter_lines
 
 
 def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
-    """The rows of a JSONL file with string `source` and `reference` fields."""
+    """The rows of a JSONL file (plain or .gz) with string `source` and `reference` fields."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"similarity task data not found: {path}")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in iter_lines(path):  # plain or .gz; bad UTF-8 is an error naming the line
         if not line.strip():
             continue
         try:

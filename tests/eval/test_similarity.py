@@ -1,5 +1,6 @@
 """BLEU and ROUGE equal the reference libraries' own results; bad data is a clear error."""
 
+import gzip
 import json
 
 import pytest
@@ -43,6 +44,14 @@ def test_pairs_file_errors_and_end_to_end(tmp_path, micro_pretrained):
         read_pairs(bad)
     with pytest.raises(ConfigError, match="not found"):
         read_pairs(tmp_path / "missing.jsonl")
+    packed = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(packed, "wt", encoding="utf-8") as f:
+        f.write('{"source": "一", "reference": "one"}\n')
+    assert read_pairs(packed) == [{"source": "一", "reference": "one"}]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b'{"source": "a", "reference": "b"}\n{"source": "\xff"}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_pairs(broken)
     good = tmp_path / "pairs.jsonl"
     rows = [{"source": "Translate: cat", "reference": "猫"}, {"source": "Hi", "reference": "Hello"}]
     good.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
