@@ -22,6 +22,20 @@ STAGE_SECTION = {
     "prepare": "data",
     "pretrain": "pretrain",
     "sft": "sft",
+    "reward": "reward",
+    "dpo": "dpo",
+    "ppo": "ppo",
+    "grpo": "grpo",
+}
+# the alignment stages: module lmforge.align.<name>, run(cfg, model_dir, out_dir, base_dir, ...)
+ALIGN_STAGES = {
+    "reward": "train a reward model on preference pairs (Bradley-Terry); writes OUT/reward/model "
+    "(a LlamaForSequenceClassification-style checkpoint)",
+    "dpo": "align a chat model to preference pairs with DPO against a frozen reference; writes "
+    "OUT/dpo/model (OUT/dpo/adapter with --lora_r)",
+    "ppo": "RLHF: PPO against a reward model (or the qa checker), KL-penalised to the reference; "
+    "writes OUT/ppo/model",
+    "grpo": "GRPO with a verifiable reward (built-in arithmetic, or GSM8K); writes OUT/grpo/model",
 }
 DEFAULT_RECIPE = "recipes/tiny-cpu.yaml"
 
@@ -134,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
             "instruction-tune a model on chat data, fully or with LoRA (--lora.r 8); writes "
             "OUT/sft/model, or OUT/sft/adapter with LoRA",
         ),
+        *((cmd, cmd, text) for cmd, text in ALIGN_STAGES.items()),
     ):
         p = sub.add_parser(
             cmd,
@@ -157,6 +172,14 @@ def _parser() -> argparse.ArgumentParser:
         _add_section_options(p, section)
         if cmd == "pretrain":
             _add_section_options(p, "model", prefix="model.")
+        if cmd in ALIGN_STAGES:
+            p.add_argument(
+                "--model-dir",
+                help="model to start from: ours or any supported HF directory, or a LoRA adapter "
+                "(default: OUT/sft/model)",
+            )
+        if cmd == "dpo":
+            _add_section_options(p, "lora", prefix="lora.")
         if cmd == "sft":
             p.add_argument(
                 "--model-dir",
@@ -368,6 +391,8 @@ def _cmd_stage(args, rest) -> int:
         print(
             f"shards written to {out / 'data'} ({sum(s['tokens'] for s in manifest['train_shards']):,} training tokens)"
         )
+    elif args.command in ALIGN_STAGES:
+        return _cmd_align(args.command, recipe, out, args.model_dir)
     elif args.command == "sft":
         from lmforge.align.sft import run
 
@@ -409,6 +434,29 @@ def _cmd_stage(args, rest) -> int:
             )
             return 130
         print(f"model written to {out / 'pretrain' / 'model'}")
+    return 0
+
+
+def _cmd_align(name: str, recipe, out: Path, model_dir: str | None) -> int:
+    """reward, dpo, ppo, grpo: each driver returns a summary with `interrupted` and a
+    one-line `headline` of its result."""
+    import importlib
+
+    driver = importlib.import_module(f"lmforge.align.{name}")
+    cfg = getattr(recipe, name)
+    model_dir = model_dir or out / "sft" / "model"
+    if name == "ppo" and cfg.reward == "model" and not cfg.reward_model:
+        cfg.reward_model = str(out / "reward" / "model")
+    extra = (recipe.lora,) if name == "dpo" else ()
+    s = driver.run(cfg, *extra, model_dir=model_dir, out_dir=out / name, base_dir=recipe.base_dir)
+    if s["interrupted"]:
+        print(
+            f"interrupted at step {s['step']}; checkpoint saved under {out / name / 'checkpoints'}. "
+            "Run the same command to resume.",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"{name}: {s['headline']}")
     return 0
 
 

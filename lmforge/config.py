@@ -323,6 +323,227 @@ class EvalConfig:  # `eval:` the report card written by `lmforge run` (lmforge e
             raise ConfigError(f"eval.limit must be >= 0, got {self.limit}")
 
 
+@dataclass
+class PreferenceSourceConfig:  # one entry of `reward.sources`, `dpo.sources` or `ppo.sources`
+    name: str = ""  # short name used in reports
+    path: str = (
+        ""  # JSONL: chosen/rejected pairs (HH-RLHF dialogues, ShareGPT, or prompt/chosen/rejected)
+    )
+    max_rows: int = 0  # read at most this many rows (0 = all)
+
+    def __post_init__(self):
+        if not self.name:
+            self.name = Path(self.path).name.split(".")[0] or "source"
+        if not self.path:
+            raise ConfigError(f"preference source {self.name!r}: 'path' is required")
+        if self.max_rows < 0:
+            raise ConfigError(f"preference source {self.name!r}: max_rows must be >= 0")
+
+
+@dataclass
+class TrainLoopConfig:  # optimizer and loop settings shared by the alignment stages (not a section)
+    max_steps: int = 100  # optimizer steps (ppo, grpo: rollout batches)
+    batch_size: int = 8  # examples per micro-batch (a preference pair counts once)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256  # longest prompt + answer in tokens (at most model.max_seq_len)
+    lr: float = 5e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    warmup_steps: int = 10  # linear warmup from 0 to the peak
+    schedule: str = "cosine"  # after warmup: cosine | wsd | constant
+    decay_frac: float = 0.2  # wsd: fraction of steps spent in the final linear decay
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    eval_every: int = 50  # held-out metrics every N steps (0 = only at the end)
+    log_every: int = 10  # write a metrics line every N steps
+    save_every: int = 100  # write a checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2  # keep this many step checkpoints
+    seed: int = 1337  # seeds data order, sampling and initialisation
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    resume: bool = True  # continue from the newest checkpoint in the output folder if there is one
+
+    def __post_init__(self):
+        name = _section_name(type(self))
+        _check_positive(self, "max_steps", "batch_size", "grad_accum", "seq_len", "log_every")
+        _check_positive(self, "keep_last")
+        _check_choice(self, "schedule", ("cosine", "wsd", "constant"))
+        _check_choice(self, "device", ("auto", "cpu", "cuda", "mps"))
+        if self.lr <= 0:
+            raise ConfigError(f"{name}.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{name}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class PreferenceDataConfig(TrainLoopConfig):  # preference-pair data (not a section)
+    sources: list[PreferenceSourceConfig] = field(default_factory=list)  # preference pairs (JSONL)
+    system_prompt: str = ""  # system message put before prompts that have none ("" = none)
+    val_fraction: float = 0.1  # share of pairs held out, by a hash of the prompt
+    max_prompt_len: int = (
+        128  # a longer prompt keeps its last this-many tokens (answers are cut to fit seq_len)
+    )
+    skip_bad_rows: bool = False  # count and skip malformed pairs instead of stopping at the first
+
+    def __post_init__(self):
+        super().__post_init__()
+        where = _section_name(type(self))
+        self.sources = [
+            s
+            if isinstance(s, PreferenceSourceConfig)
+            else build(PreferenceSourceConfig, s, f"{where}.sources")
+            for s in self.sources
+        ]
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}.sources: duplicate source names {names}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"{where}.val_fraction must be in [0, 1), got {self.val_fraction}")
+        _check_positive(self, "max_prompt_len")
+        if self.max_prompt_len >= self.seq_len:
+            raise ConfigError(
+                f"{where}.max_prompt_len ({self.max_prompt_len}) must be below seq_len ({self.seq_len}) "
+                "so that some answer fits"
+            )
+
+
+@dataclass
+class RewardConfig(
+    PreferenceDataConfig
+):  # `reward:` a reward model from preference pairs (lmforge reward)
+    lr: float = 1e-4  # peak learning rate
+    max_steps: int = 200  # optimizer steps
+    center_rewards: float = (
+        0.0  # weight of a penalty on (r_chosen + r_rejected)^2, keeping scores near 0
+    )
+
+
+@dataclass
+class DPOConfig(PreferenceDataConfig):  # `dpo:` direct preference optimisation (lmforge dpo)
+    lr: float = 1e-5  # peak learning rate (DPO wants a small one for full fine-tuning)
+    beta: float = 0.1  # strength of the implicit KL to the reference: higher stays closer
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO: squared distance to 1 / (2 beta))
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning); alpha, dropout, targets from `lora:`
+    judge: str = ""  # reward-model directory: score policy vs reference answers on held-out prompts
+    judge_prompts: int = 64  # held-out prompts answered by both models for the judge's win rate
+    judge_max_new_tokens: int = 64  # answer length for the win rate (greedy)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice(self, "loss", ("sigmoid", "ipo"))
+        if self.beta <= 0:
+            raise ConfigError(f"dpo.beta must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(
+                f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}"
+            )
+        if self.lora_r < 0 or self.judge_prompts < 0:
+            raise ConfigError("dpo.lora_r and dpo.judge_prompts must be >= 0")
+
+
+@dataclass
+class RolloutConfig(TrainLoopConfig):  # sampling answers from the policy (not a section)
+    prompts_per_step: int = 8  # prompts per rollout batch (one optimizer phase per batch)
+    max_new_tokens: int = 32  # answer length limit in a rollout
+    temperature: float = 1.0  # rollout sampling temperature (1 = the policy's own distribution)
+    top_k: int = 0  # rollout top-k (0 = off: the policy gradient assumes unfiltered samples)
+    top_p: float = 1.0  # rollout nucleus threshold (1 = off)
+    kl_coef: float = 0.05  # weight of the KL penalty to the frozen reference model
+    clip_range: float = 0.2  # PPO ratio clip: the update keeps pi/pi_old within 1 +- this
+    eval_prompts: int = 64  # held-out prompts scored at each evaluation (greedy)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_positive(self, "prompts_per_step", "max_new_tokens", "clip_range")
+        if self.temperature <= 0 or self.kl_coef < 0 or self.eval_prompts < 0:
+            raise ConfigError(
+                f"{_section_name(type(self))}: temperature must be > 0, kl_coef and eval_prompts >= 0"
+            )
+
+
+@dataclass
+class PPOConfig(RolloutConfig):  # `ppo:` RLHF with PPO against a reward model (lmforge ppo)
+    sources: list[PreferenceSourceConfig] = field(
+        default_factory=list
+    )  # prompts: preference pairs' prompts, or rows with prompt/messages (+ answer for reward: qa)
+    reward: str = (
+        "model"  # model (a reward model, --reward_model) | qa (checker: correct > abstain > wrong)
+    )
+    reward_model: str = ""  # reward-model directory (lmforge reward) for reward: model
+    correct_reward: float = 1.0  # reward: qa, an answer that contains the reference answer
+    abstain_reward: float = 0.0  # reward: qa, an answer that says it does not know
+    wrong_reward: float = -1.0  # reward: qa, any other answer
+    lr: float = 1e-5  # peak learning rate
+    ppo_epochs: int = 4  # passes over each rollout batch
+    minibatch_size: int = 4  # rollouts per gradient step inside an epoch
+    vf_coef: float = 0.1  # weight of the value loss
+    value_clip: float = 0.2  # clip value predictions to old value +- this
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    adaptive_kl: bool = True  # adapt kl_coef towards target_kl (Ziegler et al. 2019)
+    target_kl: float = 6.0  # adaptive KL target (nats per answer)
+    kl_horizon: int = 10000  # adaptive KL horizon (answers)
+    whiten_rewards: bool = True  # normalise scores over the rollout batch before the KL penalty
+    early_stop_kl: float = 0.0  # stop a batch's epochs when the approximate KL to the rollout policy exceeds this (0 = off)
+    system_prompt: str = ""  # system message put before prompts that have none ("" = none)
+    val_fraction: float = 0.1  # share of prompts held out for evaluation, by hash
+    skip_bad_rows: bool = False  # count and skip malformed rows instead of stopping at the first
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.sources = [
+            s
+            if isinstance(s, PreferenceSourceConfig)
+            else build(PreferenceSourceConfig, s, "ppo.sources")
+            for s in self.sources
+        ]
+        _check_choice(self, "reward", ("model", "qa"))
+        _check_positive(self, "ppo_epochs", "minibatch_size")
+        if not 0.0 < self.lam <= 1.0 or not 0.0 < self.gamma <= 1.0:
+            raise ConfigError("ppo.lam and ppo.gamma must be in (0, 1]")
+        if not self.correct_reward > self.abstain_reward > self.wrong_reward:
+            raise ConfigError(
+                "ppo: qa rewards must order correct_reward > abstain_reward > wrong_reward"
+            )
+
+
+@dataclass
+class GRPOConfig(
+    RolloutConfig
+):  # `grpo:` group-relative policy optimisation with verifiable rewards (lmforge grpo)
+    task: str = (
+        "arithmetic"  # arithmetic (built in, exact match) | gsm8k (a JSONL of question/answer rows)
+    )
+    path: str = ""  # gsm8k: JSONL file with question and answer ("#### 42" at the end)
+    digits: int = 1  # arithmetic: operands have 1..digits digits
+    ops: str = "+"  # arithmetic: operators to draw from, e.g. "+-"
+    group_size: int = 8  # answers sampled per prompt; advantages are normalised within the group
+    iterations: int = (
+        1  # gradient steps per rollout batch (1: the ratio is 1 and clipping is inert)
+    )
+    lr: float = 1e-4  # peak learning rate
+    kl_coef: float = 0.04  # weight of the KL penalty to the frozen reference model
+    max_new_tokens: int = 8  # answer length limit
+    chat: bool = True  # ask in the tokenizer's chat format (false: plain completion "12+7=")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice(self, "task", ("arithmetic", "gsm8k"))
+        _check_positive(self, "digits", "group_size", "iterations")
+        if self.group_size < 2:
+            raise ConfigError(
+                "grpo.group_size must be >= 2: advantages compare answers within a group"
+            )
+        bad = [c for c in self.ops if c not in "+-*"]
+        if bad or not self.ops:
+            raise ConfigError(f"grpo.ops must be made of + - *, got {self.ops!r}")
+        if self.task == "gsm8k" and not self.path:
+            raise ConfigError("grpo.task gsm8k needs grpo.path (a JSONL of question/answer rows)")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "tokenizer": TokenizerConfig,
@@ -332,6 +553,10 @@ SECTIONS: dict[str, type] = {
     "sft": SFTConfig,
     "lora": LoRAConfig,
     "eval": EvalConfig,
+    "reward": RewardConfig,
+    "dpo": DPOConfig,
+    "ppo": PPOConfig,
+    "grpo": GRPOConfig,
 }
 
 
@@ -347,6 +572,10 @@ class Recipe:
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     base_dir: str = "."  # folder of the recipe file, for resolving relative paths
 
 
@@ -374,6 +603,7 @@ def _section_name(cls) -> str:
         if v is cls:
             return k
     nested = {SourceConfig: "data.sources", SFTSourceConfig: "sft.sources"}
+    nested[PreferenceSourceConfig] = "preference source"
     return nested.get(cls, cls.__name__)
 
 
@@ -516,8 +746,17 @@ def resolve_path(path: str, base_dir: str = ".") -> Path:
 
 
 def field_help(cls) -> dict[str, str]:
-    """The trailing `# comment` of each field in the class source: that is its --help.
-    Read with ast + tokenize so a field wrapped over several lines still finds its comment."""
+    """The trailing `# comment` of each field in the class source (and its dataclass bases',
+    a subclass's comment winning): that is its --help. Read with ast + tokenize so a field
+    wrapped over several lines still finds its comment."""
+    out = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            out.update(_own_field_help(base))
+    return out
+
+
+def _own_field_help(cls) -> dict[str, str]:
     try:
         src = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

@@ -22,21 +22,31 @@ from lmforge.tokenizer import Tokenizer
 END_OF_TURN = "<|im_end|>"
 
 
+def model_source(path: str | Path) -> Path:
+    """The directory holding the weights and tokenizer files behind path: the base model named
+    by a LoRA adapter's adapter_config.json, else path itself."""
+    path = Path(path)
+    config = path / "adapter_config.json"
+    if config.is_file():
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise ConfigError(
+                f"{config}: base_model_name_or_path {base!r} is not a model directory here; "
+                "merge the adapter with `lmforge export --merge-lora`"
+            )
+        return Path(base)
+    return path
+
+
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer) from a model directory, or from a LoRA adapter directory (its
     adapter_config.json names the base model; the adapter is merged in for speed)."""
     from lmforge.model.checkpoint import load_model
 
-    path = Path(path)
-    if (path / "adapter_config.json").is_file():
+    path, base = Path(path), model_source(path)
+    if base != path:
         from lmforge.align.lora import load_adapter, merge_lora
 
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise ConfigError(
-                f"{path / 'adapter_config.json'}: base_model_name_or_path {base!r} is not a "
-                "model directory here; merge the adapter with `lmforge export --merge-lora`"
-            )
         model = load_model(base, device=device)
         load_adapter(model, path)
         return merge_lora(model).eval(), Tokenizer.load(base)

@@ -64,6 +64,7 @@ class Request:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    stop_token: int | None = None  # the stop id that ended it (not in output_ids)
     error: str | None = None
     created: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -267,6 +268,7 @@ class Engine:
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         if tok in p.stop_ids:
+            req.stop_token = tok
             self._finish(i, "stop")
             return
         req.output_ids.append(tok)

@@ -193,6 +193,14 @@ class GPT(nn.Module):
         self, idx: torch.Tensor, cache: KVCache | None = None, pos: int = 0, last_only: bool = False
     ):
         """idx (B, T) token ids at positions [pos, pos+T) -> logits (B, T, V), or (B, 1, V) if last_only."""
+        x = self.features(idx, cache, pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)  # (B, T, V)
+
+    def features(self, idx: torch.Tensor, cache: KVCache | None = None, pos: int = 0):
+        """The final normed hidden states (B, T, dim): what the output head reads, and what a
+        reward model's or value head's scalar head reads instead."""
         B, T = idx.shape
         assert pos + T <= self.cfg.max_seq_len, (
             f"sequence of {pos + T} tokens exceeds the model's context of {self.cfg.max_seq_len}"
@@ -206,10 +214,7 @@ class GPT(nn.Module):
             x = x + self.pos_emb.weight[pos : pos + T]
         for block in self.layers:
             x = block(x, cos, sin, cache, pos)
-        x = self.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)  # (B, T, V)
+        return self.norm(x)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.tok_emb.weight
