@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lmforge.config import ConfigError, LoRAConfig, SFTConfig, SFTSourceConfig, resolve_path
-from lmforge.data.readers import DataError, is_val, iter_lines
+from lmforge.data.readers import DataError, is_val, read_jsonl
 from lmforge.io import atomic_dir, write_json
 from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.transformer import flops_per_token, num_params
@@ -98,26 +98,9 @@ def read_source(
     path = resolve_path(src.path, base_dir)
     if not path.is_file():
         raise DataError(f"sft source {src.name!r}: file not found: {path}")
-    conversations, problems = [], []
-    for lineno, line in iter_lines(path):
-        if not line.strip():
-            continue
-        try:
-            conversations.append(row_to_messages(json.loads(line), system_prompt))
-        except json.JSONDecodeError as e:
-            problem = f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}"
-        except ValueError as e:
-            problem = f"{path}:{lineno}: {e}"
-        else:
-            problem = ""
-        if problem:
-            if not skip_bad_rows:
-                raise DataError(
-                    problem + " (pass --skip_bad_rows true to skip such rows)"
-                ) from None
-            problems.append(problem)
-        if src.max_rows and len(conversations) >= src.max_rows:
-            break
+    conversations, problems = read_jsonl(
+        path, lambda row: row_to_messages(row, system_prompt), skip_bad_rows, src.max_rows
+    )
     if not conversations:
         raise DataError(f"sft source {src.name!r}: {path} has no usable rows")
     return conversations, problems

@@ -273,6 +273,30 @@ def iter_documents(src: SourceConfig, base_dir: str = ".") -> Iterator[str]:
 # --------------------------------------------------------------------------- train / val split
 
 
+def read_jsonl(path, parse, skip_bad_rows: bool, max_rows: int = 0, what: str = "row"):
+    """(items, problems): parse(row) for each JSON line of path (gzipped or not; blank lines
+    skipped), at most max_rows items (0 = all). A line that is not JSON or that parse rejects
+    with ValueError is a DataError naming file and line, unless skip_bad_rows, which lists it
+    in problems and goes on."""
+    items, problems = [], []
+    for lineno, line in iter_lines(path):
+        if max_rows and len(items) >= max_rows:
+            break
+        if not line.strip():
+            continue
+        try:
+            items.append(parse(json.loads(line)))
+            continue
+        except json.JSONDecodeError as e:
+            problem = f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}"
+        except ValueError as e:
+            problem = f"{path}:{lineno}: {e}"
+        if not skip_bad_rows:
+            raise DataError(f"{problem} (pass --skip_bad_rows true to skip such {what}s)")
+        problems.append(problem)
+    return items, problems
+
+
 def is_val(text: str, val_fraction: float) -> bool:
     """Is this document held out? A hash of its UTF-8 text, so the answer never depends on the
     process, the machine, PYTHONHASHSEED or the order documents are read in."""

@@ -93,10 +93,20 @@ def load_model(
     """Open a HF-layout checkpoint directory (ours or one saved by transformers) of a Llama,
     Qwen2, Mistral or GPT-2 model; `save_model` writes it back in the same family's format."""
     ckpt = Path(ckpt)
-    cfg = load_config(ckpt)
+    return model_from_tensors(load_config(ckpt), _read_tensors(ckpt), ckpt, device, dtype)
+
+
+def model_from_tensors(
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    ckpt: Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> GPT:
+    """A GPT from a family's HF tensors (shapes checked against cfg; ckpt names the source)."""
     with torch.device("meta"):
         model = GPT(cfg)
-    sd = from_hf_state_dict(_read_tensors(ckpt), cfg)
+    sd = from_hf_state_dict(tensors, cfg)
     for name, t in sd.items():
         expected = model.state_dict()[name].shape
         if t.shape != expected:
