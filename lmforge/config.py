@@ -311,14 +311,14 @@ class EvalConfig:  # `eval:` the report card written by `lmforge run` (lmforge e
     )  # task names (see lmforge eval --help); empty = no evaluation stage
     limit: int = 100  # at most this many examples per task (0 = all)
     models: list[str] = field(
-        default_factory=lambda: ["pretrain", "sft"]
-    )  # which of the run's models to evaluate, side by side: pretrain | sft
+        default_factory=lambda: ["pretrain", "sft", "dpo"]
+    )  # which of the run's models to evaluate, side by side: pretrain | sft | dpo (skipped when absent)
     seed: int = 0  # seed for sampling tasks
 
     def __post_init__(self):
-        bad = [m for m in self.models if m not in ("pretrain", "sft")]
+        bad = [m for m in self.models if m not in ("pretrain", "sft", "dpo")]
         if bad:
-            raise ConfigError(f"eval.models: unknown model {bad[0]!r}; choose pretrain or sft")
+            raise ConfigError(f"eval.models: unknown model {bad[0]!r}; choose pretrain, sft or dpo")
         if self.limit < 0:
             raise ConfigError(f"eval.limit must be >= 0, got {self.limit}")
 
@@ -426,6 +426,9 @@ class DPOConfig(PreferenceDataConfig):  # `dpo:` direct preference optimisation 
     beta: float = 0.1  # strength of the implicit KL to the reference: higher stays closer
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO: squared distance to 1 / (2 beta))
     label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels (sigmoid only)
+    sft_weight: float = (
+        0.0  # add this times the chosen answers' per-token NLL (RPO); keeps answers well formed
+    )
     lora_r: int = 0  # LoRA rank (0 = full fine-tuning); alpha, dropout, targets from `lora:`
     judge: str = ""  # reward-model directory: score policy vs reference answers on held-out prompts
     judge_prompts: int = 64  # held-out prompts answered by both models for the judge's win rate
@@ -440,8 +443,8 @@ class DPOConfig(PreferenceDataConfig):  # `dpo:` direct preference optimisation 
             raise ConfigError(
                 f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}"
             )
-        if self.lora_r < 0 or self.judge_prompts < 0:
-            raise ConfigError("dpo.lora_r and dpo.judge_prompts must be >= 0")
+        if self.lora_r < 0 or self.judge_prompts < 0 or self.sft_weight < 0:
+            raise ConfigError("dpo.lora_r, dpo.judge_prompts and dpo.sft_weight must be >= 0")
 
 
 @dataclass
@@ -477,10 +480,11 @@ class PPOConfig(RolloutConfig):  # `ppo:` RLHF with PPO against a reward model (
     abstain_reward: float = 0.0  # reward: qa, an answer that says it does not know
     wrong_reward: float = -1.0  # reward: qa, any other answer
     lr: float = 1e-5  # peak learning rate
+    batch_size: int = 8  # rows per no-grad forward pass (scores, reference log-probs)
     ppo_epochs: int = 4  # passes over each rollout batch
     minibatch_size: int = 4  # rollouts per gradient step inside an epoch
     vf_coef: float = 0.1  # weight of the value loss
-    value_clip: float = 0.2  # clip value predictions to old value +- this
+    value_clip: float = 0.2  # clip value predictions to old value +- this (0 = off)
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
     adaptive_kl: bool = True  # adapt kl_coef towards target_kl (Ziegler et al. 2019)
@@ -501,7 +505,20 @@ class PPOConfig(RolloutConfig):  # `ppo:` RLHF with PPO against a reward model (
             for s in self.sources
         ]
         _check_choice(self, "reward", ("model", "qa"))
-        _check_positive(self, "ppo_epochs", "minibatch_size")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"ppo.sources: duplicate source names {names}")
+        _check_positive(self, "ppo_epochs", "minibatch_size", "target_kl", "kl_horizon")
+        for name in ("vf_coef", "value_clip", "early_stop_kl"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"ppo.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_new_tokens >= self.seq_len:
+            raise ConfigError(
+                f"ppo.max_new_tokens ({self.max_new_tokens}) must be below seq_len "
+                f"({self.seq_len}) so that a prompt fits"
+            )
         if not 0.0 < self.lam <= 1.0 or not 0.0 < self.gamma <= 1.0:
             raise ConfigError("ppo.lam and ppo.gamma must be in (0, 1]")
         if not self.correct_reward > self.abstain_reward > self.wrong_reward:
@@ -528,10 +545,13 @@ class GRPOConfig(
     kl_coef: float = 0.04  # weight of the KL penalty to the frozen reference model
     max_new_tokens: int = 8  # answer length limit
     chat: bool = True  # ask in the tokenizer's chat format (false: plain completion "12+7=")
+    val_fraction: float = 0.2  # share of problems held out for evaluation, by a hash of the text
 
     def __post_init__(self):
         super().__post_init__()
         _check_choice(self, "task", ("arithmetic", "gsm8k"))
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"grpo.val_fraction must be in [0, 1), got {self.val_fraction}")
         _check_positive(self, "digits", "group_size", "iterations")
         if self.group_size < 2:
             raise ConfigError(

@@ -16,7 +16,7 @@ from pathlib import Path
 from lmforge.config import Recipe, config_hash, resolve_path
 from lmforge.io import read_json, write_json
 
-STAGES = ("tokenizer", "data", "pretrain", "sft", "sample", "eval")
+STAGES = ("tokenizer", "data", "pretrain", "sft", "reward", "dpo", "sample", "eval")
 # pretraining options that change how a run is watched or where it runs, not what it computes
 _PRETRAIN_RUNTIME = (
     "resume",
@@ -56,16 +56,36 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
         k: v for k, v in dataclasses.asdict(recipe.sft).items() if k not in _PRETRAIN_RUNTIME
     }
     sft = config_hash(sft_cfg | {"sources": sft_sources}, recipe.lora, pretrain)
-    sample = config_hash(recipe.sample, pretrain, sft if recipe.sft.sources else None)
-    ev = config_hash(recipe.eval, pretrain, sft if recipe.sft.sources else None)
+    tuned = sft if recipe.sft.sources else None
+    reward = config_hash(_train_cfg(recipe.reward, recipe.base_dir), tuned or pretrain)
+    dpo = config_hash(
+        _train_cfg(recipe.dpo, recipe.base_dir),
+        recipe.lora if recipe.dpo.lora_r else None,
+        tuned or pretrain,
+        reward if recipe.reward.sources and not recipe.dpo.judge else None,
+    )
+    aligned = dpo if recipe.dpo.sources else None
+    sample = config_hash(recipe.sample, pretrain, tuned, aligned)
+    ev = config_hash(recipe.eval, pretrain, tuned, aligned)
     return {
         "tokenizer": tok,
         "data": prep,
         "pretrain": pretrain,
         "sft": sft,
+        "reward": reward,
+        "dpo": dpo,
         "sample": sample,
         "eval": ev,
     }
+
+
+def _train_cfg(cfg, base_dir: str) -> dict:
+    """A training section as hashed: runtime options dropped, source paths resolved."""
+    sources = [
+        dict(dataclasses.asdict(s), path=str(resolve_path(s.path, base_dir))) for s in cfg.sources
+    ]
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PRETRAIN_RUNTIME}
+    return d | {"sources": sources}
 
 
 def stage_state(stage_dir: Path) -> dict:
@@ -161,8 +181,9 @@ def chat_answers(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
 
 
 def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print) -> dict:
-    """tokenizer -> data (prepare) -> pretrain -> sft (when the recipe has sft sources) -> sample
-    -> eval (when the recipe names tasks), then REPORT.md. Returns stage results."""
+    """tokenizer -> data (prepare) -> pretrain -> sft -> reward -> dpo (each when the recipe gives
+    it sources) -> sample -> eval (when the recipe names tasks), then REPORT.md. Returns stage
+    results."""
     from lmforge.align import sft
     from lmforge.data import prepare
     from lmforge.report import write_report
@@ -215,6 +236,35 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
                 log,
             )
 
+        tuned = out / "sft" / ("adapter" if recipe.lora.r else "model")
+        if not recipe.sft.sources:
+            tuned = out / "pretrain" / "model"
+        if recipe.reward.sources:
+            from lmforge.align import reward
+
+            results["reward"] = run_stage(
+                "reward",
+                out,
+                hashes["reward"],
+                lambda d: reward.run(recipe.reward, tuned, d, recipe.base_dir),
+                "reward" in force,
+                log,
+            )
+        if recipe.dpo.sources:
+            from lmforge.align import dpo
+
+            dpo_cfg = recipe.dpo
+            if not dpo_cfg.judge and recipe.reward.sources:  # the run's own reward model judges
+                dpo_cfg = dataclasses.replace(dpo_cfg, judge=str(out / "reward" / "model"))
+            results["dpo"] = run_stage(
+                "dpo",
+                out,
+                hashes["dpo"],
+                lambda d: dpo.run(dpo_cfg, recipe.lora, tuned, d, recipe.base_dir),
+                "dpo" in force,
+                log,
+            )
+
         def sample(d):
             base = out / "pretrain" / "model"
             samples = generate_samples(base, recipe.sample, recipe.pretrain.device)
@@ -228,6 +278,10 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
                     {"prompt": b["prompt"], "before": b["answer"], "after": a["answer"]}
                     for b, a in zip(before, after)
                 ]
+                if recipe.dpo.sources:
+                    aligned = out / "dpo" / ("adapter" if recipe.dpo.lora_r else "model")
+                    for c, a in zip(chat, chat_answers(aligned, recipe.sample, recipe.dpo.device)):
+                        c["dpo"] = a["answer"]
                 write_json(d / "chat.json", chat)
                 result["chat"] = chat
             return result
@@ -240,10 +294,13 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
             from lmforge.eval import run as evaluation
 
             done = {}
+            lora = {"sft": recipe.lora.r, "dpo": recipe.dpo.lora_r}
             for name in recipe.eval.models:
-                if name == "sft" and not recipe.sft.sources:
+                if (name == "sft" and not recipe.sft.sources) or (
+                    name == "dpo" and not recipe.dpo.sources
+                ):
                     continue
-                ckpt = out / name / ("adapter" if name == "sft" and recipe.lora.r else "model")
+                ckpt = out / name / ("adapter" if lora.get(name) else "model")
                 rows = evaluation.run(
                     ckpt, recipe.eval.tasks, d / name, recipe.eval.limit or None, recipe.eval.seed
                 )

@@ -28,7 +28,7 @@ def _duration(s: float) -> str:
 def _report_card(run: Path) -> list[str]:
     """The evaluation table (one column per evaluated model) and a bar chart of the main
     metric of each task, from the eval stage's result files."""
-    models = [d for d in ("pretrain", "sft") if (run / "eval" / d).is_dir()]
+    models = [d for d in ("pretrain", "sft", "dpo") if (run / "eval" / d).is_dir()]
     if not models:
         return []
     from lmforge.eval.run import read_results
@@ -78,6 +78,72 @@ def _report_card(run: Path) -> list[str]:
     return lines
 
 
+def _cell(text: str) -> str:
+    return text.replace("\n", " ⏎ ").replace("|", "\\|")
+
+
+def _pairs_table(data: dict) -> list[str]:
+    lines = [
+        "| source | pairs | bad rows | truncated | dropped | train | val |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, d in data.items():
+        lines.append(
+            f"| {name} | {_fmt_int(d['rows'])} | {d['bad_rows']} | {d['truncated']} | {d['dropped']} "
+            f"| {_fmt_int(d['train'])} | {_fmt_int(d['val'])} |"
+        )
+    return lines + [""]
+
+
+def _preference_sections(run: Path) -> list[str]:
+    """The reward model's held-out accuracy and DPO's preference metrics and judged win rate."""
+    lines = []
+    rm = _load(run / "reward" / "summary.json")
+    if rm and "val_accuracy" in rm:
+        lines += [
+            "## Reward model",
+            "",
+            f"Bradley-Terry reward model from the SFT model, {rm['step']} steps: held-out pairwise "
+            f"accuracy **{rm['val_accuracy']:.3f}** on {rm['pairs']['val']} pairs (chance 0.5), "
+            f"mean margin {rm['val_margin']:.3f}.",
+            "",
+            *_pairs_table(rm.get("data", {})),
+        ]
+        if (run / "reward" / "curves.png").exists():
+            lines += ["![reward model curves](reward/curves.png)", ""]
+    d = _load(run / "dpo" / "summary.json")
+    if d and "val_accuracy" in d:
+        how = f"LoRA r={d['lora_r']}" if d.get("lora_r") else "full fine-tuning"
+        lines += [
+            "## Preference alignment (DPO)",
+            "",
+            f"DPO ({d['loss_type']}, beta {d['beta']}, {how}) from the SFT model, {d['step']} steps. "
+            f"On {d['pairs']['val']} held-out pairs: preference accuracy {d['val_accuracy']:.3f}, "
+            f"implicit reward chosen {d['val_reward_chosen']:.3f} vs rejected "
+            f"{d['val_reward_rejected']:.3f} (margin {d['val_margin']:.3f}).",
+            "",
+        ]
+        j = d.get("judge")
+        if j:
+            lines += [
+                f"Judged by the reward model on {j['prompts']} held-out prompts (greedy answers): "
+                f"DPO wins **{j['win_rate']:.3f}** against the SFT model (ties half); mean reward "
+                f"{j['policy_reward']:.3f} vs {j['reference_reward']:.3f}.",
+                "",
+                "| prompt | SFT answer | reward | DPO answer | reward |",
+                "|---|---|---:|---|---:|",
+            ]
+            for e in j.get("examples", []):
+                lines.append(
+                    f"| {_cell(e['prompt'][:120])} | {_cell(e['reference'])} | {e['reference_reward']:.2f} "
+                    f"| {_cell(e['policy'])} | {e['policy_reward']:.2f} |"
+                )
+            lines.append("")
+        if (run / "dpo" / "curves.png").exists():
+            lines += ["![DPO curves](dpo/curves.png)", ""]
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     lines = [f"# lmforge run: `{run.name}`", ""]
@@ -85,7 +151,7 @@ def write_report(run_dir: str | Path) -> Path:
     # --- stages
     rows = []
     total = 0.0
-    for stage in ("tokenizer", "data", "pretrain", "sft", "sample", "eval"):
+    for stage in ("tokenizer", "data", "pretrain", "sft", "reward", "dpo", "sample", "eval"):
         st = _load(run / stage / "stage.json") or {}
         if st:
             secs = st.get("seconds", 0.0)
@@ -187,16 +253,23 @@ def write_report(run_dir: str | Path) -> Path:
         if (run / "sft" / "loss.png").exists():
             lines += ["![SFT loss curve](sft/loss.png)", ""]
 
+    lines += _preference_sections(run)
+
     # --- samples
     chat = _load(run / "sample" / "chat.json")
     if chat:
-        lines += ["## Answers before and after SFT (greedy)", ""]
-        lines += ["| prompt | pretrained model | after SFT |", "|---|---|---|"]
+        keys = ["prompt", "before", "after"] + (["dpo"] if "dpo" in chat[0] else [])
+        heads = {
+            "prompt": "prompt",
+            "before": "pretrained model",
+            "after": "after SFT",
+            "dpo": "after DPO",
+        }
+        title = "SFT and DPO" if "dpo" in keys else "SFT"
+        lines += [f"## Answers before and after {title} (greedy)", ""]
+        lines += ["| " + " | ".join(heads[k] for k in keys) + " |", "|---" * len(keys) + "|"]
         for c in chat:
-            cells = [
-                c[k].replace("\n", " ⏎ ").replace("|", "\\|") for k in ("prompt", "before", "after")
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(_cell(c[k]) for k in keys) + " |")
         lines.append("")
     samples = _load(run / "sample" / "samples.json")
     if samples:

@@ -47,6 +47,31 @@ sft:
   log_every: 1
   save_every: 2
   keep_last: 5
+reward:
+  sources:
+    - {{name: hh, path: {d}/preference/hh_rlhf_harmless_base_1500.jsonl.gz, max_rows: 40}}
+    - {{name: zh, path: {d}/preference/dpo_zh_demo.jsonl.gz, max_rows: 20}}
+  max_steps: 3
+  batch_size: 4
+  seq_len: 64
+  max_prompt_len: 32
+  eval_every: 0
+  save_every: 0
+  log_every: 1
+  val_fraction: 0.2
+dpo:
+  sources:
+    - {{name: hh, path: {d}/preference/hh_rlhf_harmless_base_1500.jsonl.gz, max_rows: 40}}
+  max_steps: 3
+  batch_size: 4
+  seq_len: 64
+  max_prompt_len: 32
+  eval_every: 0
+  save_every: 0
+  log_every: 1
+  val_fraction: 0.2
+  judge_prompts: 4
+  judge_max_new_tokens: 8
 sample:
   prompts: ["Once upon a time", "话说"]
   max_new_tokens: 8

@@ -50,10 +50,16 @@ def test_run_end_to_end_then_skip_then_generate(micro_recipe_path, tmp_path):
         "prompt",
         "before",
         "after",
+        "dpo",
     }
+    # reward model and DPO (judged by that reward model) ran after SFT
+    assert "## Reward model" in report and "## Preference alignment (DPO)" in report
+    assert "DPO wins" in report and (out / "eval" / "dpo" / "mmlu.json").exists()
+    dpo = json.loads((out / "dpo" / "summary.json").read_text())
+    assert dpo["judge"]["prompts"] == 4 and dpo["judge"]["judge"] == str(out / "reward" / "model")
 
     r = lmforge("run", micro_recipe_path, "--out", out, "--pretrain.max_steps", 4)
-    assert r.returncode == 0 and r.stdout.count("up to date") == 6, r.stdout
+    assert r.returncode == 0 and r.stdout.count("up to date") == 8, r.stdout
     # a changed SFT setting redoes SFT and the samples, not the stages before them
     r = lmforge("run", micro_recipe_path, "--out", out, "--pretrain.max_steps", 4, "--sft.lr", 2e-3)
     assert r.returncode == 0 and r.stdout.count("up to date") == 3, r.stdout

@@ -60,6 +60,13 @@ def answer_logps(model, ids: torch.Tensor, mask: torch.Tensor, mean: bool = Fals
     return lp / mask.sum(-1).clamp(min=1) if mean else lp
 
 
+def chosen_nll(pi_chosen: torch.Tensor, n_tokens: torch.Tensor, mean: bool) -> torch.Tensor:
+    """Mean per-token negative log-likelihood of the chosen answers (RPO's extra term, Pang et
+    al. 2024): keeps the answers DPO prefers likely, end-of-turn marker included, so the policy
+    does not drift into long, unterminated text while it moves the margins."""
+    return -(pi_chosen if mean else pi_chosen / n_tokens).mean()
+
+
 def preference_stats(pi: torch.Tensor, ref: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
     """Implicit rewards of a batch: pi and ref are (2B,) answer log-probs, chosen rows first."""
     r_c, r_r = (beta * (pi - ref)).chunk(2)
@@ -165,9 +172,15 @@ def run(cfg: DPOConfig, lora_cfg: LoRAConfig, model_dir, out_dir, base_dir: str 
         pi_c, pi_r = pi.chunk(2)
         ref_c, ref_r = ref.chunk(2)
         loss = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta, cfg.loss, cfg.label_smoothing).mean()
-        return loss, {
+        stats = {
             k: v.mean().item() for k, v in preference_stats(pi.detach(), ref, cfg.beta).items()
         }
+        if cfg.sft_weight:
+            n_tokens = torch.tensor([len(e.chosen) for e in pairs], device=device)
+            nll = chosen_nll(pi_c, n_tokens, mean)
+            loss = loss + cfg.sft_weight * nll
+            stats["chosen_nll"] = nll.item()
+        return loss, stats
 
     def eval_fn():
         if not val_enc:

@@ -176,6 +176,7 @@ class EncodedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    source: str = ""  # name of the source it came from (per-source held-out metrics)
 
     @property
     def length(self) -> int:
@@ -224,6 +225,7 @@ def build_pairs(
                 continue
             s["truncated"] += status == "truncated"
             held_out = is_val(json.dumps(pair.prompt, ensure_ascii=False), cfg.val_fraction)
+            enc.source = src.name
             (val if held_out else train).append((enc, pair))
             s["val" if held_out else "train"] += 1
         stats["sources"][src.name] = s

@@ -173,7 +173,8 @@ def score_ids(rm: RewardModel, prompts, answers, pad_id: int, device) -> list[fl
 def pairwise_accuracy(
     rm: RewardModel, pairs: list[EncodedPair], batch_size: int, pad_id: int
 ) -> dict:
-    """Held-out loss, accuracy (ties count half) and mean margin r_c - r_r."""
+    """Held-out loss, accuracy (ties count half) and mean margin r_c - r_r, overall and per
+    source (`val_accuracy_<source>`)."""
     device = rm.score.weight.device
     losses, wins, margins = [], [], []
     for i in range(0, len(pairs), batch_size):
@@ -186,11 +187,15 @@ def pairwise_accuracy(
     if not pairs:
         return {}
     n = len(pairs)
-    return {
+    out = {
         "val_loss": sum(losses) / n,
         "val_accuracy": sum(wins) / n,
         "val_margin": sum(margins) / n,
     }
+    for source in sorted({p.source for p in pairs}):
+        mine = [w for w, p in zip(wins, pairs) if p.source == source]
+        out[f"val_accuracy_{source}"] = sum(mine) / len(mine)
+    return out
 
 
 def run(cfg: RewardConfig, model_dir, out_dir, base_dir: str = ".") -> dict:

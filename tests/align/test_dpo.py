@@ -127,3 +127,10 @@ def test_dpo_with_lora_changes_only_the_adapter(micro_pretrained, tmp_path):
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     assert tensors and all("lora_" in k for k in tensors)
     assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)
+
+
+def test_chosen_nll_is_the_per_token_mean():
+    pi_c = torch.tensor([-6.0, -2.0])  # summed over 3 and 1 answer tokens
+    got = dpo.chosen_nll(pi_c, torch.tensor([3, 1]), mean=False)
+    assert got.item() == pytest.approx((6 / 3 + 2 / 1) / 2)
+    assert dpo.chosen_nll(pi_c, torch.tensor([3, 1]), mean=True).item() == pytest.approx(4.0)
