@@ -77,14 +77,14 @@ def _answer(value, field: str) -> tuple[list[dict], str]:
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        msgs = [_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
+        msgs = [parse_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
         if msgs[-1]["role"] != "assistant":
             raise ValueError(f"field {field!r} must end with an assistant message")
         return msgs[:-1], msgs[-1]["content"]
     raise ValueError(f"field {field!r} must be a string, a message or a list of messages")
 
 
-def _message(m: dict, where: str) -> dict:
+def parse_message(m: dict, where: str) -> dict:
     role = m.get("role", SHAREGPT_ROLES.get(m.get("from")))
     content = m.get("content", m.get("value"))
     if role not in ROLES:
@@ -116,13 +116,13 @@ def row_to_pair(row, system_prompt: str = "") -> Pair:
             turns = row["conversations"]
             if not isinstance(turns, list):
                 raise ValueError("field 'conversations' must be a list")
-            prompt = [_message(m, f"conversations[{i}]") for i, m in enumerate(turns)]
+            prompt = [parse_message(m, f"conversations[{i}]") for i, m in enumerate(turns)]
         elif "prompt" in row:
             p = row["prompt"]
             if isinstance(p, str):
                 prompt = [{"role": "user", "content": p}]
             elif isinstance(p, list):
-                prompt = [_message(m, f"prompt[{i}]") for i, m in enumerate(p)]
+                prompt = [parse_message(m, f"prompt[{i}]") for i, m in enumerate(p)]
             else:
                 raise ValueError("field 'prompt' must be a string or a list of messages")
         else:
