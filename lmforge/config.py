@@ -546,12 +546,18 @@ class GRPOConfig(
     max_new_tokens: int = 8  # answer length limit
     chat: bool = True  # ask in the tokenizer's chat format (false: plain completion "12+7=")
     val_fraction: float = 0.2  # share of problems held out for evaluation, by a hash of the text
+    partial_credit: float = 0.0  # arithmetic: near-miss integers earn up to this (0 = exact only)
 
     def __post_init__(self):
         super().__post_init__()
         _check_choice(self, "task", ("arithmetic", "gsm8k"))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"grpo.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.partial_credit < 1.0:
+            raise ConfigError(
+                f"grpo.partial_credit must be in [0, 1) (1 is the reward of a correct answer), "
+                f"got {self.partial_credit}"
+            )
         _check_positive(self, "digits", "group_size", "iterations")
         if self.group_size < 2:
             raise ConfigError(

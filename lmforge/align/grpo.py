@@ -1,0 +1,543 @@
+"""Group-relative policy optimisation with verifiable rewards (`lmforge grpo`; DeepSeekMath,
+arXiv:2402.03300): the policy answers each prompt several times, a checker scores every answer,
+and answers better than their siblings are made more likely.
+
+The one idea: no value model. An answer's baseline is the mean reward of the other answers to
+the same prompt, and its advantage is its reward minus that mean, divided by the group's
+standard deviation; every token of the answer shares it. A group whose answers all score the
+same teaches nothing (zero advantage), so the reward must be something the model sometimes
+gets right. The update is PPO's clipped surrogate plus a k3 KL penalty to the frozen starting
+model, taken per token, averaged over each answer's tokens and then over answers. The prompts
+and sampling seeds of a step are pure functions of the step, so a resumed run repeats the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lmforge.align.preference import plot_curves
+from lmforge.align.rollout import kl_k3, masked_mean, pad_rollouts, sample_answers, token_logprobs
+from lmforge.config import ConfigError, GRPOConfig, resolve_path
+from lmforge.data.readers import DataError, is_val, iter_lines
+from lmforge.eval.generative import extract_answer, gsm8k_prompt
+from lmforge.infer.chat import chat_prompt_ids, load_for_inference, model_source, stop_ids
+from lmforge.infer.cpu_decode import relayout
+from lmforge.io import atomic_dir, write_json
+from lmforge.model.checkpoint import save_model
+from lmforge.model.transformer import num_params
+from lmforge.perf import pick_device
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.metrics import MetricsLog, read_metrics
+from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.pretrain import StopFlag
+from lmforge.train.state import (
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+
+EVAL_SEED = 20240205  # the arithmetic held-out set is the same whatever the training seed
+
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class Problem:
+    text: str  # the question as shown in reports ("7+5")
+    prompt_ids: list[int]  # what the policy is given
+    answer: str  # the reference the checker compares with ("12")
+
+
+@dataclass
+class Task:
+    """A verifiable-reward task. `train(step)` is the step's prompts, a pure function of the
+    step; `reward(problem, answer_ids)` scores an answer (stop token removed) in [0, 1], where
+    1 means correct; `eval` is the held-out set, never trained on."""
+
+    name: str
+    train: Callable[[int], list[Problem]]
+    eval: list[Problem]
+    reward: Callable[[Problem, list[int]], float]
+    info: dict = field(default_factory=dict)  # counts for the summary
+
+
+def arithmetic_problem(rng: np.random.Generator, digits: int, ops: str) -> tuple[str, int]:
+    """One problem ("7+5", 12): operands of 1..digits digits (the count drawn first, so short
+    operands are as common as long ones), an operator from ops; "-" keeps results >= 0."""
+
+    def operand() -> int:
+        k = int(rng.integers(1, digits + 1))
+        return int(rng.integers(0 if k == 1 else 10 ** (k - 1), 10**k))
+
+    a, b, op = operand(), operand(), ops[int(rng.integers(len(ops)))]
+    if op == "-" and a < b:
+        a, b = b, a
+    value = a + b if op == "+" else a - b if op == "-" else a * b
+    return f"{a}{op}{b}", value
+
+
+def arithmetic_train(
+    seed: int, step: int, n: int, digits: int, ops: str, val_fraction: float
+) -> list[tuple[str, int]]:
+    """Step `step`'s n training problems: drawn from a generator seeded by (seed, step),
+    skipping the held-out ones (a hash of the problem text, `is_val`)."""
+    rng = np.random.default_rng([seed, step])
+    out = []
+    for _ in range(1000 * n):
+        text, value = arithmetic_problem(rng, digits, ops)
+        if not is_val(text, val_fraction):
+            out.append((text, value))
+            if len(out) == n:
+                return out
+    raise ConfigError(
+        f"grpo: no training problems left with digits={digits}, ops={ops!r}: "
+        f"lower grpo.val_fraction ({val_fraction})"
+    )
+
+
+def arithmetic_eval(n: int, digits: int, ops: str, val_fraction: float) -> list[tuple[str, int]]:
+    """Up to n distinct held-out problems (fewer when the problem space is small: one-digit
+    sums have only 100 problems, about val_fraction of them held out)."""
+    rng = np.random.default_rng(EVAL_SEED)
+    found: dict[str, int] = {}
+    for _ in range(200 * n):
+        text, value = arithmetic_problem(rng, digits, ops)
+        if is_val(text, val_fraction):
+            found[text] = value
+            if len(found) == n:
+                break
+    return list(found.items())
+
+
+def arithmetic_correct(completion: str, answer: str) -> bool:
+    """Exact match of the answer text (surrounding whitespace ignored) with the result's decimal
+    string: " 12" is right; "12 apples", "012" and "12.0" are not (only the canonical form
+    counts, so the model must learn to say the number and stop)."""
+    return completion.strip() == answer
+
+
+def arithmetic_reward(completion: str, answer: str, partial_credit: float = 0.0) -> float:
+    """1 for a correct answer (`arithmetic_correct`); with partial_credit > 0, a wrong answer
+    that is an integer alone ("11", not "11 apples") earns partial_credit * (1 - |error| /
+    (|result| + 1)), at least 0: near misses beat far ones, so a model with no number sense
+    gets a signal from every numeric answer, not only from the rare exact one."""
+    if arithmetic_correct(completion, answer):
+        return 1.0
+    text = completion.strip()
+    if not partial_credit or not re.fullmatch(r"-?(0|[1-9][0-9]*)", text):
+        return 0.0
+    error = abs(int(text) - int(answer))
+    return partial_credit * max(0.0, 1.0 - error / (abs(int(answer)) + 1))
+
+
+def read_gsm8k(path: Path) -> list[tuple[int, str, str]]:
+    """(line, question, reference number) of every row of a GSM8K-style JSONL file; a bad row
+    is a DataError naming file and line."""
+    rows = []
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise DataError(f"{where}: field {key!r} must be a non-empty string")
+        _, marker, final = row["answer"].rpartition("####")
+        reference = extract_answer(final) if marker else None
+        if reference is None:
+            raise DataError(f"{where}: field 'answer' must end with '#### <number>'")
+        rows.append((lineno, row["question"], reference))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def make_task(cfg: GRPOConfig, tok: Tokenizer, base_dir: str, max_prompt_len: int) -> Task:
+    """The built-in task cfg.task, its prompts encoded for tok: a user turn in the chat
+    template (cfg.chat), else plain text to complete ("7+5=", "Question: ...\nAnswer:")."""
+    if cfg.chat and not tok.chat_template:
+        raise ConfigError(
+            "grpo.chat is true but the tokenizer has no chat template; set grpo.chat false"
+        )
+
+    def encode(user: str, plain: str) -> list[int]:
+        if cfg.chat:
+            return chat_prompt_ids(tok, [{"role": "user", "content": user}])
+        return ([tok.bos_id] if tok.prepend_bos else []) + tok.encode(plain)
+
+    if cfg.task == "arithmetic":
+        return arithmetic_task(cfg, tok, encode, max_prompt_len)
+    return gsm8k_task(cfg, tok, encode, resolve_path(cfg.path, base_dir), max_prompt_len)
+
+
+def arithmetic_task(cfg: GRPOConfig, tok: Tokenizer, encode, max_prompt_len: int) -> Task:
+    def problem(text: str, value: int) -> Problem:
+        p = Problem(text, encode(f"What is {text}?", f"{text}="), str(value))
+        if len(p.prompt_ids) > max_prompt_len:
+            raise ConfigError(
+                f"grpo: the prompt for {text!r} has {len(p.prompt_ids)} tokens; "
+                f"seq_len - max_new_tokens leaves room for {max_prompt_len}"
+            )
+        return p
+
+    def train(step: int) -> list[Problem]:
+        drawn = arithmetic_train(
+            cfg.seed, step, cfg.prompts_per_step, cfg.digits, cfg.ops, cfg.val_fraction
+        )
+        return [problem(t, v) for t, v in drawn]
+
+    held_out = arithmetic_eval(cfg.eval_prompts, cfg.digits, cfg.ops, cfg.val_fraction)
+    return Task(
+        "arithmetic",
+        train,
+        [problem(t, v) for t, v in held_out],
+        lambda p, ids: arithmetic_reward(tok.decode(ids), p.answer, cfg.partial_credit),
+    )
+
+
+def gsm8k_task(cfg: GRPOConfig, tok: Tokenizer, encode, path: Path, max_prompt_len: int) -> Task:
+    if not path.is_file():
+        raise DataError(f"grpo.path: file not found: {path}")
+    train_rows, eval_rows, too_long = [], [], 0
+    for lineno, question, reference in read_gsm8k(path):
+        prompt = encode(question, gsm8k_prompt(question, []))
+        if len(prompt) > max_prompt_len:
+            too_long += 1  # long questions are dropped, never cut: a cut question has no answer
+            continue
+        p = Problem(f"{path.name}:{lineno}", prompt, reference)
+        (eval_rows if is_val(question, cfg.val_fraction) else train_rows).append(p)
+    if not train_rows:
+        raise DataError(
+            f"{path}: no training rows ({too_long} longer than seq_len - max_new_tokens, "
+            f"the rest held out by val_fraction {cfg.val_fraction})"
+        )
+
+    def train(step: int) -> list[Problem]:
+        rng = np.random.default_rng([cfg.seed, step])
+        n = cfg.prompts_per_step
+        return [train_rows[i] for i in rng.choice(len(train_rows), n, replace=n > len(train_rows))]
+
+    def reward(p: Problem, ids: list[int]) -> float:
+        return float(extract_answer(tok.decode(ids)) == p.answer)  # the last number, as eval
+
+    info = {"train_rows": len(train_rows), "eval_rows": len(eval_rows), "too_long": too_long}
+    return Task("gsm8k", train, eval_rows[: cfg.eval_prompts], reward, info)
+
+
+# --------------------------------------------------------------------------- the algorithm
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) rewards, prompt-major in groups of group_size -> (N,) advantages
+    (r - mean_group) / (std_group + 1e-4), std with Bessel's correction (as TRL). A group whose
+    answers all score the same gets zeros."""
+    r = rewards.float().view(-1, group_size)  # (P, G)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+    return adv.flatten()
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-answer GRPO loss and KL, both (N,). Token log-probs are (N, T) under the policy,
+    the policy that sampled (no grad) and the reference; adv is (N,); mask marks answer
+    tokens. Per token: -min(ratio A, clip(ratio) A) + kl_coef * k3 KL; mean over the answer's
+    tokens (DeepSeekMath's 1/|o_i|), so long and short answers weigh the same."""
+    ratio = torch.exp(logp - old_logp)  # (N, T)
+    a = adv[:, None]  # (N, 1): every token of an answer shares its advantage
+    surrogate = torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
+    kl = kl_k3(logp, ref_logp)  # (N, T)
+    per_token = -surrogate + kl_coef * kl
+    return masked_mean(per_token, mask, dim=1), masked_mean(kl.detach(), mask, dim=1)
+
+
+def strip_stop(answer: list[int], stop: tuple[int, ...]) -> list[int]:
+    return answer[:-1] if answer and answer[-1] in stop else answer
+
+
+def grpo_step(
+    policy,
+    ref,
+    optimizer,
+    task: Task,
+    problems: list[Problem],
+    cfg: GRPOConfig,
+    seed: int,
+    pad_id: int,
+    stop: tuple[int, ...],
+) -> dict:
+    """One rollout batch and cfg.iterations optimizer steps on it; returns the step's numbers.
+    Request j of the rollout is sampled with seed + j. The caller sets the learning rate."""
+    device, G = next(policy.parameters()).device, cfg.group_size
+    # --- rollout: group_size answers per prompt, scored by the checker
+    prompts = [p.prompt_ids for p in problems]
+    answers = sample_answers(
+        policy,
+        prompts,
+        G,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        stop_ids=stop,
+        seed=seed,
+        max_batch=min(64, len(prompts) * G),
+    )
+    N = len(answers)
+    rewards = torch.tensor(
+        [task.reward(problems[i // G], strip_stop(a, stop)) for i, a in enumerate(answers)]
+    )
+    adv = grpo_advantages(rewards, G)
+
+    # --- score: the reference's (and, for several iterations, the sampler's) log-probs, once
+    prompts = [p for p in prompts for _ in range(G)]  # one per answer
+    batches = []
+    for i in range(0, N, cfg.batch_size):
+        ids, mask = pad_rollouts(
+            prompts[i : i + cfg.batch_size], answers[i : i + cfg.batch_size], pad_id
+        )
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            ref_lp = token_logprobs(ref, ids, cfg.temperature)
+            # one iteration: the sampler is the policy being differentiated, so its log-probs
+            # are logp.detach() (the ratio is exactly 1) and this forward can be skipped
+            old_lp = token_logprobs(policy, ids, cfg.temperature) if cfg.iterations > 1 else None
+        batches.append((ids, mask, old_lp, ref_lp, adv[i : i + cfg.batch_size].to(device)))
+
+    # --- update: grad accumulation over micro-batches; the loss is a mean over all N answers
+    kl_sum, loss_sum, grad_norm = 0.0, 0.0, 0.0
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for it in range(cfg.iterations):
+        for ids, mask, old_lp, ref_lp, a in batches:
+            logp = token_logprobs(policy, ids, cfg.temperature)
+            old = logp.detach() if old_lp is None else old_lp
+            loss, kl = grpo_loss(logp, old, ref_lp, a, mask, cfg.clip_range, cfg.kl_coef)
+            (loss.sum() / N).backward()
+            loss_sum += loss.sum().item()
+            kl_sum += kl.sum().item() if it == 0 else 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+        grad_norm += norm.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {
+        "reward": rewards.mean().item(),
+        "accuracy": (rewards >= 1).float().mean().item(),
+        "kl": kl_sum / N,
+        "loss": loss_sum / (N * cfg.iterations),
+        "answer_len": sum(len(a) for a in answers) / N,
+        "stopped": sum(bool(a) and a[-1] in stop for a in answers) / N,
+        "groups_with_signal": (adv.view(-1, G) != 0).any(1).float().mean().item(),
+        "grad_norm": grad_norm / cfg.iterations,
+    }
+
+
+def rollout_seed(seed: int, step: int, n_answers: int) -> int:
+    """The first sampling seed of a step: steps use disjoint seed ranges, a pure function of
+    the step (so a resumed run samples what the uninterrupted one did)."""
+    return seed + step * n_answers
+
+
+@torch.no_grad()
+def evaluate(policy, task: Task, max_new_tokens: int, stop: tuple[int, ...]) -> tuple[float, list]:
+    """Greedy held-out accuracy and the answers (stop tokens removed)."""
+    if not task.eval:
+        return math.nan, []
+    answers = sample_answers(
+        policy,
+        [p.prompt_ids for p in task.eval],
+        1,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        stop_ids=stop,
+        max_batch=min(64, len(task.eval)),
+    )
+    answers = [strip_stop(a, stop) for a in answers]
+    correct = [task.reward(p, a) >= 1 for p, a in zip(task.eval, answers, strict=True)]
+    return sum(correct) / len(correct), answers
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | None = None) -> dict:
+    """GRPO from the model in model_dir on cfg.task (or on `task`, a custom one); writes
+    out_dir/model, metrics.jsonl, curves.png and summary.json. Returns the summary."""
+    # --- setup
+    t_start = time.perf_counter()
+    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    policy, tok = load_for_inference(model_dir, device)
+    ref, _ = load_for_inference(model_dir, device)  # frozen: the KL anchor
+    ref.requires_grad_(False)
+    context = min(cfg.seq_len, policy.cfg.max_seq_len)
+    if cfg.seq_len > policy.cfg.max_seq_len:
+        raise ConfigError(
+            f"grpo.seq_len ({cfg.seq_len}) exceeds the model's context ({policy.cfg.max_seq_len})"
+        )
+    if cfg.max_new_tokens >= context:
+        raise ConfigError(f"grpo.max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt")
+    task = task or make_task(cfg, tok, base_dir, context - cfg.max_new_tokens)
+    if cfg.eval_prompts and not task.eval:
+        raise ConfigError(
+            f"grpo: no held-out prompts for task {task.name}; raise grpo.val_fraction "
+            f"({cfg.val_fraction}) or set grpo.eval_prompts 0"
+        )
+    stop = stop_ids(tok)
+
+    torch.manual_seed(cfg.seed)
+    policy.train()
+    relayout(policy)  # before the optimizer: its state takes the parameters' final strides
+    optimizer = make_optimizer(policy, cfg, device)
+    ckpt_root = out_dir / "checkpoints"
+    step, wall_before = 0, 0.0
+    existing = list_checkpoints(ckpt_root) if cfg.resume else []
+    if existing:
+        state = load_checkpoint(existing[-1], policy, optimizer)
+        step, wall_before = state["step"], state.get("wall_seconds", 0.0)
+        tqdm.write(f"resuming from {existing[-1]} (step {step})", file=sys.stderr)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if existing else None)
+    n_answers = cfg.prompts_per_step * cfg.group_size
+
+    def wall() -> float:
+        return wall_before + time.perf_counter() - t_start
+
+    def save(at_step: int) -> None:
+        save_checkpoint(
+            ckpt_root / f"step_{at_step:06d}",
+            policy,
+            optimizer,
+            at_step,
+            {"prompts": at_step * cfg.prompts_per_step},
+            model_source(model_dir),
+            extra={"wall_seconds": wall()},
+            pad_token_id=tok.pad_id,
+        )
+        prune_checkpoints(ckpt_root, cfg.keep_last)
+
+    last_answers: list = []
+
+    def run_eval(at_step: int) -> float:
+        nonlocal last_answers
+        acc, last_answers = evaluate(policy, task, cfg.max_new_tokens, stop)
+        if task.eval:
+            metrics.write(step=at_step, val_accuracy=acc)
+        return acc
+
+    # --- loop
+    if not existing:
+        acc = run_eval(0)
+        tqdm.write(
+            f"step 0: held-out accuracy {acc:.3f} ({len(task.eval)} prompts)", file=sys.stderr
+        )
+    interrupted = False
+    window: dict[str, list[float]] = {}
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", unit="step", dynamic_ncols=True)
+    with StopFlag() as flag:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            seed = rollout_seed(cfg.seed, step, n_answers)
+            stats = grpo_step(
+                policy, ref, optimizer, task, task.train(step), cfg, seed, tok.pad_id, stop
+            )
+            stats["seconds_per_step"] = time.perf_counter() - t0
+            for k, v in stats.items():
+                window.setdefault(k, []).append(v)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.3f}")
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                metrics.write(step=step, lr=lr, **{k: sum(v) / len(v) for k, v in window.items()})
+                window = {}
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+                acc = run_eval(step)
+                bar.write(f"step {step}: held-out accuracy {acc:.3f}", file=sys.stderr)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                save(step)
+            if flag.stop and step < cfg.max_steps:
+                save(step)
+                interrupted = True
+                break
+    bar.close()
+
+    # --- outputs
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    evals = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
+    train_rows = [r for r in rows if "reward" in r]
+    first = evals[0][1] if evals else math.nan
+    last = evals[-1][1] if evals else math.nan
+    examples = [  # the newest greedy answers to the first held-out prompts
+        {"question": p.text, "reference": p.answer, "answer": tok.decode(a)}
+        for p, a in zip(task.eval[:8], last_answers[:8])
+    ]
+    seconds = wall()
+    headline = (
+        f"held-out accuracy {first:.2f} -> {last:.2f} ({len(task.eval)} prompts, greedy) "
+        f"in {step} steps ({seconds / 60:.1f} min)"
+    )
+    summary = {
+        "headline": headline,
+        "step": step,
+        "max_steps": cfg.max_steps,
+        "interrupted": interrupted,
+        "task": task.name,
+        "task_info": task.info,
+        "eval_prompts": len(task.eval),
+        "val_accuracy_start": first,
+        "val_accuracy": last,
+        "val_curve": evals,
+        "reward_start": train_rows[0]["reward"] if train_rows else math.nan,
+        "reward_end": train_rows[-1]["reward"] if train_rows else math.nan,
+        "examples": examples,
+        "params": num_params(policy),
+        "wall_seconds": seconds,
+        "seconds_per_step": (
+            sorted(r["seconds_per_step"] for r in train_rows)[len(train_rows) // 2]
+            if train_rows
+            else math.nan
+        ),
+        "device": str(device),
+        "base_model": str(model_dir),
+    }
+    if device.type == "cuda":
+        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if not interrupted:
+        with atomic_dir(out_dir / "model") as tmp:
+            save_model(policy, tmp, model_source(model_dir), pad_token_id=tok.pad_id)
+        keys = ["reward", "val_accuracy", "kl", "groups_with_signal", "answer_len"]
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", keys, f"GRPO ({task.name})")
+    write_json(out_dir / "summary.json", summary)
+    return summary
