@@ -547,6 +547,10 @@ class GRPOConfig(
     chat: bool = True  # ask in the tokenizer's chat format (false: plain completion "12+7=")
     val_fraction: float = 0.2  # share of problems held out for evaluation, by a hash of the text
     partial_credit: float = 0.0  # arithmetic: near-miss integers earn up to this (0 = exact only)
+    cold_start_steps: int = (
+        0  # arithmetic: supervised steps on correct answers before RL (0 = none)
+    )
+    cold_start_lr: float = 1e-3  # learning rate of the cold start (constant, AdamW)
 
     def __post_init__(self):
         super().__post_init__()
@@ -559,6 +563,8 @@ class GRPOConfig(
                 f"got {self.partial_credit}"
             )
         _check_positive(self, "digits", "group_size", "iterations")
+        if self.cold_start_steps < 0 or self.cold_start_lr <= 0:
+            raise ConfigError("grpo.cold_start_steps must be >= 0 and grpo.cold_start_lr > 0")
         if self.group_size < 2:
             raise ConfigError(
                 "grpo.group_size must be >= 2: advantages compare answers within a group"

@@ -14,6 +14,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -28,14 +29,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lmforge.align.preference import plot_curves
+from lmforge.align.preference import answer_ids, plot_curves
 from lmforge.align.rollout import kl_k3, masked_mean, pad_rollouts, sample_answers, token_logprobs
 from lmforge.config import ConfigError, GRPOConfig, resolve_path
 from lmforge.data.readers import DataError, is_val, iter_lines
 from lmforge.eval.generative import extract_answer, gsm8k_prompt
 from lmforge.infer.chat import chat_prompt_ids, load_for_inference, model_source, stop_ids
 from lmforge.infer.cpu_decode import relayout
-from lmforge.io import atomic_dir, write_json
+from lmforge.io import atomic_dir, read_json, write_json
 from lmforge.model.checkpoint import save_model
 from lmforge.model.transformer import num_params
 from lmforge.perf import pick_device
@@ -51,6 +52,8 @@ from lmforge.train.state import (
 )
 
 EVAL_SEED = 20240205  # the arithmetic held-out set is the same whatever the training seed
+COLD_START_STEP = 1_000_000  # cold-start problems are the task's draws from this step on
+PROBE_STEP = 2_000_000  # training problems scored greedily at each evaluation
 
 # --------------------------------------------------------------------------- tasks
 
@@ -73,6 +76,7 @@ class Task:
     eval: list[Problem]
     reward: Callable[[Problem, list[int]], float]
     info: dict = field(default_factory=dict)  # counts for the summary
+    target: Callable[[Problem], list[int]] | None = None  # a correct answer's ids (cold start)
 
 
 def arithmetic_problem(rng: np.random.Generator, digits: int, ops: str) -> tuple[str, int]:
@@ -205,12 +209,18 @@ def arithmetic_task(cfg: GRPOConfig, tok: Tokenizer, encode, max_prompt_len: int
         )
         return [problem(t, v) for t, v in drawn]
 
+    def target(p: Problem) -> list[int]:  # the answer as the policy would write it, then stop
+        if cfg.chat:
+            return answer_ids(tok, [{"role": "user", "content": f"What is {p.text}?"}], p.answer)
+        return tok.encode(p.answer) + [tok.eos_id]
+
     held_out = arithmetic_eval(cfg.eval_prompts, cfg.digits, cfg.ops, cfg.val_fraction)
     return Task(
         "arithmetic",
         train,
         [problem(t, v) for t, v in held_out],
         lambda p, ids: arithmetic_reward(tok.decode(ids), p.answer, cfg.partial_credit),
+        target=target,
     )
 
 
@@ -382,6 +392,31 @@ def evaluate(policy, task: Task, max_new_tokens: int, stop: tuple[int, ...]) -> 
     return sum(correct) / len(correct), answers
 
 
+def cold_start(policy, task: Task, cfg: GRPOConfig, pad_id: int) -> list[float]:
+    """cfg.cold_start_steps supervised steps on training problems and their correct answers
+    (DeepSeek-R1's "cold start"): RL only sharpens what the policy sometimes does, so a model
+    that never answers correctly gets no signal from a group. Problems come from steps
+    COLD_START_STEP + i of the task (never the RL steps' draws); returns the losses."""
+    if task.target is None:
+        raise ConfigError(f"grpo.cold_start_steps: task {task.name} has no reference answers")
+    device = next(policy.parameters()).device
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.cold_start_lr, weight_decay=0.0)
+    policy.train()
+    losses = []
+    for i in tqdm(range(cfg.cold_start_steps), desc="cold start", unit="step", leave=False):
+        problems = task.train(COLD_START_STEP + i)
+        ids, mask = pad_rollouts(
+            [p.prompt_ids for p in problems], [task.target(p) for p in problems], pad_id
+        )
+        ids, mask = ids.to(device), mask.to(device)
+        loss = -masked_mean(token_logprobs(policy, ids), mask)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -414,6 +449,21 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
     stop = stop_ids(tok)
 
     torch.manual_seed(cfg.seed)
+    base_accuracy = None
+    if cfg.cold_start_steps:  # the cold-started model is both the policy's start and the reference
+        warm = out_dir / "cold_start"
+        if not (warm / "model.safetensors").is_file():
+            base_accuracy, _ = evaluate(policy, task, cfg.max_new_tokens, stop)
+            losses = cold_start(policy, task, cfg, tok.pad_id)
+            with atomic_dir(warm) as tmp:
+                save_model(policy, tmp, model_source(model_dir), pad_token_id=tok.pad_id)
+            write_json(
+                warm / "cold_start.json", {"val_accuracy_base": base_accuracy, "losses": losses}
+            )
+        policy, _ = load_for_inference(warm, device)
+        ref, _ = load_for_inference(warm, device)
+        ref.requires_grad_(False)
+        base_accuracy = read_json(warm / "cold_start.json", "cold start")["val_accuracy_base"]
     policy.train()
     relayout(policy)  # before the optimizer: its state takes the parameters' final strides
     optimizer = make_optimizer(policy, cfg, device)
@@ -444,12 +494,16 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
         prune_checkpoints(ckpt_root, cfg.keep_last)
 
     last_answers: list = []
+    # training problems too: what RL optimises (held-out shows whether it generalises)
+    seen = {p.text: p for i in range(50) for p in task.train(PROBE_STEP + i)}
+    probe = dataclasses.replace(task, eval=list(seen.values())[: cfg.eval_prompts])
 
     def run_eval(at_step: int) -> float:
         nonlocal last_answers
         acc, last_answers = evaluate(policy, task, cfg.max_new_tokens, stop)
+        train_acc, _ = evaluate(policy, probe, cfg.max_new_tokens, stop)
         if task.eval:
-            metrics.write(step=at_step, val_accuracy=acc)
+            metrics.write(step=at_step, val_accuracy=acc, train_accuracy=train_acc)
         return acc
 
     # --- loop
@@ -497,6 +551,7 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
     train_rows = [r for r in rows if "reward" in r]
     first = evals[0][1] if evals else math.nan
     last = evals[-1][1] if evals else math.nan
+    train_evals = [r["train_accuracy"] for r in rows if "train_accuracy" in r]
     examples = [  # the newest greedy answers to the first held-out prompts
         {"question": p.text, "reference": p.answer, "answer": tok.decode(a)}
         for p, a in zip(task.eval[:8], last_answers[:8])
@@ -506,6 +561,10 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
         f"held-out accuracy {first:.2f} -> {last:.2f} ({len(task.eval)} prompts, greedy) "
         f"in {step} steps ({seconds / 60:.1f} min)"
     )
+    if train_evals:
+        headline += f"; on training problems {train_evals[0]:.2f} -> {train_evals[-1]:.2f}"
+    if base_accuracy is not None:
+        headline += f"; {base_accuracy:.2f} before the {cfg.cold_start_steps}-step cold start"
     summary = {
         "headline": headline,
         "step": step,
@@ -514,9 +573,13 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
         "task": task.name,
         "task_info": task.info,
         "eval_prompts": len(task.eval),
+        "cold_start_steps": cfg.cold_start_steps,
+        "val_accuracy_base": base_accuracy,  # before the cold start (None without one)
         "val_accuracy_start": first,
         "val_accuracy": last,
         "val_curve": evals,
+        "train_accuracy_start": train_evals[0] if train_evals else math.nan,
+        "train_accuracy": train_evals[-1] if train_evals else math.nan,
         "reward_start": train_rows[0]["reward"] if train_rows else math.nan,
         "reward_end": train_rows[-1]["reward"] if train_rows else math.nan,
         "examples": examples,
@@ -537,7 +600,7 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
     if not interrupted:
         with atomic_dir(out_dir / "model") as tmp:
             save_model(policy, tmp, model_source(model_dir), pad_token_id=tok.pad_id)
-        keys = ["reward", "val_accuracy", "kl", "groups_with_signal", "answer_len"]
+        keys = ["reward", "val_accuracy", "train_accuracy", "kl", "groups_with_signal"]
         plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", keys, f"GRPO ({task.name})")
     write_json(out_dir / "summary.json", summary)
     return summary

@@ -366,3 +366,24 @@ def test_run_on_arithmetic_writes_model_curves_and_a_headline(micro_pretrained, 
     assert (tmp_path / "model" / "model.safetensors").exists() and (
         tmp_path / "curves.png"
     ).exists()
+
+
+def test_cold_start_learns_the_answers_and_becomes_the_reference(micro_pretrained, tmp_path):
+    """Supervised cold start on training problems lowers their answer loss, is saved once
+    (a rerun reuses it) and is where the RL run starts: held-out and training accuracy are
+    both reported."""
+    _, model_dir = micro_pretrained
+    cfg = GRPOConfig(
+        max_steps=1, prompts_per_step=8, group_size=2, max_new_tokens=3, seq_len=64, chat=False,
+        eval_prompts=6, eval_every=0, log_every=1, cold_start_steps=30, cold_start_lr=3e-3,
+    )  # fmt: skip
+    s = run(cfg, model_dir, tmp_path)
+    log = json.loads((tmp_path / "cold_start" / "cold_start.json").read_text())
+    assert len(log["losses"]) == 30
+    assert sum(log["losses"][-5:]) < 0.7 * sum(log["losses"][:5]), log["losses"]
+    assert s["val_accuracy_base"] == log["val_accuracy_base"] and s["cold_start_steps"] == 30
+    assert "before the 30-step cold start" in s["headline"] and "training problems" in s["headline"]
+    evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train_accuracy" in r]
+    assert evals[0]["step"] == 0 and 0 <= evals[0]["train_accuracy"] <= 1
+    with pytest.raises(ConfigError, match="cold_start"):
+        GRPOConfig(cold_start_steps=-1)
