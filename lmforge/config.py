@@ -214,17 +214,28 @@ class SampleConfig:  # `sample:` generations written into the report after pretr
 
 
 @dataclass
-class SFTSourceConfig:  # one entry of `sft.sources`
+class FileSourceConfig:  # a named JSONL file of training rows (base of the stage sources; not a section)
     name: str = ""  # short name used in reports
-    path: str = ""  # JSONL file: instruction/input/output rows or OpenAI-style `messages` lists
-    weight: float = 1.0  # epochs of this source per pass (0.5 = half its rows, 2 = twice)
+    path: str = ""  # JSONL file (gzip allowed)
     max_rows: int = 0  # read at most this many rows (0 = all)
 
     def __post_init__(self):
+        what = {SFTSourceConfig: "sft source"}.get(type(self), "preference source")
         if not self.name:
             self.name = Path(self.path).name.split(".")[0] or "source"
         if not self.path:
-            raise ConfigError(f"sft source {self.name!r}: 'path' is required")
+            raise ConfigError(f"{what} {self.name!r}: 'path' is required")
+        if self.max_rows < 0:
+            raise ConfigError(f"{what} {self.name!r}: max_rows must be >= 0")
+
+
+@dataclass
+class SFTSourceConfig(FileSourceConfig):  # one entry of `sft.sources`
+    path: str = ""  # JSONL file: instruction/input/output rows or OpenAI-style `messages` lists
+    weight: float = 1.0  # epochs of this source per pass (0.5 = half its rows, 2 = twice)
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.weight < 0:
             raise ConfigError(f"sft source {self.name!r}: weight must be >= 0, got {self.weight}")
 
@@ -324,20 +335,10 @@ class EvalConfig:  # `eval:` the report card written by `lmforge run` (lmforge e
 
 
 @dataclass
-class PreferenceSourceConfig:  # one entry of `reward.sources`, `dpo.sources` or `ppo.sources`
-    name: str = ""  # short name used in reports
-    path: str = (
-        ""  # JSONL: chosen/rejected pairs (HH-RLHF dialogues, ShareGPT, or prompt/chosen/rejected)
-    )
-    max_rows: int = 0  # read at most this many rows (0 = all)
-
-    def __post_init__(self):
-        if not self.name:
-            self.name = Path(self.path).name.split(".")[0] or "source"
-        if not self.path:
-            raise ConfigError(f"preference source {self.name!r}: 'path' is required")
-        if self.max_rows < 0:
-            raise ConfigError(f"preference source {self.name!r}: max_rows must be >= 0")
+class PreferenceSourceConfig(
+    FileSourceConfig
+):  # one entry of `reward.sources`, `dpo.sources` or `ppo.sources`
+    path: str = ""  # JSONL of pairs: HH-RLHF dialogues, ShareGPT, or prompt/chosen/rejected
 
 
 @dataclass

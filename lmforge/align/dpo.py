@@ -23,15 +23,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge.align.preference import build_pairs, pair_batch, plot_curves, prompt_ids, train_pairs
+from lmforge.align.preference import (
+    pair_batch,
+    plot_curves,
+    prompt_ids,
+    setup,
+    train_pairs,
+)
 from lmforge.align.rollout import sample_answers, token_logprobs
-from lmforge.config import ConfigError, DPOConfig, LoRAConfig
-from lmforge.infer.chat import load_for_inference, model_source, stop_ids
+from lmforge.config import DPOConfig, LoRAConfig
+from lmforge.infer.chat import stop_ids
 from lmforge.infer.cpu_decode import relayout
 from lmforge.io import atomic_dir, write_json
 from lmforge.model.checkpoint import save_model
 from lmforge.model.transformer import num_params
-from lmforge.perf import pick_device
 
 
 def dpo_loss(
@@ -137,17 +142,9 @@ def run(cfg: DPOConfig, lora_cfg: LoRAConfig, model_dir, out_dir, base_dir: str 
     out_dir/model (out_dir/adapter with lora_r), metrics.jsonl, curves.png, summary.json."""
     # --- setup
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    policy, tok = load_for_inference(model_dir, device=device)
-    tok_dir = model_source(model_dir)
-    if cfg.seq_len > policy.cfg.max_seq_len:
-        raise ConfigError(
-            f"dpo.seq_len ({cfg.seq_len}) exceeds the model's context ({policy.cfg.max_seq_len})"
-        )
-    train, val, stats = build_pairs(cfg, tok, base_dir)
+    device, policy, tok, tok_dir, train, val, stats = setup(
+        cfg, model_dir, out_dir, base_dir, "dpo"
+    )
     train_enc, val_enc = [e for e, _ in train], [e for e, _ in val]
     relayout(policy)  # before the optimizer: the judge's engine would relayout it later
     reference = copy.deepcopy(policy).eval().requires_grad_(False)

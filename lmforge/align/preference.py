@@ -253,6 +253,26 @@ def lengths_of(pairs: list[EncodedPair]) -> np.ndarray:
 # --------------------------------------------------------------------------- the loop
 
 
+def setup(cfg: PreferenceDataConfig, model_dir, out_dir, base_dir: str, stage: str):
+    """What reward and DPO start with: (device, model, tokenizer, tokenizer directory, train
+    pairs, held-out pairs, data stats). The model is loaded as for inference (an adapter is
+    merged) and must hold seq_len tokens."""
+    from lmforge.infer.chat import load_for_inference, model_source
+    from lmforge.perf import pick_device
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok = load_for_inference(model_dir, device=device)
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise ConfigError(
+            f"{stage}.seq_len ({cfg.seq_len}) exceeds the model's context ({model.cfg.max_seq_len})"
+        )
+    train, val, stats = build_pairs(cfg, tok, base_dir)
+    return device, model, tok, model_source(model_dir), train, val, stats
+
+
 def train_pairs(
     cfg: PreferenceDataConfig,
     model: torch.nn.Module,

@@ -25,19 +25,17 @@ from torch import nn
 from lmforge.align.preference import (
     EncodedPair,
     answer_ids,
-    build_pairs,
     pair_batch,
     plot_curves,
     prompt_ids,
+    setup,
     train_pairs,
 )
 from lmforge.config import ConfigError, RewardConfig
-from lmforge.infer.chat import load_for_inference, model_source
 from lmforge.io import atomic_dir, read_json, write_json
 from lmforge.model.checkpoint import TOKENIZER_FILES, _read_tensors, load_config, model_from_tensors
 from lmforge.model.hf import ARCHITECTURES, to_hf_config, to_hf_state_dict
 from lmforge.model.transformer import GPT, num_params
-from lmforge.perf import pick_device
 from lmforge.tokenizer import Tokenizer
 
 
@@ -203,17 +201,9 @@ def run(cfg: RewardConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     out_dir/model, metrics.jsonl, curves.png and summary.json. Returns the summary."""
     # --- setup
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    body, tok = load_for_inference(model_dir, device=device)
-    tok_dir = model_source(model_dir)
-    if cfg.seq_len > body.cfg.max_seq_len:
-        raise ConfigError(
-            f"reward.seq_len ({cfg.seq_len}) exceeds the model's context ({body.cfg.max_seq_len})"
-        )
-    train, val, stats = build_pairs(cfg, tok, base_dir)
+    device, body, tok, tok_dir, train, val, stats = setup(
+        cfg, model_dir, out_dir, base_dir, "reward"
+    )
     train_enc, val_enc = [e for e, _ in train], [e for e, _ in val]
     torch.manual_seed(cfg.seed)
     rm = RewardModel(body).to(device)
