@@ -214,6 +214,43 @@ class SampleConfig:  # `sample:` generations written into the report after pretr
 
 
 @dataclass
+class TrainLoopConfig:  # optimizer and loop settings shared by the alignment stages (not a section)
+    max_steps: int = 100  # optimizer steps (ppo, grpo: rollout batches)
+    batch_size: int = 8  # examples per micro-batch (a preference pair counts once)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256  # longest prompt + answer in tokens (at most model.max_seq_len)
+    lr: float = 5e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    warmup_steps: int = 10  # linear warmup from 0 to the peak
+    schedule: str = "cosine"  # after warmup: cosine | wsd | constant
+    decay_frac: float = 0.2  # wsd: fraction of steps spent in the final linear decay
+    weight_decay: float = 0.0  # AdamW weight decay on matrices
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    eval_every: int = 50  # held-out metrics every N steps (0 = only at the end)
+    log_every: int = 10  # write a metrics line every N steps
+    save_every: int = 100  # write a checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2  # keep this many step checkpoints
+    seed: int = 1337  # seeds data order, sampling and initialisation
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    resume: bool = True  # continue from the newest checkpoint in the output folder if there is one
+
+    def __post_init__(self):
+        name = _section_name(type(self))
+        _check_positive(self, "max_steps", "batch_size", "grad_accum", "seq_len", "log_every")
+        _check_positive(self, "keep_last")
+        _check_choice(self, "schedule", ("cosine", "wsd", "constant"))
+        _check_choice(self, "device", ("auto", "cpu", "cuda", "mps"))
+        if self.lr <= 0:
+            raise ConfigError(f"{name}.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{name}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
 class FileSourceConfig:  # a named JSONL file of training rows (base of the stage sources; not a section)
     name: str = ""  # short name used in reports
     path: str = ""  # JSONL file (gzip allowed)
@@ -241,36 +278,22 @@ class SFTSourceConfig(FileSourceConfig):  # one entry of `sft.sources`
 
 
 @dataclass
-class SFTConfig:  # `sft:` supervised fine-tuning on instruction data (lmforge sft)
+class SFTConfig(TrainLoopConfig):  # `sft:` supervised fine-tuning on instruction data (lmforge sft)
+    max_steps: int = 200  # optimizer steps
+    batch_size: int = 8  # conversations per micro-batch (padded to the longest)
+    seq_len: int = 256  # longest conversation in tokens (at most model.max_seq_len)
+    lr: float = 1e-3  # peak learning rate (LoRA usually wants more than full fine-tuning)
+    warmup_steps: int = 20  # linear warmup from 0 to the peak
+    eval_every: int = 50  # held-out loss every N steps (0 = only at the end)
+    seed: int = 1337  # seeds data order and LoRA initialisation
     sources: list[SFTSourceConfig] = field(default_factory=list)  # instruction data (JSONL)
     system_prompt: str = ""  # system message put before conversations that have none ("" = none)
     val_fraction: float = 0.05  # share of conversations held out, by text hash
-    max_steps: int = 200  # optimizer steps
-    batch_size: int = 8  # conversations per micro-batch (padded to the longest)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seq_len: int = 256  # longest conversation in tokens (at most model.max_seq_len)
     overflow: str = "truncate"  # a conversation longer than seq_len: truncate | drop
-    lr: float = 1e-3  # peak learning rate (LoRA usually wants more than full fine-tuning)
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
-    warmup_steps: int = 20  # linear warmup from 0 to the peak
-    schedule: str = "cosine"  # after warmup: cosine | wsd | constant
-    decay_frac: float = 0.2  # wsd: fraction of steps spent in the final linear decay
-    weight_decay: float = 0.0  # AdamW weight decay on matrices
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    eval_every: int = 50  # held-out loss every N steps (0 = only at the end)
-    log_every: int = 10  # write a metrics line every N steps
-    save_every: int = 100  # write a checkpoint every N steps (0 = only at the end)
-    keep_last: int = 2  # keep this many step checkpoints
     skip_bad_rows: bool = False  # count and skip malformed rows instead of stopping at the first
-    seed: int = 1337  # seeds data order and LoRA initialisation
-    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
-    compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
-    threads: int = 0  # torch CPU threads (0 = torch's default)
-    resume: bool = True  # continue from the newest checkpoint in the output folder if there is one
 
     def __post_init__(self):
+        super().__post_init__()
         self.sources = [
             s if isinstance(s, SFTSourceConfig) else build(SFTSourceConfig, s, "sft.sources")
             for s in self.sources
@@ -278,15 +301,9 @@ class SFTConfig:  # `sft:` supervised fine-tuning on instruction data (lmforge s
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"sft.sources: duplicate source names {names}")
-        _check_positive(self, "max_steps", "batch_size", "grad_accum", "seq_len", "log_every")
-        _check_positive(self, "keep_last")
         _check_choice(self, "overflow", ("truncate", "drop"))
-        _check_choice(self, "schedule", ("cosine", "wsd", "constant"))
-        _check_choice(self, "device", ("auto", "cpu", "cuda", "mps"))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"sft.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0:
-            raise ConfigError(f"sft.lr must be positive, got {self.lr}")
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -339,43 +356,6 @@ class PreferenceSourceConfig(
     FileSourceConfig
 ):  # one entry of `reward.sources`, `dpo.sources` or `ppo.sources`
     path: str = ""  # JSONL of pairs: HH-RLHF dialogues, ShareGPT, or prompt/chosen/rejected
-
-
-@dataclass
-class TrainLoopConfig:  # optimizer and loop settings shared by the alignment stages (not a section)
-    max_steps: int = 100  # optimizer steps (ppo, grpo: rollout batches)
-    batch_size: int = 8  # examples per micro-batch (a preference pair counts once)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seq_len: int = 256  # longest prompt + answer in tokens (at most model.max_seq_len)
-    lr: float = 5e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
-    warmup_steps: int = 10  # linear warmup from 0 to the peak
-    schedule: str = "cosine"  # after warmup: cosine | wsd | constant
-    decay_frac: float = 0.2  # wsd: fraction of steps spent in the final linear decay
-    weight_decay: float = 0.0  # AdamW weight decay on matrices
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    eval_every: int = 50  # held-out metrics every N steps (0 = only at the end)
-    log_every: int = 10  # write a metrics line every N steps
-    save_every: int = 100  # write a checkpoint every N steps (0 = only at the end)
-    keep_last: int = 2  # keep this many step checkpoints
-    seed: int = 1337  # seeds data order, sampling and initialisation
-    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
-    compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
-    threads: int = 0  # torch CPU threads (0 = torch's default)
-    resume: bool = True  # continue from the newest checkpoint in the output folder if there is one
-
-    def __post_init__(self):
-        name = _section_name(type(self))
-        _check_positive(self, "max_steps", "batch_size", "grad_accum", "seq_len", "log_every")
-        _check_positive(self, "keep_last")
-        _check_choice(self, "schedule", ("cosine", "wsd", "constant"))
-        _check_choice(self, "device", ("auto", "cpu", "cuda", "mps"))
-        if self.lr <= 0:
-            raise ConfigError(f"{name}.lr must be positive, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"{name}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
