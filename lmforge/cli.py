@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 from lmforge.config import SECTIONS, ConfigError, field_help, load_recipe, unknown_key_error
+from lmforge.pipeline import STAGES
 
 STAGE_SECTION = {
     "tokenizer": "tokenizer",
@@ -99,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="lmforge",
         description="Build a language model end to end: tokenizer, data shards, pretraining, "
-        "instruction tuning (full or LoRA), evaluation, chat and an OpenAI-compatible server.",
+        "instruction tuning (full or LoRA), reward model and preference alignment (DPO, PPO, "
+        "GRPO), evaluation, chat and an OpenAI-compatible server.",
         epilog="Quick start: lmforge run recipes/tiny-cpu.yaml --out runs/tiny  (then: lmforge generate runs/tiny/pretrain/model)",
     )
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
@@ -107,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         allow_abbrev=False,
-        help="run a whole recipe: tokenizer -> prepare -> pretrain -> sft -> samples -> eval -> "
-        "REPORT.md",
+        help="run a whole recipe: tokenizer -> prepare -> pretrain -> sft -> reward -> dpo -> "
+        "samples -> eval -> REPORT.md",
         description="Run every stage of a recipe in one run directory. Finished stages with the same config "
         "are skipped and an interrupted stage resumes, so rerunning the command continues the run. "
         "Override any recipe value with --section.key VALUE (e.g. --pretrain.max_steps 20).",
@@ -122,8 +124,7 @@ def _parser() -> argparse.ArgumentParser:
         "--force",
         default="",
         metavar="STAGES",
-        help="comma-separated stages to redo even if up to date "
-        "(tokenizer,data,pretrain,sft,sample,eval)",
+        help="comma-separated stages to redo even if up to date (" + ",".join(STAGES) + ")",
     )
 
     for cmd, section, text in (

@@ -273,11 +273,13 @@ def iter_documents(src: SourceConfig, base_dir: str = ".") -> Iterator[str]:
 # --------------------------------------------------------------------------- train / val split
 
 
-def read_jsonl(path, parse, skip_bad_rows: bool, max_rows: int = 0, what: str = "row"):
+def read_jsonl(
+    path, parse, skip_bad_rows: bool = False, max_rows: int = 0, what: str = "row", skippable=True
+):
     """(items, problems): parse(row) for each JSON line of path (gzipped or not; blank lines
     skipped), at most max_rows items (0 = all). A line that is not JSON or that parse rejects
     with ValueError is a DataError naming file and line, unless skip_bad_rows, which lists it
-    in problems and goes on."""
+    in problems and goes on (skippable=False: the caller has no such option to suggest)."""
     items, problems = [], []
     for lineno, line in iter_lines(path):
         if max_rows and len(items) >= max_rows:
@@ -292,7 +294,8 @@ def read_jsonl(path, parse, skip_bad_rows: bool, max_rows: int = 0, what: str = 
         except ValueError as e:
             problem = f"{path}:{lineno}: {e}"
         if not skip_bad_rows:
-            raise DataError(f"{problem} (pass --skip_bad_rows true to skip such {what}s)")
+            hint = f" (pass --skip_bad_rows true to skip such {what}s)" if skippable else ""
+            raise DataError(problem + hint)
         problems.append(problem)
     return items, problems
 

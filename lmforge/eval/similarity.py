@@ -13,12 +13,19 @@ on characters.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from lmforge.config import ConfigError
-from lmforge.data.readers import iter_lines
+from lmforge.data.readers import read_jsonl
+
+
+def _pair_row(row) -> dict:
+    if not isinstance(row, dict) or not all(
+        isinstance(row.get(k), str) for k in ("source", "reference")
+    ):
+        raise ValueError("a row needs string fields 'source' and 'reference'")
+    return row
 
 
 def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -26,25 +33,7 @@ def read_pairs(path: str | Path, limit: int | None = None) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"similarity task data not found: {path}")
-    rows = []
-    for lineno, line in iter_lines(path):  # plain or .gz; bad UTF-8 is an error naming the line
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}"
-            ) from None
-        if not isinstance(row, dict) or not all(
-            isinstance(row.get(k), str) for k in ("source", "reference")
-        ):
-            raise ConfigError(
-                f"{path}:{lineno}: a row needs string fields 'source' and 'reference'"
-            )
-        rows.append(row)
-        if limit and len(rows) >= limit:
-            break
+    rows, _ = read_jsonl(path, _pair_row, max_rows=limit or 0, skippable=False)
     if not rows:
         raise ConfigError(f"{path} has no rows")
     return rows

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from lmforge.config import ConfigError
+from lmforge.data.readers import DataError
 from lmforge.eval.similarity import bleu, evaluate_similarity, read_pairs, rouge
 
 sacrebleu = pytest.importorskip("sacrebleu")
@@ -40,7 +41,9 @@ def test_rouge_is_rouge_score():
 def test_pairs_file_errors_and_end_to_end(tmp_path, micro_pretrained):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"source": "a", "reference": "b"}\n{"source": 1}\n', encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"bad\.jsonl:2: a row needs string fields"):
+    with pytest.raises(
+        DataError, match=r"bad\.jsonl:2: a row needs string fields 'source' and 'reference'$"
+    ):
         read_pairs(bad)
     with pytest.raises(ConfigError, match="not found"):
         read_pairs(tmp_path / "missing.jsonl")
