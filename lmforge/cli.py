@@ -27,6 +27,9 @@ STAGE_SECTION = {
     "dpo": "dpo",
     "ppo": "ppo",
     "grpo": "grpo",
+    "quantize": "quantize",
+    "distill": "distill",
+    "prune": "prune",
 }
 # the alignment stages: module lmforge.align.<name>, run(cfg, model_dir, out_dir, base_dir, ...)
 ALIGN_STAGES = {
@@ -37,6 +40,15 @@ ALIGN_STAGES = {
     "ppo": "RLHF: PPO against a reward model (or the qa checker), KL-penalised to the reference; "
     "writes OUT/ppo/model",
     "grpo": "GRPO with a verifiable reward (built-in arithmetic, or GSM8K); writes OUT/grpo/model",
+}
+# the compression stages: module lmforge.compress.<name>, run(cfg, model_dir, data_dir, out_dir, ...)
+COMPRESS_STAGES = {
+    "quantize": "weight-only quantization (int8, int4 round-to-nearest, or GPTQ int4) of a "
+    "model; writes OUT/quantize/<method> (generate, chat, serve and eval load it)",
+    "distill": "train a smaller student on a teacher's logits (and the same student without the "
+    "teacher, for comparison); writes OUT/distill/model",
+    "prune": "prune a model (magnitude, 2:4 or structured heads/channels), then optionally "
+    "recover with a short fine-tune; writes OUT/prune/<method>",
 }
 DEFAULT_RECIPE = "recipes/tiny-cpu.yaml"
 
@@ -150,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
             "OUT/sft/model, or OUT/sft/adapter with LoRA",
         ),
         *((cmd, cmd, text) for cmd, text in ALIGN_STAGES.items()),
+        *((cmd, cmd, text) for cmd, text in COMPRESS_STAGES.items()),
     ):
         p = sub.add_parser(
             cmd,
@@ -178,6 +191,18 @@ def _parser() -> argparse.ArgumentParser:
                 "--model-dir",
                 help="model to start from: ours or any supported HF directory, or a LoRA adapter "
                 "(default: OUT/sft/model)",
+            )
+        if cmd in COMPRESS_STAGES:
+            p.add_argument(
+                "--model-dir",
+                help=f"model to {cmd}"
+                + (" (the teacher)" if cmd == "distill" else "")
+                + ": ours or any supported HF directory (default: OUT/pretrain/model)",
+            )
+            p.add_argument(
+                "--data-dir",
+                help="prepared shards for calibration, training and validation perplexity "
+                "(default: OUT/data)",
             )
         if cmd == "dpo":
             _add_section_options(p, "lora", prefix="lora.")
@@ -258,13 +283,29 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write a model directory: e.g. merge a LoRA adapter into its base",
+        help="merge a LoRA adapter into its base, or write a GGUF file for llama.cpp",
         description="Export a checkpoint. With --merge-lora, CHECKPOINT is a LoRA adapter "
         "directory and OUT receives the base model with the adapter folded into its weights: a "
-        "plain HF checkpoint that transformers, vLLM and lmforge open without peft.",
+        "plain HF checkpoint that transformers, vLLM and lmforge open without peft. With "
+        "--format gguf, OUT is a .gguf file (weights, tokenizer and chat template) that "
+        "llama.cpp opens; needs the gguf package (pip install 'lmforge[gguf]').",
     )
     p.add_argument("checkpoint", help="adapter directory (with --merge-lora) or model directory")
-    p.add_argument("out", help="output directory (must not exist)")
+    p.add_argument(
+        "out", help="output directory, or .gguf file with --format gguf (must not exist)"
+    )
+    p.add_argument(
+        "--format",
+        default="hf",
+        choices=("hf", "gguf"),
+        help="hf: a Hugging Face directory (with --merge-lora); gguf: one llama.cpp file (default: hf)",
+    )
+    p.add_argument(
+        "--outtype",
+        default="f32",
+        choices=("f32", "f16", "q8_0"),
+        help="gguf: tensor type of the weight matrices; norms stay f32 (default: f32)",
+    )
     p.add_argument(
         "--merge-lora", action="store_true", help="fold the LoRA adapter into the base weights"
     )
@@ -394,6 +435,8 @@ def _cmd_stage(args, rest) -> int:
         )
     elif args.command in ALIGN_STAGES:
         return _cmd_align(args.command, recipe, out, args.model_dir)
+    elif args.command in COMPRESS_STAGES:
+        return _cmd_compress(args.command, recipe, out, args.model_dir, args.data_dir)
     elif args.command == "sft":
         from lmforge.align.sft import run
 
@@ -435,6 +478,29 @@ def _cmd_stage(args, rest) -> int:
             )
             return 130
         print(f"model written to {out / 'pretrain' / 'model'}")
+    return 0
+
+
+def _cmd_compress(name: str, recipe, out: Path, model_dir: str | None, data_dir: str | None) -> int:
+    """quantize, distill, prune: each driver returns a summary with `interrupted`, `step` and
+    a one-line `headline`."""
+    import importlib
+
+    driver = importlib.import_module(f"lmforge.compress.{name}")
+    s = driver.run(
+        getattr(recipe, name),
+        model_dir=model_dir or out / "pretrain" / "model",
+        data_dir=data_dir or out / "data",
+        out_dir=out / name,
+    )
+    if s.get("interrupted"):
+        print(
+            f"interrupted at step {s['step']}; checkpoint saved under {out / name}. "
+            "Run the same command to resume.",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"{name}: {s['headline']}")
     return 0
 
 
@@ -516,8 +582,16 @@ def _cmd_chat(args) -> int:
 def _cmd_export(args) -> int:
     from lmforge.align.lora import export_merged
 
+    if args.format == "gguf":
+        from lmforge.compress.gguf import export_gguf
+
+        if args.merge_lora:
+            raise ConfigError("--merge-lora writes an HF directory; merge first, then export GGUF")
+        out = export_gguf(args.checkpoint, args.out, outtype=args.outtype)
+        print(f"GGUF ({args.outtype}) written to {out}")
+        return 0
     if not args.merge_lora:
-        raise ConfigError("nothing to do: pass --merge-lora (the only export so far)")
+        raise ConfigError("nothing to do: pass --merge-lora or --format gguf")
     out = export_merged(args.checkpoint, args.out, base=args.base)
     print(f"merged model written to {out}")
     return 0
