@@ -50,8 +50,9 @@ class CpuDecoder:
 
     @staticmethod
     def supports(model) -> bool:
-        """True for a `GPT` with RMSNorm, RoPE and SwiGLU (Llama, Qwen2, Mistral); GPT-2's
-        LayerNorm, learned positions and GELU decode through the model's own forward."""
+        """True for a `GPT` with RMSNorm, RoPE and SwiGLU (Llama, Qwen2, Mistral), float or
+        quantized; GPT-2's LayerNorm, learned positions and GELU decode through the model's own
+        forward."""
         if not isinstance(model, GPT):
             return False
         cfg = model.cfg
@@ -69,26 +70,33 @@ class CpuDecoder:
         self.layers = [
             (
                 b.attn_norm.weight,
-                self._blocks(b.attn.wqkv.weight),
-                b.attn.wqkv.bias,  # None but for Qwen2
-                self._blocks(b.attn.wo.weight),
+                self._blocks(b.attn.wqkv),
+                b.attn.wqkv.bias if type(b.attn.wqkv) is torch.nn.Linear else None,  # Qwen2
+                self._blocks(b.attn.wo),
                 b.mlp_norm.weight,
-                self._blocks(b.mlp.w13.weight),
-                self._blocks(b.mlp.w2.weight),
+                self._blocks(b.mlp.w13),
+                self._blocks(b.mlp.w2),
             )
             for b in model.layers
         ]
-        self.head = self._blocks(model.lm_head.weight)
+        self.head = self._blocks(model.lm_head)
 
-    def _blocks(self, w: torch.Tensor) -> torch.Tensor:
-        """(out, in) weight -> (threads, in, out / threads) view; one block when out does not
-        split evenly."""
+    def _blocks(self, m: torch.nn.Module):
+        """A linear layer's (out, in) weight -> (threads, in, out / threads) view; one block when
+        out does not split evenly. A quantized layer (compress.quant.QuantLinear) stays itself:
+        its kernel splits the work over threads and adds its own bias."""
+        if type(m) is not torch.nn.Linear:
+            return m
+        w = m.weight
         n = self.threads if w.shape[0] % self.threads == 0 else 1
         return w.view(n, -1, w.shape[1]).transpose(1, 2)
 
     @staticmethod
-    def _mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x (in,) times a blocked weight (n, in, out / n) -> (out,), one block per thread."""
+    def _mv(x: torch.Tensor, w) -> torch.Tensor:
+        """x (in,) times a blocked weight (n, in, out / n) -> (out,), one block per thread; or
+        through a quantized layer."""
+        if not isinstance(w, torch.Tensor):
+            return w(x.view(1, -1)).view(-1)
         return torch.bmm(x.view(1, 1, -1).expand(w.shape[0], 1, -1), w).view(-1)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -103,7 +111,7 @@ class CpuDecoder:
         """Feed one token id (a 1-element tensor) at position `pos`; logits (V,) for the next."""
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
         model = self.model
-        x = F.embedding(token.view(-1), model.tok_emb.weight).view(-1)
+        x = model.tok_emb(token.view(-1)).view(-1)
         cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (D,): the signed-sin table
         start = max(0, pos + 1 - self.window) if self.window else 0  # Mistral's sliding window
         for i, (attn_norm, wqkv, bqkv, wo, mlp_norm, w13, w2) in enumerate(self.layers):

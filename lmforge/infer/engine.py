@@ -119,7 +119,7 @@ class Engine:
         # depends on the others; False: only rows up to the last busy slot (faster when few
         # requests run; a near-tie between two logits may then resolve differently)
         self.batch_invariant = batch_invariant
-        self.device = model.tok_emb.weight.device
+        self.device = model.device
         self.cache = model.new_cache(max_batch)
         self.linears = BlockedLinears(model)
         # one busy row without batch invariance: the batch-1 CPU decode step, the fastest path
@@ -310,7 +310,7 @@ class BlockedLinears:
 
     def __init__(self, model: GPT, threads: int | None = None):
         self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        if model.tok_emb.weight.device.type != "cpu":
+        if model.device.type != "cpu":
             return
         relayout(model)
         n = threads or torch.get_num_threads()

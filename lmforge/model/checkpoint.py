@@ -38,6 +38,14 @@ def save_model(
     write_json(out / "config.json", to_hf_config(cfg, pad_token_id=pad_token_id, torch_dtype=dtype))
     tensors = {k: v.cpu() for k, v in to_hf_state_dict(model.state_dict(), cfg).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_extras(cfg, out, tokenizer_dir, pad_token_id)
+
+
+def save_extras(
+    cfg: ModelConfig, out: Path, tokenizer_dir: str | Path | None, pad_token_id: int | None
+) -> None:
+    """generation_config.json and copies of the tokenizer files: everything of a model
+    directory but its config.json and weights."""
     write_json(
         out / "generation_config.json",
         {
@@ -88,12 +96,29 @@ def load_config(ckpt: str | Path) -> ModelConfig:
 
 
 def load_model(
-    ckpt: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ckpt: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    quantized_ok: bool = True,
 ) -> GPT:
     """Open a HF-layout checkpoint directory (ours or one saved by transformers) of a Llama,
-    Qwen2, Mistral or GPT-2 model; `save_model` writes it back in the same family's format."""
+    Qwen2, Mistral or GPT-2 model; `save_model` writes it back in the same family's format.
+    A quantized lmforge checkpoint (`lmforge quantize`) opens with its QuantLinear layers, for
+    inference; a caller that trains or rewrites weights passes quantized_ok=False and gets a
+    clear error instead."""
+    from lmforge.compress.quant import load_quantized, quant_spec
+
     ckpt = Path(ckpt)
-    return model_from_tensors(load_config(ckpt), _read_tensors(ckpt), ckpt, device, dtype)
+    cfg = load_config(ckpt)
+    spec = quant_spec(ckpt)
+    if spec is None:
+        return model_from_tensors(cfg, _read_tensors(ckpt), ckpt, device, dtype)
+    if not quantized_ok:
+        raise ConfigError(
+            f"{ckpt} is a quantized ({spec.method}) checkpoint: it is for inference only; "
+            "train, prune, quantize or export from the float model it was made from"
+        )
+    return load_quantized(cfg, spec, _read_tensors(ckpt), ckpt, device)
 
 
 def model_from_tensors(

@@ -216,8 +216,14 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, pos)
         return self.norm(x)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives (read off the final norm: a float parameter in every variant,
+        quantized ones included)."""
+        return self.norm.weight.device
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        p = self.tok_emb.weight
+        p = self.norm.weight
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
 
 
