@@ -379,3 +379,25 @@ def test_cli_reports_a_bad_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 2 and "failed to load" in proc.stderr, proc.stderr
+
+
+def test_serves_a_quantized_checkpoint(micro, live_server, tmp_path):
+    """`lmforge quantize` output, opened by path like any model directory: the openai client
+    gets the engine's own greedy answer from the int8 model."""
+    from lmforge.compress.quant import QuantLinear, save_quantized
+    from lmforge.compress.quantize import quantize_model
+    from lmforge.config import QuantizeConfig
+
+    model, tok, model_dir = micro
+    qmodel, _ = load_for_inference(model_dir, "cpu")
+    spec = quantize_model(qmodel, QuantizeConfig(method="int8"))
+    save_quantized(qmodel, spec, tmp_path / "int8", model_dir, tok.pad_id)
+    app = create_app(str(tmp_path / "int8"), "micro-int8", max_batch=4, max_tokens=64)
+    with live_server(app) as url:
+        r = _client(url).chat.completions.create(
+            model="micro-int8", messages=HELLO, max_tokens=12, temperature=0
+        )
+    served, _ = load_for_inference(tmp_path / "int8", "cpu")
+    assert isinstance(served.lm_head, QuantLinear)
+    want = _alone((served, tok, None), chat_prompt_ids(tok, HELLO), 12, stop_ids(tok))
+    assert r.choices[0].message.content == want.text and want.output_ids
