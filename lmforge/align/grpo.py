@@ -430,8 +430,8 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy, tok = load_for_inference(model_dir, device)
-    ref, _ = load_for_inference(model_dir, device)  # frozen: the KL anchor
+    policy, tok = load_for_inference(model_dir, device, trainable=True)
+    ref, _ = load_for_inference(model_dir, device, trainable=True)  # frozen: the KL anchor
     ref.requires_grad_(False)
     context = min(cfg.seq_len, policy.cfg.max_seq_len)
     if cfg.seq_len > policy.cfg.max_seq_len:
@@ -460,8 +460,8 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
             write_json(
                 warm / "cold_start.json", {"val_accuracy_base": base_accuracy, "losses": losses}
             )
-        policy, _ = load_for_inference(warm, device)
-        ref, _ = load_for_inference(warm, device)
+        policy, _ = load_for_inference(warm, device, trainable=True)
+        ref, _ = load_for_inference(warm, device, trainable=True)
         ref.requires_grad_(False)
         base_accuracy = read_json(warm / "cold_start.json", "cold start")["val_accuracy_base"]
     policy.train()

@@ -515,7 +515,7 @@ def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | None
             f"{adapter_dir / CONFIG_FILE}: base model {base!r} is not a directory here; "
             "pass --base DIR"
         )
-    model = merge_lora(load_adapter(load_model(base), adapter_dir))
+    model = merge_lora(load_adapter(load_model(base, quantized_ok=False), adapter_dir))
     tok = Tokenizer.load(base)
     with atomic_dir(out_dir) as tmp:
         save_model(model, tmp, base, pad_token_id=tok.pad_id)

@@ -407,8 +407,8 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy, tok = load_for_inference(model_dir, device=device)
-    ref, _ = load_for_inference(model_dir, device=device)
+    policy, tok = load_for_inference(model_dir, device=device, trainable=True)
+    ref, _ = load_for_inference(model_dir, device=device, trainable=True)
     ref.requires_grad_(False)
     tok_dir = model_source(model_dir)
     if cfg.seq_len > policy.cfg.max_seq_len:

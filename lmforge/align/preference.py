@@ -264,7 +264,7 @@ def setup(cfg: PreferenceDataConfig, model_dir, out_dir, base_dir: str, stage: s
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tok = load_for_inference(model_dir, device=device)
+    model, tok = load_for_inference(model_dir, device=device, trainable=True)
     if cfg.seq_len > model.cfg.max_seq_len:
         raise ConfigError(
             f"{stage}.seq_len ({cfg.seq_len}) exceeds the model's context ({model.cfg.max_seq_len})"

@@ -259,7 +259,7 @@ def run(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = Tokenizer.load(model_dir)
-    model = load_model(model_dir, device=device)
+    model = load_model(model_dir, device=device, quantized_ok=False)
     if cfg.seq_len > model.cfg.max_seq_len:
         raise ConfigError(
             f"sft.seq_len ({cfg.seq_len}) exceeds the model's context ({model.cfg.max_seq_len})"

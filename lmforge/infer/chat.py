@@ -38,19 +38,22 @@ def model_source(path: str | Path) -> Path:
     return path
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
+def load_for_inference(
+    path: str | Path, device: str | torch.device = "cpu", trainable: bool = False
+):
     """(model, tokenizer) from a model directory, or from a LoRA adapter directory (its
-    adapter_config.json names the base model; the adapter is merged in for speed)."""
+    adapter_config.json names the base model; the adapter is merged in for speed). A quantized
+    checkpoint loads for inference; trainable=True (a stage that trains the model) refuses it."""
     from lmforge.model.checkpoint import load_model
 
     path, base = Path(path), model_source(path)
     if base != path:
         from lmforge.align.lora import load_adapter, merge_lora
 
-        model = load_model(base, device=device)
+        model = load_model(base, device=device, quantized_ok=not trainable)
         load_adapter(model, path)
         return merge_lora(model).eval(), Tokenizer.load(base)
-    return load_model(path, device=device).eval(), Tokenizer.load(path)
+    return load_model(path, device=device, quantized_ok=not trainable).eval(), Tokenizer.load(path)
 
 
 def stop_ids(tok: Tokenizer) -> tuple[int, ...]:

@@ -243,3 +243,16 @@ def test_quantize_run_reports_perplexity_before_and_after(
     for lang, after in s["val_after"].items():
         assert abs(after["loss"] - s["val_before"][lang]["loss"]) < 0.1
     assert (tmp_path / "gptq-g32" / "tokenizer.json").exists()
+
+
+def test_training_stages_refuse_a_quantized_checkpoint(tmp_path):
+    from lmforge.compress.quant import save_quantized
+    from lmforge.infer.chat import load_for_inference
+
+    model = _model()
+    spec = quantize_model(model, QuantizeConfig(method="int8"))
+    save_quantized(model, spec, tmp_path / "q")
+    with pytest.raises(ConfigError, match="is a quantized \\(int8\\) checkpoint"):
+        load_model(tmp_path / "q", quantized_ok=False)
+    with pytest.raises(ConfigError, match="inference only"):
+        load_for_inference(tmp_path / "q", trainable=True)
