@@ -605,16 +605,17 @@ class DistillConfig(
     PretrainConfig
 ):  # `distill:` train a smaller student on a teacher's logits (lmforge distill)
     max_steps: int = 200  # optimizer steps (the baseline student trains as many)
-    lr: float = 1.5e-3  # peak learning rate
+    batch_size: int = 8  # sequences per micro-batch
+    lr: float = 3e-3  # peak learning rate
     warmup_steps: int = 20  # linear warmup from 0 to the peak
     eval_every: int = 50  # evaluate validation loss every N steps (0 = only at the end)
     save_every: int = 100  # write a checkpoint every N steps (0 = only at the end)
     dim: int = 128  # student width (the rest of its shape follows the teacher unless set here)
     n_layer: int = 0  # student layers (0 = the teacher's)
-    n_head: int = 0  # student attention heads (0 = the teacher's)
+    n_head: int = 0  # student attention heads (0 = dim / the teacher's head_dim)
     n_kv_head: int = 0  # student key/value heads (0 = n_head)
     ffn_dim: int = 0  # student MLP width (0 = the model default for its width)
-    temperature: float = 2.0  # softens both distributions in the KL term (Hinton et al.)
+    temperature: float = 1.0  # softens both distributions in the KL term (Hinton et al. 2015)
     alpha: float = 0.5  # loss = alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy
     baseline: bool = True  # also train the same student without a teacher, for comparison
 

@@ -87,7 +87,9 @@ def generate(
     A `GPT` on a CPU decodes through `CpuDecoder` (same logits, a fraction of the per-token
     overhead); anything else, e.g. a model on CUDA, through its own cached forward."""
     cfg = model.cfg
-    device = model.device
+    device = (
+        getattr(model, "device", None) or next(model.parameters()).device
+    )  # a GPT, or a wrapper
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     T = ids.shape[1]
     if T >= cfg.max_seq_len:

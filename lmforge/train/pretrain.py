@@ -29,9 +29,8 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.state import (
-    list_checkpoints,
-    load_checkpoint,
     prune_checkpoints,
+    resume_latest,
     save_checkpoint,
 )
 
@@ -146,15 +145,9 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
     optimizer = make_optimizer(model, cfg, device)
     loader = PackedLoader(data_dir, cfg.seq_len, cfg.batch_size, cfg.seed)
     ckpt_root = out_dir / "checkpoints"
-    step = 0
-    existing = list_checkpoints(ckpt_root) if cfg.resume else []
-    if existing:
-        state = load_checkpoint(existing[-1], model, optimizer)
-        step = state["step"]
-        loader.load_state_dict(state["loader"])
-        tqdm.write(f"resuming from {existing[-1]} (step {step})", file=sys.stderr)
+    step = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume)
     train_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if existing else None)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None)
 
     n_params = num_params(model)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len

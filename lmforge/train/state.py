@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,15 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def prune_checkpoints(root: str | Path, keep: int) -> None:
     for p in list_checkpoints(root)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def resume_latest(ckpt_root: str | Path, model, optimizer, loader, resume: bool = True) -> int:
+    """Load the newest step checkpoint under ckpt_root into model, optimizer and loader (when
+    resume is on and there is one) and return its step; 0 for a fresh start."""
+    existing = list_checkpoints(ckpt_root) if resume else []
+    if not existing:
+        return 0
+    state = load_checkpoint(existing[-1], model, optimizer)
+    loader.load_state_dict(state["loader"])
+    print(f"resuming from {existing[-1]} (step {state['step']})", file=sys.stderr)
+    return state["step"]
