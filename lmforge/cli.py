@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="lmforge",
         description="Build a language model end to end: tokenizer, data shards, pretraining, "
         "instruction tuning (full or LoRA), reward model and preference alignment (DPO, PPO, "
-        "GRPO), evaluation, chat and an OpenAI-compatible server.",
+        "GRPO), compression (quantization, GPTQ, distillation, pruning, GGUF), evaluation, chat "
+        "and an OpenAI-compatible server.",
         epilog="Quick start: lmforge run recipes/tiny-cpu.yaml --out runs/tiny  (then: lmforge generate runs/tiny/pretrain/model)",
     )
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
