@@ -206,10 +206,6 @@ class QuantLinear(nn.Module):
             w[:, self.outlier_idx] = self.outlier_weight
         return w
 
-    @property
-    def weight(self) -> torch.Tensor:  # for code that only reads shapes, devices or dtypes
-        return self.dequantize()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
@@ -252,10 +248,6 @@ class QuantEmbedding(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         h = self.head[0]
         return F.embedding(idx, h.qweight).float() * F.embedding(idx, h.scales[:, None])
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.head[0].dequantize()
 
 
 # --------------------------------------------------------------------------- whole models

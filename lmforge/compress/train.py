@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from lmforge.config import ConfigError, PretrainConfig
 from lmforge.data.loader import PackedLoader, read_manifest
-from lmforge.io import atomic_dir, read_json
+from lmforge.io import atomic_dir
 from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.transformer import GPT, num_params
 from lmforge.perf import pick_device
@@ -52,15 +52,9 @@ def load_float_model(model_dir, device, stage: str) -> GPT:
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"{stage}: {model_dir} is not a model directory (no config.json in it)")
     try:
-        hf = read_json(model_dir / "config.json", "checkpoint config")
-    except ValueError as e:
+        return load_model(model_dir, device=device, quantized_ok=False)
+    except ConfigError as e:  # a broken config.json, or a quantized checkpoint
         raise ConfigError(f"{stage}: {e}") from None
-    if hf.get("quantization_config"):
-        raise ConfigError(
-            f"{stage}: {model_dir} is a quantized checkpoint (its config.json has "
-            "quantization_config); use the float model it was made from"
-        )
-    return load_model(model_dir, device=device)
 
 
 def check_data(data_dir, tokenizer: Tokenizer, model: GPT, seq_len: int, stage: str) -> None:

@@ -315,7 +315,6 @@ class BlockedLinears:
         relayout(model)
         n = threads or torch.get_num_threads()
         for m in model.modules():
-            w = getattr(m, "weight", None)
             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "LoRALinear":
                 w = m.weight.detach()  # LoRALinear: base plus adapters, merged once here
                 if n > 1 and w.shape[0] % n == 0:

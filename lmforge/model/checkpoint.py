@@ -110,15 +110,16 @@ def load_model(
 
     ckpt = Path(ckpt)
     cfg = load_config(ckpt)
-    spec = quant_spec(ckpt)
-    if spec is None:
+    q = read_json(ckpt / "config.json", "checkpoint config").get("quantization_config")
+    if q is None:
         return model_from_tensors(cfg, _read_tensors(ckpt), ckpt, device, dtype)
-    if not quantized_ok:
+    if not quantized_ok:  # refused before its quantization_config is even validated
+        method = q.get("method") or q.get("quant_method") if isinstance(q, dict) else "?"
         raise ConfigError(
-            f"{ckpt} is a quantized ({spec.method}) checkpoint: it is for inference only; "
+            f"{ckpt} is a quantized ({method}) checkpoint: it is for inference only; "
             "train, prune, quantize or export from the float model it was made from"
         )
-    return load_quantized(cfg, spec, _read_tensors(ckpt), ckpt, device)
+    return load_quantized(cfg, quant_spec(ckpt), _read_tensors(ckpt), ckpt, device)
 
 
 def model_from_tensors(
