@@ -15,10 +15,12 @@ import sys
 import typing
 from pathlib import Path
 
+from lmforge import pipeline
 from lmforge.config import SECTIONS, ConfigError, field_help, load_recipe, unknown_key_error
 from lmforge.pipeline import STAGES
 
 STAGE_SECTION = {
+    "clean": "clean",
     "tokenizer": "tokenizer",
     "prepare": "data",
     "pretrain": "pretrain",
@@ -141,6 +143,13 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     for cmd, section, text in (
+        (
+            "clean",
+            "clean",
+            "clean the recipe's data: normalize, language, quality, toxicity, pii, exact and "
+            "near-duplicate removal, in parallel over shards (writes OUT/clean with report.md; "
+            "tokenizer and prepare then read it)",
+        ),
         (
             "tokenizer",
             "tokenizer",
@@ -395,8 +404,6 @@ def _out_dir(args, recipe_path: str) -> Path:
 
 
 def _cmd_run(args, rest) -> int:
-    from lmforge import pipeline
-
     recipe = load_recipe(args.recipe, _split_overrides(rest, None))
     out = _out_dir(args, args.recipe)
     force = tuple(s for s in args.force.split(",") if s)
@@ -414,26 +421,59 @@ def _cmd_run(args, rest) -> int:
     return 0
 
 
+def _cmd_clean(recipe, out: Path) -> int:
+    from lmforge.data import clean
+
+    if not recipe.clean.steps:
+        raise ConfigError(
+            "clean.steps is empty: name the steps, e.g. --steps normalize,language,quality,pii,"
+            "exact_dedup,near_dedup (or set clean.steps in the recipe)"
+        )
+    h = pipeline.stage_hashes(recipe)["clean"]
+    s = pipeline.run_stage(
+        "clean",
+        out,
+        h,
+        lambda d: clean.summary(clean.run(recipe.clean, recipe.data, recipe.base_dir, d)),
+    )
+    print(
+        f"clean: {s['docs_out']:,} of {s['docs_in']:,} documents kept "
+        f"({s['bytes_out'] / 1e6:,.1f} of {s['bytes_in'] / 1e6:,.1f} MB); removed per step: "
+        + ", ".join(f"{k} {v:,}" for k, v in s["removed"].items())
+        + (f"; {s['n_problems']:,} unreadable lines skipped" if s["n_problems"] else "")
+        + f"; report: {out / 'clean' / 'report.md'}"
+    )
+    return 0
+
+
 def _cmd_stage(args, rest) -> int:
     section = STAGE_SECTION[args.command]
     overrides = {k: v for k, v in vars(args).items() if "." in k}
     overrides.update(_split_overrides(rest, section))
     recipe = load_recipe(args.config, overrides)
     out = _out_dir(args, args.config)
+    if args.command == "clean":
+        return _cmd_clean(recipe, out)
     if args.command == "tokenizer":
         from lmforge.tokenizer import run
 
-        stats = run(recipe.tokenizer, recipe.data, recipe.base_dir, out / "tokenizer")
+        data = pipeline.data_config(recipe, out)
+        stats = run(recipe.tokenizer, data, recipe.base_dir, out / "tokenizer")
         print(f"tokenizer written to {out / 'tokenizer'}: {stats}")
     elif args.command == "prepare":
         from lmforge.data.prepare import run
 
-        manifest = run(
-            recipe.data, args.tokenizer_dir or out / "tokenizer", recipe.base_dir, out / "data"
-        )
-        print(
-            f"shards written to {out / 'data'} ({sum(s['tokens'] for s in manifest['train_shards']):,} training tokens)"
-        )
+        data = pipeline.data_config(recipe, out)
+        manifest = run(data, args.tokenizer_dir or out / "tokenizer", recipe.base_dir, out / "data")
+        from lmforge.data.prepare import realised_mixture
+
+        total = sum(s["tokens"] for s in manifest["train_shards"])
+        print(f"shards written to {out / 'data'} ({total:,} training tokens)")
+        for r in realised_mixture(manifest):
+            print(
+                f"  {r['name']:<20} {r['tokens']:>12,} tokens  {r['share']:6.1%} of training  "
+                f"{r['epochs']:.2f} epochs of {r['unique']:,} unique"
+            )
     elif args.command in ALIGN_STAGES:
         return _cmd_align(args.command, recipe, out, args.model_dir)
     elif args.command in COMPRESS_STAGES:

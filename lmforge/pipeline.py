@@ -16,7 +16,7 @@ from pathlib import Path
 from lmforge.config import Recipe, config_hash, resolve_path
 from lmforge.io import read_json, write_json
 
-STAGES = ("tokenizer", "data", "pretrain", "sft", "reward", "dpo", "sample", "eval")
+STAGES = ("clean", "tokenizer", "data", "pretrain", "sft", "reward", "dpo", "sample", "eval")
 # pretraining options that change how a run is watched or where it runs, not what it computes
 _PRETRAIN_RUNTIME = (
     "resume",
@@ -42,6 +42,12 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
         for s in recipe.data.sources
     ]
     data = dataclasses.asdict(recipe.data) | {"sources": sources}
+    clean = None
+    if recipe.clean.steps:  # the tokenizer and prepare then read the cleaned shards
+        runtime = ("num_workers", "executor", "ray_address")
+        clean_cfg = {k: v for k, v in dataclasses.asdict(recipe.clean).items() if k not in runtime}
+        clean = config_hash(clean_cfg, sources)
+        sources = [clean, sources]
     tok = config_hash(recipe.tokenizer, sources)
     prep = config_hash(data, tok)
     pre = {
@@ -68,6 +74,7 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
     sample = config_hash(recipe.sample, pretrain, tuned, aligned)
     ev = config_hash(recipe.eval, pretrain, tuned, aligned)
     return {
+        "clean": clean,
         "tokenizer": tok,
         "data": prep,
         "pretrain": pretrain,
@@ -127,6 +134,23 @@ def run_stage(name: str, out: Path, h: str, fn, force: bool = False, log=print) 
         d / "stage.json", {"hash": h, "done": True, "seconds": time.time() - t0, "result": result}
     )
     return result
+
+
+def data_config(recipe: Recipe, out: Path):
+    """The documents the tokenizer and prepare read: the recipe's sources, or their cleaned
+    shards in OUT/clean when the recipe has a clean stage."""
+    if not recipe.clean.steps:
+        return recipe.data
+    from lmforge.data.clean import cleaned_sources
+    from lmforge.data.readers import DataError
+
+    st = stage_state(Path(out) / "clean")
+    if not st.get("done"):
+        raise DataError(
+            f"the recipe has a clean stage but {Path(out) / 'clean'} is not finished: "
+            f"run `lmforge clean` first (or `lmforge run`)"
+        )
+    return cleaned_sources(recipe.data, Path(out) / "clean")
 
 
 def generate_samples(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
@@ -197,11 +221,23 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
     results: dict[str, dict] = {}
     t_start = time.time()
     try:
+        if recipe.clean.steps:
+            from lmforge.data import clean
+
+            results["clean"] = run_stage(
+                "clean",
+                out,
+                hashes["clean"],
+                lambda d: clean.summary(clean.run(recipe.clean, recipe.data, recipe.base_dir, d)),
+                "clean" in force,
+                log,
+            )
+        data = data_config(recipe, out)
         results["tokenizer"] = run_stage(
             "tokenizer",
             out,
             hashes["tokenizer"],
-            lambda d: train_tokenizer(recipe.tokenizer, recipe.data, recipe.base_dir, d),
+            lambda d: train_tokenizer(recipe.tokenizer, data, recipe.base_dir, d),
             "tokenizer" in force,
             log,
         )
@@ -209,7 +245,7 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
             "data",
             out,
             hashes["data"],
-            lambda d: prepare.run(recipe.data, out / "tokenizer", recipe.base_dir, d),
+            lambda d: prepare.run(data, out / "tokenizer", recipe.base_dir, d),
             "data" in force,
             log,
         )

@@ -152,9 +152,88 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+class ShardWriter:
+    """Train shards of at most `shard_tokens` tokens each, cut at document boundaries."""
+
+    def __init__(self, out_dir: Path, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.dtype, self.shard_tokens = out_dir, dtype, shard_tokens
+        self.shard: TokenFile | None = None
+        self.done: list[dict] = []
+
+    def write(self, ids: np.ndarray, n_bytes: int) -> None:
+        # a new shard starts at a document boundary; one huge document may exceed it
+        if self.shard is not None and self.shard.tokens + len(ids) > self.shard_tokens:
+            self.done.append(self.shard.close())
+            self.shard = None
+        if self.shard is None:
+            self.shard = TokenFile(self.out_dir, f"train_{len(self.done):03d}", self.dtype)
+        self.shard.write(ids, n_bytes)
+
+    def close(self) -> list[dict]:
+        if self.shard is not None:
+            self.done.append(self.shard.close())
+            self.shard = None
+        return self.done
+
+    def discard(self) -> None:
+        if self.shard is not None:
+            self.shard.discard()
+
+
+def mixture_epochs(cfg: DataConfig, unique_tokens: list[int]) -> list[float]:
+    """Times each source's training documents are written: its `epochs`, or, with weights, the
+    epochs that give it its share of `train_tokens` (default: one pass over every source)."""
+    if not any(s.weight for s in cfg.sources):
+        return [s.epochs or 1.0 for s in cfg.sources]
+    total = cfg.train_tokens or sum(unique_tokens)
+    norm = sum(s.weight for s in cfg.sources)
+    epochs = []
+    for s, n in zip(cfg.sources, unique_tokens):
+        if n == 0:
+            raise DataError(f"data source {s.name!r} has weight {s.weight} but no training tokens")
+        epochs.append(s.weight / norm * total / n)
+    return epochs
+
+
+def _copies(n_docs: int, epochs: float, source: int) -> list[np.ndarray]:
+    """The documents of each pass over a source, in order: whole passes, then a fraction of the
+    documents picked by an rng seeded by the source's index, so every run picks the same ones."""
+    full, frac = int(epochs), epochs - int(epochs)
+    passes = [np.arange(n_docs)] * full
+    if frac > 1e-9:
+        passes.append(np.flatnonzero(np.random.default_rng([source, full]).random(n_docs) < frac))
+    return passes
+
+
+def _mix(staged: list[TokenFile], doc_bytes: list[list[int]], epochs, shards: ShardWriter, stats):
+    """Write the staged sources into the train shards: pass c of every source before pass c + 1,
+    so the copies of a document land far apart. The staged files are memory-mapped."""
+    passes, tokens = [], []
+    for i, f in enumerate(staged):
+        path = f.out_dir / f"{f.name}.bin"
+        mm = np.memmap(path, dtype=f.dtype, mode="r") if path.stat().st_size else np.zeros(0)
+        tokens.append((mm, np.append(np.asarray(f.starts, dtype=np.int64), len(mm))))
+        passes.append(_copies(len(f.starts), epochs[i], i))
+        stats[i]["mixture"] = {"epochs": epochs[i], "docs": 0, "tokens": 0, "bytes": 0}
+    for c in range(max(len(p) for p in passes)):
+        for i, p in enumerate(passes):
+            if c >= len(p):
+                continue
+            (mm, starts), m = tokens[i], stats[i]["mixture"]
+            for d in p[c]:
+                ids = mm[starts[d] : starts[d + 1]]
+                shards.write(ids, doc_bytes[i][d])
+                m["docs"] += 1
+                m["tokens"] += len(ids)
+                m["bytes"] += doc_bytes[i][d]
+
+
 def run(cfg: DataConfig, tokenizer_dir: str | Path, base_dir: str, out_dir: str | Path) -> dict:
     """The `prepare` stage: tokenize every source into train shards and per-language val files;
-    returns the manifest (also written to out_dir/manifest.json)."""
+    returns the manifest (also written to out_dir/manifest.json).
+
+    With a mixture (a source's `epochs` or `weight`), each source's training documents are first
+    staged in a file of their own, then written into the shards as many times as its epochs say."""
     from lmforge.tokenizer import Tokenizer
 
     if not cfg.sources:
@@ -165,6 +244,7 @@ def run(cfg: DataConfig, tokenizer_dir: str | Path, base_dir: str, out_dir: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     # an old manifest would point at shards we are about to replace: it goes first
     (out_dir / "manifest.json").unlink(missing_ok=True)
+    mixing = any(s.epochs or s.weight for s in cfg.sources)
 
     # --- per-source counters
     stats = [
@@ -176,10 +256,12 @@ def run(cfg: DataConfig, tokenizer_dir: str | Path, base_dir: str, out_dir: str 
         }
         for s in cfg.sources
     ]
-    train_shards: list[dict] = []
     val_files: dict[str, TokenFile] = {}
-    shard: TokenFile | None = None
-    open_files: list[TokenFile] = []
+    shards = ShardWriter(out_dir, dtype, cfg.shard_tokens)
+    staged = (
+        [TokenFile(out_dir, f".stage_{i:03d}", dtype) for i in range(len(stats))] if mixing else []
+    )
+    doc_bytes: list[list[int]] = [[] for _ in stats]
 
     # --- tokenize and write, in corpus order (the same shards whatever num_workers is)
     bar = tqdm(unit="doc", delay=2.0, desc="prepare")
@@ -192,19 +274,12 @@ def run(cfg: DataConfig, tokenizer_dir: str | Path, base_dir: str, out_dir: str 
                     lang = cfg.sources[i].lang
                     if lang not in val_files:
                         val_files[lang] = TokenFile(out_dir, f"val_{lang}", dtype)
-                        open_files.append(val_files[lang])
-                    out = val_files[lang]
+                    val_files[lang].write(ids, n_bytes)
+                elif mixing:
+                    staged[i].write(ids, n_bytes)
+                    doc_bytes[i].append(n_bytes)
                 else:
-                    # a new shard starts at a document boundary; one huge document may exceed it
-                    if shard is not None and shard.tokens + len(ids) > cfg.shard_tokens:
-                        train_shards.append(shard.close())
-                        open_files.remove(shard)
-                        shard = None
-                    if shard is None:
-                        shard = TokenFile(out_dir, f"train_{len(train_shards):03d}", dtype)
-                        open_files.append(shard)
-                    out = shard
-                out.write(ids, n_bytes)
+                    shards.write(ids, n_bytes)
                 s = stats[i]["val" if val else "train"]
                 s["docs"] += 1
                 s["tokens"] += len(ids)
@@ -212,21 +287,27 @@ def run(cfg: DataConfig, tokenizer_dir: str | Path, base_dir: str, out_dir: str 
                 s["bytes"] += n_bytes
             bar.update(len(batch))
             bar.set_postfix(tokens=sum(s["train"]["tokens"] + s["val"]["tokens"] for s in stats))
-        if shard is None:
+        if not any(s["train"]["docs"] for s in stats):
             names = ", ".join(f"{s.name} ({s.path})" for s in cfg.sources)
             raise DataError(f"no training documents in any source: {names}")
-        train_shards.append(shard.close())
-        open_files.remove(shard)
-        val = {}
-        for lang, f in sorted(val_files.items()):
-            val[lang] = {**f.close(), "bytes": f.bytes}
-            open_files.remove(f)
+        if mixing:
+            # --- the mixture: every source as many times as its epochs say
+            for f in staged:
+                f.close()
+            epochs = mixture_epochs(cfg, [s["train"]["tokens"] for s in stats])
+            _mix(staged, doc_bytes, epochs, shards, stats)
+        train_shards = shards.close()
+        val = {lang: {**f.close(), "bytes": f.bytes} for lang, f in sorted(val_files.items())}
     except BaseException:
-        for f in open_files:
+        shards.discard()
+        for f in [*val_files.values(), *staged]:
             f.discard()
         raise
     finally:
         bar.close()
+        for f in staged:
+            for suffix in (".bin", ".idx.npy"):
+                (out_dir / f"{f.name}{suffix}").unlink(missing_ok=True)
 
     # --- files of an earlier, bigger run would confuse a reader of the folder
     keep = {e["file"] for e in train_shards} | {e["file"] for e in val.values()}
@@ -247,3 +328,16 @@ def run(cfg: DataConfig, tokenizer_dir: str | Path, base_dir: str, out_dir: str 
     }
     _write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def realised_mixture(manifest: dict) -> list[dict]:
+    """Per source: training tokens written, their share of all, and the epochs that makes."""
+    rows = []
+    for s in manifest["sources"]:
+        m = s.get("mixture") or {"tokens": s["train"]["tokens"], "docs": s["train"]["docs"]}
+        rows.append({"name": s["name"], "tokens": m["tokens"], "unique": s["train"]["tokens"]})
+    total = sum(r["tokens"] for r in rows) or 1
+    for r in rows:
+        r["share"] = r["tokens"] / total
+        r["epochs"] = r["tokens"] / r["unique"] if r["unique"] else 0.0
+    return rows

@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import json
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from lmforge.config import ConfigError, DataConfig, SourceConfig, resolve_path
@@ -100,23 +100,48 @@ def _open(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+OnError = Callable[[DataError], None] | None
+
+
+def _problem(on_error: OnError, message: str) -> None:
+    """Raise the problem, or hand it to `on_error`, which records it so that reading goes on."""
+    if on_error is None:
+        raise DataError(message)
+    on_error(DataError(message))
+
+
+def iter_lines(path: Path, on_error: OnError = None) -> Iterator[tuple[int, str]]:
     """(line number from 1, text with its '\\n') of a text file, gzipped or not.
 
-    Decodes line by line so that invalid UTF-8 is reported with its line and byte offset, and a
-    corrupt or truncated .gz with the file name, instead of a codec traceback."""
+    Decodes line by line so that invalid UTF-8 (or a NUL byte: a binary file) is reported with its
+    line and byte offset, and a corrupt or truncated .gz with the file name, instead of a codec
+    traceback. With `on_error`, a bad line is reported to it and skipped, and a corrupt .gz ends
+    the file."""
     offset = 0
     lineno = 0
     try:
         with _open(path) as f:
             for lineno, raw in enumerate(f, 1):
+                bad = raw.find(b"\0")
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(
-                        f"{path}: invalid UTF-8 at line {lineno}, byte offset {offset + e.start} "
-                        f"(byte 0x{raw[e.start]:02x}); re-encode the file as UTF-8"
-                    ) from None
+                    offset += len(raw)
+                    _problem(
+                        on_error,
+                        f"{path}: invalid UTF-8 at line {lineno}, byte offset "
+                        f"{offset - len(raw) + e.start} (byte 0x{raw[e.start]:02x}); "
+                        f"re-encode the file as UTF-8",
+                    )
+                    continue
+                if bad >= 0:
+                    offset += len(raw)
+                    _problem(
+                        on_error,
+                        f"{path}: NUL byte at line {lineno}, byte offset {offset - len(raw) + bad} "
+                        f"(a binary file?)",
+                    )
+                    continue
                 if lineno == 1 and line.startswith("\ufeff"):
                     line = line[1:]  # a UTF-8 byte order mark is not text
                 if line.endswith("\r\n"):
@@ -124,9 +149,7 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
                 offset += len(raw)
                 yield lineno, line
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataError(
-            f"{path}: corrupt or truncated gzip file (after {lineno} lines): {e}"
-        ) from None
+        _problem(on_error, f"{path}: corrupt or truncated gzip file (after {lineno} lines): {e}")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
 
@@ -153,9 +176,9 @@ def pack_pieces(pieces: Iterable[str], min_chars: int, sep: str) -> Iterator[str
         yield sep.join(buf)
 
 
-def _paragraphs(path: Path) -> Iterator[str]:
+def _paragraphs(path: Path, on_error: OnError = None) -> Iterator[str]:
     para: list[str] = []
-    for _, line in iter_lines(path):
+    for _, line in iter_lines(path, on_error):
         if line.strip():
             para.append(line)
         elif para:
@@ -165,51 +188,59 @@ def _paragraphs(path: Path) -> Iterator[str]:
         yield "".join(para)
 
 
-def _whole_files(paths: list[Path]) -> Iterator[str]:
+def _whole_files(paths: list[Path], on_error: OnError = None) -> Iterator[str]:
     for path in paths:
-        yield "".join(line for _, line in iter_lines(path))
+        yield "".join(line for _, line in iter_lines(path, on_error))
 
 
-def _txt_documents(paths: list[Path], src: SourceConfig) -> Iterator[str]:
+def _txt_documents(paths: list[Path], src: SourceConfig, on_error: OnError = None) -> Iterator[str]:
     if src.split_on == "file":
         # the pieces are whole files, so min_chars may join several small files into one document
-        yield from pack_pieces(_whole_files(paths), src.min_chars, "\n\n")
+        yield from pack_pieces(_whole_files(paths, on_error), src.min_chars, "\n\n")
         return
     for path in paths:  # a document never spans two files
         if src.split_on == "line":
-            yield from pack_pieces((line for _, line in iter_lines(path)), src.min_chars, "\n")
+            lines = (line for _, line in iter_lines(path, on_error))
+            yield from pack_pieces(lines, src.min_chars, "\n")
         else:
-            yield from pack_pieces(_paragraphs(path), src.min_chars, "\n\n")
+            yield from pack_pieces(_paragraphs(path, on_error), src.min_chars, "\n\n")
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    for lineno, line in iter_lines(path):
+def _jsonl_row(path: Path, lineno: int, line: str, field: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: line {lineno} is not valid JSON: {e.msg} (column {e.colno})"
+        ) from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}: line {lineno} is a JSON {type(row).__name__}, expected an object")
+    if field not in row:
+        keys = ", ".join(list(row)[:10])
+        raise DataError(
+            f"{path}: line {lineno} has no field {field!r} (it has: {keys}); set text_field"
+        )
+    text = row[field]
+    if not isinstance(text, str):
+        raise DataError(
+            f"{path}: line {lineno}: field {field!r} is {type(text).__name__}, expected a string"
+        )
+    return text
+
+
+def _jsonl_documents(path: Path, field: str, on_error: OnError = None) -> Iterator[str]:
+    for lineno, line in iter_lines(path, on_error):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}: line {lineno} is not valid JSON: {e.msg} (column {e.colno})"
-            ) from None
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{path}: line {lineno} is a JSON {type(row).__name__}, expected an object"
-            )
-        if field not in row:
-            keys = ", ".join(list(row)[:10])
-            raise DataError(
-                f"{path}: line {lineno} has no field {field!r} (it has: {keys}); set text_field"
-            )
-        text = row[field]
-        if not isinstance(text, str):
-            raise DataError(
-                f"{path}: line {lineno}: field {field!r} is {type(text).__name__}, expected a string"
-            )
-        yield text
+            yield _jsonl_row(path, lineno, line, field)
+        except DataError as e:
+            if on_error is None:
+                raise
+            on_error(e)
 
 
-def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+def _parquet_documents(path: Path, field: str, on_error: OnError = None) -> Iterator[str]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -235,26 +266,45 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
         # record batches keep memory constant however large the file
         for batch in pf.iter_batches(batch_size=1024, columns=[field]):
             for text in batch.column(0).to_pylist():
-                if text is None:
-                    raise DataError(
-                        f"{path}: row {row}: field {field!r} is null, expected a string"
-                    )
                 row += 1
+                if text is None:
+                    _problem(
+                        on_error,
+                        f"{path}: row {row - 1}: field {field!r} is null, expected a string",
+                    )
+                    continue
                 yield text
     finally:
         opened.close()
 
 
-def _raw_documents(files: list[Path], src: SourceConfig) -> Iterator[str]:
-    # runs of txt files go together so that split_on=file can join small files by min_chars
+def source_units(files: list[Path], src: SourceConfig) -> list[list[Path]]:
+    """The files of a source in groups that are read as one stream of documents: every file on its
+    own, except runs of txt files when split_on=file (min_chars may join small files together)."""
+    units: list[list[Path]] = []
     for fmt, group in itertools.groupby(files, key=lambda p: file_format(p, src.format)):
         group = list(group)
-        if fmt == "txt":
-            yield from _txt_documents(group, src)
-            continue
-        read = _jsonl_documents if fmt == "jsonl" else _parquet_documents
-        for path in group:
-            yield from read(path, src.text_field)
+        if fmt == "txt" and src.split_on == "file":
+            units.append(group)
+        else:
+            units.extend([p] for p in group)
+    return units
+
+
+def unit_documents(unit: list[Path], src: SourceConfig, on_error: OnError = None) -> Iterator[str]:
+    """The raw documents of one unit of `source_units` (not yet stripped or counted)."""
+    fmt = file_format(unit[0], src.format)
+    if fmt == "txt":
+        yield from _txt_documents(unit, src, on_error)
+        return
+    read = _jsonl_documents if fmt == "jsonl" else _parquet_documents
+    for path in unit:
+        yield from read(path, src.text_field, on_error)
+
+
+def _raw_documents(files: list[Path], src: SourceConfig) -> Iterator[str]:
+    for unit in source_units(files, src):
+        yield from unit_documents(unit, src)
 
 
 def iter_documents(src: SourceConfig, base_dir: str = ".") -> Iterator[str]:

@@ -140,3 +140,90 @@ def test_bundled_dataset_reads(tmp_path, tok_dir):
     m = prepare.run(cfg, tok_dir, str(root), tmp_path / "out")
     assert m["sources"][0]["train"]["docs"] + m["sources"][0]["val"]["docs"] == 50
     assert len(list(iter_documents(cfg.sources[0], str(root)))) == 50
+
+
+# --------------------------------------------------------------------------- mixtures
+
+
+def _mix_cfg(d: Path, en: dict, zh: dict, **kw) -> DataConfig:
+    cfg = make_corpus(d)
+    srcs = [{**vars(cfg.sources[0]), **en}, {**vars(cfg.sources[1]), **zh}]
+    return DataConfig(sources=srcs, val_fraction=0.2, num_workers=1, **kw)
+
+
+def _train_docs(out: Path, m: dict) -> list[tuple]:
+    dtype = np.dtype(m["dtype"])
+    return [tuple(d) for e in m["train_shards"] for d in read_docs(out, e["file"][:-4], dtype)]
+
+
+def test_mixture_epochs_write_each_source_that_many_times(tmp_path, tok_dir):
+    """GPT-3's table: one source seen 3.4 times, another 0.44 times."""
+    plain = prepare.run(make_corpus(tmp_path), tok_dir, str(tmp_path), tmp_path / "plain")
+    cfg = _mix_cfg(tmp_path, {"epochs": 3.4}, {"epochs": 0.44})
+    m = prepare.run(cfg, tok_dir, str(tmp_path), tmp_path / "mix")
+    en, zh = m["sources"]
+    # whole passes exactly, the fraction within sampling noise
+    assert (
+        en["mixture"]["docs"]
+        == 3 * en["train"]["docs"] + en["mixture"]["docs"] % en["train"]["docs"]
+    )
+    frac = (en["mixture"]["docs"] - 3 * en["train"]["docs"]) / en["train"]["docs"]
+    assert 0.25 < frac < 0.55
+    assert 0.25 < zh["mixture"]["docs"] / zh["train"]["docs"] < 0.65
+    rows = {r["name"]: r for r in prepare.realised_mixture(m)}
+    assert rows["en"]["tokens"] == en["mixture"]["tokens"]
+    assert (
+        sum(e["tokens"] for e in m["train_shards"])
+        == en["mixture"]["tokens"] + zh["mixture"]["tokens"]
+    )
+    assert abs(rows["en"]["epochs"] - 3.4) < 0.15 and abs(rows["zh"]["epochs"] - 0.44) < 0.2
+    # every written document is one of the source's own, and the val files are untouched
+    docs = _train_docs(tmp_path / "mix", m)
+    unique = set(_train_docs(tmp_path / "plain", plain))
+    assert set(docs) <= unique and len(docs) == en["mixture"]["docs"] + zh["mixture"]["docs"]
+    assert m["val"] == plain["val"]
+    # copies land apart: en's pass 0, zh's only pass, then en's passes 1, 2 and a part of 3
+    n_en, n_zh = en["train"]["docs"], zh["mixture"]["docs"]
+    plain_docs = _train_docs(tmp_path / "plain", plain)
+    assert docs[:n_en] == plain_docs[:n_en]
+    assert set(docs[n_en : n_en + n_zh]) <= set(plain_docs[n_en:])
+    assert docs[n_en + n_zh : 2 * n_en + n_zh] == plain_docs[:n_en]
+
+
+def test_mixture_weights_give_each_source_its_share(tmp_path, tok_dir):
+    cfg = _mix_cfg(tmp_path, {"weight": 0.25}, {"weight": 0.75}, train_tokens=20_000)
+    m = prepare.run(cfg, tok_dir, str(tmp_path), tmp_path / "w")
+    rows = {r["name"]: r for r in prepare.realised_mixture(m)}
+    total = rows["en"]["tokens"] + rows["zh"]["tokens"]
+    assert abs(total - 20_000) / 20_000 < 0.1
+    assert abs(rows["zh"]["share"] - 0.75) < 0.05, rows
+
+
+def test_mixture_is_deterministic_and_unmixed_runs_are_unchanged(tmp_path, tok_dir):
+    cfg = _mix_cfg(tmp_path, {"epochs": 1.5}, {"epochs": 0.5})
+    a = prepare.run(cfg, tok_dir, str(tmp_path), tmp_path / "a")
+    b = prepare.run(cfg, tok_dir, str(tmp_path), tmp_path / "b")
+    assert _train_docs(tmp_path / "a", a) == _train_docs(tmp_path / "b", b)
+    assert not list((tmp_path / "a").glob(".stage*")), "staging files must be removed"
+    # epochs 1 on every source is the plain corpus order, shard for shard
+    one = prepare.run(
+        _mix_cfg(tmp_path, {"epochs": 1}, {"epochs": 1}), tok_dir, str(tmp_path), tmp_path / "one"
+    )
+    plain = prepare.run(make_corpus(tmp_path), tok_dir, str(tmp_path), tmp_path / "plain")
+    assert _train_docs(tmp_path / "one", one) == _train_docs(tmp_path / "plain", plain)
+
+
+@pytest.mark.parametrize(
+    "en, zh, kw, match",
+    [
+        ({"weight": 1.0}, {}, {}, "give every source a weight"),
+        ({"weight": 1.0, "epochs": 2}, {"weight": 1.0}, {}, "not both"),
+        ({}, {}, {"train_tokens": 100}, "needs mixture weights"),
+        ({"epochs": -1}, {}, {}, "must be >= 0"),
+    ],
+)
+def test_mixture_config_errors(tmp_path, en, zh, kw, match):
+    from lmforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _mix_cfg(tmp_path, en, zh, **kw)
