@@ -151,7 +151,17 @@ def write_report(run_dir: str | Path) -> Path:
     # --- stages
     rows = []
     total = 0.0
-    for stage in ("tokenizer", "data", "pretrain", "sft", "reward", "dpo", "sample", "eval"):
+    for stage in (
+        "clean",
+        "tokenizer",
+        "data",
+        "pretrain",
+        "sft",
+        "reward",
+        "dpo",
+        "sample",
+        "eval",
+    ):
         st = _load(run / stage / "stage.json") or {}
         if st:
             secs = st.get("seconds", 0.0)
@@ -169,6 +179,27 @@ def write_report(run_dir: str | Path) -> Path:
             f"| **total** | | {_duration(total)} | |",
             "",
         ]
+
+    # --- cleaning
+    cleaned = _load(run / "clean" / "report.json")
+    if cleaned:
+        lines += [
+            "## Cleaning",
+            "",
+            f"{_fmt_int(cleaned['docs_out'])} of {_fmt_int(cleaned['docs_in'])} documents kept "
+            f"({cleaned['bytes_out'] / 1e6:.1f} of {cleaned['bytes_in'] / 1e6:.1f} MB); "
+            f"examples of what each rule removed are in `clean/report.md`.",
+            "",
+            "| step | docs in | removed | by rule |",
+            "|---|---:|---:|---|",
+        ]
+        for name, st in cleaned["steps"].items():
+            rules = ", ".join(f"{k} {_fmt_int(v)}" for k, v in list(st["removed"].items())[:6])
+            lines.append(
+                f"| {name} | {_fmt_int(st['docs_in'])} | "
+                f"{_fmt_int(st['docs_in'] - st['docs_kept'])} | {rules or '-'} |"
+            )
+        lines.append("")
 
     # --- data
     manifest = _load(run / "data" / "manifest.json")
@@ -189,6 +220,20 @@ def write_report(run_dir: str | Path) -> Path:
                 f"| {_fmt_int(va.get('docs'))} | {_fmt_int(va.get('tokens'))} |"
             )
         lines.append("")
+        if any("mixture" in src for src in manifest.get("sources", [])):
+            from lmforge.data.prepare import realised_mixture
+
+            lines += [
+                "Mixture (training tokens as written, each source repeated or subsampled):",
+                "",
+                "| source | tokens | share | epochs |",
+                "|---|---:|---:|---:|",
+            ]
+            for r in realised_mixture(manifest):
+                lines.append(
+                    f"| {r['name']} | {_fmt_int(r['tokens'])} | {r['share']:.1%} | {r['epochs']:.2f} |"
+                )
+            lines.append("")
     tstats = _load(run / "tokenizer" / "stats.json")
     if tstats and tstats.get("bytes_per_token"):
         bpt = ", ".join(f"{lang}: {v:.2f}" for lang, v in tstats["bytes_per_token"].items())

@@ -490,7 +490,7 @@ def cleaned_sources(data: DataConfig, clean_dir: str | Path) -> DataConfig:
         dataclasses.replace(
             s,
             path=str(Path(clean_dir) / s.name),
-            format="jsonl",
+            format="auto",
             text_field="text",
             split_on="blank_line",
             min_chars=0,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 MACRO = {"wuu": "zh", "yue": "zh"}  # the model's codes that belong to a macrolanguage
-SAMPLE_CHARS = 4000  # characters read per document: the score settles long before this
+SAMPLE_CHARS = 500  # characters read per document (the model walks them byte by byte in Python): on the bundled corpora 250 already agree with 4000 on every document
 
 
 @lru_cache(maxsize=1)

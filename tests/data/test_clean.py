@@ -241,3 +241,42 @@ def test_ray_executor_gives_the_same_output(corpus, tmp_path):
     report_ray = run_clean(data, tmp_path / "ray", executor="ray", num_workers=2)
     assert outputs(tmp_path / "ray") == outputs(d / "out")
     assert report_ray == report
+
+
+def test_recipe_with_a_clean_stage_feeds_the_tokenizer_cleaned_data(corpus, tmp_path):
+    from lmforge import pipeline
+    from lmforge.config import Recipe
+
+    d, data, _, _ = corpus
+    recipe = Recipe(data=data, clean=CleanConfig(steps=["normalize", "exact_dedup"]))
+    with pytest.raises(DataError, match="run `lmforge clean` first"):
+        pipeline.data_config(recipe, tmp_path)
+    h = pipeline.stage_hashes(recipe)
+    result = pipeline.run_stage(
+        "clean",
+        tmp_path,
+        h["clean"],
+        lambda out: clean.summary(clean.run(recipe.clean, data, ".", out)),
+        log=lambda *a: None,
+    )
+    assert result["removed"] == {"normalize": 1, "exact_dedup": 1}  # boilerplate-only; a copy
+    cleaned = pipeline.data_config(recipe, tmp_path)
+    docs = [doc for s in cleaned.sources for doc in iter_documents(s, ".")]
+    assert len(docs) == result["docs_out"]
+    # the tokenizer's hash follows the clean config: a different clean means a new vocabulary
+    other = Recipe(data=data, clean=CleanConfig(steps=["normalize"]))
+    plain = Recipe(data=data)
+    assert len({pipeline.stage_hashes(r)["tokenizer"] for r in (recipe, other, plain)}) == 3
+    assert pipeline.stage_hashes(plain)["clean"] is None
+
+
+def test_parquet_output_holds_the_same_documents(corpus, tmp_path):
+    pytest.importorskip("pyarrow")
+    d, data, _, report = corpus
+    report_pq = run_clean(data, tmp_path / "pq", output_format="parquet")
+    assert report_pq["docs_out"] == report["docs_out"]
+    files = sorted((tmp_path / "pq").glob("*/part-*.parquet"))
+    docs = [doc for f in files for doc in clean._read_docs(f, "parquet")]
+    assert docs == [doc for part in outputs(d / "out").values() for doc in part]
+    cleaned = clean.cleaned_sources(data, tmp_path / "pq")  # prepare reads parquet shards too
+    assert sum(len(list(iter_documents(s, "."))) for s in cleaned.sources) == len(docs)
