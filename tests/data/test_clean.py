@@ -221,7 +221,20 @@ def test_bad_input_is_reported_and_skipped_when_asked(tmp_path):
 
 def test_cli_clean_and_errors(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    base = [sys.executable, "-m", "lmforge", "clean", "--out", str(tmp_path)]
+    recipe = tmp_path / "r.yaml"  # no clean section
+    recipe.write_text(
+        "data:\n  sources:\n    - {name: zh, path: datasets/chinese/zhwiki_sample.jsonl.gz}\n"
+    )
+    base = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "clean",
+        "--config",
+        str(recipe),
+        "--out",
+        str(tmp_path),
+    ]
     r = subprocess.run(base, cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "clean.steps is empty" in r.stderr
     r = subprocess.run(
