@@ -130,6 +130,10 @@ def test_same_output_with_two_workers(corpus, tmp_path):
     assert report2 == report
 
 
+def _clean_cmd(recipe: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "lmforge", "clean", "--config", str(recipe), "--out", str(out)]
+
+
 def _wait_for(pred, timeout=60.0):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -152,16 +156,7 @@ def test_resume_after_kill_gives_the_same_output(corpus, tmp_path):
         + f"clean:\n  steps: [{', '.join(STEPS)}]\n  languages: [en, zh]\n  shard_docs: 2\n"
         + "  num_workers: 1\n"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmforge",
-        "clean",
-        "--config",
-        str(recipe),
-        "--out",
-        str(tmp_path),
-    ]
+    cmd = _clean_cmd(recipe, tmp_path)
     work = tmp_path / "clean" / ".work"
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -225,16 +220,7 @@ def test_cli_clean_and_errors(tmp_path):
     recipe.write_text(
         "data:\n  sources:\n    - {name: zh, path: datasets/chinese/zhwiki_sample.jsonl.gz}\n"
     )
-    base = [
-        sys.executable,
-        "-m",
-        "lmforge",
-        "clean",
-        "--config",
-        str(recipe),
-        "--out",
-        str(tmp_path),
-    ]
+    base = _clean_cmd(recipe, tmp_path)
     r = subprocess.run(base, cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "clean.steps is empty" in r.stderr
     r = subprocess.run(
