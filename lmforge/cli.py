@@ -77,7 +77,8 @@ def _add_section_options(p: argparse.ArgumentParser, section: str, prefix: str =
             dest=f"{section}.{f.name}",
             metavar=metavar,
             default=argparse.SUPPRESS,
-            help=f"{helps.get(f.name, '')} (default: {default})",
+            # argparse expands % in help: a literal one ("5% of words") must be doubled
+            help=f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%"),
         )
 
 

@@ -223,6 +223,8 @@ def test_cli_clean_and_errors(tmp_path):
     base = _clean_cmd(recipe, tmp_path)
     r = subprocess.run(base, cwd=REPO, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "clean.steps is empty" in r.stderr
+    r = subprocess.run(base + ["--help"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "5% of words edited" in " ".join(r.stdout.split())
     r = subprocess.run(
         base + ["--steps", "normalize,qualty"], cwd=REPO, capture_output=True, text=True
     )
