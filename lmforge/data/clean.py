@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -416,12 +417,27 @@ def finish_shard(task: dict) -> str:
 # --------------------------------------------------------------------------- the stage
 
 
+def check_dependencies(cfg: CleanConfig) -> None:
+    """Fail before any work when a step's library is missing, naming the extra that has it."""
+    needs = [
+        ("normalize" in cfg.steps and cfg.fix_unicode, "normalize", "ftfy", "data"),
+        ("language" in cfg.steps, "language", "py3langid", "data"),
+        ("near_dedup" in cfg.steps, "near_dedup", "datasketch", "data"),
+        (cfg.output_format == "parquet", "output_format parquet", "pyarrow", "data"),
+        (cfg.executor == "ray", "executor ray", "ray", "ray"),
+    ]
+    for used, what, module, extra in needs:
+        if used and importlib.util.find_spec(module) is None:
+            raise RuntimeError(f"clean {what} needs {module}: pip install 'lmforge[{extra}]'")
+
+
 def run(cfg: CleanConfig, data: DataConfig, base_dir: str, out_dir: str | Path, log=print) -> dict:
     """Clean every source of `data` into out_dir; returns the report (also report.json/.md)."""
     if not data.sources:
         raise DataError("data.sources is empty: nothing to clean")
     if not cfg.steps:
         raise DataError("clean.steps is empty: name the steps to run, e.g. [normalize, quality]")
+    check_dependencies(cfg)
     out = Path(out_dir)
     work = out / ".work"
     tasks = plan_shards(cfg, data, base_dir)

@@ -281,3 +281,22 @@ def test_parquet_output_holds_the_same_documents(corpus, tmp_path):
     assert docs == [doc for part in outputs(d / "out").values() for doc in part]
     cleaned = clean.cleaned_sources(data, tmp_path / "pq")  # prepare reads parquet shards too
     assert sum(len(list(iter_documents(s, "."))) for s in cleaned.sources) == len(docs)
+
+
+def test_a_missing_library_is_named_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "datasketch" else real(name, *a),
+    )
+    data = DataConfig(
+        sources=[{"name": "zh", "path": str(REPO / "datasets/chinese/zhwiki_sample.jsonl.gz")}]
+    )
+    with pytest.raises(
+        RuntimeError, match=r"near_dedup needs datasketch: pip install 'lmforge\[data\]'"
+    ):
+        run_clean(data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
