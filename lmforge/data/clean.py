@@ -83,7 +83,10 @@ def _plan_hash(cfg: CleanConfig, tasks: list[dict]) -> str:
     files = sorted({p for t in tasks for p in t["unit"]})
     stamp = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files]
     plan = [(dataclasses.asdict(t["src"]), t["start"], t["stop"]) for t in tasks]
-    blob = json.dumps([dataclasses.asdict(cfg), plan, stamp], sort_keys=True, default=str)
+    # how the shards are run does not change what they hold: a killed run may resume on more workers
+    runtime = ("num_workers", "executor", "ray_address")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in runtime}
+    blob = json.dumps([settings, plan, stamp], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
