@@ -197,6 +197,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_section_options(p, section)
         if cmd == "pretrain":
             _add_section_options(p, "model", prefix="model.")
+            _add_section_options(p, "dist", prefix="dist.")
         if cmd in ALIGN_STAGES:
             p.add_argument(
                 "--model-dir",
@@ -511,7 +512,10 @@ def _cmd_stage(args, rest) -> int:
             args.data_dir or out / "data",
             args.tokenizer_dir or out / "tokenizer",
             out / "pretrain",
+            recipe.dist,
         )
+        if s.get("rank"):  # another rank of a torchrun job: rank 0 reports
+            return 130 if s["interrupted"] else 0
         if s["interrupted"]:
             print(
                 f"interrupted at step {s['step']}; checkpoint saved under {out / 'pretrain' / 'checkpoints'}. "

@@ -340,6 +340,16 @@ class PretrainConfig:  # `pretrain:` next-token prediction on the prepared shard
 
 
 @dataclass
+class DistConfig:  # `dist:` several processes under torchrun (torchrun --nproc_per_node N -m lmforge pretrain ...)
+    strategy: str = "none"  # none (one process) | ddp (DistributedDataParallel: every rank holds the whole model)
+    timeout_s: int = 600  # a collective waiting longer than this fails the run instead of hanging
+
+    def __post_init__(self):
+        _check_choice(self, "strategy", ("none", "ddp"))
+        _check_positive(self, "timeout_s")
+
+
+@dataclass
 class SampleConfig:  # `sample:` generations written into the report after pretraining
     prompts: list[str] = field(
         default_factory=lambda: ["Once upon a time", "The history of"]
@@ -814,6 +824,7 @@ SECTIONS: dict[str, type] = {
     "tokenizer": TokenizerConfig,
     "model": ModelConfig,
     "pretrain": PretrainConfig,
+    "dist": DistConfig,
     "sample": SampleConfig,
     "sft": SFTConfig,
     "lora": LoRAConfig,
@@ -837,6 +848,7 @@ class Recipe:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -19,13 +20,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmforge.config import ConfigError, ModelConfig, PretrainConfig
+from lmforge.config import ConfigError, DistConfig, ModelConfig, PretrainConfig
 from lmforge.data.loader import PackedLoader, val_batches, val_languages
 from lmforge.io import atomic_dir, read_json, write_json
 from lmforge.model.checkpoint import save_model
 from lmforge.model.transformer import GPT, flops_per_token, num_params
 from lmforge.perf import matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
+from lmforge.train import dist
 from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.state import (
@@ -106,6 +108,14 @@ class StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
+def _fault(info) -> int:
+    """LMFORGE_FAIL_AT=RANK:STEP makes that rank raise before that step: the tests' way to check
+    that one failing rank stops every rank, with the error reported and no hang."""
+    spec = os.environ.get("LMFORGE_FAIL_AT", "")
+    rank, _, step = spec.partition(":")
+    return int(step) if spec and int(rank) == info.rank else -1
+
+
 def prepare_model_config(model_cfg: ModelConfig, manifest: dict) -> ModelConfig:
     """Fill vocabulary size and special ids from the prepared data; refuse a mismatch."""
     vocab = manifest["vocab_size"]
@@ -121,12 +131,28 @@ def prepare_model_config(model_cfg: ModelConfig, manifest: dict) -> ModelConfig:
     )
 
 
-def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, out_dir) -> dict:
-    """Train, evaluate, checkpoint. Returns a summary (also written to out_dir/summary.json)."""
+def run(
+    cfg: PretrainConfig,
+    model_cfg: ModelConfig,
+    data_dir,
+    tokenizer_dir,
+    out_dir,
+    dist_cfg: DistConfig | None = None,
+) -> dict:
+    """Train, evaluate, checkpoint. Returns a summary (also written to out_dir/summary.json).
+    Under torchrun with dist.strategy ddp, every rank calls this; rank 0 writes the files."""
+    dist_cfg = dist_cfg or DistConfig()
+    info = dist.setup(dist_cfg.strategy, dist_cfg.timeout_s)
+    try:
+        return _train(cfg, model_cfg, Path(data_dir), tokenizer_dir, Path(out_dir), dist_cfg, info)
+    finally:
+        dist.teardown()
+
+
+def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cfg, info) -> dict:
     # --- setup
-    out_dir, data_dir = Path(out_dir), Path(data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
+    device = dist.device_for(info, pick_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     manifest = read_json(data_dir / "manifest.json", "data manifest (run `lmforge prepare` first)")
@@ -143,46 +169,70 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    loader = PackedLoader(data_dir, cfg.seq_len, cfg.batch_size, cfg.seed)
+    # each rank reads its own slice of every global batch of batch_size * world_size sequences
+    loader = PackedLoader(
+        data_dir, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world_size
+    )
     ckpt_root = out_dir / "checkpoints"
     step = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume)
-    train_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None)
+    train_model = dist.wrap(model, dist_cfg.strategy, info)
+    if cfg.compile and device.type == "cuda":
+        train_model = torch.compile(train_model)
+    metrics = (
+        MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None) if info.is_main else None
+    )
 
     n_params = num_params(model)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * info.world_size
     flops_step = flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
     peak = matmul_flops(device)
     write_json(out_dir / "model_config.json", dataclasses.asdict(model_cfg))
 
-    def save(at_step: int) -> Path:
-        path = save_checkpoint(
-            ckpt_root / f"step_{at_step:06d}",
-            model,
-            optimizer,
-            at_step,
-            loader.state_dict(),
-            tokenizer_dir,
-            pad_token_id=tokenizer.pad_id,
-        )
-        prune_checkpoints(ckpt_root, cfg.keep_last)
-        return path
+    def save(at_step: int) -> None:
+        # every rank holds the same weights and optimizer state: rank 0 writes, the others wait
+        if info.is_main:
+            save_checkpoint(
+                ckpt_root / f"step_{at_step:06d}",
+                model,
+                optimizer,
+                at_step,
+                loader.state_dict(),
+                tokenizer_dir,
+                pad_token_id=tokenizer.pad_id,
+            )
+            prune_checkpoints(ckpt_root, cfg.keep_last)
+        dist.barrier(info)
 
     def run_eval(at_step: int) -> dict:
-        res = evaluate(
-            model, data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device
-        )
-        row = {
-            f"val_{lang}_{k}": v for lang, r in res.items() for k, v in r.items() if k != "tokens"
-        }
-        metrics.write(step=at_step, **row)
+        res = {}
+        if info.is_main:
+            res = evaluate(
+                model, data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device
+            )
+            row = {
+                f"val_{lang}_{k}": v
+                for lang, r in res.items()
+                for k, v in r.items()
+                if k != "tokens"
+            }
+            metrics.write(step=at_step, **row)
+        dist.barrier(info)
         return res
 
     # --- loop
     model.train()
     last_eval: dict = {}
+    evaluated = False  # the same on every rank (last_eval is only filled on rank 0)
     interrupted = False
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc="pretrain",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not info.is_main,
+    )
+    fail_at = _fault(info)
     t_last, step_last = time.perf_counter(), step
     train_time = 0.0
     loss_acc = torch.zeros((), device=device)
@@ -191,13 +241,17 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(cfg.grad_accum):
+            if step == fail_at:
+                raise RuntimeError(f"rank {info.rank}: failing at step {step} (LMFORGE_FAIL_AT)")
+            for micro in range(cfg.grad_accum):
                 x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
-                with autocast(device):
-                    logits = train_model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / cfg.grad_accum
-                loss.backward()
-                loss_acc += loss.detach()
+                # DDP averages gradients once per step, after the last micro-batch
+                with dist.no_sync(train_model, micro < cfg.grad_accum - 1):
+                    with autocast(device):
+                        logits = train_model(x)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                    (loss / cfg.grad_accum).backward()
+                loss_acc += loss.detach() / cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 model.parameters(), cfg.grad_clip or float("inf")
             )
@@ -207,46 +261,51 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                loss_val = loss_acc.item() / (step - step_last)  # the only host sync in the loop
+                # the only host sync in the loop (and, with several ranks, one all-reduce)
+                loss_val = dist.mean(loss_acc, info).item() / (step - step_last)
                 dt = time.perf_counter() - t_last
                 train_time += dt
                 tok_s = tokens_per_step * (step - step_last) / dt
                 mfu = flops_step * (step - step_last) / dt / peak
-                metrics.write(
-                    step=step,
-                    loss=loss_val,
-                    lr=lr,
-                    grad_norm=grad_norm.item(),
-                    tokens_per_s=tok_s,
-                    mfu=mfu,
-                    tokens=step * tokens_per_step,
-                )
+                if metrics:
+                    metrics.write(
+                        step=step,
+                        loss=loss_val,
+                        lr=lr,
+                        grad_norm=grad_norm.item(),
+                        tokens_per_s=tok_s,
+                        mfu=mfu,
+                        tokens=step * tokens_per_step,
+                    )
                 bar.set_postfix(
                     loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.0f}%"
                 )
                 loss_acc.zero_()
                 t_last, step_last = time.perf_counter(), step
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                last_eval = run_eval(step)
-                bar.write(
-                    f"step {step}: "
-                    + ", ".join(
-                        f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}"
-                        for lang, r in last_eval.items()
-                    ),
-                    file=sys.stderr,
-                )
+                last_eval, evaluated = run_eval(step), True
+                if info.is_main:
+                    bar.write(
+                        f"step {step}: "
+                        + ", ".join(
+                            f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}"
+                            for lang, r in last_eval.items()
+                        ),
+                        file=sys.stderr,
+                    )
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 save(step)
                 t_last = time.perf_counter()
-            if flag.stop and step < cfg.max_steps:
+            if dist.any_rank(flag.stop, info, device) and step < cfg.max_steps:
                 save(step)
                 interrupted = True
                 break
     bar.close()
-    if not last_eval and not interrupted:  # resumed at the last step: evaluate what was trained
+    if not evaluated and not interrupted:  # resumed at the last step: evaluate what was trained
         last_eval = run_eval(step)
+    if not info.is_main:
+        return {"step": step, "interrupted": interrupted, "rank": info.rank}
 
     # --- outputs
     summary = {
@@ -256,6 +315,7 @@ def run(cfg: PretrainConfig, model_cfg: ModelConfig, data_dir, tokenizer_dir, ou
         "params": n_params,
         "tokens_per_step": tokens_per_step,
         "device": str(device),
+        "world_size": info.world_size,
         "peak_flops": peak,
         "train_seconds": train_time,
         "val": last_eval,
