@@ -295,14 +295,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="merge a LoRA adapter into its base, or write a GGUF file for llama.cpp",
+        help="merge a LoRA adapter into its base, write a GGUF file for llama.cpp, or turn a "
+        "sharded training checkpoint into a model directory",
         description="Export a checkpoint. With --merge-lora, CHECKPOINT is a LoRA adapter "
         "directory and OUT receives the base model with the adapter folded into its weights: a "
-        "plain HF checkpoint that transformers, vLLM and lmforge open without peft. With "
+        "plain HF checkpoint that transformers, vLLM and lmforge open without peft. A step "
+        "checkpoint of FSDP or tensor-parallel training (a folder with dcp/) becomes the same "
+        "kind of plain HF directory, in one process, whatever number of ranks wrote it. With "
         "--format gguf, OUT is a .gguf file (weights, tokenizer and chat template) that "
         "llama.cpp opens; needs the gguf package (pip install 'lmforge[gguf]').",
     )
-    p.add_argument("checkpoint", help="adapter directory (with --merge-lora) or model directory")
+    p.add_argument(
+        "checkpoint",
+        help="adapter directory (with --merge-lora), model directory, or sharded step checkpoint",
+    )
     p.add_argument(
         "out", help="output directory, or .gguf file with --format gguf (must not exist)"
     )
@@ -636,8 +642,18 @@ def _cmd_export(args) -> int:
         out = export_gguf(args.checkpoint, args.out, outtype=args.outtype)
         print(f"GGUF ({args.outtype}) written to {out}")
         return 0
+    from lmforge.train.dist_ckpt import export, is_sharded
+
+    if is_sharded(args.checkpoint):
+        if args.merge_lora:
+            raise ConfigError(f"{args.checkpoint} is a sharded training checkpoint, not an adapter")
+        out = export(args.checkpoint, args.out)
+        print(f"model written to {out}")
+        return 0
     if not args.merge_lora:
-        raise ConfigError("nothing to do: pass --merge-lora or --format gguf")
+        raise ConfigError(
+            "nothing to do: pass --merge-lora or --format gguf, or a sharded checkpoint (with dcp/)"
+        )
     out = export_merged(args.checkpoint, args.out, base=args.base)
     print(f"merged model written to {out}")
     return 0

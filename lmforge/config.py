@@ -341,12 +341,17 @@ class PretrainConfig:  # `pretrain:` next-token prediction on the prepared shard
 
 @dataclass
 class DistConfig:  # `dist:` several processes under torchrun (torchrun --nproc_per_node N -m lmforge pretrain ...)
-    strategy: str = "none"  # none (one process) | ddp (DistributedDataParallel: every rank holds the whole model)
+    strategy: str = "none"  # none (one process) | ddp (every rank holds the whole model) | fsdp (FSDP2: parameters, gradients and optimizer state sharded over ranks)
+    tp: int = 1  # tensor-parallel degree: attention heads and MLP columns split over this many ranks (with fsdp over the rest: 2-D)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
+    cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory (CUDA runs)
     timeout_s: int = 600  # a collective waiting longer than this fails the run instead of hanging
 
     def __post_init__(self):
-        _check_choice(self, "strategy", ("none", "ddp"))
-        _check_positive(self, "timeout_s")
+        _check_choice(self, "strategy", ("none", "ddp", "fsdp"))
+        _check_positive(self, "tp", "timeout_s")
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ConfigError("dist.cpu_offload needs dist.strategy fsdp")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 
@@ -167,6 +168,8 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # recompute each block's activations in the backward pass instead of keeping them
+        self.activation_checkpointing = False
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos == "rope":
@@ -212,8 +215,12 @@ class GPT(nn.Module):
             sin = self.rope_sin[pos : pos + T].unsqueeze(1)
         else:  # GPT-2: a learned vector per absolute position, added once at the input
             x = x + self.pos_emb.weight[pos : pos + T]
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.layers:
-            x = block(x, cos, sin, cache, pos)
+            if recompute:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, pos)
         return self.norm(x)
 
     @property

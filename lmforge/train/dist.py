@@ -1,22 +1,28 @@
 """Distributed training on PyTorch's own engine: `torchrun` starts the processes and sets RANK,
-WORLD_SIZE and LOCAL_RANK; this file turns them into a process group and a wrapped model.
+WORLD_SIZE and LOCAL_RANK; this file turns them into a process group, a device mesh and a
+parallelized model.
 
-The one idea: every rank runs the same driver on its own slice of each global batch (the loader
-is already a pure function of (seed, position, rank)), DDP averages the gradients, and so every
-rank holds the same weights after every step: rank 0 alone logs and writes checkpoints, and any
-rank can resume from them with any number of processes. A rank that fails takes the others down
-with it: torchrun stops the remaining workers, and collectives time out instead of hanging.
+The one idea: ranks form a (dp, tp) grid. The tp ranks of a row split every layer between them
+(tensor parallelism) and see the same data; the dp rows each read their own slice of every
+global batch (the loader is a pure function of (seed, position, dp rank)) and keep the same
+weights, by averaging gradients (DDP: every rank holds the whole model) or by sharding
+parameters, gradients and optimizer state (FSDP2). A rank that fails takes the others down with
+it: torchrun stops the remaining workers, and collectives time out instead of hanging.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from lmforge.config import ConfigError, DistConfig, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,9 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    strategy: str = "none"
+    tp: int = 1  # ranks that split each layer; consecutive ranks (one node) form a tp group
+    mesh: object = field(default=None, compare=False)  # DeviceMesh ("dp", "tp") when sharded
 
     @property
     def is_main(self) -> bool:
@@ -33,26 +42,56 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp
 
-def setup(strategy: str, timeout_s: int = 600) -> DistInfo:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); a single process
-    when there is none. `strategy` none under torchrun with several processes is an error: each
-    rank would train alone and overwrite the others' checkpoints."""
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are DTensors spread over ranks (FSDP2 or tensor parallel): every rank must
+        take part in every forward pass, and checkpoints go through torch.distributed.checkpoint."""
+        return self.tp > 1 or (self.strategy == "fsdp" and self.dp_size > 1)
+
+
+def setup(cfg: DistConfig) -> DistInfo:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA) and build the
+    (dp, tp) device mesh; a single process when there is none."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % cfg.tp:
+        raise ConfigError(f"dist.tp ({cfg.tp}) must divide the number of processes ({world})")
+    dp = world // cfg.tp
     if world == 1:
-        return DistInfo()
-    if strategy == "none":
-        raise RuntimeError(
+        return DistInfo(strategy=cfg.strategy)
+    if dp > 1 and cfg.strategy == "none":
+        raise ConfigError(
             f"started by torchrun with {world} processes but dist.strategy is none: "
-            f"pass --dist.strategy ddp"
+            f"pass --dist.strategy ddp or fsdp"
+        )
+    if dp > 1 and cfg.tp > 1 and cfg.strategy == "ddp":
+        raise ConfigError(
+            "tensor parallelism combines with fsdp, not ddp: pass --dist.strategy fsdp"
         )
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    return DistInfo(rank, world, local)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.timeout_s)
+        )
+    info = DistInfo(rank, world, local, cfg.strategy, cfg.tp)
+    if info.sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(
+            "cuda" if cuda else "cpu", (dp, cfg.tp), mesh_dim_names=("dp", "tp")
+        )
+        info = DistInfo(rank, world, local, cfg.strategy, cfg.tp, mesh)
+    return info
 
 
 def teardown() -> None:
@@ -67,24 +106,144 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
     return device
 
 
-def wrap(model: torch.nn.Module, strategy: str, info: DistInfo) -> torch.nn.Module:
-    """The module the training loop calls: DDP over `model` (which keeps its own name for saving
-    and evaluation, and shares its parameters with the wrapper)."""
-    if not info.enabled:
+# --------------------------------------------------------------------------- parallelize
+
+
+def parallelize(model, cfg: DistConfig, info: DistInfo) -> torch.nn.Module:
+    """Apply activation checkpointing, tensor parallelism and data parallelism to `model`, in
+    that order, and return the module the training loop calls. FSDP2 and tensor parallelism
+    change `model` in place (its parameters become DTensors, its names stay), so create the
+    optimizer after this; DDP returns a wrapper that shares `model`'s parameters."""
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if info.tp > 1:
+        tensor_parallel(model, info.mesh["tp"])
+    if info.dp_size == 1:
         return model
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    if cfg.strategy == "fsdp":
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        ids = [info.local_rank] if next(model.parameters()).is_cuda else None
-        return DDP(model, device_ids=ids)
-    raise ValueError(f"dist.strategy {strategy!r} is not supported")
+        cuda = model.device.type == "cuda"
+        kwargs = {"mesh": info.mesh["dp"]}
+        if cuda:  # bf16 compute and all-gathers, fp32 master weights and gradient reductions
+            kwargs["mp_policy"] = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
+        if cfg.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=cuda)
+        for block in model.layers:  # one all-gather per block, freed again after its forward
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)  # the rest: embeddings, final norm, output head
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[info.local_rank] if model.device.type == "cuda" else None)
 
 
+# Fused projections: wqkv stacks the q, k and v heads, w13 the gate and up columns. Tensor
+# parallelism gives each rank a contiguous block of rows, so before splitting, the rows are
+# reordered rank by rank: [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], each rank then holds whole heads
+# of all three. Checkpoints record the tp degree; `relayout_rows` converts between degrees.
+_FUSED = re.compile(r"layers\.\d+\.(attn\.wqkv|mlp\.w13)\.(weight|bias)$")
+
+
+def _row_order(cfg: ModelConfig, which: str, tp: int) -> torch.Tensor:
+    """Canonical row index of each row of a fused projection laid out for `tp` ranks."""
+    if which == "attn.wqkv":
+        H, KV, unit = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        parts = [(0, H), (H, KV), (H + KV, KV)]  # (first head, heads) of q, k and v
+    else:
+        unit, parts = 1, [(0, cfg.ffn_dim), (cfg.ffn_dim, cfg.ffn_dim)]  # gate, up
+    rows = torch.arange(sum(n for _, n in parts) * unit).view(-1, unit)
+    order = [
+        rows[start + r * (n // tp) : start + (r + 1) * (n // tp)].flatten()
+        for r in range(tp)
+        for start, n in parts
+    ]
+    return torch.cat(order)
+
+
+def relayout_index(cfg: ModelConfig, name: str, from_tp: int, to_tp: int) -> torch.Tensor | None:
+    """Rows to take (new = old[index]) to turn parameter `name` laid out for `from_tp` ranks into
+    the layout for `to_tp`; None when the parameter has no tp layout or nothing changes."""
+    m = _FUSED.search(name)
+    if m is None or from_tp == to_tp or (m.group(1) == "mlp.w13" and cfg.mlp != "swiglu"):
+        return None
+    return torch.argsort(_row_order(cfg, m.group(1), from_tp))[_row_order(cfg, m.group(1), to_tp)]
+
+
+@torch.no_grad()
+def take_rows(t: torch.Tensor, index: torch.Tensor) -> None:
+    """t = t[index] in place; for a DTensor through its full value (one tensor at a time)."""
+    if isinstance(t, DTensor):
+        full = t.full_tensor()
+        t.copy_(distribute_tensor(full[index.to(full.device)], t.device_mesh, t.placements))
+    else:
+        t.copy_(t[index.to(t.device)])
+
+
+def check_tp(cfg: ModelConfig, tp: int) -> None:
+    for what, n in (("n_head", cfg.n_head), ("n_kv_head", cfg.n_kv_head), ("ffn_dim", cfg.ffn_dim)):
+        if n % tp:
+            raise ConfigError(f"dist.tp ({tp}) must divide model.{what} ({n})")
+
+
+def tensor_parallel(model, mesh) -> None:
+    """Split attention by heads and the MLP by hidden columns over the ranks of `mesh` (Megatron:
+    the first projection column-wise, the second row-wise, one all-reduce after each). The
+    embeddings, norms and output head stay whole on every rank."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    cfg, tp = model.cfg, mesh.size()
+    check_tp(cfg, tp)
+    for name, p in model.named_parameters():
+        index = relayout_index(cfg, name, 1, tp)
+        if index is not None:
+            take_rows(p.data, index)
+    first = "mlp.w13" if cfg.mlp == "swiglu" else "mlp.w1"
+    plan = {
+        "attn.wqkv": ColwiseParallel(),
+        "attn.wo": RowwiseParallel(),
+        first: ColwiseParallel(),
+        "mlp.w2": RowwiseParallel(),
+    }
+    for block in model.layers:
+        block.attn.n_head //= tp  # each rank's forward sees only its own heads
+        block.attn.n_kv_head //= tp
+        parallelize_module(block, mesh, plan)
+
+
+# --------------------------------------------------------------------------- inside the loop
+
+
+@contextlib.contextmanager
 def no_sync(model: torch.nn.Module, skip: bool):
-    """Gradient accumulation: all micro-batches but the last skip DDP's all-reduce."""
-    if skip and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
+    """Gradient accumulation: all micro-batches but the last skip the gradient reduction."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(not skip)
+        yield
+    elif skip and hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ for parameters that may be DTensors on different meshes (tensor
+    parallel layers beside whole embeddings, FSDP shards): each gradient's norm is reduced to a
+    plain number over its own mesh first. Returns the total norm before clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = []
+    for g in grads:
+        n = torch.linalg.vector_norm(g)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
+    return total
 
 
 def mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

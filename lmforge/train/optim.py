@@ -6,31 +6,48 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from lmforge.config import PretrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms' gains and embedding rows are not weights to shrink."""
-    decay, no_decay = [], []
+    """Decay matrices only: norms' gains and embedding rows are not weights to shrink. Each
+    group also lists its parameters' names, in the same order (checkpoints key on them)."""
+    decay, no_decay = {"params": [], "names": []}, {"params": [], "names": []}
     seen = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         is_embedding = name.endswith("tok_emb.weight")
-        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
+        group = decay if p.dim() >= 2 and not is_embedding else no_decay
+        group["params"].append(p)
+        group["names"].append(name)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {**decay, "weight_decay": weight_decay},
+        {**no_decay, "weight_decay": 0.0},
     ]
 
 
 def make_optimizer(
     model: nn.Module, cfg: PretrainConfig, device: torch.device
 ) -> torch.optim.AdamW:
-    """Fused AdamW where the build supports it (CUDA; CPU in recent torch), else foreach."""
-    groups = param_groups(model, cfg.weight_decay)
+    """Fused AdamW where the build supports it (CUDA; CPU in recent torch), else foreach.
+    Under tensor parallelism a group holds DTensors and whole tensors, which one fused call
+    cannot mix: such a group is split in two with the same settings."""
+    groups = []
+    for group in param_groups(model, cfg.weight_decay):
+        sharded = [isinstance(p, DTensor) for p in group["params"]]
+        for keep in (False, True) if any(sharded) and not all(sharded) else (None,):
+            part = [i for i, s in enumerate(sharded) if keep is None or s == keep]
+            groups.append(
+                {
+                    **group,
+                    "params": [group["params"][i] for i in part],
+                    "names": [group["names"][i] for i in part],
+                }
+            )
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)

@@ -28,13 +28,10 @@ from lmforge.model.transformer import GPT, flops_per_token, num_params
 from lmforge.perf import matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
+from lmforge.train.dist_ckpt import resume_latest, save_sharded, save_whole_model
 from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
 from lmforge.train.optim import lr_at, make_optimizer
-from lmforge.train.state import (
-    prune_checkpoints,
-    resume_latest,
-    save_checkpoint,
-)
+from lmforge.train.state import prune_checkpoints, save_checkpoint
 
 
 def autocast(device: torch.device):
@@ -142,7 +139,7 @@ def run(
     """Train, evaluate, checkpoint. Returns a summary (also written to out_dir/summary.json).
     Under torchrun with dist.strategy ddp, every rank calls this; rank 0 writes the files."""
     dist_cfg = dist_cfg or DistConfig()
-    info = dist.setup(dist_cfg.strategy, dist_cfg.timeout_s)
+    info = dist.setup(dist_cfg)
     try:
         return _train(cfg, model_cfg, Path(data_dir), tokenizer_dir, Path(out_dir), dist_cfg, info)
     finally:
@@ -168,31 +165,37 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
 
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
+    n_params = num_params(model)
+    # FSDP2 and tensor parallelism turn the parameters into DTensors: the optimizer comes after
+    train_model = dist.parallelize(model, dist_cfg, info)
     optimizer = make_optimizer(model, cfg, device)
-    # each rank reads its own slice of every global batch of batch_size * world_size sequences
+    # each data-parallel rank reads its own slice of every global batch (batch_size * dp_size)
     loader = PackedLoader(
-        data_dir, cfg.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world_size
+        data_dir, cfg.seq_len, cfg.batch_size, cfg.seed, info.dp_rank, info.dp_size
     )
     ckpt_root = out_dir / "checkpoints"
-    step = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume)
-    train_model = dist.wrap(model, dist_cfg.strategy, info)
+    step = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume, info)
     if cfg.compile and device.type == "cuda":
         train_model = torch.compile(train_model)
     metrics = (
         MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None) if info.is_main else None
     )
 
-    n_params = num_params(model)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * info.world_size
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * info.dp_size
     flops_step = flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
     peak = matmul_flops(device)
     write_json(out_dir / "model_config.json", dataclasses.asdict(model_cfg))
 
     def save(at_step: int) -> None:
-        # every rank holds the same weights and optimizer state: rank 0 writes, the others wait
-        if info.is_main:
+        where = ckpt_root / f"step_{at_step:06d}"
+        if info.sharded:  # every rank writes its own shards
+            save_sharded(
+                where, model, optimizer, at_step, loader.state_dict(), info,
+                tokenizer_dir, pad_token_id=tokenizer.pad_id,
+            )  # fmt: skip
+        elif info.is_main:  # every rank holds the same state: rank 0 writes, the others wait
             save_checkpoint(
-                ckpt_root / f"step_{at_step:06d}",
+                where,
                 model,
                 optimizer,
                 at_step,
@@ -200,15 +203,17 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
                 tokenizer_dir,
                 pad_token_id=tokenizer.pad_id,
             )
+        if info.is_main:
             prune_checkpoints(ckpt_root, cfg.keep_last)
         dist.barrier(info)
 
     def run_eval(at_step: int) -> dict:
         res = {}
-        if info.is_main:
+        if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
             res = evaluate(
                 model, data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device
             )
+        if info.is_main:
             row = {
                 f"val_{lang}_{k}": v
                 for lang, r in res.items()
@@ -252,9 +257,8 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                     (loss / cfg.grad_accum).backward()
                 loss_acc += loss.detach() / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.grad_clip or float("inf")
-            )
+            clip = dist.clip_grad_norm if info.sharded else torch.nn.utils.clip_grad_norm_
+            grad_norm = clip(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -304,6 +308,14 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     bar.close()
     if not evaluated and not interrupted:  # resumed at the last step: evaluate what was trained
         last_eval = run_eval(step)
+    if info.sharded and not interrupted:  # gathered on rank 0, one tensor at a time
+        save_whole_model(
+            model,
+            out_dir / "model",
+            info,
+            tokenizer_dir=tokenizer_dir,
+            pad_token_id=tokenizer.pad_id,
+        )
     if not info.is_main:
         return {"step": step, "interrupted": interrupted, "rank": info.rank}
 
@@ -328,8 +340,9 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         summary["tokens_per_s"] = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
         summary["mfu"] = summary["tokens_per_s"] * flops_step / tokens_per_step / peak
     if not interrupted:
-        with atomic_dir(out_dir / "model") as tmp:
-            save_model(model, tmp, tokenizer_dir, pad_token_id=tokenizer.pad_id)
+        if not info.sharded:
+            with atomic_dir(out_dir / "model") as tmp:
+                save_model(model, tmp, tokenizer_dir, pad_token_id=tokenizer.pad_id)
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title="pretraining loss")
     write_json(out_dir / "summary.json", summary)
     return summary

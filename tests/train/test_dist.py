@@ -1,5 +1,6 @@
-"""torchrun with 2 CPU processes (gloo): DDP gives the same step as one process on the same
-global batch, checkpoints move between process counts, and a failing rank stops every rank."""
+"""torchrun with 2 (and 4) CPU processes (gloo): DDP, FSDP2, tensor parallel and 2-D parallel
+training give the same steps as one process on the same global batch, checkpoints move between
+strategies and process counts, and a failing rank stops every rank."""
 
 import json
 import os
@@ -19,14 +20,26 @@ pytestmark = pytest.mark.slow
 ATOL = 1e-5
 
 
-def pretrain(recipe_path, run_dir, out, nproc: int, *args, env=None, timeout=240):
-    """`lmforge pretrain` in one process, or under torchrun with nproc processes."""
+# grouped-query attention with biases: tensor parallelism must split q, k and v heads alike
+GQA = ["--model.n_head", "4", "--model.n_kv_head", "2", "--model.arch", "qwen2"]
+GQA += ["--model.qkv_bias", "true"]
+STRATEGIES = {  # name: (processes, batch per rank for a global batch of 8, options)
+    "ddp": (2, 4, ["--dist.strategy", "ddp"]),
+    "fsdp": (2, 4, ["--dist.strategy", "fsdp"]),
+    "tp": (2, 8, ["--dist.tp", "2"]),
+    "fsdp+tp": (4, 4, ["--dist.strategy", "fsdp", "--dist.tp", "2"]),
+}
+
+
+def pretrain(recipe_path, run_dir, out, nproc: int, *args, dist=None, env=None, timeout=240):
+    """`lmforge pretrain` in one process, or under torchrun with nproc processes (with the
+    options `dist`, DDP when not given)."""
     cli = ["-m", "lmforge", "pretrain", "--config", str(recipe_path), "--device", "cpu"]
     cli += ["--data-dir", str(run_dir / "data"), "--tokenizer-dir", str(run_dir / "tokenizer")]
     cli += ["--out", str(out), "--eval_every", "0", "--log_every", "1", *args]
     if nproc > 1:
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cli = launcher + cli + ["--dist.strategy", "ddp"]
+        cli = launcher + cli + (dist or ["--dist.strategy", "ddp"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, *cli], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
@@ -39,6 +52,7 @@ def losses(out: Path) -> list[float]:
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
+    """The final model's tensors (HF names)."""
     return load_file(out / "pretrain" / "model" / "model.safetensors")
 
 
@@ -99,11 +113,83 @@ def test_save_with_two_processes_resume_with_one(micro_recipe_path, micro_prepar
     assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
 
 
-def test_a_failing_rank_stops_every_rank(micro_recipe_path, micro_prepared, tmp_path):
+@pytest.fixture(scope="module")
+def single_gqa(micro_recipe_path, micro_prepared, tmp_path_factory):
+    """One process, global batch 8, the GQA model: 2 steps, and 4 steps with a save at 2."""
+    _, run_dir = micro_prepared
+    out = tmp_path_factory.mktemp("single_gqa")
+    for steps in (2, 4):
+        r = pretrain(
+            micro_recipe_path, run_dir, out / str(steps), 1,
+            "--batch_size", "8", "--max_steps", str(steps), "--save_every", "2", *GQA,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("name", ["fsdp", "tp", "fsdp+tp"])
+def test_sharded_step_equals_one_process(
+    name, single_gqa, micro_recipe_path, micro_prepared, tmp_path
+):
+    """FSDP2 on 2 ranks, tensor parallel on 2, and both (2-D: 2 x 2 ranks): two optimizer
+    steps on the same global batch give the single process's losses and weights."""
+    _, run_dir = micro_prepared
+    nproc, batch, opts = STRATEGIES[name]
+    r = pretrain(
+        micro_recipe_path, run_dir, tmp_path, nproc,
+        "--batch_size", str(batch), "--max_steps", "2", *GQA, dist=opts,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path) == pytest.approx(losses(single_gqa / "2"), rel=1e-5)
+    w1, w2 = weights(single_gqa / "2"), weights(tmp_path)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=ATOL, msg=k)
+    summary = json.loads((tmp_path / "pretrain" / "summary.json").read_text())
+    assert summary["world_size"] == nproc and summary["tokens_per_step"] == 8 * 32
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [("fsdp", None), (None, "fsdp"), ("tp", None), (None, "tp"), ("tp", "fsdp+tp")],
+    ids=lambda s: s or "one",
+)
+def test_resume_with_another_strategy_and_process_count(
+    first, second, single_gqa, micro_recipe_path, micro_prepared, tmp_path
+):
+    """Save at step 2 with one layout, resume to step 4 with another (DCP reshards, the fused
+    projections' rows are reordered between tp degrees): the losses and weights of an
+    uninterrupted single process. The last sharded checkpoint exports to the same model."""
+    _, run_dir = micro_prepared
+    for steps, name in ((2, first), (4, second)):
+        nproc, batch, opts = STRATEGIES[name] if name else (1, 8, None)
+        r = pretrain(
+            micro_recipe_path, run_dir, tmp_path / "run", nproc, "--batch_size", str(batch),
+            "--max_steps", str(steps), "--save_every", "2", *GQA, dist=opts,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    assert losses(tmp_path / "run") == pytest.approx(losses(single_gqa / "4"), rel=1e-5)
+    final = weights(tmp_path / "run")
+    for k, w in weights(single_gqa / "4").items():
+        torch.testing.assert_close(final[k], w, rtol=1e-5, atol=ATOL, msg=k)
+    last = tmp_path / "run" / "pretrain" / "checkpoints" / "step_000004"
+    assert (last / "dcp").is_dir() == (second is not None)
+    if second is not None:
+        cmd = [sys.executable, "-m", "lmforge", "export", str(last), str(tmp_path / "exported")]
+        e = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert e.returncode == 0, e.stderr[-3000:]
+        exported = load_file(tmp_path / "exported" / "model.safetensors")
+        assert exported.keys() == final.keys()
+        assert all(torch.equal(exported[k], final[k]) for k in final)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_failing_rank_stops_every_rank(strategy, micro_recipe_path, micro_prepared, tmp_path):
     _, run_dir = micro_prepared
     r = pretrain(
         micro_recipe_path, run_dir, tmp_path / "fail", 2, "--batch_size", "2", "--max_steps", "6",
-        env={"LMFORGE_FAIL_AT": "1:3"}, timeout=120,
+        dist=["--dist.strategy", strategy], env={"LMFORGE_FAIL_AT": "1:3"}, timeout=120,
     )  # fmt: skip
     assert r.returncode != 0
     assert "rank 1: failing at step 3 (LMFORGE_FAIL_AT)" in r.stdout + r.stderr
@@ -125,4 +211,4 @@ def test_strategy_none_under_torchrun_is_refused(micro_recipe_path, micro_prepar
     cmd += ["--out", str(tmp_path), "--data-dir", str(run_dir / "data")]
     cmd += ["--tokenizer-dir", str(run_dir / "tokenizer"), "--max_steps", "1"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "pass --dist.strategy ddp" in r.stdout + r.stderr
+    assert r.returncode != 0 and "pass --dist.strategy ddp or fsdp" in r.stdout + r.stderr

@@ -1,0 +1,219 @@
+"""Checkpoints of sharded training (FSDP2, tensor parallel) with torch.distributed.checkpoint.
+
+The one idea: every rank writes only its own shards (`dcp/`), with the tp degree they were laid
+out for recorded beside them, so a checkpoint resumes with any number of processes and any
+strategy: DCP reshards on load, and the rows of the fused projections are then reordered from
+the saved tp layout to the current one. Nothing is gathered on one rank except for the final
+export to the single-directory Hugging Face layout of the spine.
+
+A step checkpoint of sharded training looks like one of a single process, with `dcp/` in place
+of model.safetensors: config.json, tokenizer files and trainer_state/ (state.json, rng.pt).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from lmforge.config import ConfigError
+from lmforge.io import atomic_dir, read_json, write_json
+from lmforge.model.checkpoint import _read_tensors, load_config, save_extras, save_model
+from lmforge.model.hf import from_hf_state_dict, to_hf_config
+from lmforge.model.transformer import GPT
+from lmforge.train import dist
+from lmforge.train.optim import param_groups
+from lmforge.train.state import list_checkpoints, load_checkpoint, rng_state, set_rng_state
+
+# one process reading a sharded checkpoint is the intent here, not a mistake to warn about
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+
+
+def is_sharded(ckpt_dir: str | Path) -> bool:
+    return (Path(ckpt_dir) / "dcp").is_dir()
+
+
+def save_sharded(
+    ckpt_dir: str | Path,
+    model,
+    optimizer,
+    step: int,
+    loader_state: dict,
+    info: dist.DistInfo,
+    tokenizer_dir=None,
+    pad_token_id: int | None = None,
+) -> Path:
+    """Every rank writes its shards into a temporary directory beside ckpt_dir; rank 0 adds the
+    trainer state and renames it into place once all ranks are done (all ranks call this)."""
+    ckpt_dir = Path(ckpt_dir)
+    tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp-dcp")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier(info)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    # only the moments: the groups' settings come from the recipe, and their split (see
+    # make_optimizer) depends on the strategy
+    dcp.save({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=tmp / "dcp")
+    dist.barrier(info)  # every shard is on disk
+    if info.is_main:
+        cfg = model.cfg
+        write_json(tmp / "config.json", to_hf_config(cfg, pad_token_id=pad_token_id))
+        save_extras(cfg, tmp, tokenizer_dir, pad_token_id)
+        ts = tmp / "trainer_state"
+        ts.mkdir()
+        rng_tensors, rng_scalars = rng_state()
+        torch.save(rng_tensors, ts / "rng.pt")
+        layout = {"tp": info.tp, "world_size": info.world_size, "strategy": info.strategy}
+        state = {"step": step, "loader": loader_state, "rng": rng_scalars, "layout": layout}
+        write_json(ts / "state.json", state)
+        old = ckpt_dir.with_name(f".{ckpt_dir.name}.old-{os.getpid()}")
+        if ckpt_dir.exists():
+            os.replace(ckpt_dir, old)
+        os.replace(tmp, ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier(info)
+    return ckpt_dir
+
+
+def relayout(model, optimizer, from_tp: int, to_tp: int) -> None:
+    """Reorder the rows of the fused projections (and of their optimizer moments) from the
+    layout for `from_tp` tensor-parallel ranks to the one for `to_tp`."""
+    for name, p in model.named_parameters():
+        index = dist.relayout_index(model.cfg, name, from_tp, to_tp)
+        if index is None:
+            continue
+        dist.take_rows(p.data, index)
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        for v in state.values():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                dist.take_rows(v, index)
+
+
+def load_sharded(ckpt_dir: str | Path, model, optimizer, info: dist.DistInfo) -> dict:
+    """Load a DCP checkpoint into `model` and `optimizer`, however they are distributed now
+    (DCP reads the slices each rank needs); returns state.json."""
+    ckpt_dir = Path(ckpt_dir)
+    state = read_json(ckpt_dir / "trainer_state" / "state.json", "trainer state")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd["state"]}, checkpoint_id=ckpt_dir / "dcp")
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    relayout(model, optimizer, state["layout"]["tp"], info.tp)
+    set_rng_state(
+        torch.load(ckpt_dir / "trainer_state" / "rng.pt", weights_only=True), state["rng"]
+    )
+    return state
+
+
+@torch.no_grad()
+def _assign(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Set a (possibly sharded) tensor from its full value."""
+    if isinstance(p, DTensor):
+        p.copy_(distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements))
+    else:
+        p.copy_(full)
+
+
+def load_whole_into_sharded(ckpt_dir: str | Path, model, optimizer, info: dist.DistInfo) -> dict:
+    """Load a single-process (or DDP) checkpoint into a sharded model and its optimizer: every
+    rank reads the whole file and keeps its own slices."""
+    ckpt_dir = Path(ckpt_dir)
+    full = from_hf_state_dict(_read_tensors(ckpt_dir), model.cfg)
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        index = dist.relayout_index(model.cfg, name, 1, info.tp)
+        _assign(p, full[name] if index is None else full[name][index])
+    # a single process keys optimizer state by each parameter's position in its two groups
+    # (param_groups' order); here a group may be split in two, so the state goes by name
+    state = read_json(ckpt_dir / "trainer_state" / "state.json", "trainer state")
+    saved = torch.load(
+        ckpt_dir / "trainer_state" / "optimizer.pt", weights_only=True, map_location="cpu"
+    )
+    order = [n for group in param_groups(model, 0.0) for n in group["names"]]
+    for i, moments in saved["state"].items():
+        name = order[int(i)]
+        p, index = params[name], dist.relayout_index(model.cfg, name, 1, info.tp)
+        for k, v in moments.items():
+            if k == "step":
+                moments[k] = v.to(p.device)
+            else:
+                moments[k] = torch.empty_like(p)
+                _assign(moments[k], v if index is None else v[index])
+        optimizer.state[p] = moments
+    set_rng_state(
+        torch.load(ckpt_dir / "trainer_state" / "rng.pt", weights_only=True), state["rng"]
+    )
+    return state
+
+
+def resume_latest(ckpt_root, model, optimizer, loader, resume: bool, info: dist.DistInfo) -> int:
+    """Resume from the newest step checkpoint under ckpt_root, whichever strategy and number of
+    processes wrote it; returns its step (0 for a fresh start). All ranks call this."""
+    existing = list_checkpoints(ckpt_root) if resume else []
+    if not existing:
+        return 0
+    latest = existing[-1]
+    if is_sharded(latest):
+        state = load_sharded(latest, model, optimizer, info)
+    elif info.sharded:
+        state = load_whole_into_sharded(latest, model, optimizer, info)
+    else:
+        state = load_checkpoint(latest, model, optimizer)
+    loader.load_state_dict(state["loader"])
+    if info.is_main:
+        print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
+    return state["step"]
+
+
+def save_whole_model(model, out_dir: str | Path, info: dist.DistInfo, **save_kwargs) -> None:
+    """Gather a sharded model's full weights on rank 0 (through CPU memory, one tensor at a time)
+    and write them in the single-directory HF layout; all ranks call this."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(model, options=opts)
+    if info.is_main:
+        _write_plain(model.cfg, full, info.tp, out_dir, **save_kwargs)
+    dist.barrier(info)
+
+
+def _write_plain(cfg, state_dict: dict, tp: int, out_dir, **save_kwargs) -> None:
+    plain = GPT(cfg)
+    plain.load_state_dict(state_dict)
+    relayout(plain, None, tp, 1)
+    with atomic_dir(out_dir) as tmp:
+        save_model(plain, tmp, **save_kwargs)
+
+
+def export(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
+    """A sharded step checkpoint -> a single-directory HF model (one process, no torchrun)."""
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    if not is_sharded(ckpt_dir):
+        raise ConfigError(f"{ckpt_dir} has no dcp/ folder: it is not a sharded checkpoint")
+    cfg = load_config(ckpt_dir)
+    state = read_json(ckpt_dir / "trainer_state" / "state.json", "trainer state")
+    model = GPT(cfg)
+    model_sd = get_model_state_dict(model)
+    dcp.load({"model": model_sd}, checkpoint_id=ckpt_dir / "dcp")
+    set_model_state_dict(model, model_sd)
+    pad = read_json(ckpt_dir / "config.json", "checkpoint config").get("pad_token_id")
+    _write_plain(
+        cfg,
+        model.state_dict(),
+        state["layout"]["tp"],
+        out_dir,
+        tokenizer_dir=ckpt_dir,
+        pad_token_id=pad,
+    )
+    return out_dir
