@@ -52,6 +52,8 @@ COMPRESS_STAGES = {
     "prune": "prune a model (magnitude, 2:4 or structured heads/channels), then optionally "
     "recover with a short fine-tune; writes OUT/prune/<method>",
 }
+# the stages that torchrun can run over several processes (--dist.*)
+DIST_STAGES = ("pretrain", "sft", "dpo")
 DEFAULT_RECIPE = "recipes/tiny-cpu.yaml"
 
 
@@ -197,6 +199,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_section_options(p, section)
         if cmd == "pretrain":
             _add_section_options(p, "model", prefix="model.")
+        if cmd in DIST_STAGES:
             _add_section_options(p, "dist", prefix="dist.")
         if cmd in ALIGN_STAGES:
             p.add_argument(
@@ -495,7 +498,10 @@ def _cmd_stage(args, rest) -> int:
             args.model_dir or out / "pretrain" / "model",
             out / "sft",
             recipe.base_dir,
+            recipe.dist,
         )
+        if s.get("rank"):  # another rank of a torchrun job: rank 0 reports
+            return 130 if s["interrupted"] else 0
         if s["interrupted"]:
             print(
                 f"interrupted at step {s['step']}; checkpoint saved under {out / 'sft' / 'checkpoints'}. "
@@ -567,7 +573,12 @@ def _cmd_align(name: str, recipe, out: Path, model_dir: str | None) -> int:
     if name == "ppo" and cfg.reward == "model" and not cfg.reward_model:
         cfg.reward_model = str(out / "reward" / "model")
     extra = (recipe.lora,) if name == "dpo" else ()
-    s = driver.run(cfg, *extra, model_dir=model_dir, out_dir=out / name, base_dir=recipe.base_dir)
+    dist_kw = {"dist_cfg": recipe.dist} if name in DIST_STAGES else {}
+    s = driver.run(
+        cfg, *extra, model_dir=model_dir, out_dir=out / name, base_dir=recipe.base_dir, **dist_kw
+    )
+    if s.get("rank"):  # another rank of a torchrun job: rank 0 reports
+        return 130 if s["interrupted"] else 0
     if s["interrupted"]:
         print(
             f"interrupted at step {s['step']}; checkpoint saved under {out / name / 'checkpoints'}. "

@@ -71,3 +71,13 @@ def memory_bandwidth(
     device = torch.device(device)
     x = torch.ones(mbytes * 2**20 // 4, device=device)
     return x.numel() * 4 / _timeit(lambda: x.sum(), device, repeats)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far: allocated GPU memory on CUDA, resident set size on a
+    CPU (which also counts Python, torch's libraries and the touched pages of mapped data)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

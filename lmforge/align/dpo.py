@@ -31,12 +31,13 @@ from lmforge.align.preference import (
     train_pairs,
 )
 from lmforge.align.rollout import sample_answers, token_logprobs
-from lmforge.config import DPOConfig, LoRAConfig
+from lmforge.config import ConfigError, DistConfig, DPOConfig, LoRAConfig
 from lmforge.infer.chat import stop_ids
 from lmforge.infer.cpu_decode import relayout
 from lmforge.io import atomic_dir, write_json
 from lmforge.model.checkpoint import save_model
 from lmforge.model.transformer import num_params
+from lmforge.train import dist
 
 
 def dpo_loss(
@@ -137,11 +138,25 @@ def judge_win_rate(
 # --------------------------------------------------------------------------- driver
 
 
-def run(cfg: DPOConfig, lora_cfg: LoRAConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
+def run(
+    cfg: DPOConfig,
+    lora_cfg: LoRAConfig,
+    model_dir,
+    out_dir,
+    base_dir: str = ".",
+    dist_cfg: DistConfig | None = None,
+) -> dict:
     """Align the model in model_dir (usually the SFT model) to preference pairs; writes
-    out_dir/model (out_dir/adapter with lora_r), metrics.jsonl, curves.png, summary.json."""
+    out_dir/model (out_dir/adapter with lora_r), metrics.jsonl, curves.png, summary.json.
+    Under torchrun with dist.strategy ddp every rank calls this; rank 0 writes the files."""
+    return dist.launch(dist_cfg, _run, cfg, lora_cfg, model_dir, Path(out_dir), base_dir)
+
+
+def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> dict:
     # --- setup
-    out_dir = Path(out_dir)
+    dist.data_parallel_only(dist_cfg, info, "dpo", bool(cfg.lora_r))
+    if info.sharded:  # the frozen reference and the judge's generation stay whole on each rank
+        raise ConfigError("dpo runs data-parallel with dist.strategy ddp (fsdp: pretrain and sft)")
     device, policy, tok, tok_dir, train, val, stats = setup(
         cfg, model_dir, out_dir, base_dir, "dpo"
     )
@@ -161,11 +176,11 @@ def run(cfg: DPOConfig, lora_cfg: LoRAConfig, model_dir, out_dir, base_dir: str 
         return answer_logps(model, ids.to(device), mask.to(device), mean)
 
     # --- loop
-    def loss_fn(indices):
+    def loss_fn(indices, module):
         pairs = [train_enc[i] for i in indices]
         with torch.no_grad():
             ref = logps(reference, pairs)
-        pi = logps(policy, pairs)
+        pi = logps(module, pairs)
         pi_c, pi_r = pi.chunk(2)
         ref_c, ref_r = ref.chunk(2)
         loss = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta, cfg.loss, cfg.label_smoothing).mean()
@@ -207,7 +222,11 @@ def run(cfg: DPOConfig, lora_cfg: LoRAConfig, model_dir, out_dir, base_dir: str 
             "read_weights": read_weights,
         },
         "dpo",
+        dist_cfg,
+        info,
     )
+    if not info.is_main:
+        return {"step": done["step"], "interrupted": done["interrupted"], "rank": info.rank}
 
     # --- outputs
     ev = done["eval"]

@@ -32,18 +32,20 @@ from tqdm import tqdm
 
 from lmforge.align.rollout import pad_rollouts
 from lmforge.align.sft import ROLES, BatchPlan
-from lmforge.config import ConfigError, PreferenceDataConfig, PreferenceSourceConfig, resolve_path
+from lmforge.config import (
+    ConfigError,
+    DistConfig,
+    PreferenceDataConfig,
+    PreferenceSourceConfig,
+    resolve_path,
+)
 from lmforge.data.readers import DataError, is_val, read_jsonl
 from lmforge.tokenizer import Tokenizer
+from lmforge.train import dist
+from lmforge.train.dist_ckpt import resume_latest, save_step
 from lmforge.train.metrics import MetricsLog, read_metrics
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.pretrain import StopFlag, autocast
-from lmforge.train.state import (
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SHAREGPT_ROLES["system"] = "system"
@@ -282,56 +284,75 @@ def train_pairs(
     out_dir: Path,
     save: dict,
     desc: str,
+    dist_cfg: DistConfig | None = None,
+    info: dist.DistInfo | None = None,
 ) -> dict:
     """The optimisation loop shared by the reward model and DPO: length-sorted batches of
     pair indices (a pure function of the step, so resuming needs only the step), gradient
     accumulation, clipping, the learning-rate schedule, metrics, evaluation, checkpoints and
-    Ctrl-C. loss_fn(indices) -> (mean loss of those pairs, {metric: float});
+    Ctrl-C. loss_fn(indices, module) -> (mean loss of those pairs, {metric: float}), calling
+    `module` (the model, or its DDP wrapper) for the trained model's outputs;
     eval_fn() -> {metric: float}. save: save_checkpoint's tokenizer_dir, pad_token_id,
-    write_weights and read_weights. Returns step, interrupted, train_seconds, last eval."""
+    write_weights and read_weights. Under torchrun (`info`, with dist.strategy ddp) each rank
+    takes its share of every global batch of batch_size * world_size pairs; rank 0 evaluates
+    and writes. Returns step, interrupted, train_seconds, last eval."""
+    dist_cfg, info = dist_cfg or DistConfig(), info or dist.DistInfo()
     device = next(model.parameters()).device
+    train_model = dist.parallelize(model, dist_cfg, info)
     optimizer = make_optimizer(model, cfg, device)
     ckpt_root = out_dir / "checkpoints"
     read_weights = save.pop("read_weights", None)
-    step = 0
-    existing = list_checkpoints(ckpt_root) if cfg.resume else []
-    if existing:
-        step = load_checkpoint(existing[-1], model, optimizer, read_weights=read_weights)["step"]
-        tqdm.write(f"resuming from {existing[-1]} (step {step})", file=sys.stderr)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if existing else None)
+    step = resume_latest(ckpt_root, model, optimizer, None, cfg.resume, info, read_weights)
+    metrics = None
+    if info.is_main:
+        metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint(at_step: int) -> None:
         micro = {"micro_batches": at_step * cfg.grad_accum}
-        save_checkpoint(ckpt_root / f"step_{at_step:06d}", model, optimizer, at_step, micro, **save)
-        prune_checkpoints(ckpt_root, cfg.keep_last)
+        save_step(ckpt_root, at_step, model, optimizer, micro, info, cfg.keep_last, **save)
 
     def evaluate(at_step: int) -> dict:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            result = eval_fn()
-        model.train(was_training)
-        metrics.write(step=at_step, **result)
+        result = {}
+        if info.is_main:
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                result = eval_fn()
+            model.train(was_training)
+            metrics.write(step=at_step, **result)
+        dist.barrier(info)
         return result
 
-    plan = BatchPlan(train_lengths, cfg.batch_size, cfg.seed)
+    plan = BatchPlan(train_lengths, cfg.batch_size * info.dp_size, cfg.seed)
     model.train()
-    last_eval, interrupted, train_time = {}, False, 0.0
+    last_eval, evaluated, interrupted, train_time = {}, False, False, 0.0
     sums: dict[str, float] = {}
     n_logged, t_last = 0, time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not info.is_main,
+    )
     with StopFlag() as flag:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-                with autocast(device):
-                    loss, stats = loss_fn(plan(m))
-                (loss / cfg.grad_accum).backward()
+                pairs = plan(m)
+                ids, counts = dist.rank_slice(pairs, info)
+                # this rank's share of the global mean (reductions average over dp_size ranks)
+                share = len(ids) / len(pairs) * counts / cfg.grad_accum
+                with dist.no_sync(train_model, m < (step + 1) * cfg.grad_accum - 1):
+                    with autocast(device):
+                        loss, stats = loss_fn(ids, train_model)
+                    (loss * (share * info.dp_size)).backward()
                 for k, v in {"loss": loss.item(), **stats}.items():
-                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+                    sums[k] = sums.get(k, 0.0) + v * share
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -341,28 +362,34 @@ def train_pairs(
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 dt = time.perf_counter() - t_last
                 train_time += dt
-                row = {k: v / n_logged for k, v in sums.items()}
-                metrics.write(
-                    step=step, lr=lr, grad_norm=grad_norm.item(), **row, s_per_step=dt / n_logged
-                )
+                row = {k: dist.total(v, info, device) / n_logged for k, v in sums.items()}
+                if metrics:
+                    metrics.write(
+                        step=step,
+                        lr=lr,
+                        grad_norm=grad_norm.item(),
+                        **row,
+                        s_per_step=dt / n_logged,
+                    )
                 bar.set_postfix({k: f"{v:.3f}" for k, v in list(row.items())[:3]})
                 sums, n_logged, t_last = {}, 0, time.perf_counter()
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                last_eval = evaluate(step)
-                bar.write(
-                    f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items()),
-                    file=sys.stderr,
-                )
+                last_eval, evaluated = evaluate(step), True
+                if info.is_main:
+                    bar.write(
+                        f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items()),
+                        file=sys.stderr,
+                    )
                 t_last = time.perf_counter()
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 checkpoint(step)
                 t_last = time.perf_counter()
-            if flag.stop and step < cfg.max_steps:
+            if dist.any_rank(flag.stop, info, device) and step < cfg.max_steps:
                 checkpoint(step)
                 interrupted = True
                 break
     bar.close()
-    if not last_eval and not interrupted:
+    if not evaluated and not interrupted:
         last_eval = evaluate(step)
     return {
         "step": step,

@@ -209,9 +209,9 @@ def run(cfg: RewardConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     rm = RewardModel(body).to(device)
 
     # --- loop
-    def loss_fn(indices):
+    def loss_fn(indices, module):
         ids, _, lengths = pair_batch([train_enc[i] for i in indices], tok.pad_id)
-        r_c, r_r = rm(ids.to(device), lengths).chunk(2)
+        r_c, r_r = module(ids.to(device), lengths).chunk(2)
         loss = bradley_terry_loss(r_c, r_r).mean()
         if cfg.center_rewards:
             loss = loss + cfg.center_rewards * ((r_c + r_r) ** 2).mean()

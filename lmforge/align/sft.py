@@ -23,22 +23,25 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmforge.config import ConfigError, LoRAConfig, SFTConfig, SFTSourceConfig, resolve_path
+from lmforge.config import (
+    ConfigError,
+    DistConfig,
+    LoRAConfig,
+    SFTConfig,
+    SFTSourceConfig,
+    resolve_path,
+)
 from lmforge.data.readers import DataError, is_val, read_jsonl
 from lmforge.io import atomic_dir, write_json
-from lmforge.model.checkpoint import load_model, save_model
+from lmforge.model.checkpoint import load_model
 from lmforge.model.transformer import flops_per_token, num_params
 from lmforge.perf import matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
+from lmforge.train import dist
+from lmforge.train.dist_ckpt import resume_latest, save_final, save_step
 from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.pretrain import StopFlag, autocast
-from lmforge.train.state import (
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
 
 IGNORE = -100  # label of a position that is not a target (F.cross_entropy's ignore_index)
 ROLES = ("system", "user", "assistant")
@@ -249,13 +252,19 @@ def run(
     model_dir,
     out_dir,
     base_dir: str = ".",
+    dist_cfg: DistConfig | None = None,
 ) -> dict:
     """Fine-tune the model in model_dir; writes out_dir/model (or out_dir/adapter with LoRA),
-    metrics.jsonl, loss.png and summary.json. Returns the summary."""
+    metrics.jsonl, loss.png and summary.json. Returns the summary. Under torchrun every rank
+    calls this (dist.strategy ddp, or fsdp without LoRA); rank 0 writes the files."""
+    return dist.launch(dist_cfg, _train, cfg, lora_cfg, Path(model_dir), Path(out_dir), base_dir)
+
+
+def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, info) -> dict:
     # --- setup
-    out_dir, model_dir = Path(out_dir), Path(model_dir)
+    dist.data_parallel_only(dist_cfg, info, "sft", bool(lora_cfg.r))
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
+    device = dist.device_for(info, pick_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = Tokenizer.load(model_dir)
@@ -265,7 +274,7 @@ def run(
             f"sft.seq_len ({cfg.seq_len}) exceeds the model's context ({model.cfg.max_seq_len})"
         )
     train, val, stats = build_examples(cfg, tokenizer, base_dir)
-    for p in stats["problems"][:5]:
+    for p in stats["problems"][:5] if info.is_main else []:
         tqdm.write(f"skipped {p}", file=sys.stderr)
 
     torch.manual_seed(cfg.seed)
@@ -274,48 +283,53 @@ def run(
         from lmforge.align import lora
 
         lora.apply_lora(model, lora_cfg, seed=cfg.seed)
+    n_params = num_params(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    train_model = dist.parallelize(model, dist_cfg, info)  # FSDP2 shards `model` in place
     optimizer = make_optimizer(model, cfg, device)
     ckpt_root = out_dir / "checkpoints"
     write_weights = (lambda d: lora.save_adapter(model, d, str(model_dir))) if lora else None
     read_weights = (lambda d: lora.load_adapter_weights(model, d)) if lora else None
-    step = 0
-    existing = list_checkpoints(ckpt_root) if cfg.resume else []
-    if existing:
-        state = load_checkpoint(existing[-1], model, optimizer, read_weights=read_weights)
-        step = state["step"]
-        tqdm.write(f"resuming from {existing[-1]} (step {step})", file=sys.stderr)
-    train_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if existing else None)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    step = resume_latest(ckpt_root, model, optimizer, None, cfg.resume, info, read_weights)
+    if cfg.compile and device.type == "cuda":
+        train_model = torch.compile(train_model)
+    metrics = None
+    if info.is_main:
+        metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None)
     peak = matmul_flops(device)
     flops_tok = flops_per_token(model.cfg, cfg.seq_len)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     def save(at_step: int) -> None:
-        save_checkpoint(
-            ckpt_root / f"step_{at_step:06d}",
-            model,
-            optimizer,
-            at_step,
-            {"micro_batches": at_step * cfg.grad_accum},
-            model_dir,
-            pad_token_id=tokenizer.pad_id,
-            write_weights=write_weights,
-        )
-        prune_checkpoints(ckpt_root, cfg.keep_last)
+        save_step(
+            ckpt_root, at_step, model, optimizer, {"micro_batches": at_step * cfg.grad_accum},
+            info, cfg.keep_last, model_dir, tokenizer.pad_id, write_weights,
+        )  # fmt: skip
 
     def run_eval(at_step: int) -> float:
-        loss = evaluate(model, val, cfg.batch_size, tokenizer.pad_id, device)
-        metrics.write(step=at_step, val_loss=loss)
+        loss = math.nan
+        if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
+            loss = evaluate(model, val, cfg.batch_size, tokenizer.pad_id, device)
+        if metrics:
+            metrics.write(step=at_step, val_loss=loss)
+        dist.barrier(info)
         return loss
 
     # --- loop
-    plan = BatchPlan([e.shape[1] for e in train], cfg.batch_size, cfg.seed)
+    # every data-parallel rank takes its share of each global micro-batch of batch_size * dp_size
+    plan = BatchPlan([e.shape[1] for e in train], cfg.batch_size * info.dp_size, cfg.seed)
     model.train()
-    val_loss = math.nan
+    val_loss, evaluated = math.nan, False  # the flag is the same on every rank
     interrupted = False
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc="sft",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not info.is_main,
+    )
     t_last, tokens_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
     train_time = 0.0
     with StopFlag() as flag:
@@ -323,22 +337,26 @@ def run(
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [
-                pad_batch([train[i] for i in plan(m)], tokenizer.pad_id)
-                for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum)
-            ]
+            batches = []
+            for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+                ids, counts = dist.rank_slice(plan(m), info)
+                batches.append((*pad_batch([train[i] for i in ids], tokenizer.pad_id), counts))
             # the step's loss is the mean over all its reply tokens, however they fall in batches
-            n_targets = max(1, sum(int((y != IGNORE).sum()) for _, y in batches))
-            for x, y in batches:
+            # and ranks (gradient reductions average over ranks: hence the factor dp_size)
+            mine = sum(int((y != IGNORE).sum()) for _, y, counts in batches if counts)
+            n_targets = max(1.0, dist.total(mine, info, device))
+            for micro, (x, y, counts) in enumerate(batches):
                 x, y = x.to(device), y.to(device)
-                with autocast(device):
-                    logits = train_model(x)
-                nll, _ = masked_nll(logits, y)
-                (nll / n_targets).backward()
-                loss_sum += nll.item()
-                tokens_since += int((x != tokenizer.pad_id).sum())
+                with dist.no_sync(train_model, micro < len(batches) - 1):
+                    with autocast(device):
+                        logits = train_model(x)
+                    nll, _ = masked_nll(logits, y)
+                    (nll * (info.dp_size * counts / n_targets)).backward()
+                loss_sum += nll.item() * counts
+                tokens_since += int((x != tokenizer.pad_id).sum()) * counts
             loss_n += n_targets
-            grad_norm = torch.nn.utils.clip_grad_norm_(
+            clip = dist.clip_grad_norm if info.sharded else torch.nn.utils.clip_grad_norm_
+            grad_norm = clip(
                 [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or float("inf")
             )
             optimizer.step()
@@ -348,38 +366,47 @@ def run(
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 dt = time.perf_counter() - t_last
                 train_time += dt
-                tok_s = tokens_since / dt
-                metrics.write(
-                    step=step,
-                    loss=loss_sum / loss_n,
-                    lr=lr,
-                    grad_norm=grad_norm.item(),
-                    tokens_per_s=tok_s,
-                    mfu=flops_tok * tok_s / peak,
-                )
-                bar.set_postfix(loss=f"{loss_sum / loss_n:.3f}", tok_s=f"{tok_s:,.0f}")
+                loss_val = dist.total(loss_sum, info, device) / loss_n
+                tok_s = dist.total(tokens_since, info, device) / dt
+                if metrics:
+                    metrics.write(
+                        step=step,
+                        loss=loss_val,
+                        lr=lr,
+                        grad_norm=grad_norm.item(),
+                        tokens_per_s=tok_s,
+                        mfu=flops_tok * tok_s / peak,
+                    )
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}")
                 t_last, tokens_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                val_loss = run_eval(step)
-                bar.write(f"step {step}: held-out reply loss {val_loss:.3f}", file=sys.stderr)
+                val_loss, evaluated = run_eval(step), True
+                if info.is_main:
+                    bar.write(f"step {step}: held-out reply loss {val_loss:.3f}", file=sys.stderr)
                 t_last = time.perf_counter()
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 save(step)
                 t_last = time.perf_counter()
-            if flag.stop and step < cfg.max_steps:
+            if dist.any_rank(flag.stop, info, device) and step < cfg.max_steps:
                 save(step)
                 interrupted = True
                 break
     bar.close()
-    if math.isnan(val_loss) and not interrupted and val:
+    if not evaluated and not interrupted and val:
         val_loss = run_eval(step)
+    if not interrupted and not lora:
+        save_final(
+            model, out_dir / "model", info, tokenizer_dir=model_dir, pad_token_id=tokenizer.pad_id
+        )
+    if not info.is_main:
+        return {"step": step, "interrupted": interrupted, "rank": info.rank}
 
     # --- outputs
     summary = {
         "step": step,
         "max_steps": cfg.max_steps,
         "interrupted": interrupted,
-        "params": num_params(model),
+        "params": n_params,
         "trainable_params": trainable,
         "lora": dataclasses.asdict(lora_cfg) if lora else None,
         "examples": {"train": len(train), "val": len(val)},
@@ -388,6 +415,8 @@ def run(
         "val_loss": val_loss,
         "train_seconds": train_time,
         "device": str(device),
+        "world_size": info.world_size,
+        "strategy": info.strategy if info.enabled else "none",
         "base_model": str(model_dir),
     }
     rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "tokens_per_s" in r]
@@ -401,9 +430,6 @@ def run(
         if lora:
             with atomic_dir(out_dir / "adapter") as tmp:
                 lora.save_adapter(model, tmp, str(model_dir))
-        else:
-            with atomic_dir(out_dir / "model") as tmp:
-                save_model(model, tmp, model_dir, pad_token_id=tokenizer.pad_id)
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title="SFT loss")
     write_json(out_dir / "summary.json", summary)
     return summary

@@ -99,6 +99,43 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def launch(cfg: DistConfig | None, train, *args):
+    """train(*args, cfg, info) inside the process group (or alone), left again however it ends."""
+    cfg = cfg or DistConfig()
+    info = setup(cfg)
+    try:
+        return train(*args, cfg, info)
+    finally:
+        teardown()
+
+
+def data_parallel_only(cfg: DistConfig, info: DistInfo, stage: str, lora: bool) -> None:
+    """Fine-tuning stages split the data, not the layers; LoRA keeps the base whole (DDP)."""
+    if info.tp > 1:
+        raise ConfigError(f"dist.tp splits layers in pretraining only: run {stage} with dist.tp 1")
+    if lora and info.sharded:
+        raise ConfigError(
+            f"{stage} with LoRA trains a small adapter over a frozen base: use dist.strategy ddp"
+        )
+
+
+def rank_slice(indices: list[int], info: DistInfo) -> tuple[list[int], bool]:
+    """This data-parallel rank's share of a global micro-batch, and whether it counts. A rank left
+    without examples (a short last batch) runs the first one and weighs it 0, so that it still
+    joins every gradient reduction."""
+    mine = indices[info.dp_rank :: info.dp_size]
+    return (mine, True) if mine else (indices[:1], False)
+
+
+def total(x: float, info: DistInfo, device: torch.device) -> float:
+    """The sum of a number over ranks."""
+    if not info.enabled:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
 def device_for(info: DistInfo, device: torch.device) -> torch.device:
     """Each rank's own GPU under torchrun; CPU ranks share the CPU."""
     if info.enabled and device.type == "cuda":
@@ -114,7 +151,8 @@ def parallelize(model, cfg: DistConfig, info: DistInfo) -> torch.nn.Module:
     that order, and return the module the training loop calls. FSDP2 and tensor parallelism
     change `model` in place (its parameters become DTensors, its names stay), so create the
     optimizer after this; DDP returns a wrapper that shares `model`'s parameters."""
-    model.activation_checkpointing = cfg.activation_checkpointing
+    if hasattr(model, "activation_checkpointing"):  # a GPT (not a reward model around one)
+        model.activation_checkpointing = cfg.activation_checkpointing
     if info.tp > 1:
         tensor_parallel(model, info.mesh["tp"])
     if info.dp_size == 1:
@@ -262,6 +300,15 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def gather(value, info: DistInfo) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if not info.enabled:
+        return [value]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

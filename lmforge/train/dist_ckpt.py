@@ -36,7 +36,14 @@ from lmforge.model.hf import from_hf_state_dict, to_hf_config
 from lmforge.model.transformer import GPT
 from lmforge.train import dist
 from lmforge.train.optim import param_groups
-from lmforge.train.state import list_checkpoints, load_checkpoint, rng_state, set_rng_state
+from lmforge.train.state import (
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 # one process reading a sharded checkpoint is the intent here, not a mistake to warn about
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
@@ -159,9 +166,13 @@ def load_whole_into_sharded(ckpt_dir: str | Path, model, optimizer, info: dist.D
     return state
 
 
-def resume_latest(ckpt_root, model, optimizer, loader, resume: bool, info: dist.DistInfo) -> int:
+def resume_latest(
+    ckpt_root, model, optimizer, loader, resume: bool, info: dist.DistInfo, read_weights=None
+) -> int:
     """Resume from the newest step checkpoint under ckpt_root, whichever strategy and number of
-    processes wrote it; returns its step (0 for a fresh start). All ranks call this."""
+    processes wrote it; returns its step (0 for a fresh start). All ranks call this. `loader`
+    (None when the step alone places the data) gets its saved position back; `read_weights`
+    is load_checkpoint's (a LoRA adapter)."""
     existing = list_checkpoints(ckpt_root) if resume else []
     if not existing:
         return 0
@@ -171,20 +182,53 @@ def resume_latest(ckpt_root, model, optimizer, loader, resume: bool, info: dist.
     elif info.sharded:
         state = load_whole_into_sharded(latest, model, optimizer, info)
     else:
-        state = load_checkpoint(latest, model, optimizer)
-    loader.load_state_dict(state["loader"])
+        state = load_checkpoint(latest, model, optimizer, read_weights=read_weights)
+    if loader is not None:
+        loader.load_state_dict(state["loader"])
     if info.is_main:
         print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
     return state["step"]
 
 
-def save_whole_model(model, out_dir: str | Path, info: dist.DistInfo, **save_kwargs) -> None:
-    """Gather a sharded model's full weights on rank 0 (through CPU memory, one tensor at a time)
-    and write them in the single-directory HF layout; all ranks call this."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = get_model_state_dict(model, options=opts)
+def save_step(
+    ckpt_root: Path,
+    step: int,
+    model,
+    optimizer,
+    loader_state: dict,
+    info: dist.DistInfo,
+    keep_last: int,
+    tokenizer_dir=None,
+    pad_token_id: int | None = None,
+    write_weights=None,
+) -> None:
+    """A step checkpoint, then the oldest pruned (all ranks call this). Sharded training: every
+    rank writes its own shards; otherwise every rank holds the same state and rank 0 writes it
+    (`write_weights` as in save_checkpoint)."""
+    where = ckpt_root / f"step_{step:06d}"
+    if info.sharded:
+        save_sharded(where, model, optimizer, step, loader_state, info, tokenizer_dir, pad_token_id)
+    elif info.is_main:
+        save_checkpoint(
+            where, model, optimizer, step, loader_state, tokenizer_dir,
+            pad_token_id=pad_token_id, write_weights=write_weights,
+        )  # fmt: skip
     if info.is_main:
-        _write_plain(model.cfg, full, info.tp, out_dir, **save_kwargs)
+        prune_checkpoints(ckpt_root, keep_last)
+    dist.barrier(info)
+
+
+def save_final(model, out_dir: str | Path, info: dist.DistInfo, **save_kwargs) -> None:
+    """The trained model in the single-directory HF layout (all ranks call this). A sharded
+    model's full weights are gathered on rank 0 through CPU memory, one tensor at a time."""
+    if info.sharded:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(model, options=opts)
+        if info.is_main:
+            _write_plain(model.cfg, full, info.tp, out_dir, **save_kwargs)
+    elif info.is_main:
+        with atomic_dir(out_dir) as tmp:
+            save_model(model, tmp, **save_kwargs)
     dist.barrier(info)
 
 

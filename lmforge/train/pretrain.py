@@ -22,16 +22,14 @@ from tqdm import tqdm
 
 from lmforge.config import ConfigError, DistConfig, ModelConfig, PretrainConfig
 from lmforge.data.loader import PackedLoader, val_batches, val_languages
-from lmforge.io import atomic_dir, read_json, write_json
-from lmforge.model.checkpoint import save_model
+from lmforge.io import read_json, write_json
 from lmforge.model.transformer import GPT, flops_per_token, num_params
-from lmforge.perf import matmul_flops, pick_device
+from lmforge.perf import matmul_flops, peak_memory_mb, pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
-from lmforge.train.dist_ckpt import resume_latest, save_sharded, save_whole_model
+from lmforge.train.dist_ckpt import resume_latest, save_final, save_step
 from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
 from lmforge.train.optim import lr_at, make_optimizer
-from lmforge.train.state import prune_checkpoints, save_checkpoint
 
 
 def autocast(device: torch.device):
@@ -187,25 +185,10 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     write_json(out_dir / "model_config.json", dataclasses.asdict(model_cfg))
 
     def save(at_step: int) -> None:
-        where = ckpt_root / f"step_{at_step:06d}"
-        if info.sharded:  # every rank writes its own shards
-            save_sharded(
-                where, model, optimizer, at_step, loader.state_dict(), info,
-                tokenizer_dir, pad_token_id=tokenizer.pad_id,
-            )  # fmt: skip
-        elif info.is_main:  # every rank holds the same state: rank 0 writes, the others wait
-            save_checkpoint(
-                where,
-                model,
-                optimizer,
-                at_step,
-                loader.state_dict(),
-                tokenizer_dir,
-                pad_token_id=tokenizer.pad_id,
-            )
-        if info.is_main:
-            prune_checkpoints(ckpt_root, cfg.keep_last)
-        dist.barrier(info)
+        save_step(
+            ckpt_root, at_step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
+            tokenizer_dir, tokenizer.pad_id,
+        )  # fmt: skip
 
     def run_eval(at_step: int) -> dict:
         res = {}
@@ -308,8 +291,9 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     bar.close()
     if not evaluated and not interrupted:  # resumed at the last step: evaluate what was trained
         last_eval = run_eval(step)
-    if info.sharded and not interrupted:  # gathered on rank 0, one tensor at a time
-        save_whole_model(
+    peak_mb = dist.gather(round(peak_memory_mb(device), 1), info)  # before the final export
+    if not interrupted:
+        save_final(
             model,
             out_dir / "model",
             info,
@@ -328,6 +312,9 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         "tokens_per_step": tokens_per_step,
         "device": str(device),
         "world_size": info.world_size,
+        "strategy": info.strategy if info.enabled else "none",
+        "tp": info.tp,
+        "peak_memory_mb": peak_mb,  # per rank
         "peak_flops": peak,
         "train_seconds": train_time,
         "val": last_eval,
@@ -340,9 +327,6 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         summary["tokens_per_s"] = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
         summary["mfu"] = summary["tokens_per_s"] * flops_step / tokens_per_step / peak
     if not interrupted:
-        if not info.sharded:
-            with atomic_dir(out_dir / "model") as tmp:
-                save_model(model, tmp, tokenizer_dir, pad_token_id=tokenizer.pad_id)
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title="pretraining loss")
     write_json(out_dir / "summary.json", summary)
     return summary

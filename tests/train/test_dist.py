@@ -212,3 +212,63 @@ def test_strategy_none_under_torchrun_is_refused(micro_recipe_path, micro_prepar
     cmd += ["--tokenizer-dir", str(run_dir / "tokenizer"), "--max_steps", "1"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "pass --dist.strategy ddp or fsdp" in r.stdout + r.stderr
+
+
+def finetune(stage, recipe_path, model_dir, out, nproc: int, *args, dist=None, timeout=240):
+    """`lmforge sft` or `lmforge dpo` in one process, or under torchrun with nproc processes."""
+    cli = ["-m", "lmforge", stage, "--config", str(recipe_path), "--device", "cpu"]
+    cli += ["--model-dir", str(model_dir), "--out", str(out), "--log_every", "1", *args]
+    if nproc > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cli = launcher + cli + dist
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *cli], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    "stage,strategy",
+    [("sft", "ddp"), ("sft", "fsdp"), ("dpo", "ddp")],
+    ids=["sft-ddp", "sft-fsdp", "dpo-ddp"],
+)
+def test_finetuning_on_two_ranks_equals_one_process(
+    stage, strategy, micro_recipe_path, micro_pretrained, tmp_path
+):
+    """SFT (DDP or FSDP2) and DPO (DDP): 2 ranks with 2 examples each take the same two steps
+    as one process with 4 (the loss is normalised over the global batch, not per rank)."""
+    _, model_dir = micro_pretrained
+    steps = ["--max_steps", "2", "--eval_every", "0", "--save_every", "0"]
+    one = finetune(
+        stage, micro_recipe_path, model_dir, tmp_path / "one", 1, "--batch_size", "4", *steps
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = finetune(
+        stage, micro_recipe_path, model_dir, tmp_path / "two", 2, "--batch_size", "2", *steps,
+        dist=["--dist.strategy", strategy],
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def run_losses(out):
+        rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").open()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert len(run_losses(tmp_path / "one")) == 2
+    assert run_losses(tmp_path / "two") == pytest.approx(run_losses(tmp_path / "one"), rel=1e-5)
+    w1 = load_file(tmp_path / "one" / stage / "model" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / stage / "model" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=ATOL, msg=k)
+
+
+def test_finetuning_refuses_layouts_it_cannot_run(micro_recipe_path, micro_pretrained, tmp_path):
+    _, model_dir = micro_pretrained
+    r = finetune(
+        "sft", micro_recipe_path, model_dir, tmp_path, 2, "--lora.r", "4", "--max_steps", "1",
+        dist=["--dist.strategy", "fsdp"], timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "sft with LoRA trains a small adapter over a frozen base: use dist.strategy ddp" in (
+        r.stdout + r.stderr
+    )
+    assert not (tmp_path / "sft" / "checkpoints").exists()
