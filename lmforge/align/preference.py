@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from lmforge.align.rollout import pad_rollouts
 from lmforge.align.sft import ROLES, BatchPlan
@@ -43,7 +42,7 @@ from lmforge.data.readers import DataError, is_val, read_jsonl
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
 from lmforge.train.dist_ckpt import resume_latest, save_step
-from lmforge.train.metrics import MetricsLog, read_metrics
+from lmforge.train.metrics import MetricsLog, read_metrics, step_bar
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.pretrain import StopFlag, autocast
 
@@ -329,14 +328,7 @@ def train_pairs(
     last_eval, evaluated, interrupted, train_time = {}, False, False, 0.0
     sums: dict[str, float] = {}
     n_logged, t_last = 0, time.perf_counter()
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=step,
-        desc=desc,
-        unit="step",
-        dynamic_ncols=True,
-        disable=not info.is_main,
-    )
+    bar = step_bar(desc, cfg.max_steps, step, info.is_main)
     with StopFlag() as flag:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)

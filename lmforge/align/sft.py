@@ -39,7 +39,7 @@ from lmforge.perf import matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
 from lmforge.train.dist_ckpt import resume_latest, save_final, save_step
-from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
+from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics, step_bar
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.pretrain import StopFlag, autocast
 
@@ -322,14 +322,7 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
     model.train()
     val_loss, evaluated = math.nan, False  # the flag is the same on every rank
     interrupted = False
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=step,
-        desc="sft",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not info.is_main,
-    )
+    bar = step_bar("sft", cfg.max_steps, step, info.is_main)
     t_last, tokens_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
     train_time = 0.0
     with StopFlag() as flag:

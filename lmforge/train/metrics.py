@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tqdm import tqdm
+
 
 class MetricsLog:
     """Append-only JSONL. On resume, lines past the resumed step are dropped so the file reads
@@ -59,3 +61,10 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "lo
     fig.savefig(png_path)
     plt.close(fig)
     return Path(png_path)
+
+
+def step_bar(desc: str, total: int, initial: int, show: bool = True) -> tqdm:
+    """A training loop's progress bar in optimizer steps (shown by rank 0 only under torchrun)."""
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, disable=not show
+    )

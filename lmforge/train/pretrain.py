@@ -28,7 +28,7 @@ from lmforge.perf import matmul_flops, peak_memory_mb, pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
 from lmforge.train.dist_ckpt import resume_latest, save_final, save_step
-from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
+from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics, step_bar
 from lmforge.train.optim import lr_at, make_optimizer
 
 
@@ -212,14 +212,7 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     last_eval: dict = {}
     evaluated = False  # the same on every rank (last_eval is only filled on rank 0)
     interrupted = False
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=step,
-        desc="pretrain",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not info.is_main,
-    )
+    bar = step_bar("pretrain", cfg.max_steps, step, info.is_main)
     fail_at = _fault(info)
     t_last, step_last = time.perf_counter(), step
     train_time = 0.0
