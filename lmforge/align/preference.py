@@ -297,7 +297,7 @@ def train_pairs(
     and writes. Returns step, interrupted, train_seconds, last eval."""
     dist_cfg, info = dist_cfg or DistConfig(), info or dist.DistInfo()
     device = next(model.parameters()).device
-    train_model = dist.parallelize(model, dist_cfg, info)
+    train_model = dist.parallelize(model, dist_cfg, info, device)
     optimizer = make_optimizer(model, cfg, device)
     ckpt_root = out_dir / "checkpoints"
     read_weights = save.pop("read_weights", None)

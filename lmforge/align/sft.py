@@ -285,7 +285,7 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
         lora.apply_lora(model, lora_cfg, seed=cfg.seed)
     n_params = num_params(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    train_model = dist.parallelize(model, dist_cfg, info)  # FSDP2 shards `model` in place
+    train_model = dist.parallelize(model, dist_cfg, info, device)  # FSDP2 shards `model` in place
     optimizer = make_optimizer(model, cfg, device)
     ckpt_root = out_dir / "checkpoints"
     write_weights = (lambda d: lora.save_adapter(model, d, str(model_dir))) if lora else None

@@ -163,11 +163,13 @@ class GPT(nn.Module):
             "model.vocab_size must be set (the pipeline takes it from the tokenizer)"
         )
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        target = torch.get_default_device()
+        with torch.device("meta"):  # no default initialisation: reset_parameters draws each weight
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
+            self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+            self.norm = make_norm(cfg)
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # recompute each block's activations in the backward pass instead of keeping them
         self.activation_checkpointing = False
         if cfg.tie_embeddings:
@@ -176,21 +178,38 @@ class GPT(nn.Module):
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if target.type != "meta":  # a meta model is filled later (a checkpoint, or sharded init)
+            self.to_empty(device=target)
+            if cfg.tie_embeddings:  # to_empty gives each module its own new tensor
+                self.lm_head.weight = self.tok_emb.weight
+            self.reset_buffers()
+            self.reset_parameters()
 
     def reset_parameters(self):
-        # residual-stream writers (wo, w2) get std / sqrt(2 * n_layer), as in GPT-2: the sum of
-        # 2 * n_layer residual branches then keeps unit-order variance at initialisation
-        std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
-            else:
-                nn.init.normal_(p, 0.0, std)
+            self.init_weight(name, p)
+
+    def init_weight(self, name: str, t: torch.Tensor) -> None:
+        """Initialise parameter `name` (or a full-size tensor standing for it) in place. The
+        residual-stream writers (wo, w2) get std / sqrt(2 * n_layer), as in GPT-2: the sum of
+        2 * n_layer residual branches then keeps unit-order variance at initialisation."""
+        std = self.cfg.init_std
+        if name.endswith("norm.weight"):
+            nn.init.ones_(t)
+        elif name.endswith("bias"):
+            nn.init.zeros_(t)
+        elif name.endswith(("wo.weight", "w2.weight")):
+            nn.init.normal_(t, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+        else:
+            nn.init.normal_(t, 0.0, std)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The rotary tables, computed again on the model's device."""
+        if self.cfg.pos == "rope":
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
 
     def forward(
         self, idx: torch.Tensor, cache: KVCache | None = None, pos: int = 0, last_only: bool = False

@@ -146,11 +146,12 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
 # --------------------------------------------------------------------------- parallelize
 
 
-def parallelize(model, cfg: DistConfig, info: DistInfo) -> torch.nn.Module:
+def parallelize(model, cfg: DistConfig, info: DistInfo, device: torch.device) -> torch.nn.Module:
     """Apply activation checkpointing, tensor parallelism and data parallelism to `model`, in
     that order, and return the module the training loop calls. FSDP2 and tensor parallelism
     change `model` in place (its parameters become DTensors, its names stay), so create the
-    optimizer after this; DDP returns a wrapper that shares `model`'s parameters."""
+    optimizer after this; DDP returns a wrapper that shares `model`'s parameters. `model` may
+    still be on the meta device (see materialize); `device` is where it trains."""
     if hasattr(model, "activation_checkpointing"):  # a GPT (not a reward model around one)
         model.activation_checkpointing = cfg.activation_checkpointing
     if info.tp > 1:
@@ -160,7 +161,7 @@ def parallelize(model, cfg: DistConfig, info: DistInfo) -> torch.nn.Module:
     if cfg.strategy == "fsdp":
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        cuda = model.device.type == "cuda"
+        cuda = device.type == "cuda"
         kwargs = {"mesh": info.mesh["dp"]}
         if cuda:  # bf16 compute and all-gathers, fp32 master weights and gradient reductions
             kwargs["mp_policy"] = MixedPrecisionPolicy(torch.bfloat16, torch.float32)
@@ -172,7 +173,37 @@ def parallelize(model, cfg: DistConfig, info: DistInfo) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[info.local_rank] if model.device.type == "cuda" else None)
+    # gradients live in the all-reduce buckets: no second copy of them (4 bytes per parameter)
+    ids = [info.local_rank] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+
+
+@torch.no_grad()
+def materialize(model, device: torch.device, tp: int) -> None:
+    """Allocate a model built on the meta device and already parallelized (each rank only its
+    own slices) and initialise it as GPT(cfg) does in one process: called after the same
+    torch.manual_seed, it draws every full tensor on the CPU in the same order, one at a time,
+    and each rank keeps its slices. No rank ever holds the whole model."""
+    model.to_empty(device=device)
+    if model.cfg.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight:
+        model.lm_head.weight = model.tok_emb.weight  # to_empty untied plain tensors (not DTensors)
+    for name, p in model.named_parameters():
+        full = torch.empty(p.shape, dtype=p.dtype)  # a DTensor's shape is the global one
+        model.init_weight(name, full)
+        index = relayout_index(model.cfg, name, 1, tp)
+        assign(p, full if index is None else full[index])
+    model.reset_buffers()
+
+
+@torch.no_grad()
+def assign(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Set a tensor, or this rank's slices of a DTensor, from its full value (which every rank
+    holds alike: each keeps its own slices, nothing is sent)."""
+    if isinstance(p, DTensor):
+        full = full.to(p.device, p.dtype)
+        p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+    else:
+        p.copy_(full)
 
 
 # Fused projections: wqkv stacks the q, k and v heads, w13 the gate and up columns. Tensor
@@ -212,7 +243,7 @@ def take_rows(t: torch.Tensor, index: torch.Tensor) -> None:
     """t = t[index] in place; for a DTensor through its full value (one tensor at a time)."""
     if isinstance(t, DTensor):
         full = t.full_tensor()
-        t.copy_(distribute_tensor(full[index.to(full.device)], t.device_mesh, t.placements))
+        assign(t, full[index.to(full.device)])
     else:
         t.copy_(t[index.to(t.device)])
 

@@ -27,7 +27,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lmforge.config import ConfigError
 from lmforge.io import atomic_dir, read_json, write_json
@@ -125,15 +124,6 @@ def load_sharded(ckpt_dir: str | Path, model, optimizer, info: dist.DistInfo) ->
     return state
 
 
-@torch.no_grad()
-def _assign(p: torch.Tensor, full: torch.Tensor) -> None:
-    """Set a (possibly sharded) tensor from its full value."""
-    if isinstance(p, DTensor):
-        p.copy_(distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements))
-    else:
-        p.copy_(full)
-
-
 def load_whole_into_sharded(ckpt_dir: str | Path, model, optimizer, info: dist.DistInfo) -> dict:
     """Load a single-process (or DDP) checkpoint into a sharded model and its optimizer: every
     rank reads the whole file and keeps its own slices."""
@@ -142,7 +132,7 @@ def load_whole_into_sharded(ckpt_dir: str | Path, model, optimizer, info: dist.D
     params = dict(model.named_parameters())
     for name, p in params.items():
         index = dist.relayout_index(model.cfg, name, 1, info.tp)
-        _assign(p, full[name] if index is None else full[name][index])
+        dist.assign(p, full[name] if index is None else full[name][index])
     # a single process keys optimizer state by each parameter's position in its two groups
     # (param_groups' order); here a group may be split in two, so the state goes by name
     state = read_json(ckpt_dir / "trainer_state" / "state.json", "trainer state")
@@ -158,7 +148,7 @@ def load_whole_into_sharded(ckpt_dir: str | Path, model, optimizer, info: dist.D
                 moments[k] = v.to(p.device)
             else:
                 moments[k] = torch.empty_like(p)
-                _assign(moments[k], v if index is None else v[index])
+                dist.assign(moments[k], v if index is None else v[index])
         optimizer.state[p] = moments
     set_rng_state(
         torch.load(ckpt_dir / "trainer_state" / "rng.pt", weights_only=True), state["rng"]

@@ -162,10 +162,16 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         token_bytes = F.pad(token_bytes, (0, model_cfg.vocab_size - len(token_bytes)))
 
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg).to(device)
+    if info.sharded:  # built empty, sharded, then each rank fills only its own slices
+        with torch.device("meta"):
+            model = GPT(model_cfg)
+    else:
+        model = GPT(model_cfg).to(device)
     n_params = num_params(model)
     # FSDP2 and tensor parallelism turn the parameters into DTensors: the optimizer comes after
-    train_model = dist.parallelize(model, dist_cfg, info)
+    train_model = dist.parallelize(model, dist_cfg, info, device)
+    if info.sharded:
+        dist.materialize(model, device, info.tp)
     optimizer = make_optimizer(model, cfg, device)
     # each data-parallel rank reads its own slice of every global batch (batch_size * dp_size)
     loader = PackedLoader(

@@ -124,3 +124,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(g2, g1, rtol=0, atol=0)
     with torch.no_grad():  # inference never recomputes (and never fails for lack of grad)
         model(x)
+
+
+def test_meta_model_materialized_in_one_process_equals_a_plain_one():
+    """materialize() draws the same weights as GPT(cfg) after the same seed (here without
+    sharding; test_dist.py checks it with FSDP2 and tensor parallel), and keeps the tie."""
+    torch.manual_seed(3)
+    plain = GPT(GQA)
+    torch.manual_seed(3)
+    with torch.device("meta"):
+        model = GPT(GQA)
+    dist.materialize(model, torch.device("cpu"), tp=1)
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert plain.lm_head.weight is plain.tok_emb.weight
+    for (name, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(model.rope_cos, plain.rope_cos)
