@@ -74,7 +74,7 @@ def test_bundled_tasks_load_and_fewshot_excludes_the_question():
     assert all(r["question"] not in ctx for r in rows[5:])  # other subjects stay out
 
 
-def _memorise(tok, texts, steps=60):
+def _memorise(tok, texts, steps=100):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layer=2, n_head=4, max_seq_len=64)
     model = GPT(cfg)
