@@ -31,13 +31,14 @@ from lmforge.align.preference import (
     train_pairs,
 )
 from lmforge.align.rollout import sample_answers, token_logprobs
-from lmforge.config import ConfigError, DistConfig, DPOConfig, LoRAConfig
-from lmforge.infer.chat import stop_ids
+from lmforge.config import DistConfig, DPOConfig, LoRAConfig
+from lmforge.infer.chat import load_for_inference, stop_ids
 from lmforge.infer.cpu_decode import relayout
 from lmforge.io import atomic_dir, write_json
-from lmforge.model.checkpoint import save_model
+from lmforge.model.checkpoint import load_model
 from lmforge.model.transformer import num_params
 from lmforge.train import dist
+from lmforge.train.dist_ckpt import save_final
 
 
 def dpo_loss(
@@ -148,21 +149,23 @@ def run(
 ) -> dict:
     """Align the model in model_dir (usually the SFT model) to preference pairs; writes
     out_dir/model (out_dir/adapter with lora_r), metrics.jsonl, curves.png, summary.json.
-    Under torchrun with dist.strategy ddp every rank calls this; rank 0 writes the files."""
+    Under torchrun (dist.strategy ddp, or fsdp without LoRA) every rank calls this; rank 0
+    writes the files and runs the judge."""
     return dist.launch(dist_cfg, _run, cfg, lora_cfg, model_dir, Path(out_dir), base_dir)
 
 
 def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> dict:
     # --- setup
     dist.data_parallel_only(dist_cfg, info, "dpo", bool(cfg.lora_r))
-    if info.sharded:  # the frozen reference and the judge's generation stay whole on each rank
-        raise ConfigError("dpo runs data-parallel with dist.strategy ddp (fsdp: pretrain and sft)")
     device, policy, tok, tok_dir, train, val, stats = setup(
         cfg, model_dir, out_dir, base_dir, "dpo"
     )
     train_enc, val_enc = [e for e, _ in train], [e for e, _ in val]
-    relayout(policy)  # before the optimizer: the judge's engine would relayout it later
+    if not info.sharded:  # before the optimizer: the judge's engine would relayout it later
+        relayout(policy)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if info.sharded:  # the frozen reference is sharded like the policy (forward passes only)
+        dist.parallelize(reference, dist_cfg, info, device)
     torch.manual_seed(cfg.seed)
     lora = None
     if cfg.lora_r:
@@ -225,8 +228,13 @@ def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> d
         dist_cfg,
         info,
     )
+    if not done["interrupted"] and not lora:
+        save_final(policy, out_dir / "model", info, tokenizer_dir=tok_dir, pad_token_id=tok.pad_id)
     if not info.is_main:
         return {"step": done["step"], "interrupted": done["interrupted"], "rank": info.rank}
+    if info.sharded:  # the judge generates on rank 0 alone, with whole models read back
+        policy = load_model(out_dir / "model", device=device)
+        reference = load_for_inference(model_dir, device=device)[0]
 
     # --- outputs
     ev = done["eval"]
@@ -259,9 +267,6 @@ def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> d
         if lora:
             with atomic_dir(out_dir / "adapter") as tmp:
                 lora.save_adapter(policy, tmp, str(tok_dir))
-        else:
-            with atomic_dir(out_dir / "model") as tmp:
-                save_model(policy, tmp, tok_dir, pad_token_id=tok.pad_id)
         plot_curves(
             out_dir / "metrics.jsonl",
             out_dir / "curves.png",

@@ -292,9 +292,9 @@ def train_pairs(
     Ctrl-C. loss_fn(indices, module) -> (mean loss of those pairs, {metric: float}), calling
     `module` (the model, or its DDP wrapper) for the trained model's outputs;
     eval_fn() -> {metric: float}. save: save_checkpoint's tokenizer_dir, pad_token_id,
-    write_weights and read_weights. Under torchrun (`info`, with dist.strategy ddp) each rank
-    takes its share of every global batch of batch_size * world_size pairs; rank 0 evaluates
-    and writes. Returns step, interrupted, train_seconds, last eval."""
+    write_weights and read_weights. Under torchrun (`info`: ddp, or fsdp) each rank
+    takes its share of every global batch of batch_size * dp_size pairs; rank 0 evaluates
+    (every rank, for a sharded model) and writes. Returns step, interrupted, train_seconds, last eval."""
     dist_cfg, info = dist_cfg or DistConfig(), info or dist.DistInfo()
     device = next(model.parameters()).device
     train_model = dist.parallelize(model, dist_cfg, info, device)
@@ -313,12 +313,13 @@ def train_pairs(
 
     def evaluate(at_step: int) -> dict:
         result = {}
-        if info.is_main:
+        if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
             was_training = model.training
             model.eval()
             with torch.no_grad():
                 result = eval_fn()
             model.train(was_training)
+        if metrics:
             metrics.write(step=at_step, **result)
         dist.barrier(info)
         return result
@@ -345,7 +346,8 @@ def train_pairs(
                     (loss * (share * info.dp_size)).backward()
                 for k, v in {"loss": loss.item(), **stats}.items():
                     sums[k] = sums.get(k, 0.0) + v * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+            clip = dist.clip_grad_norm if info.sharded else torch.nn.utils.clip_grad_norm_
+            grad_norm = clip(params, cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

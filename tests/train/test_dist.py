@@ -229,13 +229,13 @@ def finetune(stage, recipe_path, model_dir, out, nproc: int, *args, dist=None, t
 
 @pytest.mark.parametrize(
     "stage,strategy",
-    [("sft", "ddp"), ("sft", "fsdp"), ("dpo", "ddp")],
-    ids=["sft-ddp", "sft-fsdp", "dpo-ddp"],
+    [("sft", "ddp"), ("sft", "fsdp"), ("dpo", "ddp"), ("dpo", "fsdp")],
+    ids=["sft-ddp", "sft-fsdp", "dpo-ddp", "dpo-fsdp"],
 )
 def test_finetuning_on_two_ranks_equals_one_process(
     stage, strategy, micro_recipe_path, micro_pretrained, tmp_path
 ):
-    """SFT (DDP or FSDP2) and DPO (DDP): 2 ranks with 2 examples each take the same two steps
+    """SFT and DPO with DDP or FSDP2: 2 ranks with 2 examples each take the same two steps
     as one process with 4 (the loss is normalised over the global batch, not per rank)."""
     _, model_dir = micro_pretrained
     steps = ["--max_steps", "2", "--eval_every", "0", "--save_every", "0"]
