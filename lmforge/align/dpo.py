@@ -156,7 +156,7 @@ def run(
 
 def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> dict:
     # --- setup
-    dist.data_parallel_only(dist_cfg, info, "dpo", bool(cfg.lora_r))
+    dist.data_parallel_only(info, "dpo", bool(cfg.lora_r))
     device, policy, tok, tok_dir, train, val, stats = setup(
         cfg, model_dir, out_dir, base_dir, "dpo"
     )

@@ -346,8 +346,7 @@ def train_pairs(
                     (loss * (share * info.dp_size)).backward()
                 for k, v in {"loss": loss.item(), **stats}.items():
                     sums[k] = sums.get(k, 0.0) + v * share
-            clip = dist.clip_grad_norm if info.sharded else torch.nn.utils.clip_grad_norm_
-            grad_norm = clip(params, cfg.grad_clip or float("inf"))
+            grad_norm = dist.clip_grad_norm(params, cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

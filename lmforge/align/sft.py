@@ -262,7 +262,7 @@ def run(
 
 def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, info) -> dict:
     # --- setup
-    dist.data_parallel_only(dist_cfg, info, "sft", bool(lora_cfg.r))
+    dist.data_parallel_only(info, "sft", bool(lora_cfg.r))
     out_dir.mkdir(parents=True, exist_ok=True)
     device = dist.device_for(info, pick_device(cfg.device))
     if cfg.threads:
@@ -348,8 +348,7 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
                 loss_sum += nll.item() * counts
                 tokens_since += int((x != tokenizer.pad_id).sum()) * counts
             loss_n += n_targets
-            clip = dist.clip_grad_norm if info.sharded else torch.nn.utils.clip_grad_norm_
-            grad_norm = clip(
+            grad_norm = dist.clip_grad_norm(
                 [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or float("inf")
             )
             optimizer.step()

@@ -109,7 +109,7 @@ def launch(cfg: DistConfig | None, train, *args):
         teardown()
 
 
-def data_parallel_only(cfg: DistConfig, info: DistInfo, stage: str, lora: bool) -> None:
+def data_parallel_only(info: DistInfo, stage: str, lora: bool) -> None:
     """Fine-tuning stages split the data, not the layers; LoRA keeps the base whole (DDP)."""
     if info.tp > 1:
         raise ConfigError(f"dist.tp splits layers in pretraining only: run {stage} with dist.tp 1")
@@ -300,10 +300,13 @@ def no_sync(model: torch.nn.Module, skip: bool):
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_ for parameters that may be DTensors on different meshes (tensor
-    parallel layers beside whole embeddings, FSDP shards): each gradient's norm is reduced to a
-    plain number over its own mesh first. Returns the total norm before clipping."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    """torch's clip_grad_norm_, also for parameters that may be DTensors on different meshes
+    (tensor parallel layers beside whole embeddings, FSDP shards): then each gradient's norm is
+    reduced to a plain number over its own mesh first. Returns the total norm before clipping."""
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     norms = []
     for g in grads:
         n = torch.linalg.vector_norm(g)

@@ -12,7 +12,6 @@ of model.safetensors: config.json, tokenizer files and trainer_state/ (state.jso
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import warnings
@@ -29,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmforge.config import ConfigError
-from lmforge.io import atomic_dir, read_json, write_json
+from lmforge.io import atomic_dir, read_json, replace_dir, write_json
 from lmforge.model.checkpoint import _read_tensors, load_config, save_extras, save_model
 from lmforge.model.hf import from_hf_state_dict, to_hf_config
 from lmforge.model.transformer import GPT
@@ -86,11 +85,7 @@ def save_sharded(
         layout = {"tp": info.tp, "world_size": info.world_size, "strategy": info.strategy}
         state = {"step": step, "loader": loader_state, "rng": rng_scalars, "layout": layout}
         write_json(ts / "state.json", state)
-        old = ckpt_dir.with_name(f".{ckpt_dir.name}.old-{os.getpid()}")
-        if ckpt_dir.exists():
-            os.replace(ckpt_dir, old)
-        os.replace(tmp, ckpt_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, ckpt_dir)
     dist.barrier(info)
     return ckpt_dir
 
@@ -215,16 +210,17 @@ def save_final(model, out_dir: str | Path, info: dist.DistInfo, **save_kwargs) -
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(model, options=opts)
         if info.is_main:
-            _write_plain(model.cfg, full, info.tp, out_dir, **save_kwargs)
+            plain = GPT(model.cfg)
+            plain.load_state_dict(full)
+            _write_plain(plain, info.tp, out_dir, **save_kwargs)
     elif info.is_main:
         with atomic_dir(out_dir) as tmp:
             save_model(model, tmp, **save_kwargs)
     dist.barrier(info)
 
 
-def _write_plain(cfg, state_dict: dict, tp: int, out_dir, **save_kwargs) -> None:
-    plain = GPT(cfg)
-    plain.load_state_dict(state_dict)
+def _write_plain(plain: GPT, tp: int, out_dir, **save_kwargs) -> None:
+    """Write a whole (unsharded) model whose fused rows are laid out for `tp` ranks."""
     relayout(plain, None, tp, 1)
     with atomic_dir(out_dir) as tmp:
         save_model(plain, tmp, **save_kwargs)
@@ -235,6 +231,8 @@ def export(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not is_sharded(ckpt_dir):
         raise ConfigError(f"{ckpt_dir} has no dcp/ folder: it is not a sharded checkpoint")
+    if out_dir.exists():
+        raise ConfigError(f"{out_dir} already exists; choose a new output directory")
     cfg = load_config(ckpt_dir)
     state = read_json(ckpt_dir / "trainer_state" / "state.json", "trainer state")
     model = GPT(cfg)
@@ -242,12 +240,5 @@ def export(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     dcp.load({"model": model_sd}, checkpoint_id=ckpt_dir / "dcp")
     set_model_state_dict(model, model_sd)
     pad = read_json(ckpt_dir / "config.json", "checkpoint config").get("pad_token_id")
-    _write_plain(
-        cfg,
-        model.state_dict(),
-        state["layout"]["tp"],
-        out_dir,
-        tokenizer_dir=ckpt_dir,
-        pad_token_id=pad,
-    )
+    _write_plain(model, state["layout"]["tp"], out_dir, tokenizer_dir=ckpt_dir, pad_token_id=pad)
     return out_dir

@@ -135,13 +135,10 @@ def run(
     dist_cfg: DistConfig | None = None,
 ) -> dict:
     """Train, evaluate, checkpoint. Returns a summary (also written to out_dir/summary.json).
-    Under torchrun with dist.strategy ddp, every rank calls this; rank 0 writes the files."""
-    dist_cfg = dist_cfg or DistConfig()
-    info = dist.setup(dist_cfg)
-    try:
-        return _train(cfg, model_cfg, Path(data_dir), tokenizer_dir, Path(out_dir), dist_cfg, info)
-    finally:
-        dist.teardown()
+    Under torchrun (dist.strategy ddp or fsdp, dist.tp) every rank calls this; rank 0 writes
+    the files."""
+    args = (cfg, model_cfg, Path(data_dir), tokenizer_dir, Path(out_dir))
+    return dist.launch(dist_cfg, _train, *args)
 
 
 def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cfg, info) -> dict:
@@ -239,8 +236,7 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                     (loss / cfg.grad_accum).backward()
                 loss_acc += loss.detach() / cfg.grad_accum
-            clip = dist.clip_grad_norm if info.sharded else torch.nn.utils.clip_grad_norm_
-            grad_norm = clip(model.parameters(), cfg.grad_clip or float("inf"))
+            grad_norm = dist.clip_grad_norm(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
