@@ -18,6 +18,7 @@ batch_invariant=False, which runs only the rows up to the last busy slot.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -29,8 +30,17 @@ import torch.nn.functional as F
 
 from lmforge.config import ConfigError
 from lmforge.infer.cpu_decode import CpuDecoder, relayout
-from lmforge.infer.generate import TextStream, apply_repetition_penalty, sample_next
+from lmforge.infer.generate import (
+    TextStream,
+    apply_repetition_penalty,
+    ban_tokens,
+    banned_mask,
+    sample_next,
+    special_ids,
+)
 from lmforge.model.transformer import GPT, KVCache, apply_rope
+
+log = logging.getLogger("lmforge.infer.engine")
 
 
 class QueueFull(RuntimeError):
@@ -47,7 +57,7 @@ class SamplingParams:
     seed: int | None = None
     stop: Sequence[str] = ()  # stop strings (not included in the output)
     stop_ids: Sequence[int] = ()  # stop tokens (not included in the output)
-    logprobs: bool = False  # record the log-probability of each chosen token
+    logprobs: bool = False  # record the model's log-probability of each chosen token
 
 
 @dataclass
@@ -87,7 +97,7 @@ class Request:
 class _Slot:
     """A running request: its cache row, next position, text stream and sampler state."""
 
-    def __init__(self, req: Request, tokenizer, vocab: int, device):
+    def __init__(self, req: Request, tokenizer, vocab: int, device, specials: Sequence[int]):
         self.req, self.pos = req, len(req.prompt_ids)
         self.prompt_len = self.pos
         # no tokenizer (token-level use, e.g. benchmarks): ids only, no text and no stop strings
@@ -96,6 +106,8 @@ class _Slot:
         self.gen.manual_seed(req.params.seed if req.params.seed is not None else time.time_ns())
         self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
         self.seen[0, req.prompt_ids] = True
+        # special tokens are not text: never sampled, except the stop ids that end the reply
+        self.banned = banned_mask(specials, req.params.stop_ids, vocab, device)
 
 
 class Engine:
@@ -121,6 +133,7 @@ class Engine:
         self.batch_invariant = batch_invariant
         self.device = model.device
         self.cache = model.new_cache(max_batch)
+        self.specials = special_ids(tokenizer, self.cfg.vocab_size) if tokenizer is not None else []
         self.linears = BlockedLinears(model)
         # one busy row without batch invariance: the batch-1 CPU decode step, the fastest path
         supported = self.device.type == "cpu" and CpuDecoder.supports(model)
@@ -191,7 +204,14 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            busy = self.step()
+            try:
+                busy = self.step()
+            except Exception as e:  # not one request's fault (those are caught in step)
+                log.exception("an engine step failed; failing the running requests")
+                for i, s in enumerate(self.slots):
+                    if s is not None:
+                        self._fail(i, s.req, e)
+                busy = True
             if not busy:
                 if self._stop.is_set():
                     return
@@ -222,19 +242,33 @@ class Engine:
             for i in rows:
                 tokens[i] = self.slots[i].req.output_ids[-1]
                 pos[i] = self.slots[i].pos
-            if self.solo is not None and len(rows) == 1:
-                i = rows[0]
-                step = self.solo.step(tokens[i : i + 1], self.cache.rows(i, 1), int(pos[i]))
-                logits = torch.zeros(n, step.shape[-1], device=self.device)
-                logits[i] = step
-            else:
-                cache = self.cache if n == self.max_batch else self.cache.rows(0, n)
-                logits = decode_step(self.model, tokens, pos, cache, self.linears)
+            try:
+                logits = self._forward(rows, n, tokens, pos)
+            except Exception as e:  # the shared forward: every row in it fails, the loop goes on
+                log.exception("the batched decode step failed")
+                for i in rows:
+                    self._fail(i, self.slots[i].req, e)
+                rows = []
             for i in rows:
-                self.slots[i].pos += 1
-                self._accept(i, logits[i : i + 1])
+                slot = self.slots[i]
+                slot.pos += 1
+                try:
+                    self._accept(i, logits[i : i + 1])
+                except Exception as e:  # this request's sampling or callback: only it ends
+                    self._fail(i, slot.req, e)
         self._admit()  # slots freed in this step take waiting requests now, not a step later
         return True
+
+    def _forward(self, rows: list[int], n: int, tokens, pos) -> torch.Tensor:
+        """Logits (n, V) of one decode step over the first n cache rows."""
+        if self.solo is not None and len(rows) == 1:
+            i = rows[0]
+            step = self.solo.step(tokens[i : i + 1], self.cache.rows(i, 1), int(pos[i]))
+            logits = torch.zeros(n, step.shape[-1], device=self.device)
+            logits[i] = step
+            return logits
+        cache = self.cache if n == self.max_batch else self.cache.rows(0, n)
+        return decode_step(self.model, tokens, pos, cache, self.linears)
 
     def _admit(self) -> None:
         for i in range(self.max_batch):
@@ -247,22 +281,23 @@ class Engine:
             if req._cancel.is_set():
                 self._finish_request(req, "cancelled")
                 continue
-            slot = _Slot(req, self.tokenizer, self.cfg.vocab_size, self.device)
-            self.slots[i] = slot
-            try:
+            try:  # a failing request (seed, prefill, sampling) must not take the engine down
+                self.slots[i] = _Slot(
+                    req, self.tokenizer, self.cfg.vocab_size, self.device, self.specials
+                )
                 ids = torch.tensor([req.prompt_ids], device=self.device)
                 logits = self.model(ids, self.cache.rows(i, 1), 0, last_only=True)[:, -1]
-            except Exception as e:  # a failing request must not take the engine down
-                req.error = str(e)
-                self._finish(i, "error")
-                continue
-            self._accept(i, logits)
+                self._accept(i, logits)
+            except Exception as e:
+                self._fail(i, req, e)
 
     def _accept(self, i: int, logits: torch.Tensor) -> None:
         """Sample the next token of slot i from its logits (1, V); emit it or finish."""
         slot = self.slots[i]
         req, p = slot.req, slot.req.params
+        raw = logits
         logits = apply_repetition_penalty(logits, slot.seen, p.repetition_penalty)
+        logits = ban_tokens(logits, slot.banned)
         nxt = sample_next(logits, p.temperature, p.top_k, p.top_p, slot.gen)
         tok = int(nxt.item())
         if req.first_token_at is None:
@@ -273,9 +308,9 @@ class Engine:
             return
         req.output_ids.append(tok)
         slot.seen[0, tok] = True
-        if p.logprobs:
-            scaled = logits.float() / p.temperature if p.temperature > 0 else logits.float()
-            req.logprobs.append(F.log_softmax(scaled, dim=-1)[0, tok].item())
+        if p.logprobs:  # the model's own distribution, as vLLM and OpenAI report it: before
+            # the repetition penalty, the ban of special tokens and the temperature
+            req.logprobs.append(F.log_softmax(raw.float(), dim=-1)[0, tok].item())
         piece = slot.stream.push(tok) if slot.stream else ""
         if piece and req.on_event:
             req.on_event(req, piece, False)
@@ -284,13 +319,26 @@ class Engine:
         elif len(req.output_ids) >= min(p.max_tokens, self.cfg.max_seq_len - slot.prompt_len):
             self._finish(i, "length")  # the context rule is generate()'s: the same outputs
 
+    def _fail(self, i: int, req: Request, e: Exception) -> None:
+        """End `req` (in slot i, or not yet seated) with finish_reason "error"; free the slot."""
+        log.warning("request %s failed: %r", req.id, e)
+        req.error = f"{type(e).__name__}: {e}"
+        slot = self.slots[i]
+        if slot is not None and slot.req is req:
+            self._finish(i, "error")
+        elif not req.done:
+            self._finish_request(req, "error")
+
     def _finish(self, i: int, reason: str) -> None:
         slot = self.slots[i]
         self.slots[i] = None
         if slot.stream:
-            tail = slot.stream.flush() if reason in ("length", "stop") else ""
-            if tail and slot.req.on_event:
-                slot.req.on_event(slot.req, tail, False)
+            try:
+                tail = slot.stream.flush() if reason in ("length", "stop") else ""
+                if tail and slot.req.on_event:
+                    slot.req.on_event(slot.req, tail, False)
+            except Exception as e:  # the answer is cut short, but it must still end
+                reason, slot.req.error = "error", f"{type(e).__name__}: {e}"
             slot.req.text = slot.stream.text
         self._finish_request(slot.req, reason)
 
@@ -299,7 +347,10 @@ class Engine:
         req.finished_at = time.perf_counter()
         req._done.set()
         if req.on_event:
-            req.on_event(req, "", True)
+            try:
+                req.on_event(req, "", True)
+            except Exception:  # the caller's callback: log it, and serve the others
+                log.exception("the callback of request %s failed", req.id)
 
 
 class BlockedLinears:

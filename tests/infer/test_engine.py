@@ -203,3 +203,154 @@ def test_without_batch_invariance_only_busy_rows_run(served):
     r = solo.submit(_prompts(tok)[0], SamplingParams(max_tokens=6, logprobs=True))
     solo.run_until_done()  # one busy row: a one-row step, same tokens as the full-width one here
     assert r.output_ids == alone.output_ids
+
+
+# --------------------------------------------------------------------------- one request fails
+
+
+def _fail_for_top_k(k: int, real):
+    """sample_next that raises for requests with top_k == k only (an injected per-request bug)."""
+
+    def sample(logits, temperature, top_k, top_p, gen):
+        if top_k == k:
+            raise RuntimeError("injected sampling failure")
+        return real(logits, temperature, top_k, top_p, gen)
+
+    return sample
+
+
+def _run(engine, reqs, timeout=30):
+    assert all(r.wait(timeout) for r in reqs), "a request never finished: the engine died?"
+
+
+def test_a_failing_request_ends_alone_and_the_engine_goes_on(served, monkeypatch):
+    import lmforge.infer.engine as engine_mod
+
+    model, tok = served
+    prompts = _prompts(tok, 3)
+    want = [_alone(model, tok, p, SamplingParams(max_tokens=8)).output_ids for p in prompts]
+    monkeypatch.setattr(engine_mod, "sample_next", _fail_for_top_k(7, engine_mod.sample_next))
+    engine = Engine(model, tok, max_batch=2)
+    engine.start()
+    try:
+        good = engine.submit(prompts[0], SamplingParams(max_tokens=8))
+        bad = engine.submit(prompts[1], SamplingParams(max_tokens=8, top_k=7))
+        _run(engine, [good, bad])
+        assert bad.finish_reason == "error" and "injected sampling failure" in bad.error
+        assert good.finish_reason == "length" and good.output_ids == want[0]
+        # a failure mid-way (after some tokens), then the freed slot serves the next request
+        calls = {"n": 0}
+        real = engine_mod.decode_step
+
+        def flaky(*args, **kwargs):  # the shared batched forward fails once
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected forward failure")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine_mod, "decode_step", flaky)
+        hit = [engine.submit(p, SamplingParams(max_tokens=8)) for p in prompts[:2]]
+        _run(engine, hit)
+        assert {r.finish_reason for r in hit} == {"error"} and "forward" in hit[0].error
+        after = engine.submit(prompts[2], SamplingParams(max_tokens=8))
+        _run(engine, [after])
+        assert after.output_ids == want[2] and engine._thread.is_alive()
+    finally:
+        engine.shutdown(cancel=True, timeout=30)
+
+
+def test_a_failing_callback_or_prefill_fails_only_its_request(served, monkeypatch):
+    model, tok = served
+    prompts = _prompts(tok, 2)
+    engine = Engine(model, tok, max_batch=2)
+
+    def boom(req, piece, done):
+        if not done:
+            raise ValueError("the client's callback broke")
+
+    bad = engine.submit(prompts[0], SamplingParams(max_tokens=8), on_event=boom)
+    good = engine.submit(prompts[1], SamplingParams(max_tokens=8))
+    engine.run_until_done()
+    assert bad.finish_reason == "error" and "callback broke" in bad.error
+    assert good.finish_reason == "length" and len(good.output_ids) == 8
+    # a request that fails at admission (here: a seed torch refuses) ends alone
+    bad = engine.submit(prompts[0], SamplingParams(max_tokens=8, seed=2**64))
+    good = engine.submit(prompts[1], SamplingParams(max_tokens=8))
+    engine.run_until_done()
+    assert bad.finish_reason == "error" and good.finish_reason == "length"
+    assert engine.active() == 0
+
+
+def test_extreme_sampling_values_just_work(served):
+    """Inside the API's ranges but numerically extreme: these used to raise in the engine."""
+    model, tok = served
+    engine = Engine(model, tok, max_batch=4)
+    greedy = engine.submit(_prompts(tok)[0], SamplingParams(max_tokens=6))
+    reqs = [
+        engine.submit(_prompts(tok)[0], SamplingParams(max_tokens=6, temperature=t, **kw))
+        for t, kw in [
+            (1.0, dict(top_p=1e-46)),
+            (1.0, dict(top_p=1e-45)),
+            (1e-5, dict(top_k=1)),
+            (1.0, dict(repetition_penalty=1e-39)),
+            (2.0, dict(repetition_penalty=1e39, top_p=1e-30)),
+        ]
+    ]
+    engine.run_until_done()
+    assert all(r.finish_reason in ("length", "stop") and r.error is None for r in reqs)
+    # top_p ~ 0 keeps the most likely token only: greedy
+    assert reqs[0].output_ids == reqs[1].output_ids == greedy.output_ids
+
+
+# --------------------------------------------------------------------------- special tokens
+
+
+def test_special_tokens_are_never_sampled_but_stop_ids_stop(served, monkeypatch):
+    import lmforge.infer.engine as engine_mod
+
+    model, tok = served
+    specials = {tok.token_id(t) for t in tok.special_tokens()}  # <|bos|>, <|pad|>, ...
+    real = engine_mod.apply_repetition_penalty
+
+    def favour(boosts):  # a model that loves BOS (the tiny run's did): boost some logits
+        def penalty(logits, seen, p):
+            logits = real(logits, seen, p).clone()
+            for i, b in boosts.items():
+                logits[:, i] += b
+            return logits
+
+        return penalty
+
+    monkeypatch.setattr(engine_mod, "apply_repetition_penalty", favour({tok.bos_id: 1e3}))
+    engine = Engine(model, tok, max_batch=2)
+    reqs = [
+        engine.submit(_prompts(tok)[1], SamplingParams(max_tokens=10, temperature=t, seed=0))
+        for t in (0.0, 1.0)
+    ]
+    engine.run_until_done()
+    for r in reqs:
+        assert len(r.output_ids) == 10 and not specials & set(r.output_ids)
+        assert "<|" not in r.text
+    boosts = {tok.bos_id: 1e3, tok.eos_id: 5e2, tok.token_id("<|im_end|>"): 1e2}
+    monkeypatch.setattr(engine_mod, "apply_repetition_penalty", favour(boosts))
+    stop = engine.submit(_prompts(tok)[1], SamplingParams(max_tokens=10, stop_ids=[tok.eos_id]))
+    ignore_eos = engine.submit(_prompts(tok)[1], SamplingParams(max_tokens=10, stop_ids=()))
+    engine.run_until_done()
+    assert stop.finish_reason == "stop" and stop.stop_token == tok.eos_id and not stop.output_ids
+    assert len(ignore_eos.output_ids) == 10 and not specials & set(ignore_eos.output_ids)
+
+
+def test_logprobs_are_the_models_own_before_temperature(served):
+    """vLLM and OpenAI report the model's log-probabilities: not scaled by the temperature, nor
+    by the repetition penalty."""
+    model, tok = served
+    prompt = _prompts(tok)[0]
+    params = SamplingParams(
+        max_tokens=10, temperature=0.7, repetition_penalty=1.3, seed=3, logprobs=True
+    )
+    req = _alone(model, tok, prompt, params)
+    ids = torch.tensor([prompt + req.output_ids])
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids)[0].float(), dim=-1)
+    want = [logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(req.output_ids)]
+    assert len(want) == 10 and max(abs(a - b) for a, b in zip(req.logprobs, want)) < 1e-4
