@@ -47,6 +47,7 @@ log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"
 POLL_S = 0.5  # how often a waiting request checks whether its client is still there
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (dividing logits by ~0 overflows)
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings per request (OpenAI's 4), characters in each
 
 
 class APIError(Exception):
@@ -86,18 +87,20 @@ class _StreamOptions(_Strict):
 class _Sampling(_Strict):
     model: str | None = None  # optional: there is one model
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
-    top_p: float = Field(1.0, gt=0, le=1)
+    # OpenAI's ranges, and a finite number (NaN or infinity: 400 naming the field)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)  # ~0 keeps the top token only
     n: int = 1
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: _StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     # extensions, with vLLM's names
     top_k: int = Field(0, ge=-1)  # 0 or -1 = off
-    repetition_penalty: float = Field(1.0, gt=0)
+    # 1 = off; 0.01-100 keeps the penalised logits finite (vLLM takes any value > 0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100, allow_inf_nan=False)
     ignore_eos: bool = False  # no stop tokens: always generate max_tokens (benchmarks)
 
 
@@ -143,8 +146,13 @@ def _refuse_unsupported(body: _Sampling) -> None:
         if bad:
             value = getattr(body, name)
             raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
-    if isinstance(body.stop, list) and len(body.stop) > 4:
-        raise APIError(400, "stop takes at most 4 sequences", param="stop")
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop takes at most {MAX_STOPS} sequences", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(
+            400, f"a stop sequence may be at most {MAX_STOP_CHARS} characters", param="stop"
+        )
 
 
 # --------------------------------------------------------------------------- the server
@@ -227,6 +235,7 @@ class _Server:
                 param="max_tokens",
             )
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stop = [s for s in stop if s]  # "" would stop before the first character: ignored
         chat = isinstance(body, ChatRequest)
         ids = () if body.ignore_eos else stop_ids(self.tok) if chat else (self.tok.eos_id,)
         return SamplingParams(
