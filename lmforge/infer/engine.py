@@ -13,6 +13,10 @@ batch (tests/infer/test_engine.py checks this against requests run one at a time
 is paid at low load: on 2 CPU cores an 8-row product streams the weights at about half the
 rate of a one-row product, so one request alone decodes ~2-3x slower than with
 batch_invariant=False, which runs only the rows up to the last busy slot.
+
+One request never stops the engine: anything that raises while serving it (its seed, prefill,
+sampling or callback) ends that request alone with finish_reason "error" and `error` set; a
+failing batched forward fails the rows in it; the loop itself logs and goes on.
 """
 
 from __future__ import annotations
