@@ -19,8 +19,6 @@ from lmforge.config import ConfigError
 from lmforge.infer.generate import fit_prompt, stream_text
 from lmforge.tokenizer import Tokenizer
 
-END_OF_TURN = "<|im_end|>"
-
 
 def model_source(path: str | Path) -> Path:
     """The directory holding the weights and tokenizer files behind path: the base model named
@@ -57,11 +55,9 @@ def load_for_inference(
 
 
 def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
-    """Generation ends at EOS or at the end-of-turn marker, whichever the model emits."""
-    ids = [tok.eos_id]
-    if END_OF_TURN in tok.special_tokens():
-        ids.append(tok.token_id(END_OF_TURN))
-    return tuple(ids)
+    """Generation ends at EOS or at the end-of-turn marker, whichever the model emits (the
+    same ids a saved checkpoint's generation_config.json lists for other tools)."""
+    return tok.stop_ids()
 
 
 def chat_prompt_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
