@@ -26,7 +26,10 @@ def model_source(path: str | Path) -> Path:
     path = Path(path)
     config = path / "adapter_config.json"
     if config.is_file():
-        base = json.loads(config.read_text()).get("base_model_name_or_path")
+        try:
+            base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ConfigError(f"{config} is not a valid adapter config: {e}") from None
         if not base or not Path(base).is_dir():
             raise ConfigError(
                 f"{config}: base_model_name_or_path {base!r} is not a model directory here; "
@@ -166,7 +169,8 @@ def run_chat(
                 reply = "".join(_echo(answer(model, tok, kept, **sampling), write))
                 history.append({"role": "assistant", "content": reply})
             else:
-                ids = fit_prompt([tok.bos_id] + tok.encode(line), model.cfg.max_seq_len, 1, True)
+                bos = [tok.bos_id] if tok.prepend_bos else []
+                ids = fit_prompt(bos + tok.encode(line), model.cfg.max_seq_len, 1, True)
                 write(line)
                 for piece in stream_text(model, tok, ids, **sampling):
                     write(piece)
