@@ -150,9 +150,11 @@ def run_chat(
             if not dest:
                 write("(usage: /save FILE)\n")
                 continue
-            Path(dest).write_text(
-                json.dumps(system_msgs + history, ensure_ascii=False, indent=2), encoding="utf-8"
-            )
+            try:
+                save_conversation(system_msgs + history, dest)
+            except OSError as e:  # a directory, a missing folder, no permission: keep chatting
+                write(f"(error: cannot save to {dest}: {e.strerror or e}; nothing was lost)\n")
+                continue
             write(f"(saved {len(system_msgs + history)} messages to {dest})\n")
             continue
         if text.startswith("/"):
@@ -180,6 +182,13 @@ def run_chat(
             write(f"(error: {e})\n")
             continue
         write("\n")
+
+
+def save_conversation(messages: list[dict], dest: str | Path) -> None:
+    """Write the messages as JSON to dest (`~` expanded). An OSError (dest is a directory, its
+    folder is missing, ...) reaches the caller, which reports it and keeps the conversation."""
+    text = json.dumps(messages, ensure_ascii=False, indent=2)
+    Path(dest).expanduser().write_text(text, encoding="utf-8")
 
 
 def _echo(pieces: Iterator[str], write) -> Iterator[str]:
