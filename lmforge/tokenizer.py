@@ -222,9 +222,10 @@ class Tokenizer:
             }
             for i, t in sorted(self._tok.get_added_tokens_decoder().items())
         }
+        bos = self.bos_token if self.prepend_bos else None  # not the EOS stand-in: it loads back
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": self.bos_token,
+            "bos_token": bos,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
             "unk_token": None,  # byte-level: every string is encodable, there is no unknown token
@@ -240,7 +241,7 @@ class Tokenizer:
             "added_tokens_decoder": added,
         }
         special_map = {
-            "bos_token": self.bos_token,
+            "bos_token": bos,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
             "additional_special_tokens": extra,

@@ -118,6 +118,10 @@ def test_missing_bos_and_pad_fall_back_to_eos(tok, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
     loaded = Tokenizer.load(tmp_path)
     assert loaded.bos_id == loaded.pad_id == loaded.eos_id == 2
+    loaded.save(tmp_path / "again")  # saved back, it still has no BOS (EOS is only a stand-in)
+    again = Tokenizer.load(tmp_path / "again")
+    assert not again.prepend_bos and not again.adds_bos
+    assert again.chat_prefix([{"role": "user", "content": "hi"}]) == []
 
 
 def test_load_errors(tmp_path):
