@@ -232,9 +232,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate",
         help="generate text from a checkpoint, streamed to stdout",
-        description="Continue a prompt with a trained checkpoint (any Llama-layout HF directory).",
+        description="Continue a prompt with a model directory (ours or a supported HF one, "
+        "quantized ones included) or a LoRA adapter directory, as chat, serve and eval open them.",
     )
-    p.add_argument("checkpoint", help="checkpoint directory (e.g. runs/tiny/pretrain/model)")
+    p.add_argument(
+        "checkpoint",
+        help="model directory (e.g. runs/tiny/pretrain/model) or a LoRA adapter directory",
+    )
     p.add_argument(
         "--prompt", default="", help="text to continue (default: empty, i.e. start from BOS)"
     )
@@ -257,8 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repetition-penalty",
         type=float,
-        default=1.1,
-        help="> 1 discourages repeats, 1 = off (default: 1.1)",
+        default=1.0,  # off, as in transformers, vLLM and llama.cpp: greedy is plain argmax
+        help="> 1 discourages repeats, 1 = off (default: 1)",
     )
     p.add_argument(
         "--stop",
@@ -292,7 +296,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
     p.add_argument("--top-k", type=int, default=50, help="0 = off (default: 50)")
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default: 0.95)")
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off (default: 1.1)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeats (default: 1 = off)",
+    )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
 
@@ -597,17 +606,18 @@ def _sampling(args) -> dict:
 
 
 def _cmd_generate(args) -> int:
+    from lmforge.infer.chat import load_for_inference
     from lmforge.infer.generate import fit_prompt, stream_text
-    from lmforge.model.checkpoint import load_model
     from lmforge.perf import pick_device
-    from lmforge.tokenizer import Tokenizer
 
-    model = load_model(args.checkpoint, device=pick_device(args.device))
-    tok = Tokenizer.load(args.checkpoint)
-    ids = ([] if args.no_bos else [tok.bos_id]) + tok.encode(args.prompt)
-    ids = fit_prompt(ids, model.cfg.max_seq_len, args.max_new_tokens, args.truncate)
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    # the loader chat, serve and eval use: model dirs, quantized ones and LoRA adapter dirs
+    model, tok = load_for_inference(args.checkpoint, device=pick_device(args.device))
+    bos = [tok.bos_id] if tok.prepend_bos and not args.no_bos else []
+    ids = fit_prompt(
+        bos + tok.encode(args.prompt), model.cfg.max_seq_len, args.max_new_tokens, args.truncate
+    )
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     for piece in stream_text(

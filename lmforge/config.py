@@ -363,7 +363,7 @@ class SampleConfig:  # `sample:` generations written into the report after pretr
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 50  # keep only the k most likely tokens (0 = off)
     top_p: float = 0.95  # nucleus sampling threshold (1 = off)
-    repetition_penalty: float = 1.1  # >1 discourages tokens already in the text (1 = off)
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in the text (1 = off)
     seed: int = 0  # sampling seed
     chat_prompts: list[str] = field(
         default_factory=lambda: ["What is the capital of France?", "用一句话介绍长城。"]

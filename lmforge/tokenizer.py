@@ -56,8 +56,13 @@ SPLIT_PATTERN = (
     r"|\s+"
 )
 
-# ChatML; add_generation_prompt opens the assistant turn so the model writes the reply
+END_OF_TURN = "<|im_end|>"  # ChatML's end of a turn: a chat model stops there, as at EOS
+
+# ChatML, opened by BOS: the template writes the BOS the model was trained with, so every tool
+# that renders it (transformers' apply_chat_template, llama.cpp, vLLM) encodes what SFT trained
+# on; add_generation_prompt opens the assistant turn so the model writes the reply
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{%- for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{%- endfor %}"
@@ -217,22 +222,26 @@ class Tokenizer:
             }
             for i, t in sorted(self._tok.get_added_tokens_decoder().items())
         }
+        bos = self.bos_token if self.prepend_bos else None  # not the EOS stand-in: it loads back
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": self.bos_token,
+            "bos_token": bos,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
             "unk_token": None,  # byte-level: every string is encodable, there is no unknown token
             "additional_special_tokens": extra,
             "model_max_length": model_max_length,
-            "add_bos_token": False,  # lmforge adds BOS/EOS itself, per document
+            # lmforge's own encodes never add specials (it places BOS/EOS itself, per document);
+            # this tells transformers whether `tok(text)` does, as tokenizer.json's post-processor
+            # says (transformers 5 rebuilds that post-processor from this flag)
+            "add_bos_token": self.adds_bos,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,  # it would change text and break round trips
             **({"chat_template": self.chat_template} if self.chat_template else {}),
             "added_tokens_decoder": added,
         }
         special_map = {
-            "bos_token": self.bos_token,
+            "bos_token": bos,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
             "additional_special_tokens": extra,
@@ -282,8 +291,10 @@ class Tokenizer:
                 "this tokenizer has no chat_template (a base model): use plain completion, or add "
                 "a chat_template to its tokenizer_config.json"
             )
-        special = {"bos_token": self.bos_token, "eos_token": self.eos_token}
-        special["pad_token"] = self.pad_token
+        # a tokenizer without BOS of its own (Qwen2) renders `{{ bos_token }}` as nothing, as
+        # transformers does, never as the EOS stand-in
+        bos = self.bos_token if self.prepend_bos else ""
+        special = {"bos_token": bos, "eos_token": self.eos_token, "pad_token": self.pad_token}
         return render_chat(self.chat_template, messages, add_generation_prompt, **special)
 
     def chat_prefix(self, messages: list[dict]) -> list[int]:
@@ -339,6 +350,22 @@ class Tokenizer:
         for j, part in enumerate(re.split("(" + "|".join(map(re.escape, hidden)) + ")", text)):
             ids += self.encode(hidden[part]) if j % 2 else self.encode_rendered(part)
         return ids
+
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: EOS, and the end-of-turn marker where the vocabulary has
+        one (a chat model ends its reply with it, not with EOS)."""
+        ids = [self.eos_id]
+        if END_OF_TURN in self.special_tokens():
+            ids.append(self.token_id(END_OF_TURN))
+        return tuple(ids)
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether tokenizer.json's post-processor puts BOS before text encoded by other tools
+        with their default add_special_tokens=True (lmforge's own encodes never add it)."""
+        if not self.prepend_bos:
+            return False
+        return self._tok.encode("x", add_special_tokens=True).ids[:1] == [self.bos_id]
 
     def token_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
@@ -414,7 +441,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    add_bos_processor(tok)
     return Tokenizer(tok)
+
+
+def add_bos_processor(tok) -> None:
+    """Make other tools' default encode (transformers' `tok(text)`, lm-eval, vLLM) start with
+    BOS, as every sequence lmforge trains on does. The same template transformers builds from
+    add_bos_token, so it reads back unchanged."""
+    tk = _tokenizers()
+    tok.post_processor = tk.processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0",
+        pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+        special_tokens=[(BOS, tok.token_to_id(BOS))],
+    )
 
 
 # --------------------------------------------------------------------------- sampling the corpus

@@ -19,8 +19,6 @@ from lmforge.config import ConfigError
 from lmforge.infer.generate import fit_prompt, stream_text
 from lmforge.tokenizer import Tokenizer
 
-END_OF_TURN = "<|im_end|>"
-
 
 def model_source(path: str | Path) -> Path:
     """The directory holding the weights and tokenizer files behind path: the base model named
@@ -28,7 +26,10 @@ def model_source(path: str | Path) -> Path:
     path = Path(path)
     config = path / "adapter_config.json"
     if config.is_file():
-        base = json.loads(config.read_text()).get("base_model_name_or_path")
+        try:
+            base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ConfigError(f"{config} is not a valid adapter config: {e}") from None
         if not base or not Path(base).is_dir():
             raise ConfigError(
                 f"{config}: base_model_name_or_path {base!r} is not a model directory here; "
@@ -57,11 +58,9 @@ def load_for_inference(
 
 
 def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
-    """Generation ends at EOS or at the end-of-turn marker, whichever the model emits."""
-    ids = [tok.eos_id]
-    if END_OF_TURN in tok.special_tokens():
-        ids.append(tok.token_id(END_OF_TURN))
-    return tuple(ids)
+    """Generation ends at EOS or at the end-of-turn marker, whichever the model emits (the
+    same ids a saved checkpoint's generation_config.json lists for other tools)."""
+    return tok.stop_ids()
 
 
 def chat_prompt_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
@@ -151,9 +150,11 @@ def run_chat(
             if not dest:
                 write("(usage: /save FILE)\n")
                 continue
-            Path(dest).write_text(
-                json.dumps(system_msgs + history, ensure_ascii=False, indent=2), encoding="utf-8"
-            )
+            try:
+                save_conversation(system_msgs + history, dest)
+            except OSError as e:  # a directory, a missing folder, no permission: keep chatting
+                write(f"(error: cannot save to {dest}: {e.strerror or e}; nothing was lost)\n")
+                continue
             write(f"(saved {len(system_msgs + history)} messages to {dest})\n")
             continue
         if text.startswith("/"):
@@ -170,7 +171,8 @@ def run_chat(
                 reply = "".join(_echo(answer(model, tok, kept, **sampling), write))
                 history.append({"role": "assistant", "content": reply})
             else:
-                ids = fit_prompt([tok.bos_id] + tok.encode(line), model.cfg.max_seq_len, 1, True)
+                bos = [tok.bos_id] if tok.prepend_bos else []
+                ids = fit_prompt(bos + tok.encode(line), model.cfg.max_seq_len, 1, True)
                 write(line)
                 for piece in stream_text(model, tok, ids, **sampling):
                     write(piece)
@@ -180,6 +182,13 @@ def run_chat(
             write(f"(error: {e})\n")
             continue
         write("\n")
+
+
+def save_conversation(messages: list[dict], dest: str | Path) -> None:
+    """Write the messages as JSON to dest (`~` expanded). An OSError (dest is a directory, its
+    folder is missing, ...) reaches the caller, which reports it and keeps the conversation."""
+    text = json.dumps(messages, ensure_ascii=False, indent=2)
+    Path(dest).expanduser().write_text(text, encoding="utf-8")
 
 
 def _echo(pieces: Iterator[str], write) -> Iterator[str]:

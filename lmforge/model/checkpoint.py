@@ -18,6 +18,7 @@ from lmforge.config import ConfigError, ModelConfig
 from lmforge.io import read_json, write_json
 from lmforge.model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from lmforge.model.transformer import GPT, rope_tables
+from lmforge.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -50,7 +51,7 @@ def save_extras(
         out / "generation_config.json",
         {
             "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": cfg.eos_token_id,
+            "eos_token_id": stop_token_ids(cfg, tokenizer_dir),
             "pad_token_id": pad_token_id,
             "do_sample": True,
             "temperature": 0.8,
@@ -63,6 +64,17 @@ def save_extras(
             src = Path(tokenizer_dir) / name
             if src.exists():
                 shutil.copyfile(src, out / name)
+
+
+def stop_token_ids(cfg: ModelConfig, tokenizer_dir: str | Path | None) -> int | list[int]:
+    """generation_config's eos_token_id: EOS, or a list of every id lmforge stops at (EOS and
+    <|im_end|>): transformers and vLLM stop only at these, and a chat model ends its turn with
+    <|im_end|>, not EOS, so without it they run on past the reply."""
+    if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        return cfg.eos_token_id
+    ids = [cfg.eos_token_id]
+    ids += [i for i in Tokenizer.load(tokenizer_dir).stop_ids() if i != cfg.eos_token_id]
+    return ids if len(ids) > 1 else ids[0]
 
 
 def _read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:

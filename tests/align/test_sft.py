@@ -74,7 +74,8 @@ def test_loss_mask_is_exactly_the_replies(tok):
     ex, status = encode_example(tok, CONVERSATION, seq_len=256, overflow="truncate")
     assert status == "ok"
     ids, labels = ex
-    assert ids[0] == tok.bos_id and len(ids) == len(tok.encode_chat(CONVERSATION))
+    # the inputs are the conversation (BOS first, from the template) less its last token
+    assert ids[0] == tok.bos_id and list(ids) == tok.encode_chat(CONVERSATION)[:-1]
     # the targets, read as runs of consecutive trained positions, are the two replies with
     # their end-of-turn marker and newline; the prompt, system text and role headers are not
     runs, cur = [], []
@@ -258,14 +259,16 @@ def test_lora_sft_resumes_exactly_and_exports_a_merged_model(micro_pretrained, t
 
 
 def test_bos_is_added_once_whatever_the_template(tok):
-    ours = tok.chat_prefix(CONVERSATION)
-    assert ours == [tok.bos_id]  # ChatML writes no BOS: we add it, as pretraining did
-    writes_bos = Tokenizer(tok._tok, chat_template="{{ bos_token }}" + tok.chat_template)
-    assert writes_bos.chat_prefix(CONVERSATION) == []  # Llama-3 style: the template has it
+    # ChatML as lmforge wrote it before BOS moved into the template (older checkpoints)
+    chatml = Tokenizer(tok._tok, chat_template=tok.chat_template.removeprefix("{{ bos_token }}"))
+    assert chatml.chat_prefix(CONVERSATION) == [tok.bos_id]  # no BOS in it: we add it
+    assert tok.chat_prefix(CONVERSATION) == []  # ours writes it (Llama-3 style), for every tool
     no_bos = Tokenizer(tok._tok, bos_token=None, chat_template=tok.chat_template)
     assert no_bos.chat_prefix(CONVERSATION) == []  # Qwen2 style: no BOS at all
-    ex, _ = encode_example(writes_bos, CONVERSATION, 256, "truncate")
-    assert list(ex[0][:2]).count(tok.bos_id) == 1
+    assert tok.eos_id not in no_bos.encode_chat(CONVERSATION)  # nor the EOS stand-in
+    examples = [encode_example(t, CONVERSATION, 256, "truncate")[0] for t in (chatml, tok)]
+    assert list(examples[0][0][:2]).count(tok.bos_id) == 1
+    assert examples[0].tolist() == examples[1].tolist()  # the same example either way
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])

@@ -264,6 +264,26 @@ def test_metadata_and_tokenizer(llama, tok_dir):
     assert types[n_tok:] == [T.UNUSED] * (cfg.vocab_size - n_tok)
 
 
+def test_chat_template_and_add_bos_give_our_chat_prompt(llama, tok_dir):
+    """What llama.cpp's chat builds from the GGUF metadata is our chat prompt, BOS once. It
+    renders tokenizer.chat_template, strips a leading BOS when add_bos_token is set and lets
+    the tokenizer add it (common/chat.cpp); here that rule is applied to the stored fields."""
+    from lmforge.infer.chat import chat_prompt_ids
+    from lmforge.tokenizer import render_chat
+
+    fields, _ = read(llama[2]["f32"])
+    tok = Tokenizer.load(tok_dir)
+    bos = fields["tokenizer.ggml.tokens"][fields["tokenizer.ggml.bos_token_id"]]
+    assert fields["tokenizer.ggml.add_bos_token"] is True and bos == "<|bos|>"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": ZH[0]}]
+    text = render_chat(
+        fields["tokenizer.chat_template"], msgs, add_generation_prompt=True, bos_token=bos
+    )
+    assert text.startswith(bos)  # the template writes BOS itself, for tools that do not add it
+    llama_cpp = [fields["tokenizer.ggml.bos_token_id"]] + tok.encode_rendered(text[len(bos) :])
+    assert llama_cpp == chat_prompt_ids(tok, msgs)
+
+
 def test_pre_tokenizer_type_follows_the_split_regex(tmp_path):
     seq = lambda pattern: {  # noqa: E731
         "type": "Sequence",

@@ -64,6 +64,28 @@ def test_chat_answers_resets_and_saves(micro_pretrained, tmp_path):
     assert child.exitstatus == 0
 
 
+def test_a_bad_save_path_is_reported_and_the_chat_goes_on(micro_pretrained, tmp_path):
+    child = _spawn(micro_pretrained[1], "--max-new-tokens", 4)
+    child.sendline("Hello")
+    child.expect("assistant> ")
+    child.expect("you> ")
+    for bad in (tmp_path, tmp_path / "no" / "such" / "dir" / "a.json"):  # a directory; no folder
+        child.sendline(f"/save {bad}")
+        child.expect(r"error: cannot save to .*nothing was lost")
+        child.expect("you> ")
+    child.sendline("Again")
+    child.expect("assistant> ")
+    child.expect("you> ")
+    child.sendline(f"/save {tmp_path / 'good.json'}")
+    child.expect("saved 4 messages")
+    saved = json.loads((tmp_path / "good.json").read_text())
+    assert [m["content"] for m in saved[::2]] == ["Hello", "Again"]
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 def test_chat_drops_old_turns_when_the_context_is_full(micro_pretrained, tmp_path):
     """The micro model has a 64-token context and 24 are kept for the answer."""
     child = _spawn(micro_pretrained[1], "--max-new-tokens", 24, "--system", "Be kind.")
