@@ -1,11 +1,39 @@
-"""The sandbox: right verdicts, and every limit holds (time, memory, processes, network, files)."""
+"""The sandbox: right verdicts, and every limit holds (time, memory, processes, network, files);
+hostile programs run in the strongest setup here and in simulated weaker hosts."""
 
+import dataclasses
 import os
+import secrets
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
+from lmforge.eval import sandbox
 from lmforge.eval.sandbox import isolation, live_members, run_code
+
+REAL = sandbox._setup()
+NO_NS = {"prefix": (), "namespaces": False}
+# the hosts we cannot be on, simulated by turning the probe's findings off one by one
+SETUPS = {
+    "strongest": REAL,
+    # Docker's default seccomp profile, or no user namespaces: as root the launcher drops the uid
+    "no unshare": dataclasses.replace(REAL, **NO_NS, setuid_in_child=REAL.uid is not None),
+    # the same as a non-root user: seccomp and the subreaper carry it
+    "no unshare, no uid drop": dataclasses.replace(REAL, **NO_NS, uid=None, setuid_in_child=False),
+    # nothing but rlimits, the subreaper and group kill: the weak level, refused by default
+    "weak": dataclasses.replace(REAL, **NO_NS, uid=None, setuid_in_child=False, seccomp=False),
+}
+
+
+@pytest.fixture(params=list(SETUPS))
+def setup(request, monkeypatch):
+    """Each hostile test runs once per setup; run_code and isolation() see the patched probe."""
+    s = SETUPS[request.param]
+    monkeypatch.setattr(sandbox, "_setup", lambda: s)
+    return s
 
 
 def test_correct_solution_passes():
@@ -125,7 +153,169 @@ def test_program_cannot_read_root_only_files(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("s3cret")
     secret.chmod(0o600)
-    if "nobody" not in isolation():
-        pytest.skip("no uid drop here: " + isolation())
+    if "uid nobody" not in isolation().mechanisms:
+        pytest.skip(f"no uid drop here: {isolation()}")
     r = run_code(f"open({str(secret)!r}).read()\n")
     assert r.status == "failed" and "PermissionError" in r.stderr_tail
+
+
+def test_the_real_setup_is_strong_as_root_with_unshare():
+    iso = isolation()
+    assert iso.level in sandbox.LEVELS and "subreaper" in iso.mechanisms
+    if os.geteuid() == 0 and REAL.namespaces:  # as here and in CI
+        assert iso.level == "strong" and iso.gaps == ()
+
+
+def test_levels_of_the_simulated_setups():
+    levels = {name: isolation(s).level for name, s in SETUPS.items()}
+    if REAL.seccomp:
+        assert levels["no unshare, no uid drop"] == "medium"
+        assert "files" in isolation(SETUPS["no unshare, no uid drop"]).gaps[0]
+    assert levels["weak"] == "weak"
+    assert any(g.startswith("network") for g in isolation(SETUPS["weak"]).gaps)
+
+
+def test_check_isolation_refuses_below_medium_unless_unsafe(monkeypatch):
+    from lmforge.config import ConfigError
+
+    monkeypatch.setattr(sandbox, "_setup", lambda: SETUPS["weak"])
+    with pytest.raises(ConfigError, match="only 'weak'.*--unsafe-exec"):
+        sandbox.check_isolation()
+    assert sandbox.check_isolation(unsafe_exec=True).level == "weak"
+
+
+@pytest.mark.skipif(sandbox.seccomp_filter(1) is None, reason="no seccomp table for this CPU")
+def test_seccomp_filter_jumps_land_inside_the_program():
+    for machine in ("x86_64", "aarch64"):
+        prog = sandbox.seccomp_filter(1234, machine)
+        n = len(prog) // 8
+        for i in range(n):
+            code, jt, jf, _ = __import__("struct").unpack_from("HBBI", prog, 8 * i)
+            if code in (0x15, 0x35):  # conditional jumps
+                assert i + 1 + max(jt, jf) < n
+        assert __import__("struct").unpack_from("HBBI", prog, 8 * (n - 1))[0] == 0x06  # a return
+
+
+# --- hostile programs (made-up attacks), each bounded by a short timeout
+
+
+def test_hostile_loopback_connection_fails(setup):
+    with socket.socket() as srv:  # the test's own listener on 127.0.0.1
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        srv.settimeout(0)
+        port = srv.getsockname()[1]
+        program = (  # _socket: past the Python-level prelude of the weak level
+            "import _socket\n"
+            "s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\n"
+            "s.settimeout(2)\n"
+            f"s.connect(('127.0.0.1', {port}))\n"
+        )
+        r = run_code(program, timeout_s=5)
+        if isolation().level == "weak":
+            return  # nothing below Python blocks it: why the weak level is refused
+        assert r.status == "failed" and (
+            "PermissionError" in r.stderr_tail or "Errno" in r.stderr_tail
+        )
+        with pytest.raises(BlockingIOError):
+            srv.accept()  # nothing got through
+
+
+def test_hostile_environment_read_finds_no_secret(setup, monkeypatch):
+    secret = secrets.token_hex(8)
+    monkeypatch.setenv("LMFORGE_TEST_SECRET", secret)
+    r = run_code("import os\nprint(sorted(os.environ.items()))\n")
+    assert r.passed and secret not in r.stdout_tail and "LMFORGE" not in r.stdout_tail
+    assert "PATH" in r.stdout_tail
+
+
+def test_hostile_program_cannot_kill_the_evaluator(setup):
+    # a stand-in for the evaluator (our uid, alive until we end it), and the program's parent
+    # (the launcher; none visible in a PID namespace). Never kill(-1): as root it would take
+    # the whole machine if a layer were broken
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        program = (
+            "import os, signal\n"
+            f"for pid in ({stand_in.pid}, os.getppid()):\n"
+            "    try:\n"
+            "        os.kill(pid or 999999, signal.SIGKILL)  # 0 would be our own group\n"
+            "        print('killed', pid)\n"
+            "    except OSError:\n"
+            "        print('denied', pid)\n"
+        )
+        r = run_code(program, timeout_s=5)
+        if isolation().level == "weak":  # the program kills the launcher: the gap is stated
+            assert any(g.startswith("evaluator") for g in isolation().gaps)
+            return
+        assert stand_in.poll() is None, r.stdout_tail  # the evaluator's stand-in lives
+        assert r.status == "passed" and "killed" not in r.stdout_tail, r.stdout_tail
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def _alive_with_name(name: str) -> list[int]:
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and open(f"/proc/{pid}/comm").read().strip() == name:
+                if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in "ZX":
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("parent", ["exits", "hangs"])
+def test_hostile_setsid_sleeper_does_not_outlive_the_run(setup, parent):
+    # the grandchild leaves the group with setsid() and names itself, so we can look for it
+    # on the host by name even when its pid lives in a PID namespace
+    name = "lmf" + secrets.token_hex(6)
+    program = (
+        "import ctypes, os, time\n"
+        "r, w = os.pipe()\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        f"        ctypes.CDLL(None).prctl(15, {name.encode()!r}, 0, 0, 0)  # PR_SET_NAME\n"
+        "        print('pid', os.getpid(), flush=True)\n"
+        "        os.write(w, b'x')\n"
+        "        time.sleep(30)\n"
+        "    os._exit(0)\n"
+        "os.read(r, 1)  # the sleeper runs\n" + ("time.sleep(30)\n" if parent == "hangs" else "")
+    )
+    r = run_code(program, timeout_s=2)
+    assert r.status == ("timeout" if parent == "hangs" else "passed"), r.stderr_tail
+    assert "pid" in r.stdout_tail  # the sleeper did start
+    assert _alive_with_name(name) == []
+    if not setup.namespaces:  # its pid means something out here too
+        pid = int(r.stdout_tail.split()[1])
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_hostile_program_cannot_touch_the_users_files(setup, tmp_path):
+    victim = tmp_path / "victim.txt"  # the user's file, outside the sandbox
+    victim.write_text("keep me")
+    program = (
+        "import os\n"
+        f"for act in (lambda: os.remove({str(victim)!r}),\n"
+        f"            lambda: open({str(tmp_path / 'planted.txt')!r}, 'w').write('x')):\n"
+        "    try:\n"
+        "        act()\n"
+        "        print('done')\n"
+        "    except OSError as e:\n"
+        "        print('denied', type(e).__name__)\n"
+    )
+    r = run_code(program)
+    if setup.uid is None:
+        assert any(g.startswith("files") for g in isolation().gaps)  # said, not hidden
+        return
+    assert r.stdout_tail.split().count("denied") == 2, r.stdout_tail
+    assert victim.read_text() == "keep me" and not (tmp_path / "planted.txt").exists()
+
+
+def test_signals_to_itself_still_work(setup):
+    r = run_code("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    assert r.status in ("error", "failed") and not r.passed
