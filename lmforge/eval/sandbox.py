@@ -20,7 +20,9 @@ launcher, this file run as a script, which stays outside the sandbox:
   a PID namespace with its own /proc (when its first process dies the kernel kills the rest);
 - where seccomp works: a hand-built classic BPF filter (no libseccomp binding is needed, and
   none ships with CPython; x86_64 and aarch64) makes socket(), io_uring_setup(), ptrace, the
-  process_vm_* calls and signals to any process but the program itself fail with EPERM. It
+  process_vm_* calls and signals to any pid but that of the launcher's child (the first
+  process the sandbox runs: unshare re-raises its child's fatal signal on itself) fail with
+  EPERM. It
   blocks the network without namespaces (Docker's default seccomp profile, hosts without user
   namespaces) and keeps a same-uid program from signalling the evaluator.
 Without namespaces or seccomp, network access is blocked only by a prelude that replaces
