@@ -12,8 +12,8 @@ launcher, this file run as a script, which stays outside the sandbox:
 - whole-tree kill: the launcher is a child subreaper (PR_SET_CHILD_SUBREAPER), so every process
   the program starts stays its descendant even after setsid() and double forks; at the end it
   SIGKILLs and reaps descendants until none is left. The evaluator also kills the launcher's
-  process group as a backstop. The launcher is not dumpable, so a same-uid program can neither
-  ptrace it nor open its /proc/PID/fd;
+  process group as a backstop. The launcher, and the evaluator while a program runs, are not
+  dumpable, so a same-uid program can open neither's /proc/PID/environ, mem or fd;
 - uid `nobody` when we are root (setpriv inside the namespaces, else setresuid in the launcher's
   child): the program cannot signal us or read and delete the user's files;
 - where `unshare` works (root, or unprivileged user namespaces): an empty network namespace and
@@ -29,7 +29,7 @@ Without namespaces or seccomp, network access is blocked only by a prelude that 
 `socket.socket` and friends, which a program can undo via `_socket`: the "weak" level, which
 `check_isolation` refuses unless the user says --unsafe-exec. Never guaranteed: reads of
 world-readable files, writes to world-writable places such as /tmp; and without the uid drop the
-program can read what the user can read (including /proc/EVALUATOR/environ).
+program can read, write and delete what the user can.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -118,7 +119,8 @@ _NR = {
 _LD_W_ABS, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, RET|K
 _ALLOW, _EPERM = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
 _X32 = 0x40000000  # x86_64 syscalls with this bit are the x32 ABI: a second table to refuse
-PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 4, 22, 36, 38
+PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_SECCOMP = 3, 4, 22
+PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 
 
 def seccomp_filter(self_pid: int, machine: str | None = None) -> bytes | None:
@@ -468,10 +470,46 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@contextmanager
+def _undumpable():
+    """Make the evaluator non-dumpable while a program runs: a same-uid program could otherwise
+    read our /proc/PID/environ and write our /proc/PID/mem (the ptrace access check, not the
+    ptrace syscall the filter denies). Restored afterwards: it also disables core dumps."""
+    libc = ctypes.CDLL(None)
+    before = libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    _prctl(PR_SET_DUMPABLE, 0)
+    try:
+        yield
+    finally:
+        if before > 0:
+            _prctl(PR_SET_DUMPABLE, before)
+
+
 def _tail(f) -> str:
     f.seek(0, os.SEEK_END)
     f.seek(max(0, f.tell() - 2000))
     return f.read().decode("utf-8", "replace")
+
+
+def _supervise(cfg: dict, workdir: str, env: dict, out, err, stdin: bytes, timeout_s: float):
+    """Start the launcher, hand the program its stdin, read the verdict; kill what is left."""
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", __file__, json.dumps(cfg)],
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        pass_fds=(out.fileno(),),
+        start_new_session=True,
+    )
+    try:
+        report, _ = proc.communicate(stdin, timeout=timeout_s + KILL_GRACE_S + 10)
+        verdict = json.loads(report or b"null") or {"how": "lost", "value": 0}
+    except subprocess.TimeoutExpired:
+        verdict = {"how": "lost", "value": 0}  # the launcher hung: the backstop kills
+    _kill_group(proc)
+    return verdict, proc
 
 
 def run_code(
@@ -500,22 +538,8 @@ def run_code(
                 "subreaper": s.subreaper,
                 "out_fd": out.fileno(),
             }
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", __file__, json.dumps(cfg)],
-                cwd=workdir,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                pass_fds=(out.fileno(),),
-                start_new_session=True,
-            )
-            try:
-                report, _ = proc.communicate(stdin, timeout=timeout_s + KILL_GRACE_S + 10)
-                verdict = json.loads(report or b"null") or {"how": "lost", "value": 0}
-            except subprocess.TimeoutExpired:
-                verdict = {"how": "lost", "value": 0}  # the launcher hung: the backstop kills
-            _kill_group(proc)
+            with _undumpable():
+                verdict, proc = _supervise(cfg, workdir, env, out, err, stdin, timeout_s)
             how, value = verdict["how"], verdict["value"]
             if how == "timeout":
                 status = "timeout"

@@ -2,13 +2,16 @@
 hostile programs run in the strongest setup here and in simulated weaker hosts."""
 
 import dataclasses
+import json
 import os
 import secrets
+import shutil
 import socket
 import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,7 @@ from lmforge.eval import sandbox
 from lmforge.eval.sandbox import isolation, live_members, run_code
 
 REAL = sandbox._setup()
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, for a subprocess's PYTHONPATH
 NO_NS = {"prefix": (), "namespaces": False}
 # the hosts we cannot be on, simulated by turning the probe's findings off one by one
 SETUPS = {
@@ -270,12 +274,10 @@ def _alive_with_name(name: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("parent", ["exits", "hangs"])
-def test_hostile_setsid_sleeper_does_not_outlive_the_run(setup, parent):
-    # the grandchild leaves the group with setsid() and names itself, so we can look for it
-    # on the host by name even when its pid lives in a PID namespace
-    name = "lmf" + secrets.token_hex(6)
-    program = (
+def _sleeper(name: str, parent_hangs: bool = False) -> str:
+    """A program whose grandchild leaves the group with setsid(), names itself `name` (so we
+    can look for it on the host even when its pid lives in a PID namespace) and sleeps."""
+    return (
         "import ctypes, os, time\n"
         "r, w = os.pipe()\n"
         "if os.fork() == 0:\n"
@@ -286,9 +288,14 @@ def test_hostile_setsid_sleeper_does_not_outlive_the_run(setup, parent):
         "        os.write(w, b'x')\n"
         "        time.sleep(30)\n"
         "    os._exit(0)\n"
-        "os.read(r, 1)  # the sleeper runs\n" + ("time.sleep(30)\n" if parent == "hangs" else "")
+        "os.read(r, 1)  # the sleeper runs\n" + ("time.sleep(30)\n" if parent_hangs else "")
     )
-    r = run_code(program, timeout_s=2)
+
+
+@pytest.mark.parametrize("parent", ["exits", "hangs"])
+def test_hostile_setsid_sleeper_does_not_outlive_the_run(setup, parent):
+    name = "lmf" + secrets.token_hex(6)
+    r = run_code(_sleeper(name, parent == "hangs"), timeout_s=2)
     assert r.status == ("timeout" if parent == "hangs" else "passed"), r.stderr_tail
     assert "pid" in r.stdout_tail  # the sleeper did start
     assert _alive_with_name(name) == []
@@ -324,3 +331,55 @@ def test_the_filter_still_lets_a_program_signal_itself(setup):
         pytest.skip("the program is pid 1 of its namespace, which ignores SIGKILL from inside")
     r = run_code("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
     assert (r.status, r.passed) == ("error", False), r.stderr_tail
+
+
+NON_ROOT_EVALUATOR = """
+import json, os, socket, sys
+from lmforge.eval import sandbox
+
+me = os.getpid()
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+port = srv.getsockname()[1]
+programs = {
+    "environ": f"open('/proc/{me}/environ', 'rb').read()\\n",
+    "mem": f"open('/proc/{me}/mem', 'rb')\\n",
+    "kill": f"import os\\nos.kill({me}, 9)\\n",
+    "connect": f"import _socket\\ns = _socket.socket()\\ns.settimeout(2)\\n"
+    f"s.connect(('127.0.0.1', {port}))\\n",
+    "sleeper": sys.argv[1],
+}
+status = {k: sandbox.run_code(p, timeout_s=2).status for k, p in programs.items()}
+print(json.dumps({"level": sandbox.isolation().level, "status": status}))
+"""
+
+
+@pytest.mark.skipif(
+    REAL.uid is None or not shutil.which("setpriv"), reason="needs root to become nobody"
+)
+def test_as_a_real_non_root_user_without_unshare():
+    # the evaluator itself runs as nobody with no unshare on its PATH: the layers left are
+    # seccomp, the subreaper and the non-dumpable evaluator; a secret sits in its environment
+    name = "lmf" + secrets.token_hex(6)
+    drop = [
+        shutil.which("setpriv"),
+        f"--reuid={sandbox.NOBODY}",
+        f"--regid={sandbox.NOBODY}",
+        "--clear-groups",
+    ]
+    env = {"PATH": "/nonexistent", "PYTHONPATH": str(ROOT), "LMFORGE_SECRET": "s3cret"}
+    cmd = [*drop, REAL.python, "-c", NON_ROOT_EVALUATOR, _sleeper(name)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    if REAL.seccomp:
+        assert report["level"] == "medium"
+        assert report["status"] == {
+            "environ": "failed",  # PermissionError: the evaluator is not dumpable meanwhile
+            "mem": "failed",
+            "kill": "failed",  # PermissionError from the filter; the evaluator answered
+            "connect": "failed",
+            "sleeper": "passed",
+        }
+    assert _alive_with_name(name) == []
