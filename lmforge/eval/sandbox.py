@@ -19,12 +19,12 @@ launcher, this file run as a script, which stays outside the sandbox:
 - where `unshare` works (root, or unprivileged user namespaces): an empty network namespace and
   a PID namespace with its own /proc (when its first process dies the kernel kills the rest);
 - where seccomp works: a hand-built classic BPF filter (no libseccomp binding is needed, and
-  none ships with CPython; x86_64 and aarch64) makes socket(), io_uring_setup(), ptrace, the
-  process_vm_* calls and signals to any pid but that of the launcher's child (the first
-  process the sandbox runs: unshare re-raises its child's fatal signal on itself) fail with
-  EPERM. It
-  blocks the network without namespaces (Docker's default seccomp profile, hosts without user
-  namespaces) and keeps a same-uid program from signalling the evaluator.
+  none ships with CPython; x86_64 and aarch64) makes these fail with EPERM: socket(),
+  io_uring_setup(), ptrace, process_vm_*, setting a SIGIO owner (fcntl F_SETOWN, ioctl
+  FIOSETOWN), and signals to any pid but that of the launcher's child (the first process the
+  sandbox runs: unshare re-raises its child's fatal signal on itself). It blocks the network
+  without namespaces (Docker's default seccomp profile, hosts without user namespaces) and keeps
+  a same-uid program from signalling the evaluator.
 Without namespaces or seccomp, network access is blocked only by a prelude that replaces
 `socket.socket` and friends, which a program can undo via `_socket`: the "weak" level, which
 `check_isolation` refuses unless the user says --unsafe-exec. Never guaranteed: reads of
@@ -107,15 +107,20 @@ _ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # AUDIT_ARCH_*
 _NR = {
     "x86_64": {
         "socket": 41, "io_uring_setup": 425, "ptrace": 101, "process_vm_readv": 310,
-        "process_vm_writev": 311, "pidfd_getfd": 438, "kill": 62, "tgkill": 234,
-        "tkill": 200, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297, "pidfd_send_signal": 424,
+        "process_vm_writev": 311, "pidfd_getfd": 438, "tkill": 200, "rt_sigqueueinfo": 129,
+        "rt_tgsigqueueinfo": 297, "pidfd_send_signal": 424,
+        "kill": 62, "tgkill": 234, "fcntl": 72, "ioctl": 16,  # these look at an argument
     },
     "aarch64": {
         "socket": 198, "io_uring_setup": 425, "ptrace": 117, "process_vm_readv": 270,
-        "process_vm_writev": 271, "pidfd_getfd": 438, "kill": 129, "tgkill": 131,
-        "tkill": 130, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240, "pidfd_send_signal": 424,
+        "process_vm_writev": 271, "pidfd_getfd": 438, "tkill": 130, "rt_sigqueueinfo": 138,
+        "rt_tgsigqueueinfo": 240, "pidfd_send_signal": 424,
+        "kill": 129, "tgkill": 131, "fcntl": 25, "ioctl": 29,
     },
 }  # fmt: skip
+# fcntl F_SETOWN, F_SETOWN_EX and ioctl FIOSETOWN, SIOCSPGRP: name a process to receive SIGIO
+# (F_SETSIG can make it SIGKILL), checked only against the uid: a signal by the back door
+_SET_OWNER = (8, 15, 0x8901, 0x8902)
 _LD_W_ABS, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, RET|K
 _ALLOW, _EPERM = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
 _X32 = 0x40000000  # x86_64 syscalls with this bit are the x32 ABI: a second table to refuse
@@ -125,26 +130,32 @@ PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 
 def seccomp_filter(self_pid: int, machine: str | None = None) -> bytes | None:
     """The filter as packed `struct sock_filter`s, or None on an architecture we have no table
-    for. Reads `struct seccomp_data` (nr at offset 0, arch at 4, args[0] at 16): kill and tgkill
-    may target only `self_pid` (unshare re-raises its child's signal on itself); the rest of
-    the list fails with EPERM; everything else is allowed."""
+    for. Reads `struct seccomp_data` (nr at offset 0, arch at 4, args[i] at 16 + 8 i, low word
+    first): kill and tgkill may target only `self_pid` (unshare re-raises its child's signal
+    on itself); fcntl and ioctl may not set a signal owner; the other listed calls fail with
+    EPERM; everything else is allowed."""
     machine = machine or platform.machine()
     if machine not in _NR:
         return None
     nr = _NR[machine]
-    denied = [nr[n] for n in nr if n not in ("kill", "tgkill")]
-    prog: list[tuple] = [  # (code, jump-if-true label or 0, jump-if-false label or 0, k)
+    denied = [nr[n] for n in nr if n not in ("kill", "tgkill", "fcntl", "ioctl")]
+    prog: list = [  # (code, jump-if-true label or 0, jump-if-false label or 0, k) and labels
         (_LD_W_ABS, 0, 0, 4),
         (_JEQ, 0, "deny", _ARCH[machine]),  # another ABI (i386 via int 0x80): refuse it all
         (_LD_W_ABS, 0, 0, 0),
         (_JEQ, "self", 0, nr["kill"]),
         (_JEQ, "self", 0, nr["tgkill"]),
+        (_JEQ, "owner", 0, nr["fcntl"]),
+        (_JEQ, "owner", 0, nr["ioctl"]),
     ]
     if machine == "x86_64":
         prog.append((_JGE, "deny", 0, _X32))
     prog += [(_JEQ, "deny", 0, n) for n in denied]
-    prog += [(_RET, 0, 0, _ALLOW), "self", (_LD_W_ABS, 0, 0, 16)]  # low word of args[0]
-    prog += [(_JEQ, 0, "deny", self_pid), (_RET, 0, 0, _ALLOW), "deny", (_RET, 0, 0, _EPERM)]
+    prog += [(_RET, 0, 0, _ALLOW), "self", (_LD_W_ABS, 0, 0, 16)]  # args[0]: the target pid
+    prog += [(_JEQ, 0, "deny", self_pid), (_RET, 0, 0, _ALLOW)]
+    prog += ["owner", (_LD_W_ABS, 0, 0, 24)]  # args[1]: the command
+    prog += [(_JEQ, "deny", 0, cmd) for cmd in _SET_OWNER]
+    prog += [(_RET, 0, 0, _ALLOW), "deny", (_RET, 0, 0, _EPERM)]
     labels, code = {}, []
     for item in prog:
         if isinstance(item, str):

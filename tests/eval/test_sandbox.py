@@ -239,23 +239,33 @@ def test_hostile_environment_read_finds_no_secret(setup, monkeypatch):
 def test_hostile_program_cannot_kill_the_evaluator(setup):
     # a stand-in for the evaluator (our uid, alive until we end it), and the program's parent
     # (the launcher; none visible in a PID namespace). Never kill(-1): as root it would take
-    # the whole machine if a layer were broken
+    # the whole machine if a layer were broken. The back door: make the stand-in the SIGIO
+    # owner of a socket, with SIGKILL as the signal, and write to the socket
     stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         program = (
-            "import os, signal\n"
+            "import fcntl, os, signal, socket\n"
             f"for pid in ({stand_in.pid}, os.getppid()):\n"
             "    try:\n"
             "        os.kill(pid or 999999, signal.SIGKILL)  # 0 would be our own group\n"
             "        print('killed', pid)\n"
             "    except OSError:\n"
             "        print('denied', pid)\n"
+            "a, b = socket.socketpair()\n"
+            "try:\n"
+            f"    fcntl.fcntl(a, fcntl.F_SETOWN, {stand_in.pid})\n"
+            "    fcntl.fcntl(a, 10, signal.SIGKILL)  # F_SETSIG\n"
+            "    fcntl.fcntl(a, fcntl.F_SETFL, os.O_ASYNC)\n"
+            "    b.send(b'x')\n"
+            "except OSError as e:\n"
+            "    print('sigio', e)\n"
         )
         r = run_code(program, timeout_s=5)
         if isolation().level == "weak":  # the program kills the launcher: the gap is stated
             assert any(g.startswith("evaluator") for g in isolation().gaps)
             return
-        assert stand_in.poll() is None, r.stdout_tail  # the evaluator's stand-in lives
+        with pytest.raises(subprocess.TimeoutExpired):  # the evaluator's stand-in lives on
+            stand_in.wait(timeout=0.2)  # (a signal already sent would land well within this)
         assert r.status == "passed" and "killed" not in r.stdout_tail, r.stdout_tail
     finally:
         stand_in.kill()
