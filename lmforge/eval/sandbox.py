@@ -21,10 +21,10 @@ launcher, this file run as a script, which stays outside the sandbox:
 - where seccomp works: a hand-built classic BPF filter (no libseccomp binding is needed, and
   none ships with CPython; x86_64 and aarch64) makes these fail with EPERM: socket(),
   io_uring_setup(), ptrace, process_vm_*, setting a SIGIO owner (fcntl F_SETOWN, ioctl
-  FIOSETOWN), and signals to any pid but that of the launcher's child (the first process the
-  sandbox runs: unshare re-raises its child's fatal signal on itself). It blocks the network
-  without namespaces (Docker's default seccomp profile, hosts without user namespaces) and keeps
-  a same-uid program from signalling the evaluator.
+  FIOSETOWN), other processes' rlimits (prlimit64), and signals to any pid but that of the
+  launcher's child (the first process the sandbox runs: unshare re-raises its child's fatal
+  signal on itself). It blocks the network without namespaces (Docker's default seccomp
+  profile, hosts without user namespaces) and keeps a same-uid program off the evaluator.
 Without namespaces or seccomp, network access is blocked only by a prelude that replaces
 `socket.socket` and friends, which a program can undo via `_socket`: the "weak" level, which
 `check_isolation` refuses unless the user says --unsafe-exec. Never guaranteed: reads of
@@ -109,13 +109,13 @@ _NR = {
         "socket": 41, "io_uring_setup": 425, "ptrace": 101, "process_vm_readv": 310,
         "process_vm_writev": 311, "pidfd_getfd": 438, "tkill": 200, "rt_sigqueueinfo": 129,
         "rt_tgsigqueueinfo": 297, "pidfd_send_signal": 424,
-        "kill": 62, "tgkill": 234, "fcntl": 72, "ioctl": 16,  # these look at an argument
+        "kill": 62, "tgkill": 234, "prlimit64": 302, "fcntl": 72, "ioctl": 16,  # by argument
     },
     "aarch64": {
         "socket": 198, "io_uring_setup": 425, "ptrace": 117, "process_vm_readv": 270,
         "process_vm_writev": 271, "pidfd_getfd": 438, "tkill": 130, "rt_sigqueueinfo": 138,
         "rt_tgsigqueueinfo": 240, "pidfd_send_signal": 424,
-        "kill": 129, "tgkill": 131, "fcntl": 25, "ioctl": 29,
+        "kill": 129, "tgkill": 131, "prlimit64": 261, "fcntl": 25, "ioctl": 29,
     },
 }  # fmt: skip
 # fcntl F_SETOWN, F_SETOWN_EX and ioctl FIOSETOWN, SIOCSPGRP: name a process to receive SIGIO
@@ -132,19 +132,21 @@ def seccomp_filter(self_pid: int, machine: str | None = None) -> bytes | None:
     """The filter as packed `struct sock_filter`s, or None on an architecture we have no table
     for. Reads `struct seccomp_data` (nr at offset 0, arch at 4, args[i] at 16 + 8 i, low word
     first): kill and tgkill may target only `self_pid` (unshare re-raises its child's signal
-    on itself); fcntl and ioctl may not set a signal owner; the other listed calls fail with
-    EPERM; everything else is allowed."""
+    on itself), prlimit64 only the caller (pid 0, as setrlimit does) or `self_pid`: a same-uid
+    program could otherwise set the evaluator's RLIMIT_CPU to 1 second; fcntl and ioctl may
+    not set a signal owner; the other listed calls fail with EPERM; the rest is allowed."""
     machine = machine or platform.machine()
     if machine not in _NR:
         return None
     nr = _NR[machine]
-    denied = [nr[n] for n in nr if n not in ("kill", "tgkill", "fcntl", "ioctl")]
+    denied = [nr[n] for n in nr if n not in ("kill", "tgkill", "prlimit64", "fcntl", "ioctl")]
     prog: list = [  # (code, jump-if-true label or 0, jump-if-false label or 0, k) and labels
         (_LD_W_ABS, 0, 0, 4),
         (_JEQ, 0, "deny", _ARCH[machine]),  # another ABI (i386 via int 0x80): refuse it all
         (_LD_W_ABS, 0, 0, 0),
         (_JEQ, "self", 0, nr["kill"]),
         (_JEQ, "self", 0, nr["tgkill"]),
+        (_JEQ, "caller", 0, nr["prlimit64"]),
         (_JEQ, "owner", 0, nr["fcntl"]),
         (_JEQ, "owner", 0, nr["ioctl"]),
     ]
@@ -153,6 +155,8 @@ def seccomp_filter(self_pid: int, machine: str | None = None) -> bytes | None:
     prog += [(_JEQ, "deny", 0, n) for n in denied]
     prog += [(_RET, 0, 0, _ALLOW), "self", (_LD_W_ABS, 0, 0, 16)]  # args[0]: the target pid
     prog += [(_JEQ, 0, "deny", self_pid), (_RET, 0, 0, _ALLOW)]
+    prog += ["caller", (_LD_W_ABS, 0, 0, 16), (_JEQ, "allow", 0, 0), (_JEQ, 0, "deny", self_pid)]
+    prog += ["allow", (_RET, 0, 0, _ALLOW)]
     prog += ["owner", (_LD_W_ABS, 0, 0, 24)]  # args[1]: the command
     prog += [(_JEQ, "deny", 0, cmd) for cmd in _SET_OWNER]
     prog += [(_RET, 0, 0, _ALLOW), "deny", (_RET, 0, 0, _EPERM)]
@@ -402,7 +406,10 @@ def isolation(setup: Setup | None = None) -> Isolation:
     }
     gaps = [gap for gap, closed in holes.items() if not closed]
     if not uid:
-        gaps.append("files: the program can read, write and delete what the user can")
+        gaps.append(
+            "files: the program runs as the user's uid, so it can read, write and delete the "
+            "user's files" + ("" if ns else " and reach the user's other processes via /proc")
+        )
     level = "strong" if ns and uid else "medium" if all(holes.values()) else "weak"
     return Isolation(level, tuple(mechanisms), tuple(gaps))
 

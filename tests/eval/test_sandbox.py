@@ -4,6 +4,7 @@ hostile programs run in the strongest setup here and in simulated weaker hosts."
 import dataclasses
 import json
 import os
+import resource
 import secrets
 import shutil
 import socket
@@ -259,7 +260,15 @@ def test_hostile_program_cannot_kill_the_evaluator(setup):
             "    b.send(b'x')\n"
             "except OSError as e:\n"
             "    print('sigio', e)\n"
+            "import resource\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))  # its own: allowed\n"
+            "try:  # the evaluator's: a CPU limit of 1 s would kill it later\n"
+            f"    resource.prlimit({stand_in.pid}, resource.RLIMIT_NOFILE, (3, 3))\n"
+            "    print('killed limits')\n"
+            "except OSError:\n"
+            "    print('denied prlimit')\n"
         )
+        nofile = resource.prlimit(stand_in.pid, resource.RLIMIT_NOFILE)
         r = run_code(program, timeout_s=5)
         if isolation().level == "weak":  # the program kills the launcher: the gap is stated
             assert any(g.startswith("evaluator") for g in isolation().gaps)
@@ -267,6 +276,7 @@ def test_hostile_program_cannot_kill_the_evaluator(setup):
         with pytest.raises(subprocess.TimeoutExpired):  # the evaluator's stand-in lives on
             stand_in.wait(timeout=0.2)  # (a signal already sent would land well within this)
         assert r.status == "passed" and "killed" not in r.stdout_tail, r.stdout_tail
+        assert resource.prlimit(stand_in.pid, resource.RLIMIT_NOFILE) == nofile
     finally:
         stand_in.kill()
         stand_in.wait()
