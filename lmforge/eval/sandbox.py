@@ -85,6 +85,7 @@ class Setup:
     setuid_in_child: bool = False  # the launcher drops the uid (not setpriv inside the prefix)
     seccomp: bool = False  # the BPF filter below installs here
     subreaper: bool = True  # PR_SET_CHILD_SUBREAPER works here
+    root: bool = False  # we are root: without a uid drop the program would be root too
 
 
 @dataclass(frozen=True)
@@ -355,8 +356,11 @@ def _setup() -> Setup:
     """The strongest setup that works here; each layer probed on its own."""
     unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
     ns = ("--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--")
-    # nobody must be able to run the interpreter: a venv under /root is out of its reach
-    reachable = [p for p in (sys.executable, "/usr/bin/python3") if _world_reachable(p)]
+    # nobody must be able to run the interpreter: a venv under /root is out of its reach, but
+    # any Python 3 will do, as programs use the standard library only
+    base = getattr(sys, "_base_executable", sys.executable)  # a venv's own interpreter
+    pythons = (sys.executable, base, "/usr/bin/python3", "/usr/local/bin/python3")
+    reachable = [p for p in pythons if _world_reachable(p)]
     can_drop = os.geteuid() == 0 and bool(reachable)
     python = reachable[0] if can_drop else sys.executable
     candidates = []  # (prefix, drops inside the prefix, drops in the launcher's child)
@@ -372,10 +376,13 @@ def _setup() -> Setup:
         if not prefix
         or _runs([*prefix, python, "-I", "-S", "-c", "pass"], _drop_uid if in_child else None)
     )
-    probe = subprocess.run(
-        [sys.executable, "-I", "-S", __file__, "--probe"], capture_output=True, timeout=30
-    )
-    layers = json.loads(probe.stdout) if probe.returncode == 0 else {}
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-I", "-S", __file__, "--probe"], capture_output=True, timeout=30
+        )
+        layers = json.loads(probe.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        layers = {}  # neither layer then: the level says so
     return Setup(
         prefix=prefix,
         namespaces=bool(prefix),
@@ -384,6 +391,7 @@ def _setup() -> Setup:
         setuid_in_child=in_child,
         seccomp=layers.get("seccomp", False),
         subreaper=layers.get("subreaper", False),
+        root=os.geteuid() == 0,
     )
 
 
@@ -391,7 +399,7 @@ def isolation(setup: Setup | None = None) -> Isolation:
     """The level and the layers `run_code` uses here. strong: network and PID namespaces and
     uid nobody; medium: network blocked (namespace or seccomp), the evaluator out of the
     program's reach (other uid, PID namespace or seccomp) and every orphan reaped (PID
-    namespace or subreaper); weak: anything less."""
+    namespace or subreaper), and not as root; weak: anything less."""
     s = setup or _setup()
     ns, uid = s.namespaces, s.uid is not None
     mechanisms = ["rlimits", "clean environment", "process group kill"]
@@ -403,6 +411,7 @@ def isolation(setup: Setup | None = None) -> Isolation:
         "network: only a Python-level block, which the program can undo": ns or s.seccomp,
         "evaluator: the program runs as our uid and can signal it": uid or ns or s.seccomp,
         "orphans: a program that calls setsid() can outlive the run": ns or s.subreaper,
+        "root: the program runs as root (no Python that nobody can run)": uid or not s.root,
     }
     gaps = [gap for gap, closed in holes.items() if not closed]
     if not uid:
@@ -523,9 +532,9 @@ def _supervise(cfg: dict, workdir: str, env: dict, out, err, stdin: bytes, timeo
     )
     try:
         report, _ = proc.communicate(stdin, timeout=timeout_s + KILL_GRACE_S + 10)
-        verdict = json.loads(report or b"null") or {"how": "lost", "value": 0}
-    except subprocess.TimeoutExpired:
-        verdict = {"how": "lost", "value": 0}  # the launcher hung: the backstop kills
+        verdict = json.loads(report)  # nothing, if the program killed the launcher
+    except (subprocess.TimeoutExpired, ValueError):
+        verdict = {"how": "lost", "value": 0}  # the backstop below kills what is left
     _kill_group(proc)
     return verdict, proc
 

@@ -22,6 +22,7 @@ from lmforge.eval.sandbox import isolation, live_members, run_code
 REAL = sandbox._setup()
 ROOT = Path(__file__).resolve().parents[2]  # the checkout, for a subprocess's PYTHONPATH
 NO_NS = {"prefix": (), "namespaces": False}
+NON_ROOT = {**NO_NS, "uid": None, "setuid_in_child": False, "root": False}
 # the hosts we cannot be on, simulated by turning the probe's findings off one by one
 SETUPS = {
     "strongest": REAL,
@@ -29,10 +30,11 @@ SETUPS = {
     "no seccomp": dataclasses.replace(REAL, seccomp=False),
     # Docker's default seccomp profile, or no user namespaces: as root the launcher drops the uid
     "no unshare": dataclasses.replace(REAL, **NO_NS, setuid_in_child=REAL.uid is not None),
-    # the same as a non-root user: seccomp and the subreaper carry it
-    "no unshare, no uid drop": dataclasses.replace(REAL, **NO_NS, uid=None, setuid_in_child=False),
+    # a non-root user's (though the program really runs as root here): seccomp and the
+    # subreaper carry it
+    "no unshare, no uid drop": dataclasses.replace(REAL, **NON_ROOT),
     # nothing but rlimits, the subreaper and group kill: the weak level, refused by default
-    "weak": dataclasses.replace(REAL, **NO_NS, uid=None, setuid_in_child=False, seccomp=False),
+    "weak": dataclasses.replace(REAL, **NON_ROOT, seccomp=False),
 }
 
 
@@ -181,6 +183,9 @@ def test_levels_of_the_simulated_setups():
         assert levels["no unshare, no uid drop"] == "medium"
         assert "files" in isolation(SETUPS["no unshare, no uid drop"]).gaps[0]
     assert levels["weak"] == "weak"
+    as_root = dataclasses.replace(SETUPS["no unshare, no uid drop"], root=True)
+    assert isolation(as_root).level == "weak"  # root without a uid drop: never medium
+    assert any(g.startswith("root") for g in isolation(as_root).gaps)
     assert any(g.startswith("network") for g in isolation(SETUPS["weak"]).gaps)
 
 
