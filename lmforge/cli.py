@@ -411,6 +411,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling tasks (default: 0)")
     p.add_argument(
+        "--unsafe-exec",
+        action="store_true",
+        help="run HumanEval's model-written code even where the sandbox is below the medium "
+        "level (no namespaces and no seccomp here); the results record the level",
+    )
+    p.add_argument(
         "--compare", nargs=2, metavar=("A", "B"), help="compare two results folders instead"
     )
 
@@ -713,7 +719,9 @@ def _cmd_eval(args) -> int:
         raise ConfigError("name a CHECKPOINT to evaluate, or pass --compare A B")
     tasks = [t for t in args.tasks.split(",") if t]
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
-    rows = evaluation.run(args.checkpoint, tasks, out, limit=args.limit, seed=args.seed)
+    rows = evaluation.run(
+        args.checkpoint, tasks, out, args.limit, args.seed, unsafe_exec=args.unsafe_exec
+    )
     print(evaluation.table(rows))
     print(f"results written to {out}")
     return 0

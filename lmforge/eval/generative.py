@@ -12,10 +12,11 @@ import gzip
 import json
 import math
 import re
+import secrets
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from lmforge.eval.sandbox import run_code
+from lmforge.eval.sandbox import check_isolation, run_code
 from lmforge.infer.generate import fit_prompt, stream_text
 
 GSM8K_SHOT_POOL = 8  # the file's first rows are worked examples for prompts and never scored
@@ -157,9 +158,31 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def humaneval_program(problem: dict, completion: str) -> str:
+    """Prompt, completion, the problem's tests, the check, and then a verdict line: only when
+    check(...) returns normally does the program read the run's token from stdin and print it.
+    A completion that exits first (sys.exit(0), os._exit(0), SystemExit at import or in the
+    function) exits 0 without the token, so it fails. The token is not in the program or its
+    environment; a completion written to cheat could still read stdin before the tests, or
+    return objects whose __eq__ is always true: this stops accidents, not an adversary."""
     return (
-        f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+        f"{problem['prompt']}{completion}\n\n{problem['test']}\n\n"
+        f"check({problem['entry_point']})\n"
+        "import sys as _lmforge_sys\n"
+        "_lmforge_sys.stdout.write('\\n' + _lmforge_sys.stdin.readline())\n"
+        "_lmforge_sys.stdout.flush()\n"
     )
+
+
+def run_humaneval(problem: dict, completion: str, timeout_s: float = 5.0) -> str:
+    """'passed' | 'failed' | 'timeout' | 'error' | 'exited_early' (exit 0, but the tests never
+    finished) for one completion, run in the sandbox with a fresh token on stdin."""
+    token = secrets.token_hex(16)
+    result = run_code(
+        humaneval_program(problem, completion), timeout_s=timeout_s, stdin=f"{token}\n".encode()
+    )
+    if result.status == "passed" and token not in result.stdout_tail.splitlines()[-1:]:
+        return "exited_early"
+    return result.status
 
 
 def humaneval_completions(
@@ -198,9 +221,9 @@ def score_humaneval(
     for problem, samples in zip(problems, completions, strict=True):
         c = 0
         for completion in samples:
-            result = run_code(humaneval_program(problem, completion), timeout_s=timeout_s)
-            statuses[result.status] = statuses.get(result.status, 0) + 1
-            c += result.passed
+            status = run_humaneval(problem, completion, timeout_s)
+            statuses[status] = statuses.get(status, 0) + 1
+            c += status == "passed"
         for kk in k:
             per_problem[kk].append(pass_at_k(len(samples), c, kk))
     out: dict = {}
@@ -220,10 +243,13 @@ def evaluate_humaneval(
     max_new_tokens: int = 256,
     timeout_s: float = 5.0,
     seed: int = 0,
+    unsafe_exec: bool = False,
 ) -> dict:
     """HumanEval pass@k from n completions per problem; temperature defaults to 0 (greedy)
-    for n = 1 and 0.8 for n > 1, where greedy samples would all be the same."""
+    for n = 1 and 0.8 for n > 1, where greedy samples would all be the same. Refuses a sandbox
+    below the medium level unless unsafe_exec; the result says which level was in force."""
     assert all(1 <= kk <= n for kk in k), f"every k in {k} must be between 1 and n={n}"
+    iso = check_isolation(unsafe_exec)
     if temperature is None:
         temperature = 0.0 if n == 1 else 0.8
     problems = load_jsonl(path)[:limit]
@@ -231,4 +257,10 @@ def evaluate_humaneval(
         model, tok, problems, n, temperature, max_new_tokens, seed
     )
     result = score_humaneval(problems, completions, k, timeout_s)
-    return {**result, "n_samples": n, "temperature": temperature, "prompts_cut": cut}
+    return {
+        **result,
+        "n_samples": n,
+        "temperature": temperature,
+        "prompts_cut": cut,
+        "isolation": {**iso.as_dict(), "unsafe_exec": unsafe_exec},
+    }

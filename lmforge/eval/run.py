@@ -8,7 +8,9 @@ what produced it, and two checkpoints compare row by row.
 Task names:
 - a file in lmforge/eval/tasks/ (mmlu, cmmlu, arc_challenge, hellaswag, ...) or a path to a
   task YAML of that shape: multiple choice by log-likelihood;
-- gsm8k, humaneval: the bundled generative sets (datasets/eval/);
+- gsm8k, humaneval: the bundled generative sets (datasets/eval/). HumanEval runs model-written
+  code: it refuses a sandbox below the medium level (see eval/sandbox.py) unless unsafe_exec,
+  and its result file records the isolation level and layers that were in force;
 - lm:PATH: loss, perplexity and bits per byte of a text file, or of each language's validation
   shard in a prepared data folder (its first `limit` tokens), with sliding windows;
 - sim:PATH: BLEU and ROUGE on a JSONL file of {"source", "reference"} rows.
@@ -43,7 +45,9 @@ def _rows(task: str, metrics: dict, keys: list[str]) -> list[dict]:
     ]
 
 
-def run_task(model, tok, name: str, limit: int | None, seed: int) -> tuple[list[dict], dict]:
+def run_task(
+    model, tok, name: str, limit: int | None, seed: int, unsafe_exec: bool = False
+) -> tuple[list[dict], dict]:
     """(result rows, settings) of one task."""
     import torch
 
@@ -83,9 +87,11 @@ def run_task(model, tok, name: str, limit: int | None, seed: int) -> tuple[list[
         if name == "gsm8k":
             m = generative.evaluate_gsm8k(model, tok, _bundled("gsm8k"), limit=limit)
             return _rows(name, m, ["accuracy"]), {"k": m.get("k")}
-        m = generative.evaluate_humaneval(model, tok, _bundled("humaneval"), limit=limit)
+        m = generative.evaluate_humaneval(
+            model, tok, _bundled("humaneval"), limit=limit, unsafe_exec=unsafe_exec
+        )
         keys = [k for k in m if k.startswith("pass@") and not k.endswith("_stderr")]
-        return _rows(name, m, keys), {"n_samples": m.get("n_samples")}
+        return _rows(name, m, keys), {"n_samples": m["n_samples"], "isolation": m["isolation"]}
     from lmforge.eval.multiple_choice import evaluate_mc, load_task
 
     path = Path(name) if Path(name).suffix in (".yaml", ".yml") else TASK_DIR / f"{name}.yaml"
@@ -111,17 +117,29 @@ def _bundled(name: str) -> Path:
     return files[0]
 
 
-def run(ckpt, tasks: list[str], out_dir, limit: int | None = None, seed: int = 0) -> list[dict]:
+def run(
+    ckpt,
+    tasks: list[str],
+    out_dir,
+    limit: int | None = None,
+    seed: int = 0,
+    unsafe_exec: bool = False,
+) -> list[dict]:
     """Evaluate the checkpoint on each task; writes out_dir/<task>.json; returns all rows."""
     from lmforge.infer.chat import load_for_inference
 
+    if "humaneval" in tasks:  # refuse before the model loads, not after the other tasks
+        from lmforge.eval.sandbox import check_isolation
+
+        check_isolation(unsafe_exec)
     model, tok = load_for_inference(ckpt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in tasks:
         t0 = time.perf_counter()
-        task_rows, settings = run_task(model, tok, name, limit, seed)
+        task_rows, settings = run_task(model, tok, name, limit, seed, unsafe_exec)
+        isolation = settings.pop("isolation", None)
         record = {
             "task": name,
             "results": task_rows,
@@ -130,6 +148,8 @@ def run(ckpt, tasks: list[str], out_dir, limit: int | None = None, seed: int = 0
             "seed": seed,
             "seconds": time.perf_counter() - t0,
         }
+        if isolation:  # how contained the model-written code was (level, layers, gaps)
+            record["isolation"] = isolation
         safe = name.replace("/", "_").replace(":", "_")
         write_json(out_dir / f"{safe}.json", record)
         rows += task_rows

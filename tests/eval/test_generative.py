@@ -1,12 +1,14 @@
 """GSM8K answer extraction and scoring, pass@k against brute force, HumanEval through the sandbox,
 and both tasks end to end on the micro model."""
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
 
 import pytest
 
+from lmforge.eval import sandbox
 from lmforge.eval.generative import (
     GSM8K_SHOT_POOL,
     evaluate_gsm8k,
@@ -15,6 +17,7 @@ from lmforge.eval.generative import (
     gsm8k_prompt,
     load_jsonl,
     pass_at_k,
+    run_humaneval,
     score_gsm8k,
     score_humaneval,
     worked_answer,
@@ -114,6 +117,41 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
     assert mixed["statuses"] == {"passed": 3, "failed": 3, "timeout": 3}
 
 
+# made-up problem: the tests pass only if f() returns 1
+ONE = {"prompt": "def f():\n", "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}
+EARLY_EXITS = {
+    "sys.exit in the function": "    import sys\n    sys.exit(0)\n",
+    "os._exit in the function": "    import os\n    os._exit(0)\n",
+    "SystemExit in the function": "    raise SystemExit\n",
+    "sys.exit at import": "    return 1\nimport sys\nsys.exit(0)\n",
+    "os._exit at import": "    return 2\nimport os\nos._exit(0)\n",
+    "SystemExit(0) at import": "    return 1\nraise SystemExit(0)\n",
+}
+WEAKEST = dataclasses.replace(
+    sandbox._setup(), prefix=(), namespaces=False, uid=None, setuid_in_child=False, seccomp=False
+)
+
+
+@pytest.mark.parametrize("weakest", [False, True], ids=["strongest", "weakest"])
+def test_humaneval_exit_before_the_tests_is_not_a_pass(weakest, monkeypatch):
+    if weakest:
+        monkeypatch.setattr(sandbox, "_setup", lambda: WEAKEST)
+    assert run_humaneval(ONE, "    return 1\n") == "passed"
+    assert run_humaneval(ONE, "    return 2\n") == "failed"
+    for name, completion in EARLY_EXITS.items():
+        assert run_humaneval(ONE, completion, timeout_s=5) == "exited_early", name
+    result = score_humaneval([ONE], [list(EARLY_EXITS.values())], k=(1, 6))
+    assert result["pass@6"] == 0.0 and result["statuses"] == {"exited_early": 6}
+
+
+def test_evaluate_humaneval_refuses_a_weak_sandbox(monkeypatch):
+    from lmforge.config import ConfigError
+
+    monkeypatch.setattr(sandbox, "_setup", lambda: WEAKEST)
+    with pytest.raises(ConfigError, match="--unsafe-exec"):
+        evaluate_humaneval(None, None, HUMANEVAL, limit=1)
+
+
 @pytest.fixture(scope="module")
 def micro_model(micro_pretrained):
     from lmforge.model.checkpoint import load_model
@@ -137,6 +175,8 @@ def test_evaluate_humaneval_end_to_end(micro_model):
     greedy = evaluate_humaneval(model, tok, HUMANEVAL, limit=2, max_new_tokens=8, timeout_s=2)
     assert greedy["n"] == 2 and greedy["n_samples"] == 1 and greedy["temperature"] == 0.0
     assert 0.0 <= greedy["pass@1"] <= 1.0 and sum(greedy["statuses"].values()) == 2
+    assert greedy["isolation"]["level"] == sandbox.isolation().level
+    assert greedy["isolation"]["unsafe_exec"] is False
     sampled = evaluate_humaneval(
         model, tok, HUMANEVAL, n=2, k=(1, 2), limit=1, max_new_tokens=8, timeout_s=2
     )

@@ -43,6 +43,9 @@ def test_eval_writes_results_and_compares(micro_pretrained, tmp_path):
         for r in json.loads((tmp_path / "b" / f"{f}.json").read_text())["results"]
     }
     assert set(gen) == {"accuracy", "pass@1"} and gen["pass@1"]["n"] == 2
+    isolation = json.loads((tmp_path / "b" / "humaneval.json").read_text())["isolation"]
+    assert isolation["level"] in ("medium", "strong") and isolation["unsafe_exec"] is False
+    assert "subreaper" in isolation["mechanisms"]
     r = lmforge("eval", "--compare", out, tmp_path / "b")
     assert r.returncode == 0 and "| mmlu | acc |" in r.stdout and "difference" in r.stdout
 
@@ -72,3 +75,27 @@ def test_eval_errors_are_clear(micro_pretrained, tmp_path):
     assert r.returncode == 2 and "no evaluation results" in r.stderr
     r = lmforge("eval")
     assert r.returncode == 2 and "name a CHECKPOINT" in r.stderr
+
+
+def test_humaneval_refuses_a_weak_sandbox_unless_unsafe_exec(
+    micro_pretrained, tmp_path, monkeypatch, capsys
+):
+    import dataclasses
+
+    from lmforge.cli import main
+    from lmforge.eval import sandbox
+
+    weak = dataclasses.replace(  # a host with no namespaces, no seccomp and no uid drop
+        sandbox._setup(), prefix=(), namespaces=False, uid=None, setuid_in_child=False,
+        seccomp=False,
+    )  # fmt: skip
+    monkeypatch.setattr(sandbox, "_setup", lambda: weak)
+    args = ["eval", str(micro_pretrained[1]), "--tasks", "humaneval", "--limit", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to run model-written code" in err and "--unsafe-exec" in err
+    assert not (tmp_path / "a" / "humaneval.json").exists()
+    assert main([*args, "--out", str(tmp_path / "b"), "--unsafe-exec"]) == 0
+    record = json.loads((tmp_path / "b" / "humaneval.json").read_text())
+    assert record["isolation"]["level"] == "weak" and record["isolation"]["unsafe_exec"] is True
+    assert any(g.startswith("network") for g in record["isolation"]["gaps"])
