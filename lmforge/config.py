@@ -500,6 +500,7 @@ class EvalConfig:  # `eval:` the report card written by `lmforge run` (lmforge e
         default_factory=lambda: ["pretrain", "sft", "dpo"]
     )  # which of the run's models to evaluate, side by side: pretrain | sft | dpo (skipped when absent)
     seed: int = 0  # seed for sampling tasks
+    unsafe_exec: bool = False  # run HumanEval's generated code even where the sandbox is weak
 
     def __post_init__(self):
         bad = [m for m in self.models if m not in ("pretrain", "sft", "dpo")]

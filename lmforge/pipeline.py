@@ -338,7 +338,12 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
                     continue
                 ckpt = out / name / ("adapter" if lora.get(name) else "model")
                 rows = evaluation.run(
-                    ckpt, recipe.eval.tasks, d / name, recipe.eval.limit or None, recipe.eval.seed
+                    ckpt,
+                    recipe.eval.tasks,
+                    d / name,
+                    recipe.eval.limit or None,
+                    recipe.eval.seed,
+                    unsafe_exec=recipe.eval.unsafe_exec,
                 )
                 done[name] = rows
             return {"models": list(done)}

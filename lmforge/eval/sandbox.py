@@ -432,7 +432,8 @@ def check_isolation(unsafe_exec: bool = False, minimum: str = MIN_LEVEL) -> Isol
         raise ConfigError(
             f"refusing to run model-written code: the sandbox here is only {iso.level!r} "
             f"(minimum {minimum!r}): {'; '.join(iso.gaps)}. Run where unshare or seccomp works "
-            "(e.g. as root, or with user namespaces), or pass --unsafe-exec to accept the risk"
+            "(e.g. as root, or with user namespaces), or pass --unsafe-exec (in a recipe: "
+            "eval.unsafe_exec: true) to accept the risk"
         )
     return iso
 
