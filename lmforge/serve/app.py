@@ -8,8 +8,10 @@ HTTP request is a coroutine awaiting its inbox while one thread keeps all of the
 frees its slot at the engine's next step.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status
-OpenAI uses: 400 bad request, 401 API key, 404 unknown model, 413 body too large, 429 queue
-full, 503 model still loading.
+OpenAI uses: 400 bad request (or a Host this server does not answer to), 401 API key, 404
+unknown model, 408 body too slow, 413 body too large, 415 not JSON, 429 queue full, 500 the
+chat template failed or timed out, 503 model still loading. guards.py holds what bounds
+hostile and slow clients.
 """
 
 from __future__ import annotations
