@@ -237,12 +237,13 @@ def guarded_http_protocol(max_connections: int, timeout: float):
                 return
             if self.cycle is not None and not self.cycle.response_complete:
                 return  # a request is in the app, which has its own deadline for the body
-            got = len(self.conn.trailing_data[0])
-            self._drop(
-                f"dropped: no complete request header within {timeout:g} s "
-                f"({got} bytes of it received)",
-                b"408 Request Timeout" if self.conn.our_state is h11.IDLE else None,
-            )
+            if self.conn.their_state is h11.IDLE:
+                got = len(self.conn.trailing_data[0])
+                why = f"no complete request header within {timeout:g} s ({got} bytes of it)"
+            else:  # the rest of a request whose answer has gone (a 413 stops reading)
+                why = f"the rest of the request did not arrive within {timeout:g} s"
+            status = b"408 Request Timeout" if self.conn.our_state is h11.IDLE else None
+            self._drop(f"dropped: {why}", status)
 
         def _drop(self, why: str, status: bytes | None) -> None:
             """One log line, a bodiless answer when nothing was sent yet, and close."""

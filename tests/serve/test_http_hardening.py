@@ -199,6 +199,8 @@ def test_a_looping_chat_template_fails_its_request_only(micro, live_server, capl
         r = _post(url, {"prompt": "The", "max_tokens": 2}, path="/v1/completions")
         assert r.status_code == 200, r.text
         _wait_until(lambda: srv.render.busy == 0, 10, "a render thread is still running")
+    with pytest.raises(httpx.TransportError):  # the server has stopped
+        httpx.get(f"{url}/health", timeout=5)
     assert not [t for t in threading.enumerate() if t.name == "render"]
     assert caplog.text.count("the chat template took over 0.5 s") == 3
 
