@@ -156,21 +156,21 @@ class TemplateRenderer:
     def _work(self, job: _Job) -> None:
         try:
             result, error = job.fn(), None
-        except RenderTimeout as e:
-            result, error = None, e
-        except Exception as e:
+        except (RenderTimeout, Exception) as e:
             result, error = None, e
         self._finish(job, result, error)
 
     def _finish(self, job: _Job, result, error) -> None:
         """Idempotent bookkeeping: a kill may arrive at most once, anywhere before the clear
-        below (taken under the lock that _kill holds), and _main then calls this again."""
+        below (taken under the lock that _kill holds), and _main then calls this again. Inside
+        the lock nothing but the clear itself calls a function, where a kill could land."""
+        me = threading.get_ident()
         with self._lock:
             if not job.running:
                 return
             job.running = False
             self.busy -= 1
-            _clear_async_exc(threading.get_ident(), None)  # a kill fired as the render ended
+            _clear_async_exc(me, None)  # a kill fired as the render ended
         try:
             job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
         except RuntimeError:  # the event loop has closed: nobody is waiting
