@@ -349,12 +349,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key-file",
         default=None,
+        metavar="PATH",
         help="require 'Authorization: Bearer KEY' on /v1/*, KEY read from this file's first line "
         "(default: $LMFORGE_API_KEY, or no key)",
     )
     p.add_argument(
         "--api-key",
         default=None,
+        metavar="KEY",
         help="the key itself; other local users can read it in the process list, so prefer "
         "--api-key-file or $LMFORGE_API_KEY",
     )
@@ -363,6 +365,7 @@ def _parser() -> argparse.ArgumentParser:
         "--model-name",
         dest="model_name",
         default=None,
+        metavar="NAME",
         help="model id clients use and /v1/models shows (default: the checkpoint directory's "
         "name; the path as given is accepted too)",
     )
@@ -390,6 +393,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allowed-hosts",
         default=None,
+        metavar="HOSTS",
         help="comma-separated Host names the server answers to, * = any (default: when bound to "
         "a loopback address, 127.0.0.1, localhost and ::1 only, against DNS rebinding; "
         "otherwise any)",
