@@ -356,11 +356,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="require 'Authorization: Bearer KEY' on /v1/*, KEY read from this file's first line "
+        "(default: $LMFORGE_API_KEY, or no key)",
+    )
+    p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LMFORGE_API_KEY, or none)",
+        metavar="KEY",
+        help="the key itself; other local users can read it in the process list, so prefer "
+        "--api-key-file or $LMFORGE_API_KEY",
     )
-    p.add_argument("--model-name", default=None, help="model id clients use (default: CHECKPOINT)")
+    p.add_argument(
+        "--served-model-name",
+        "--model-name",
+        dest="model_name",
+        default=None,
+        metavar="NAME",
+        help="model id clients use and /v1/models shows (default: the checkpoint directory's "
+        "name; the path as given is accepted too)",
+    )
     p.add_argument(
         "--max-batch", type=int, default=8, help="requests decoded together (default: 8)"
     )
@@ -381,6 +398,27 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1 << 20,
         help="largest request body; bigger ones get 413 (default: 1048576)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="HOSTS",
+        help="comma-separated Host names the server answers to, * = any (default: when bound to "
+        "a loopback address, 127.0.0.1, localhost and ::1 only, against DNS rebinding; "
+        "otherwise any)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections; more are answered 503 and closed (default: 256)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds for a request's header, and again for its body, to arrive; slower "
+        "connections are dropped (default: 30)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument(
@@ -686,27 +724,64 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def resolve_api_key(key: str | None, key_file: str | None, environ) -> tuple[str | None, str]:
+    """The server's API key and where it came from: --api-key-file, then --api-key (warned
+    about: /proc/PID/cmdline is readable by every local user and by sandboxed code), then
+    $LMFORGE_API_KEY; (None, "") for no key. An unreadable or empty key file is an error."""
+    if key_file is not None and key is not None:
+        raise ConfigError("pass --api-key-file or --api-key, not both")
+    if key_file is not None:
+        try:
+            lines = Path(key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--api-key-file {key_file}: cannot read it ({e})") from None
+        found = lines[0].strip() if lines else ""
+        if not found:
+            raise ConfigError(
+                f"--api-key-file {key_file}: the file is empty (the key goes on line 1)"
+            )
+        return found, f"--api-key-file {key_file}"
+    if key is not None:
+        if not key.strip():
+            raise ConfigError("--api-key is empty")
+        return key.strip(), "--api-key"
+    env = environ.get("LMFORGE_API_KEY", "").strip()
+    return (env, "$LMFORGE_API_KEY") if env else (None, "")
+
+
 def _cmd_serve(args, rest) -> int:
     import logging
 
     if rest:
         raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
+    api_key, source = resolve_api_key(args.api_key, args.api_key_file, os.environ)
+    if source == "--api-key":
+        print(
+            "warning: --api-key is visible to every local user in the process list; "
+            "use --api-key-file or $LMFORGE_API_KEY",
+            file=sys.stderr,
+        )
     from lmforge.serve.app import create_app, serve
 
     level = args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    hosts = args.allowed_hosts
     app = create_app(
         args.checkpoint,
         args.model_name,
-        api_key=args.api_key or os.environ.get("LMFORGE_API_KEY") or None,
+        api_key=api_key,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_tokens=args.max_tokens,
         max_request_bytes=args.max_request_bytes,
         device=args.device,
         batch_invariant=not args.no_batch_invariance,
+        allowed_hosts=hosts.split(",") if hosts is not None else None,
+        request_timeout=args.request_timeout,
     )
-    return serve(app, args.host, args.port, log_level=args.log_level)
+    return serve(
+        app, args.host, args.port, max_connections=args.max_connections, log_level=args.log_level
+    )
 
 
 def _cmd_eval(args) -> int:

@@ -8,8 +8,10 @@ HTTP request is a coroutine awaiting its inbox while one thread keeps all of the
 frees its slot at the engine's next step.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status
-OpenAI uses: 400 bad request, 401 API key, 404 unknown model, 413 body too large, 429 queue
-full, 503 model still loading.
+OpenAI uses: 400 bad request (or a Host this server does not answer to), 401 API key, 404
+unknown model, 408 body too slow, 413 body too large, 415 not JSON, 429 queue full, 500 the
+chat template failed or timed out, 503 model still loading. guards.py holds what bounds
+hostile and slow clients.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import collections
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections import Counter
@@ -28,6 +31,8 @@ from pathlib import Path
 from typing import Literal
 
 from lmforge.config import ConfigError
+from lmforge.serve import guards
+from lmforge.serve.guards import HostCheck, RenderBusy, RenderTimeout, TemplateRenderer
 
 try:
     import uvicorn
@@ -54,15 +59,21 @@ class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(
-        self, status: int, message: str, type="invalid_request_error", param=None, code=None
+        self,
+        status: int,
+        message: str,
+        type="invalid_request_error",
+        param=None,
+        code=None,
+        headers: dict | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
-        self.param, self.code = param, code
+        self.param, self.code, self.headers = param, code, headers
 
     def response(self) -> JSONResponse:
         body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -155,6 +166,43 @@ def _refuse_unsupported(body: _Sampling) -> None:
         )
 
 
+# OpenAI request fields this server does not implement, with the test "does this value ask for
+# a different answer than we give?". Such a value is refused (400 naming the field) rather than
+# ignored: the client would silently get something other than it asked for. Null is the default.
+# Fields that do not change the answer are ignored: user, metadata, store, service_tier,
+# prompt_cache_key, safety_identifier, prediction (a latency hint) and parallel_tool_calls
+# (tools are refused); so are keys OpenAI does not have (other servers' extras).
+_CHAT_NOT_IMPLEMENTED: dict[str, Callable[[object], bool]] = {
+    "response_format": lambda v: v != {"type": "text"},
+    "logit_bias": lambda v: v != {},
+    "tool_choice": lambda v: v not in ("none", "auto"),  # without tools, both mean "no call"
+    "functions": lambda v: v != [],
+    "function_call": lambda v: v not in ("none", "auto"),
+    "modalities": lambda v: v != ["text"],
+    "audio": lambda v: True,
+    "web_search_options": lambda v: True,  # {} turns web search on with its defaults
+    "reasoning_effort": lambda v: True,  # this is not a reasoning model
+    "verbosity": lambda v: v != "medium",
+}
+_COMPLETIONS_NOT_IMPLEMENTED: dict[str, Callable[[object], bool]] = {
+    "logit_bias": lambda v: v != {},
+}
+
+
+def _refuse_not_implemented(obj: dict, fields: dict) -> None:
+    """400 naming the first field of `fields` set to a value that would change the answer."""
+    for name, changes_answer in fields.items():
+        value = obj.get(name)
+        if value is not None and changes_answer(value):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise APIError(
+                400,
+                f"{name}={shown} is not supported by this server",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -175,6 +223,18 @@ class _Server:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.created = int(time.time())
         self.finished: Counter[str] = Counter()  # finish reasons so far (tests, /health)
+        # set by create_app: other names accepted for the model, the body deadline, the
+        # template renderer, the Host names asked for (None = the default for the address)
+        self.aliases: set[str] = set()
+        self.request_timeout = 30.0
+        self.render = TemplateRenderer()
+        self.allowed_hosts_arg: list[str] | None = None
+        self.bind("127.0.0.1")
+
+    def bind(self, host: str) -> None:
+        """The address the server listens on decides the default Host names (DNS rebinding)."""
+        self.host = host
+        self.allowed_hosts = guards.allowed_hosts(host, self.allowed_hosts_arg)
 
     async def load(self) -> None:
         from lmforge.infer.engine import Engine
@@ -212,7 +272,7 @@ class _Server:
         return self.engine
 
     def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
+        if name is not None and name != self.model_name and name not in self.aliases:
             raise APIError(
                 404,
                 f"the model {name!r} does not exist; this server serves {self.model_name!r}",
@@ -345,10 +405,69 @@ async def _events(http: Request, req, events: _Inbox) -> AsyncIterator[tuple]:
             req.cancel()
 
 
-async def _read_json(http: Request, limit: int) -> dict:
-    """The body as a JSON object: 413 past `limit` bytes, 400 when it is not JSON."""
+async def _read_json(http: Request, limit: int, timeout: float) -> dict:
+    """The body as a JSON object: 415 unless it is declared `application/json`, 413 past
+    `limit` bytes, 408 when it has not all arrived within `timeout` seconds, 400 when it is not
+    JSON, is nested too deeply or holds a string that is not valid Unicode."""
+    _check_content_type(http.headers.get("content-type", ""))
+    body = await _read_body(http, limit, timeout)
+    try:
+        obj = json.loads(body)
+    except RecursionError:  # json's C parser recurses once per level: 2,000 "[" are enough
+        raise _too_deep() from None
+    except ValueError as e:
+        raise APIError(
+            400, f"the request body is not valid JSON: {e}", code="invalid_json"
+        ) from None
+    if not isinstance(obj, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    _check_json_tree(obj)
+    return obj
+
+
+def _check_content_type(value: str) -> None:
+    """Only `application/json` (any parameters): a web page on another site may POST
+    `text/plain` or a form to this server without the browser asking first (no CORS
+    preflight), but not `application/json`."""
+    media = value.partition(";")[0].strip().lower()
+    if media != "application/json":
+        got = f"Content-Type {value!r}" if value else "no Content-Type"
+        raise APIError(
+            415,
+            f"the request has {got}; send the JSON body with 'Content-Type: application/json'",
+            code="unsupported_media_type",
+        )
+
+
+async def _read_body(http: Request, limit: int, timeout: float) -> bytes:
+    """The raw body, read against one deadline for all of it, so that a client sending a
+    byte now and then cannot hold a connection (and its file descriptor) for ever."""
+    from starlette.requests import ClientDisconnect
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     body, total = bytearray(), 0
-    async for chunk in http.stream():
+    chunks = http.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), max(deadline - loop.time(), 0))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            client = f"{http.client.host}:{http.client.port}" if http.client else "a client"
+            log.warning(
+                "connection from %s dropped: the request body did not arrive within %g s",
+                client,
+                timeout,
+            )
+            raise APIError(
+                408,
+                f"the request body did not arrive within {timeout:g} s",
+                code="request_timeout",
+                headers={"Connection": "close"},  # the rest of the body may still come
+            ) from None
+        except ClientDisconnect:  # nobody will read the answer; no traceback in the log
+            raise APIError(499, "the client closed the connection") from None
         total += len(chunk)
         if total <= limit:
             body += chunk
@@ -361,15 +480,51 @@ async def _read_json(http: Request, limit: int) -> dict:
             param=None,
             code="request_too_large",
         )
-    try:
-        obj = json.loads(body)
-    except ValueError as e:
-        raise APIError(
-            400, f"the request body is not valid JSON: {e}", code="invalid_json"
-        ) from None
-    if not isinstance(obj, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    return obj
+    return bytes(body)
+
+
+MAX_JSON_DEPTH = 32  # a request is messages > content parts > text: 4 levels; tools go deeper
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _too_deep() -> APIError:
+    return APIError(
+        400,
+        f"the request body is nested more than {MAX_JSON_DEPTH} levels deep",
+        code="invalid_json",
+    )
+
+
+def _check_json_tree(obj: dict) -> None:
+    """Refuse what JSON allows but the server cannot use: nesting past MAX_JSON_DEPTH (code
+    that walks it later would recurse), and lone UTF-16 surrogates: "\\ud800" is valid JSON
+    but not Unicode, and the tokenizer cannot encode it. Walked with a stack, not recursion."""
+    stack = [(obj, (), 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        if isinstance(node, dict):
+            items = node.items()
+        elif isinstance(node, list):
+            items = enumerate(node)
+        else:
+            if isinstance(node, str) and (bad := _SURROGATE.search(node)):
+                where = ".".join(map(str, path))
+                raise APIError(
+                    400,
+                    f"{where}: holds a lone UTF-16 surrogate (\\u{ord(bad.group()):04x} at "
+                    f"character {bad.start()}), which is not valid Unicode",
+                    param=str(path[0]),
+                    code="invalid_value",
+                )
+            continue
+        for key, value in items:
+            if isinstance(key, str) and _SURROGATE.search(key):
+                raise APIError(
+                    400, "a JSON key holds a lone UTF-16 surrogate", code="invalid_value"
+                )
+            stack.append((value, (*path, key), depth + 1))
 
 
 def _validate(cls, obj: dict):
@@ -427,16 +582,26 @@ def create_app(
     max_request_bytes: int = 1 << 20,
     device: str = "auto",
     batch_invariant: bool = True,
+    allowed_hosts: list[str] | None = None,
+    request_timeout: float = 30.0,
+    template_timeout: float = 10.0,
 ) -> FastAPI:
     """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
     pair, or a function returning one; it is loaded in the background at startup, and /health
-    answers 503 until it is ready. `max_tokens` caps (and is the default of) a request's
-    max_tokens; `api_key`, when set, is required as `Authorization: Bearer KEY` on /v1/*.
-    `batch_invariant=False` lets the engine run only its busy rows (see infer/engine.py)."""
+    answers 503 until it is ready. `model_name` is the id clients use (default: the directory's
+    name; the path given is accepted too but never shown). `max_tokens` caps (and is the default
+    of) a request's max_tokens; `api_key`, when set, is required as `Authorization: Bearer KEY`
+    on /v1/*. `batch_invariant=False` lets the engine run only its busy rows (see
+    infer/engine.py). `allowed_hosts`: the Host names answered (see guards.allowed_hosts; "*" =
+    any); `request_timeout`: seconds for a request's body to arrive; `template_timeout`:
+    seconds for the chat template to render."""
     if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
         raise ConfigError(
             "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
         )
+    if not (request_timeout > 0 and template_timeout > 0):
+        raise ConfigError("request_timeout and template_timeout must be > 0 seconds")
+    aliases = set()
     if isinstance(model, str | Path):
         path = Path(model)
         if not path.is_dir():
@@ -448,7 +613,9 @@ def create_app(
 
             return load_for_inference(path, pick_device(device))
 
-        model_name = model_name or str(model)
+        # the directory's name, not its path: /v1/models must not tell clients our file layout
+        model_name = model_name or path.resolve().name
+        aliases = {str(model), str(path)}  # clients configured with the path keep working
     elif isinstance(model, tuple | list):
         pair = tuple(model)
 
@@ -467,6 +634,11 @@ def create_app(
         max_request_bytes,
         batch_invariant,
     )
+    srv.aliases = aliases
+    srv.request_timeout = request_timeout
+    srv.render = TemplateRenderer(slots=2, timeout=template_timeout)
+    srv.allowed_hosts_arg = allowed_hosts
+    srv.bind("127.0.0.1")  # until serve() says otherwise (tests run uvicorn themselves)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -482,6 +654,16 @@ def create_app(
         title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     app.state.server = srv
+
+    def wrong_host(header: str, names: list[str]) -> JSONResponse:
+        return APIError(
+            400,
+            f"the Host header {header!r} is not a name this server answers to ({', '.join(names)})"
+            "; if clients reach it by that name, start it with --allowed-hosts",
+            code="invalid_host",
+        ).response()
+
+    app.add_middleware(HostCheck, allowed=lambda: srv.allowed_hosts, error=wrong_host)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -545,14 +727,13 @@ def create_app(
         from lmforge.infer.chat import chat_prompt_ids
 
         srv.ready()
-        body = _validate(ChatRequest, await _read_json(http, srv.max_bytes))
+        obj = await _read_json(http, srv.max_bytes, srv.request_timeout)
+        body = _validate(ChatRequest, obj)
+        _refuse_not_implemented(obj, _CHAT_NOT_IMPLEMENTED)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = srv.params(body, max_tokens, body.logprobs)
         messages = [_plain_message(m) for m in body.messages]
-        try:
-            prompt_ids = chat_prompt_ids(srv.tok, messages)
-        except ConfigError as e:
-            raise APIError(400, str(e), param="messages") from None
+        prompt_ids = await _render(srv, lambda: chat_prompt_ids(srv.tok, messages))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         req, events = srv.submit(prompt_ids, params, rid, "messages")
 
@@ -569,7 +750,9 @@ def create_app(
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(http: Request):
         srv.ready()
-        body = _validate(CompletionRequest, await _read_json(http, srv.max_bytes))
+        obj = await _read_json(http, srv.max_bytes, srv.request_timeout)
+        body = _validate(CompletionRequest, obj)
+        _refuse_not_implemented(obj, _COMPLETIONS_NOT_IMPLEMENTED)
         params = srv.params(body, body.max_tokens, body.logprobs is not None)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -593,6 +776,25 @@ def create_app(
         return await _reply(http, srv, body, req, events, _text_chunks, "text_completion", choice)
 
     return app
+
+
+async def _render(srv: _Server, render: Callable[[], list[int]]) -> list[int]:
+    """The chat template rendered off the event loop, under srv.render's time limit: a
+    template is code from the model's files, and one that loops must cost only its request."""
+    try:
+        return await srv.render(render)
+    except ConfigError as e:
+        raise APIError(400, str(e), param="messages") from None
+    except RenderTimeout as e:
+        log.error("%s; the request got 500", e)
+        raise APIError(
+            500, f"{e}; it may loop for ever", "server_error", code="template_timeout"
+        ) from None
+    except RenderBusy as e:
+        raise APIError(503, f"{e}; retry later", "server_error", code="template_busy") from None
+    except Exception as e:  # a broken template (the sandbox's range limit, a raise_exception)
+        log.error("the chat template failed: %r", e)
+        raise APIError(500, f"the chat template failed: {e!r}", "server_error") from None
 
 
 async def _reply(http, srv, body, req, events, chunks, kind: str, choice):
@@ -732,15 +934,36 @@ async def _stream_end(req, srv: _Server, include_usage: bool, last: str):
 # --------------------------------------------------------------------------- running it
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **uvicorn_kwargs) -> int:
+def serve(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_connections: int = 256,
+    **uvicorn_kwargs,
+) -> int:
     """Run the app with uvicorn until Ctrl-C / SIGTERM (graceful: stop accepting, let running
     requests finish for up to 30 s, then cancel the rest and stop the engine). A model that
-    fails to load stops the server at once and raises ConfigError."""
+    fails to load stops the server at once and raises ConfigError. At most `max_connections`
+    are open at once; a request's header must arrive within the app's request_timeout."""
+    srv: _Server = app.state.server
+    if max_connections < 1:
+        raise ConfigError(f"max_connections must be >= 1, got {max_connections}")
+    srv.bind(host)
+    if srv.api_key is None and not guards.is_loopback(host):
+        log.warning(
+            "listening on %s without an API key: anyone who can reach this port can use the "
+            "model (and the page at /); pass --api-key-file or set LMFORGE_API_KEY",
+            host,
+        )
     config = uvicorn.Config(
-        app, host=host, port=port, timeout_graceful_shutdown=30, **uvicorn_kwargs
+        app,
+        host=host,
+        port=port,
+        timeout_graceful_shutdown=30,
+        http=guards.guarded_http_protocol(max_connections, srv.request_timeout),
+        **uvicorn_kwargs,
     )
     server = uvicorn.Server(config)
-    srv: _Server = app.state.server
 
     def stop(message: str) -> None:
         server.should_exit = True

@@ -22,13 +22,14 @@ def load_micro(model_dir):
 
 
 @contextmanager
-def _live_server(app, wait_ready: bool = True):
-    """Serve `app` on a free port; yields the base URL. Stopping it runs the app's shutdown."""
+def _live_server(app, wait_ready: bool = True, **config):
+    """Serve `app` on a free port; yields the base URL. Stopping it runs the app's shutdown.
+    `config`: more uvicorn.Config arguments (http=guarded_http_protocol(...))."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, **config)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -49,7 +50,8 @@ def _live_server(app, wait_ready: bool = True):
 
 @pytest.fixture(scope="session")
 def live_server():
-    """`with live_server(app, wait_ready=True) as url:` serves an app of a test's own."""
+    """`with live_server(app, wait_ready=True, **uvicorn_config) as url:` serves an app of a
+    test's own."""
     return _live_server
 
 
