@@ -202,7 +202,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     resp = httpx.post(f"{url}{path}", content=content, headers={"Content-Type": "application/json"})
     _assert_error(resp, status, code)
-    ok = httpx.post(f"{url}/v1/chat/completions", json=_chat(max_tokens=2), timeout=30)
+    # greedy: at temperature 1 the micro model's first token is <|im_end|> about 1 time in 300
+    ok = httpx.post(
+        f"{url}/v1/chat/completions", json=_chat(max_tokens=2, temperature=0), timeout=30
+    )
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
