@@ -48,7 +48,9 @@ from lmforge.train.state import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    run_config,
     save_checkpoint,
+    start_run,
 )
 
 EVAL_SEED = 20240205  # the arithmetic held-out set is the same whatever the training seed
@@ -426,7 +428,7 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
     # --- setup
     t_start = time.perf_counter()
     out_dir, model_dir = Path(out_dir), Path(model_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    start_run(out_dir, "grpo", run_config(cfg, model_dir=model_dir), cfg.resume, cfg.overwrite)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -54,7 +54,9 @@ from lmforge.train.state import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    run_config,
     save_checkpoint,
+    start_run,
 )
 
 # --------------------------------------------------------------------------- the math
@@ -403,7 +405,7 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     checkpoints under out_dir/checkpoints. Returns the summary."""
     # --- setup
     out_dir, model_dir = Path(out_dir), Path(model_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    start_run(out_dir, "ppo", run_config(cfg, model_dir=model_dir), cfg.resume, cfg.overwrite)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

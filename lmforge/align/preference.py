@@ -45,6 +45,7 @@ from lmforge.train.dist_ckpt import resume_latest, save_step
 from lmforge.train.metrics import MetricsLog, read_metrics, step_bar
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.pretrain import StopFlag, autocast
+from lmforge.train.state import run_config, start_run
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SHAREGPT_ROLES["system"] = "system"
@@ -254,14 +255,24 @@ def lengths_of(pairs: list[EncodedPair]) -> np.ndarray:
 # --------------------------------------------------------------------------- the loop
 
 
-def setup(cfg: PreferenceDataConfig, model_dir, out_dir, base_dir: str, stage: str):
+def setup(
+    cfg: PreferenceDataConfig,
+    model_dir,
+    out_dir,
+    base_dir: str,
+    stage: str,
+    sections: tuple = (),
+    info: dist.DistInfo | None = None,
+):
     """What reward and DPO start with: (device, model, tokenizer, tokenizer directory, train
-    pairs, held-out pairs, data stats). The model is loaded as for inference (an adapter is
-    merged) and must hold seq_len tokens."""
+    pairs, held-out pairs, data stats), out_dir ready for the run (state.start_run; `sections`:
+    other configs that define it). The model is loaded as for inference (an adapter is merged)
+    and must hold seq_len tokens."""
     from lmforge.infer.chat import load_for_inference, model_source
     from lmforge.perf import pick_device
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    config = run_config(cfg, *sections, model_dir=model_dir)
+    start_run(out_dir, stage, config, cfg.resume, cfg.overwrite, info)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

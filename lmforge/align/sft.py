@@ -42,6 +42,7 @@ from lmforge.train.dist_ckpt import resume_latest, save_final, save_step
 from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics, step_bar
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.pretrain import StopFlag, autocast
+from lmforge.train.state import run_config, start_run
 
 IGNORE = -100  # label of a position that is not a target (F.cross_entropy's ignore_index)
 ROLES = ("system", "user", "assistant")
@@ -263,7 +264,8 @@ def run(
 def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, info) -> dict:
     # --- setup
     dist.data_parallel_only(info, "sft", bool(lora_cfg.r))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    config = run_config(cfg, lora_cfg if lora_cfg.r else None, model_dir=model_dir)
+    start_run(out_dir, "sft", config, cfg.resume, cfg.overwrite, info)
     device = dist.device_for(info, pick_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

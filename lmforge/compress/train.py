@@ -30,6 +30,7 @@ from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.pretrain import StopFlag, autocast, evaluate
 from lmforge.train.state import (
+    clean_run_dir,
     prune_checkpoints,
     resume_latest,
     save_checkpoint,
@@ -124,6 +125,7 @@ def train(
     # --- setup
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    clean_run_dir(out_dir)  # the stage started the run; distill's baseline has its own folder
     device = next(model.parameters()).device
     tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = byte_table(tokenizer, model.cfg.vocab_size, device)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.config import ModelConfig
+from lmforge.config import ConfigError, ModelConfig, check_model_fits
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +159,11 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        assert cfg.vocab_size > 0, (
-            "model.vocab_size must be set (the pipeline takes it from the tokenizer)"
-        )
+        if cfg.vocab_size <= 0:
+            raise ConfigError(
+                "model.vocab_size must be set (the pipeline takes it from the tokenizer)"
+            )
+        check_model_fits(cfg)  # before anything is allocated: a typo must not swap for minutes
         self.cfg = cfg
         target = torch.get_default_device()
         with torch.device("meta"):  # no default initialisation: reset_parameters draws each weight

@@ -30,6 +30,7 @@ from lmforge.train import dist
 from lmforge.train.dist_ckpt import resume_latest, save_final, save_step
 from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics, step_bar
 from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.state import run_config, start_run
 
 
 def autocast(device: torch.device):
@@ -143,7 +144,6 @@ def run(
 
 def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cfg, info) -> dict:
     # --- setup
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = dist.device_for(info, pick_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -153,6 +153,8 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         raise ConfigError(
             f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})"
         )
+    config = run_config(cfg, model_cfg, data_dir=data_dir, tokenizer_dir=tokenizer_dir)
+    start_run(out_dir, "pretrain", config, cfg.resume, cfg.overwrite, info)
     tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.long, device=device)
     if len(token_bytes) < model_cfg.vocab_size:  # padded vocabulary: extra ids have no bytes
