@@ -470,7 +470,7 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
     relayout(policy)  # before the optimizer: its state takes the parameters' final strides
     optimizer = make_optimizer(policy, cfg, device)
     ckpt_root = out_dir / "checkpoints"
-    step, wall_before = 0, 0.0
+    step, wall_before, state = 0, 0.0, {}
     existing = list_checkpoints(ckpt_root) if cfg.resume else []
     if existing:
         state = load_checkpoint(existing[-1], policy, optimizer)
@@ -490,7 +490,8 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
             at_step,
             {"prompts": at_step * cfg.prompts_per_step},
             model_source(model_dir),
-            extra={"wall_seconds": wall()},
+            # and the steps since the last metrics line: a resumed run logs the same rows
+            extra={"wall_seconds": wall(), "log": {"window": window}},
             pad_token_id=tok.pad_id,
         )
         prune_checkpoints(ckpt_root, cfg.keep_last)
@@ -515,7 +516,7 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
             f"step 0: held-out accuracy {acc:.3f} ({len(task.eval)} prompts)", file=sys.stderr
         )
     interrupted = False
-    window: dict[str, list[float]] = {}
+    window: dict[str, list[float]] = state.get("log", {}).get("window", {})
     bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", unit="step", dynamic_ncols=True)
     with StopFlag() as flag:
         while step < cfg.max_steps:

@@ -312,7 +312,8 @@ def train_pairs(
     optimizer = make_optimizer(model, cfg, device)
     ckpt_root = out_dir / "checkpoints"
     read_weights = save.pop("read_weights", None)
-    step = resume_latest(ckpt_root, model, optimizer, None, cfg.resume, info, read_weights)
+    resumed = resume_latest(ckpt_root, model, optimizer, None, cfg.resume, info, read_weights)
+    step = resumed.get("step", 0)
     metrics = None
     if info.is_main:
         metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None)
@@ -320,9 +321,18 @@ def train_pairs(
 
     def checkpoint(at_step: int) -> None:
         micro = {"micro_batches": at_step * cfg.grad_accum}
-        save_step(ckpt_root, at_step, model, optimizer, micro, info, cfg.keep_last, **save)
+        # the sums since the last metrics line (all ranks'): a resumed run logs the same rows
+        log = {
+            "sums": {k: dist.total(v, info, device) for k, v in sums.items()},
+            "steps": n_logged,
+            "seconds": time.perf_counter() - t_last,
+        }
+        extra = {"log": log}
+        save_step(
+            ckpt_root, at_step, model, optimizer, micro, info, cfg.keep_last, **save, extra=extra
+        )
 
-    def evaluate(at_step: int) -> dict:
+    def evaluate(at_step: int, write: bool = True) -> dict:
         result = {}
         if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
             was_training = model.training
@@ -330,7 +340,7 @@ def train_pairs(
             with torch.no_grad():
                 result = eval_fn()
             model.train(was_training)
-        if metrics:
+        if metrics and write:
             metrics.write(step=at_step, **result)
         dist.barrier(info)
         return result
@@ -338,8 +348,9 @@ def train_pairs(
     plan = BatchPlan(train_lengths, cfg.batch_size * info.dp_size, cfg.seed)
     model.train()
     last_eval, evaluated, interrupted, train_time = {}, False, False, 0.0
-    sums: dict[str, float] = {}
-    n_logged, t_last = 0, time.perf_counter()
+    log = resumed.get("log", {})  # rank 0 carries the resumed sums: the others add nothing to them
+    sums = {k: v if info.is_main else 0.0 for k, v in log.get("sums", {}).items()}
+    n_logged, t_last = log.get("steps", 0), time.perf_counter() - log.get("seconds", 0.0)
     bar = step_bar(desc, cfg.max_steps, step, info.is_main)
     with StopFlag() as flag:
         while step < cfg.max_steps:
@@ -393,8 +404,8 @@ def train_pairs(
                 interrupted = True
                 break
     bar.close()
-    if not evaluated and not interrupted:
-        last_eval = evaluate(step)
+    if not evaluated and not interrupted:  # resumed at the last step: its row is logged already
+        last_eval = evaluate(step, write=not (metrics and metrics.has(step, "val_")))
     return {
         "step": step,
         "interrupted": interrupted,

@@ -157,12 +157,12 @@ def resume_latest(
     ckpt_root, model, optimizer, loader, resume: bool, info: dist.DistInfo, read_weights=None
 ) -> int:
     """Resume from the newest step checkpoint under ckpt_root, whichever strategy and number of
-    processes wrote it; returns its step (0 for a fresh start). All ranks call this. `loader`
+    processes wrote it; returns its state.json ({} for a fresh start). All ranks call this. `loader`
     (None when the step alone places the data) gets its saved position back; `read_weights`
     is load_checkpoint's (a LoRA adapter)."""
     existing = list_checkpoints(ckpt_root) if resume else []
     if not existing:
-        return 0
+        return {}
     latest = existing[-1]
     if is_sharded(latest):
         state = load_sharded(latest, model, optimizer, info)
@@ -174,7 +174,7 @@ def resume_latest(
         loader.load_state_dict(state["loader"])
     if info.is_main:
         print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
-    return state["step"]
+    return state
 
 
 def save_step(

@@ -177,16 +177,16 @@ def clean_run_dir(out_dir: str | Path) -> list[str]:
     return done
 
 
-def resume_latest(ckpt_root: str | Path, model, optimizer, loader, resume: bool = True) -> int:
+def resume_latest(ckpt_root: str | Path, model, optimizer, loader, resume: bool = True) -> dict:
     """Load the newest step checkpoint under ckpt_root into model, optimizer and loader (when
-    resume is on and there is one) and return its step; 0 for a fresh start."""
+    resume is on and there is one) and return its state.json; {} for a fresh start."""
     existing = list_checkpoints(ckpt_root) if resume else []
     if not existing:
-        return 0
+        return {}
     state = load_checkpoint(existing[-1], model, optimizer)
     loader.load_state_dict(state["loader"])
     print(f"resuming from {existing[-1]} (step {state['step']})", file=sys.stderr)
-    return state["step"]
+    return state
 
 
 # --------------------------------------------------------------------------- the run folder
