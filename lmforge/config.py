@@ -356,11 +356,13 @@ def physical_memory() -> int | None:
         return None
 
 
-def check_model_fits(cfg: ModelConfig, limit: int | None = None) -> None:
+def check_model_fits(cfg: ModelConfig, limit: int | None = None, shards: int = 1) -> None:
     """Refuse, before allocating anything, a model whose float32 parameters and buffers exceed
-    `limit` bytes (default: this machine's RAM), naming the fields that make it that big."""
+    `limit` bytes (default: this machine's RAM), naming the fields that make it that big. With
+    `shards` ranks sharing the parameters (FSDP), each holds only its part of them."""
     limit = limit or physical_memory()
     parts = model_memory(cfg)
+    parts["parameters"] //= max(1, shards)
     total = sum(parts.values())
     if not limit or total <= limit:
         return

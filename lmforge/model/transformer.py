@@ -15,6 +15,7 @@ The model branches on features (`cfg.norm`, `cfg.mlp`, `cfg.pos`, biases), never
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -163,9 +164,12 @@ class GPT(nn.Module):
             raise ConfigError(
                 "model.vocab_size must be set (the pipeline takes it from the tokenizer)"
             )
-        check_model_fits(cfg)  # before anything is allocated: a typo must not swap for minutes
-        self.cfg = cfg
         target = torch.get_default_device()
+        # before anything is allocated: a typo must not swap for minutes. A model built on the
+        # meta device may be sharded over the torchrun ranks, each then holding only its part
+        shards = int(os.environ.get("WORLD_SIZE", "1")) if target.type == "meta" else 1
+        check_model_fits(cfg, shards=shards)
+        self.cfg = cfg
         with torch.device("meta"):  # no default initialisation: reset_parameters draws each weight
             self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
             self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None
