@@ -271,7 +271,8 @@ def setup(
     from lmforge.infer.chat import load_for_inference, model_source
     from lmforge.perf import pick_device
 
-    config = run_config(cfg, *sections, model_dir=model_dir)
+    dp_size = info.dp_size if info else 1
+    config = run_config(cfg, *sections, dp_size=dp_size, model_dir=model_dir)
     start_run(out_dir, stage, config, cfg.resume, cfg.overwrite, info)
     device = pick_device(cfg.device)
     if cfg.threads:

@@ -153,7 +153,9 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         raise ConfigError(
             f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})"
         )
-    config = run_config(cfg, model_cfg, data_dir=data_dir, tokenizer_dir=tokenizer_dir)
+    config = run_config(
+        cfg, model_cfg, dp_size=info.dp_size, data_dir=data_dir, tokenizer_dir=tokenizer_dir
+    )
     start_run(out_dir, "pretrain", config, cfg.resume, cfg.overwrite, info)
     tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.long, device=device)

@@ -192,11 +192,15 @@ def resume_latest(ckpt_root: str | Path, model, optimizer, loader, resume: bool 
 # --------------------------------------------------------------------------- the run folder
 
 
-def run_config(cfg, *sections, **inputs) -> dict:
+def run_config(cfg, *sections, dp_size: int = 1, **inputs) -> dict:
     """What defines a run, as run_config.json stores it: the stage's config (and other config
     sections it uses, e.g. the model or LoRA) as dicts keyed by section name, and its input
-    folders as absolute paths."""
+    folders as absolute paths. The stage's section gains `global_batch` (batch_size x
+    grad_accum x dp_size data-parallel ranks): that, not its split, is what a resume keeps."""
     out = {_section(c): dataclasses.asdict(c) for c in (cfg, *sections) if c is not None}
+    main = out[_section(cfg)]
+    if "batch_size" in main:
+        main["global_batch"] = main["batch_size"] * main.get("grad_accum", 1) * dp_size
     out |= {k: str(Path(v).resolve()) for k, v in inputs.items() if v is not None}
     return json.loads(json.dumps(out, default=str))  # tuples -> lists, as read back
 
@@ -209,8 +213,9 @@ def _section(cfg) -> str:
 
 def config_changes(old: dict, new: dict) -> list[str]:
     """'lr: 0.0002 -> 0.0083' for each setting that differs, runtime options and max_steps
-    (see config.RUNTIME_FIELDS) left out."""
-    free = set(RUNTIME_FIELDS) | {"max_steps"}
+    (see config.RUNTIME_FIELDS) left out, and the split of the global batch: resuming on
+    another number of ranks, or with more gradient accumulation to save memory, is fine."""
+    free = set(RUNTIME_FIELDS) | {"max_steps", "batch_size", "grad_accum"}
     flat_old, flat_new = _flatten(old), _flatten(new)
     return [
         f"{k}: {flat_old.get(k, '(unset)')} -> {flat_new.get(k, '(unset)')}"

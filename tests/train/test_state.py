@@ -123,11 +123,18 @@ def test_start_run_refuses_another_config_and_overwrite_moves_it_aside(tmp_path,
         PretrainConfig(lr=2e-4, max_steps=5000, log_every=1), data_dir=tmp_path
     )
     state.start_run(out, "pretrain", longer, resume=True, overwrite=False)
+    # so may the split of the global batch of 16: over 2 ranks, or 2 micro-batches
+    for cfg, dp in (
+        (PretrainConfig(lr=2e-4, batch_size=8), 2),
+        (PretrainConfig(lr=2e-4, batch_size=8, grad_accum=2), 1),
+    ):
+        split = state.run_config(cfg, dp_size=dp, data_dir=tmp_path)
+        state.start_run(out, "pretrain", split, resume=True, overwrite=False)
     changed = state.run_config(PretrainConfig(lr=8.3e-3, batch_size=4), data_dir=tmp_path)
     with pytest.raises(ConfigError) as e:
         state.start_run(out, "pretrain", changed, resume=True, overwrite=False)
     msg = str(e.value)
-    assert "pretrain.lr: 0.0002 -> 0.0083" in msg and "pretrain.batch_size: 16 -> 4" in msg
+    assert "pretrain.lr: 0.0002 -> 0.0083" in msg and "pretrain.global_batch: 16 -> 4" in msg
     assert "--overwrite" in msg and "max_steps" not in msg
     with pytest.raises(ConfigError, match="resume is false"):
         state.start_run(out, "pretrain", longer, resume=False, overwrite=False)
