@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmforge.config import ConfigError, DistConfig, ModelConfig, PretrainConfig
+from lmforge.config import ConfigError, DistConfig, ModelConfig, PretrainConfig, config_hash
 from lmforge.data.loader import PackedLoader, val_batches, val_languages
 from lmforge.io import read_json, write_json
 from lmforge.model.transformer import GPT, flops_per_token, num_params
@@ -153,9 +153,9 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         raise ConfigError(
             f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})"
         )
-    config = run_config(
-        cfg, model_cfg, dp_size=info.dp_size, data_dir=data_dir, tokenizer_dir=tokenizer_dir
-    )
+    config = run_config(cfg, model_cfg, dp_size=info.dp_size)
+    # the data by content (its manifest names the tokenizer too): prepared again, it is new data
+    config["data"] = config_hash(manifest)
     start_run(out_dir, "pretrain", config, cfg.resume, cfg.overwrite, info)
     tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.long, device=device)
