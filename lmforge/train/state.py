@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.config import RUNTIME_FIELDS, ConfigError
+from lmforge.config import RUNTIME_FIELDS, SECTIONS, ConfigError
 from lmforge.io import (
     atomic_dir,
     move_aside,
@@ -206,8 +206,6 @@ def run_config(cfg, *sections, dp_size: int = 1, **inputs) -> dict:
 
 
 def _section(cfg) -> str:
-    from lmforge.config import SECTIONS
-
     return next((k for k, v in SECTIONS.items() if type(cfg) is v), type(cfg).__name__)
 
 
@@ -247,10 +245,10 @@ def check_run_dir(out_dir: Path, stage: str, config: dict, resume: bool) -> str 
     previous = previous_outputs(out_dir)
     if not previous:
         return None
-    fix = (
-        f"pass --overwrite to move the old run aside to {out_dir.name}.old "
-        f"(lmforge run: --force {stage}), or choose another --out"
+    rerun = (
+        f" (lmforge run: --force {stage})" if stage in ("pretrain", "sft", "reward", "dpo") else ""
     )
+    fix = f"pass --overwrite to move the old run aside to {out_dir.name}.old{rerun}, or choose another --out"
     try:
         old = read_json(out_dir / RUN_CONFIG, "run config")["config"]
     except (FileNotFoundError, ValueError, KeyError):
