@@ -78,6 +78,8 @@ def _add_section_options(p: argparse.ArgumentParser, section: str, prefix: str =
             f"--{prefix}{f.name}",
             dest=f"{section}.{f.name}",
             metavar=metavar,
+            # a switch alone means true: `--overwrite` as well as `--overwrite true`
+            **({"nargs": "?", "const": "true"} if tp is bool else {}),
             default=argparse.SUPPRESS,
             # argparse expands % in help: a literal one ("5% of words") must be doubled
             help=f"{helps.get(f.name, '')} (default: {default})".replace("%", "%%"),
@@ -93,12 +95,6 @@ def _split_overrides(rest: list[str], own_section: str | None) -> dict[str, str]
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key VALUE")
         key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
-                raise ConfigError(f"option --{key} needs a value")
-            value = rest[i + 1]
-            i += 1
-        i += 1
         if "." not in key:
             if own_section is None:
                 raise ConfigError(f"option --{key} must name its section, like --pretrain.{key}")
@@ -109,6 +105,15 @@ def _split_overrides(rest: list[str], own_section: str | None) -> dict[str, str]
         valid = _section_keys(section)
         if name not in valid:
             raise unknown_key_error(name, valid, f"section {section!r}")
+        if not eq:
+            if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                value = rest[i + 1]
+                i += 1
+            elif typing.get_type_hints(SECTIONS[section])[name] is bool:
+                value = "true"  # a switch alone: --pretrain.overwrite
+            else:
+                raise ConfigError(f"option --{key} needs a value")
+        i += 1
         out[key] = value
     return out
 

@@ -15,6 +15,9 @@ import hashlib
 import inspect
 import io
 import json
+import math
+import numbers
+import os
 import re
 import textwrap
 import tokenize
@@ -238,6 +241,11 @@ ARCH_FEATURES = {
 }
 
 
+# building a model module by module takes about a millisecond a layer: a million layers (a typo)
+# would hang for minutes before any memory check could help
+MAX_LAYERS = 1024
+
+
 @dataclass
 class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto LlamaConfig (or kin)
     vocab_size: int = 0  # 0 = take it from the tokenizer
@@ -263,6 +271,7 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
     sliding_window: int = 0  # attend to at most this many latest positions (mistral); 0 = all
 
     def __post_init__(self):
+        _check_types(self)  # config.json values arrive unchecked: "256" or true for a width
         _check_choice(self, "arch", tuple(ARCH_FEATURES))
         _check_choice(self, "norm", ("rmsnorm", "layernorm"))
         _check_choice(self, "mlp", ("swiglu", "gelu"))
@@ -274,6 +283,26 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
         if self.sliding_window and self.arch != "mistral":
             raise ConfigError(f"model.sliding_window needs arch 'mistral', not {self.arch!r}")
         _check_positive(self, "dim", "n_layer", "n_head", "max_seq_len")
+        for name in (
+            "vocab_size",
+            "n_kv_head",
+            "head_dim",
+            "ffn_dim",
+            "bos_token_id",
+            "eos_token_id",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.init_std < 0:
+            raise ConfigError(f"model.init_std must be >= 0, got {self.init_std}")
+        if self.n_layer > MAX_LAYERS:
+            raise ConfigError(
+                f"model.n_layer ({self.n_layer}) is over {MAX_LAYERS}: deeper than any published "
+                f"model (about 130 layers), so most likely a typo"
+            )
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head
         if self.head_dim == 0 and self.dim % self.n_head:
@@ -298,6 +327,57 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
         plain_mha = self.head_dim * self.n_head == self.dim and self.n_kv_head == self.n_head
         if self.arch == "gpt2" and not plain_mha:  # HF's c_attn is three dim x dim blocks
             raise ConfigError("gpt2 needs model.head_dim = dim / n_head and n_kv_head = n_head")
+
+
+def model_memory(cfg: ModelConfig) -> dict[str, int]:
+    """Bytes that building `cfg` in float32 takes, by part: the parameters (tied embeddings
+    counted once) and the rotary tables, two (max_seq_len, head_dim) buffers, which a long
+    context makes large however small the model."""
+    D, F, H, KV, hd = cfg.dim, cfg.ffn_dim, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    norm = D * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    layer = D * (H + 2 * KV) * hd + H * hd * D + 2 * norm  # attention, two norms
+    layer += (3 if cfg.mlp == "swiglu" else 2) * D * F  # gate, up, down | up, down
+    if cfg.qkv_bias:
+        layer += (H + 2 * KV) * hd
+    if cfg.bias:  # output projection and MLP biases
+        layer += D + D + (2 * F if cfg.mlp == "swiglu" else F)
+    params = cfg.n_layer * layer + norm + cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
+    if cfg.pos == "learned":
+        params += cfg.max_seq_len * D
+    rope = 2 * cfg.max_seq_len * hd if cfg.pos == "rope" else 0
+    return {"parameters": 4 * params, "rotary tables": 4 * rope}
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_model_fits(cfg: ModelConfig, limit: int | None = None, shards: int = 1) -> None:
+    """Refuse, before allocating anything, a model whose float32 parameters and buffers exceed
+    `limit` bytes (default: this machine's RAM), naming the fields that make it that big. With
+    `shards` ranks sharing the parameters (FSDP), each holds only its part of them."""
+    limit = limit or physical_memory()
+    parts = model_memory(cfg)
+    parts["parameters"] //= max(1, shards)
+    total = sum(parts.values())
+    if not limit or total <= limit:
+        return
+    gb = lambda n: f"{n / 2**30:,.1f} GB"  # noqa: E731
+    shown = ", ".join(f"{k} {gb(v)}" for k, v in parts.items() if v)
+    if parts["rotary tables"] > parts["parameters"]:
+        fields = f"model.max_seq_len ({cfg.max_seq_len})"
+    else:
+        fields = ", ".join(
+            f"model.{k} ({getattr(cfg, k)})" for k in ("n_layer", "dim", "ffn_dim", "vocab_size")
+        )
+    raise ConfigError(
+        f"model: building it would take about {gb(total)} ({shown}), more than this machine's "
+        f"{gb(limit)} of memory; check {fields}"
+    )
 
 
 @dataclass
@@ -325,6 +405,9 @@ class PretrainConfig:  # `pretrain:` next-token prediction on the prepared shard
     compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     resume: bool = True  # continue from the newest checkpoint in the output folder if there is one
+    overwrite: bool = (
+        False  # move an existing run in the output folder aside (to NAME.old) and start afresh
+    )
 
     def __post_init__(self):
         _check_positive(self, "max_steps", "batch_size", "grad_accum", "seq_len", "eval_tokens")
@@ -395,6 +478,9 @@ class TrainLoopConfig:  # optimizer and loop settings shared by the alignment st
     compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     resume: bool = True  # continue from the newest checkpoint in the output folder if there is one
+    overwrite: bool = (
+        False  # move an existing run in the output folder aside (to NAME.old) and start afresh
+    )
 
     def __post_init__(self):
         name = _section_name(type(self))
@@ -869,6 +955,25 @@ class Recipe:
     base_dir: str = "."  # folder of the recipe file, for resolving relative paths
 
 
+# Training options that change how a run is watched, where it runs or what happens to an old
+# one, not what a step computes: `lmforge run` leaves them out of a stage's hash, and a resumed
+# run may change them (and max_steps, to extend a run: the schedule then follows the new
+# horizon). Any other change (lr, batch, model, data) is refused on resume.
+RUNTIME_FIELDS = (
+    "resume",
+    "overwrite",
+    "device",
+    "threads",
+    "compile",
+    "log_every",
+    "eval_every",
+    "save_every",
+    "keep_last",
+    "eval_tokens",
+    "skip_bad_rows",
+)
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -878,6 +983,25 @@ def _check_positive(cfg, *names):
         v = getattr(cfg, n)
         if v <= 0:
             raise ConfigError(f"{section}.{n} must be positive, got {v}")
+
+
+def _check_types(cfg) -> None:
+    """Each int, float, bool and str field holds that type (an int for a float is fine; a bool
+    is not a number): for values that come from JSON rather than through `coerce`."""
+    section = _section_name(type(cfg))
+    want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    for name, tp in _field_types(type(cfg)).items():
+        v = getattr(cfg, name)
+        if tp is int and isinstance(v, numbers.Integral) and not isinstance(v, bool):
+            setattr(cfg, name, int(v))
+        elif tp is float and isinstance(v, numbers.Real) and not isinstance(v, bool):
+            if not math.isfinite(v):
+                raise ConfigError(f"{section}.{name} must be a finite number, got {v!r}")
+            setattr(cfg, name, float(v))
+        elif tp in want and (not isinstance(v, tp) or (tp is not bool and isinstance(v, bool))):
+            raise ConfigError(
+                f"{section}.{name} must be {want[tp]}, got {v!r} ({type(v).__name__})"
+            )
 
 
 def _check_choice(cfg, name, choices):

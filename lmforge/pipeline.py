@@ -9,27 +9,13 @@ stage whose inputs changed is moved aside — never deleted — and rebuilt.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
-from lmforge.config import Recipe, config_hash, resolve_path
-from lmforge.io import read_json, write_json
+from lmforge.config import RUNTIME_FIELDS, Recipe, config_hash, resolve_path
+from lmforge.io import move_aside, read_json, write_json
 
 STAGES = ("clean", "tokenizer", "data", "pretrain", "sft", "reward", "dpo", "sample", "eval")
-# pretraining options that change how a run is watched or where it runs, not what it computes
-_PRETRAIN_RUNTIME = (
-    "resume",
-    "device",
-    "threads",
-    "compile",
-    "log_every",
-    "eval_every",
-    "save_every",
-    "keep_last",
-    "eval_tokens",
-    "skip_bad_rows",
-)
 
 
 class Interrupted(Exception):
@@ -50,17 +36,13 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
         sources = [clean, sources]
     tok = config_hash(recipe.tokenizer, sources)
     prep = config_hash(data, tok)
-    pre = {
-        k: v for k, v in dataclasses.asdict(recipe.pretrain).items() if k not in _PRETRAIN_RUNTIME
-    }
+    pre = {k: v for k, v in dataclasses.asdict(recipe.pretrain).items() if k not in RUNTIME_FIELDS}
     pretrain = config_hash(recipe.model, pre, prep)
     sft_sources = [
         dict(dataclasses.asdict(s), path=str(resolve_path(s.path, recipe.base_dir)))
         for s in recipe.sft.sources
     ]
-    sft_cfg = {
-        k: v for k, v in dataclasses.asdict(recipe.sft).items() if k not in _PRETRAIN_RUNTIME
-    }
+    sft_cfg = {k: v for k, v in dataclasses.asdict(recipe.sft).items() if k not in RUNTIME_FIELDS}
     sft = config_hash(sft_cfg | {"sources": sft_sources}, recipe.lora, pretrain)
     tuned = sft if recipe.sft.sources else None
     reward = config_hash(_train_cfg(recipe.reward, recipe.base_dir), tuned or pretrain)
@@ -91,7 +73,7 @@ def _train_cfg(cfg, base_dir: str) -> dict:
     sources = [
         dict(dataclasses.asdict(s), path=str(resolve_path(s.path, base_dir))) for s in cfg.sources
     ]
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PRETRAIN_RUNTIME}
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
     return d | {"sources": sources}
 
 
@@ -102,16 +84,6 @@ def stage_state(stage_dir: Path) -> dict:
         return {}
 
 
-def _move_aside(stage_dir: Path, old_hash: str) -> Path:
-    dest = stage_dir.with_name(f"{stage_dir.name}.{old_hash or 'old'}")
-    n = 1
-    while dest.exists():
-        dest = stage_dir.with_name(f"{stage_dir.name}.{old_hash or 'old'}.{n}")
-        n += 1
-    os.replace(stage_dir, dest)
-    return dest
-
-
 def run_stage(name: str, out: Path, h: str, fn, force: bool = False, log=print) -> dict:
     """Run `fn(stage_dir)` unless the stage is already done for hash `h`."""
     d = out / name
@@ -120,7 +92,7 @@ def run_stage(name: str, out: Path, h: str, fn, force: bool = False, log=print) 
         log(f"[{name}] up to date ({h}), skipping")
         return st.get("result", {})
     if d.exists() and (st.get("hash") != h or force):
-        moved = _move_aside(d, st.get("hash", ""))
+        moved = move_aside(d, st.get("hash") or "old")
         log(f"[{name}] inputs changed: previous output moved to {moved}")
     elif st:
         log(f"[{name}] resuming unfinished stage")

@@ -159,3 +159,33 @@ def test_ctrl_c_saves_and_rerun_resumes(micro_recipe_path, micro_prepared, tmp_p
     )
     assert r.returncode == 0, r.stderr
     assert f"resuming from {ckpts[0]} (step {step})" in r.stderr
+
+
+@pytest.mark.slow  # four runs of the command: about 25 s
+def test_rerun_with_other_settings_or_without_resume_is_refused(
+    micro_recipe_path, micro_prepared, tmp_path
+):
+    run_dir = micro_prepared[1]
+    out = tmp_path / "run"
+    out.mkdir()
+    for d in ("tokenizer", "data"):
+        os.symlink(run_dir / d, out / d)
+    base = ["pretrain", "--config", micro_recipe_path, "--out", out, "--max_steps", 2]
+    assert lmforge(*base).returncode == 0
+    pre = out / "pretrain"
+    kept = {p: p.read_bytes() for p in (pre / "model" / "model.safetensors", pre / "metrics.jsonl")}
+
+    r = lmforge(*base, "--lr", "0.0083")  # resuming would jump the learning rate
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "pretrain.lr: 0.003 -> 0.0083" in r.stderr and "--overwrite" in r.stderr
+    r = lmforge(*base, "--resume", "false")  # would overwrite the model and truncate the log
+    assert r.returncode == 2 and "pretrain.resume is false" in r.stderr, r.stderr
+    assert all(p.read_bytes() == b for p, b in kept.items())
+
+    r = lmforge(*base, "--resume", "false", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert f"previous run moved to {out / 'pretrain.old'}" in r.stderr
+    assert (out / "pretrain.old" / "model" / "model.safetensors").read_bytes() == next(
+        iter(kept.values())
+    )
+    assert (pre / "model").is_dir()

@@ -73,3 +73,38 @@ def test_every_field_has_help():
         helps = field_help(cls)
         missing = [f for f in cls.__dataclass_fields__ if f not in helps]
         assert not missing, (cls.__name__, missing)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"dim": "256"}, "model.dim must be an integer, got '256'"),
+        ({"n_layer": True}, "model.n_layer must be an integer, got True"),
+        ({"n_head": 2.5}, "model.n_head must be an integer, got 2.5"),
+        ({"rope_theta": "big"}, "model.rope_theta must be a number"),
+        ({"norm_eps": float("nan")}, "model.norm_eps must be a finite number"),
+        ({"tie_embeddings": "no"}, "model.tie_embeddings must be true or false"),
+        ({"arch": ["llama"]}, "model.arch must be a string"),
+        ({"vocab_size": -1}, "model.vocab_size must be >= 0"),
+        ({"n_kv_head": -2}, "model.n_kv_head must be >= 0"),
+        ({"max_seq_len": 0}, "model.max_seq_len must be positive"),
+        ({"rope_theta": 0.0}, "model.rope_theta must be positive"),
+        ({"n_layer": 1_000_000}, r"model.n_layer \(1000000\) is over 1024"),
+        ({"dim": 64, "n_head": 3}, r"model.dim \(64\) must be divisible by model.n_head \(3\)"),
+    ],
+)
+def test_model_config_refuses_wrong_types_and_ranges(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**kw)
+
+
+def test_model_config_accepts_numbers_as_json_gives_them():
+    cfg = ModelConfig(rope_theta=500000, init_std=0, vocab_size=320)  # ints for floats
+    assert cfg.rope_theta == 500000.0 and isinstance(cfg.rope_theta, float)
+
+
+def test_a_recipe_model_section_that_is_a_list_is_an_error(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("model: [1, 2]\n")
+    with pytest.raises(ConfigError, match="model must be a mapping"):
+        load_recipe(r)

@@ -157,8 +157,9 @@ def run(
 def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> dict:
     # --- setup
     dist.data_parallel_only(info, "dpo", bool(cfg.lora_r))
+    lora_sections = (lora_cfg,) if cfg.lora_r else ()
     device, policy, tok, tok_dir, train, val, stats = setup(
-        cfg, model_dir, out_dir, base_dir, "dpo"
+        cfg, model_dir, out_dir, base_dir, "dpo", lora_sections, info
     )
     train_enc, val_enc = [e for e, _ in train], [e for e, _ in val]
     if not info.sharded:  # before the optimizer: the judge's engine would relayout it later

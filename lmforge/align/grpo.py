@@ -48,7 +48,9 @@ from lmforge.train.state import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    run_config,
     save_checkpoint,
+    start_run,
 )
 
 EVAL_SEED = 20240205  # the arithmetic held-out set is the same whatever the training seed
@@ -426,7 +428,7 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
     # --- setup
     t_start = time.perf_counter()
     out_dir, model_dir = Path(out_dir), Path(model_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    start_run(out_dir, "grpo", run_config(cfg, model_dir=model_dir), cfg.resume, cfg.overwrite)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -468,7 +470,7 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
     relayout(policy)  # before the optimizer: its state takes the parameters' final strides
     optimizer = make_optimizer(policy, cfg, device)
     ckpt_root = out_dir / "checkpoints"
-    step, wall_before = 0, 0.0
+    step, wall_before, state = 0, 0.0, {}
     existing = list_checkpoints(ckpt_root) if cfg.resume else []
     if existing:
         state = load_checkpoint(existing[-1], policy, optimizer)
@@ -488,7 +490,8 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
             at_step,
             {"prompts": at_step * cfg.prompts_per_step},
             model_source(model_dir),
-            extra={"wall_seconds": wall()},
+            # and the steps since the last metrics line: a resumed run logs the same rows
+            extra={"wall_seconds": wall(), "log": {"window": window}},
             pad_token_id=tok.pad_id,
         )
         prune_checkpoints(ckpt_root, cfg.keep_last)
@@ -513,7 +516,7 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
             f"step 0: held-out accuracy {acc:.3f} ({len(task.eval)} prompts)", file=sys.stderr
         )
     interrupted = False
-    window: dict[str, list[float]] = {}
+    window: dict[str, list[float]] = state.get("log", {}).get("window", {})
     bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", unit="step", dynamic_ncols=True)
     with StopFlag() as flag:
         while step < cfg.max_steps:

@@ -54,7 +54,9 @@ from lmforge.train.state import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    run_config,
     save_checkpoint,
+    start_run,
 )
 
 # --------------------------------------------------------------------------- the math
@@ -403,7 +405,7 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     checkpoints under out_dir/checkpoints. Returns the summary."""
     # --- setup
     out_dir, model_dir = Path(out_dir), Path(model_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    start_run(out_dir, "ppo", run_config(cfg, model_dir=model_dir), cfg.resume, cfg.overwrite)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -455,7 +457,7 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     optimizer = make_optimizer(trainable, cfg, device)
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     ckpt_root = out_dir / "checkpoints"
-    step = 0
+    step, state = 0, {}
     existing = list_checkpoints(ckpt_root) if cfg.resume else []
     if existing:
         state = load_checkpoint(existing[-1], policy, optimizer)
@@ -481,7 +483,11 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
             optimizer,
             at_step,
             {"rollouts": at_step * cfg.prompts_per_step},
-            extra={"kl_coef": kl_ctl.value},
+            # and the sums since the last metrics line: a resumed run logs the same rows
+            extra={
+                "kl_coef": kl_ctl.value,
+                "log": {"sums": sums, "steps": n_logged, "seconds": time.perf_counter() - t_last},
+            },
             write_weights=write_weights,
         )
         prune_checkpoints(ckpt_root, cfg.keep_last)
@@ -597,8 +603,9 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     # --- loop
     before = {} if existing else evaluate(0)
     interrupted, train_time = False, 0.0
-    sums: dict[str, float] = {}
-    n_logged, t_last = 0, time.perf_counter()
+    log = state.get("log", {})  # the sums since the last metrics line, from the checkpoint
+    sums: dict[str, float] = log.get("sums", {})
+    n_logged, t_last = log.get("steps", 0), time.perf_counter() - log.get("seconds", 0.0)
     bar = tqdm(total=cfg.max_steps, initial=step, desc="ppo", unit="step", dynamic_ncols=True)
     with StopFlag() as flag:
         while step < cfg.max_steps:

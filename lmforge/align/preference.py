@@ -45,6 +45,7 @@ from lmforge.train.dist_ckpt import resume_latest, save_step
 from lmforge.train.metrics import MetricsLog, read_metrics, step_bar
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.pretrain import StopFlag, autocast
+from lmforge.train.state import run_config, start_run
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SHAREGPT_ROLES["system"] = "system"
@@ -254,14 +255,25 @@ def lengths_of(pairs: list[EncodedPair]) -> np.ndarray:
 # --------------------------------------------------------------------------- the loop
 
 
-def setup(cfg: PreferenceDataConfig, model_dir, out_dir, base_dir: str, stage: str):
+def setup(
+    cfg: PreferenceDataConfig,
+    model_dir,
+    out_dir,
+    base_dir: str,
+    stage: str,
+    sections: tuple = (),
+    info: dist.DistInfo | None = None,
+):
     """What reward and DPO start with: (device, model, tokenizer, tokenizer directory, train
-    pairs, held-out pairs, data stats). The model is loaded as for inference (an adapter is
-    merged) and must hold seq_len tokens."""
+    pairs, held-out pairs, data stats), out_dir ready for the run (state.start_run; `sections`:
+    other configs that define it). The model is loaded as for inference (an adapter is merged)
+    and must hold seq_len tokens."""
     from lmforge.infer.chat import load_for_inference, model_source
     from lmforge.perf import pick_device
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    dp_size = info.dp_size if info else 1
+    config = run_config(cfg, *sections, dp_size=dp_size, model_dir=model_dir)
+    start_run(out_dir, stage, config, cfg.resume, cfg.overwrite, info)
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -301,7 +313,8 @@ def train_pairs(
     optimizer = make_optimizer(model, cfg, device)
     ckpt_root = out_dir / "checkpoints"
     read_weights = save.pop("read_weights", None)
-    step = resume_latest(ckpt_root, model, optimizer, None, cfg.resume, info, read_weights)
+    resumed = resume_latest(ckpt_root, model, optimizer, None, cfg.resume, info, read_weights)
+    step = resumed.get("step", 0)
     metrics = None
     if info.is_main:
         metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None)
@@ -309,9 +322,18 @@ def train_pairs(
 
     def checkpoint(at_step: int) -> None:
         micro = {"micro_batches": at_step * cfg.grad_accum}
-        save_step(ckpt_root, at_step, model, optimizer, micro, info, cfg.keep_last, **save)
+        # the sums since the last metrics line (all ranks'): a resumed run logs the same rows
+        log = {
+            "sums": {k: dist.total(v, info, device) for k, v in sums.items()},
+            "steps": n_logged,
+            "seconds": time.perf_counter() - t_last,
+        }
+        extra = {"log": log}
+        save_step(
+            ckpt_root, at_step, model, optimizer, micro, info, cfg.keep_last, **save, extra=extra
+        )
 
-    def evaluate(at_step: int) -> dict:
+    def evaluate(at_step: int, write: bool = True) -> dict:
         result = {}
         if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
             was_training = model.training
@@ -319,7 +341,7 @@ def train_pairs(
             with torch.no_grad():
                 result = eval_fn()
             model.train(was_training)
-        if metrics:
+        if metrics and write:
             metrics.write(step=at_step, **result)
         dist.barrier(info)
         return result
@@ -327,8 +349,9 @@ def train_pairs(
     plan = BatchPlan(train_lengths, cfg.batch_size * info.dp_size, cfg.seed)
     model.train()
     last_eval, evaluated, interrupted, train_time = {}, False, False, 0.0
-    sums: dict[str, float] = {}
-    n_logged, t_last = 0, time.perf_counter()
+    log = resumed.get("log", {})  # rank 0 carries the resumed sums: the others add nothing to them
+    sums = {k: v if info.is_main else 0.0 for k, v in log.get("sums", {}).items()}
+    n_logged, t_last = log.get("steps", 0), time.perf_counter() - log.get("seconds", 0.0)
     bar = step_bar(desc, cfg.max_steps, step, info.is_main)
     with StopFlag() as flag:
         while step < cfg.max_steps:
@@ -382,8 +405,8 @@ def train_pairs(
                 interrupted = True
                 break
     bar.close()
-    if not evaluated and not interrupted:
-        last_eval = evaluate(step)
+    if not evaluated and not interrupted:  # resumed at the last step: its row is logged already
+        last_eval = evaluate(step, write=not (metrics and metrics.has(step, "val_")))
     return {
         "step": step,
         "interrupted": interrupted,

@@ -42,6 +42,7 @@ from lmforge.train.dist_ckpt import resume_latest, save_final, save_step
 from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics, step_bar
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.pretrain import StopFlag, autocast
+from lmforge.train.state import run_config, start_run
 
 IGNORE = -100  # label of a position that is not a target (F.cross_entropy's ignore_index)
 ROLES = ("system", "user", "assistant")
@@ -263,7 +264,9 @@ def run(
 def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, info) -> dict:
     # --- setup
     dist.data_parallel_only(info, "sft", bool(lora_cfg.r))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lora_section = lora_cfg if lora_cfg.r else None
+    config = run_config(cfg, lora_section, dp_size=info.dp_size, model_dir=model_dir)
+    start_run(out_dir, "sft", config, cfg.resume, cfg.overwrite, info)
     device = dist.device_for(info, pick_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -290,7 +293,8 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
     ckpt_root = out_dir / "checkpoints"
     write_weights = (lambda d: lora.save_adapter(model, d, str(model_dir))) if lora else None
     read_weights = (lambda d: lora.load_adapter_weights(model, d)) if lora else None
-    step = resume_latest(ckpt_root, model, optimizer, None, cfg.resume, info, read_weights)
+    resumed = resume_latest(ckpt_root, model, optimizer, None, cfg.resume, info, read_weights)
+    step = resumed.get("step", 0)
     if cfg.compile and device.type == "cuda":
         train_model = torch.compile(train_model)
     metrics = None
@@ -302,16 +306,24 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
         torch.cuda.reset_peak_memory_stats()
 
     def save(at_step: int) -> None:
+        # the sums since the last metrics line (all ranks'), so a resumed run logs what an
+        # uninterrupted one does
+        log = {
+            "loss_sum": dist.total(loss_sum, info, device),
+            "targets": loss_n,
+            "tokens": dist.total(tokens_since, info, device),
+            "seconds": time.perf_counter() - t_last,
+        }
         save_step(
             ckpt_root, at_step, model, optimizer, {"micro_batches": at_step * cfg.grad_accum},
-            info, cfg.keep_last, model_dir, tokenizer.pad_id, write_weights,
+            info, cfg.keep_last, model_dir, tokenizer.pad_id, write_weights, extra={"log": log},
         )  # fmt: skip
 
-    def run_eval(at_step: int) -> float:
+    def run_eval(at_step: int, write: bool = True) -> float:
         loss = math.nan
         if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
             loss = evaluate(model, val, cfg.batch_size, tokenizer.pad_id, device)
-        if metrics:
+        if metrics and write:
             metrics.write(step=at_step, val_loss=loss)
         dist.barrier(info)
         return loss
@@ -323,7 +335,11 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
     val_loss, evaluated = math.nan, False  # the flag is the same on every rank
     interrupted = False
     bar = step_bar("sft", cfg.max_steps, step, info.is_main)
-    t_last, tokens_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+    log = resumed.get("log", {})  # rank 0 carries the resumed sums: the others add nothing to them
+    t_last = time.perf_counter() - log.get("seconds", 0.0)
+    loss_sum = log.get("loss_sum", 0.0) if info.is_main else 0.0
+    tokens_since = log.get("tokens", 0) if info.is_main else 0
+    loss_n = log.get("targets", 0)  # a global count, the same on every rank
     train_time = 0.0
     with StopFlag() as flag:
         while step < cfg.max_steps:
@@ -384,8 +400,8 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
                 interrupted = True
                 break
     bar.close()
-    if not evaluated and not interrupted and val:
-        val_loss = run_eval(step)
+    if not evaluated and not interrupted and val:  # resumed at the last step
+        val_loss = run_eval(step, write=not (metrics and metrics.has(step, "val_")))
     if not interrupted and not lora:
         save_final(
             model, out_dir / "model", info, tokenizer_dir=model_dir, pad_token_id=tokenizer.pad_id

@@ -29,6 +29,7 @@ from lmforge.config import ConfigError, DistillConfig, ModelConfig
 from lmforge.io import write_json
 from lmforge.model.transformer import GPT, num_params
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.state import run_config, start_run
 
 
 def distill_loss(
@@ -100,7 +101,8 @@ def run(cfg: DistillConfig, model_dir, data_dir, out_dir) -> dict:
     check_data(data_dir, tokenizer, teacher, cfg.seq_len, "distill")
     student_cfg = student_config(teacher.cfg, cfg)
     token_bytes = byte_table(tokenizer, teacher.cfg.vocab_size, device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    config = run_config(cfg, model_dir=model_dir, data_dir=data_dir)
+    start_run(out_dir, "distill", config, cfg.resume, cfg.overwrite)
 
     def new_student() -> GPT:  # the same initial weights for both students
         torch.manual_seed(cfg.seed)

@@ -44,6 +44,7 @@ from lmforge.model.checkpoint import model_from_tensors, save_model
 from lmforge.model.hf import to_hf_state_dict
 from lmforge.model.transformer import GPT, num_params
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.state import run_config, start_run
 
 OUT_NAMES = {"magnitude": "magnitude", "2:4": "2of4", "structured": "structured"}
 
@@ -259,7 +260,13 @@ def run(cfg: PruneConfig, model_dir, data_dir, out_dir) -> dict:
     tokenizer = Tokenizer.load(model_dir)
     check_data(data_dir, tokenizer, model, cfg.seq_len, "prune")
     token_bytes = byte_table(tokenizer, model.cfg.vocab_size, device)
-    out.mkdir(parents=True, exist_ok=True)
+    start_run(
+        out,
+        "prune",
+        run_config(cfg, model_dir=model_dir, data_dir=data_dir),
+        cfg.resume,
+        cfg.overwrite,
+    )
     summary = {
         "method": cfg.method,
         "base_model": str(model_dir),

@@ -30,6 +30,7 @@ from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.pretrain import StopFlag, autocast, evaluate
 from lmforge.train.state import (
+    clean_run_dir,
     prune_checkpoints,
     resume_latest,
     save_checkpoint,
@@ -124,18 +125,26 @@ def train(
     # --- setup
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    clean_run_dir(out_dir)  # the stage started the run; distill's baseline has its own folder
     device = next(model.parameters()).device
     tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = byte_table(tokenizer, model.cfg.vocab_size, device)
     optimizer = make_optimizer(model, cfg, device)
     loader = PackedLoader(data_dir, cfg.seq_len, cfg.batch_size, cfg.seed)
     ckpt_root = out_dir / "checkpoints"
-    step = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume)
+    resumed = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume)
+    step = resumed.get("step", 0)
     train_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
 
     def save(at_step: int) -> None:
+        # the sums since the last metrics line: a resumed run logs what an uninterrupted one does
+        log = {
+            "sums": {k: v.item() for k, v in sums.items()},
+            "steps": at_step - step_last,
+            "seconds": time.perf_counter() - t_last,
+        }
         save_checkpoint(
             ckpt_root / f"step_{at_step:06d}",
             model,
@@ -143,21 +152,21 @@ def train(
             at_step,
             loader.state_dict(),
             tokenizer_dir,
+            extra={"log": log},
             pad_token_id=tokenizer.pad_id,
         )
         prune_checkpoints(ckpt_root, cfg.keep_last)
 
-    def run_eval(at_step: int) -> dict:
+    def run_eval(at_step: int, write: bool = True) -> dict:
         res = validate(model, cfg, data_dir, token_bytes)
-        metrics.write(
-            step=at_step,
-            **{
+        if write:
+            row = {
                 f"val_{lang}_{k}": v
                 for lang, r in res.items()
                 for k, v in r.items()
                 if k != "tokens"
-            },
-        )
+            }
+            metrics.write(step=at_step, **row)
         bar.write(
             f"{desc} step {at_step}: "
             + ", ".join(
@@ -172,8 +181,11 @@ def train(
     last_eval: dict = {}
     interrupted = False
     bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
-    t_last, step_last, train_time = time.perf_counter(), step, 0.0
-    sums: dict[str, torch.Tensor] = {}  # logged values summed on the device: no per-step sync
+    log = resumed.get("log", {})  # the sums since the last metrics line, from the checkpoint
+    t_last = time.perf_counter() - log.get("seconds", 0.0)
+    step_last, train_time = step - log.get("steps", 0), 0.0
+    # logged values summed on the device: no per-step sync
+    sums = {k: torch.tensor(v, device=device) for k, v in log.get("sums", {}).items()}
     with StopFlag() as flag:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
@@ -223,7 +235,8 @@ def train(
                 break
     bar.close()
     if not last_eval and not interrupted:  # resumed at the last step: evaluate what was trained
-        last_eval = run_eval(step)
+        # (for the summary: the log has that row already, unless it was lost)
+        last_eval = run_eval(step, write=not metrics.has(step, "val_"))
 
     # --- outputs
     summary = {

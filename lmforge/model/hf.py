@@ -13,6 +13,8 @@ GPT-2's attention variants) are refused with the field named. Dropout rates are 
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from lmforge.config import ARCH_FEATURES, ConfigError, ModelConfig
@@ -155,7 +157,17 @@ def from_hf_config(hf: dict) -> ModelConfig:
         kwargs["head_dim"] = hf.get("head_dim") or 0
     if family == "mistral":
         kwargs["sliding_window"] = hf.get("sliding_window") or 0
-    return ModelConfig(arch=family, **ARCH_FEATURES[family], **kwargs)
+    try:
+        cfg = ModelConfig(arch=family, **ARCH_FEATURES[family], **kwargs)
+    except ConfigError as e:  # name the key as the file spells it too
+        theirs = {f"model.{ours}": f"{k} in config.json" for ours, k in fields.items()}
+        msg = str(e)
+        for ours, k in theirs.items():
+            msg = re.sub(rf"{re.escape(ours)}\b", f"{ours} ({k})", msg)
+        raise ConfigError(f"config.json: {msg}") from None
+    if cfg.vocab_size == 0:
+        raise ConfigError(f"config.json: {fields['vocab_size']} must be positive, got 0")
+    return cfg
 
 
 # --------------------------------------------------------------------------- tensors

@@ -15,13 +15,14 @@ The model branches on features (`cfg.norm`, `cfg.mlp`, `cfg.pos`, biases), never
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.config import ModelConfig
+from lmforge.config import ConfigError, ModelConfig, check_model_fits
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,11 +160,16 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        assert cfg.vocab_size > 0, (
-            "model.vocab_size must be set (the pipeline takes it from the tokenizer)"
-        )
-        self.cfg = cfg
+        if cfg.vocab_size <= 0:
+            raise ConfigError(
+                "model.vocab_size must be set (the pipeline takes it from the tokenizer)"
+            )
         target = torch.get_default_device()
+        # before anything is allocated: a typo must not swap for minutes. A model built on the
+        # meta device may be sharded over the torchrun ranks, each then holding only its part
+        shards = int(os.environ.get("WORLD_SIZE", "1")) if target.type == "meta" else 1
+        check_model_fits(cfg, shards=shards)
+        self.cfg = cfg
         with torch.device("meta"):  # no default initialisation: reset_parameters draws each weight
             self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
             self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos == "learned" else None

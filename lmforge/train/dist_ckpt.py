@@ -35,6 +35,7 @@ from lmforge.model.transformer import GPT
 from lmforge.train import dist
 from lmforge.train.optim import param_groups
 from lmforge.train.state import (
+    file_sizes,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -60,6 +61,7 @@ def save_sharded(
     info: dist.DistInfo,
     tokenizer_dir=None,
     pad_token_id: int | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Every rank writes its shards into a temporary directory beside ckpt_dir; rank 0 adds the
     trainer state and renames it into place once all ranks are done (all ranks call this)."""
@@ -84,7 +86,7 @@ def save_sharded(
         torch.save(rng_tensors, ts / "rng.pt")
         layout = {"tp": info.tp, "world_size": info.world_size, "strategy": info.strategy}
         state = {"step": step, "loader": loader_state, "rng": rng_scalars, "layout": layout}
-        write_json(ts / "state.json", state)
+        write_json(ts / "state.json", state | (extra or {}) | {"files": file_sizes(tmp)})
         replace_dir(tmp, ckpt_dir)
     dist.barrier(info)
     return ckpt_dir
@@ -155,12 +157,12 @@ def resume_latest(
     ckpt_root, model, optimizer, loader, resume: bool, info: dist.DistInfo, read_weights=None
 ) -> int:
     """Resume from the newest step checkpoint under ckpt_root, whichever strategy and number of
-    processes wrote it; returns its step (0 for a fresh start). All ranks call this. `loader`
+    processes wrote it; returns its state.json ({} for a fresh start). All ranks call this. `loader`
     (None when the step alone places the data) gets its saved position back; `read_weights`
     is load_checkpoint's (a LoRA adapter)."""
     existing = list_checkpoints(ckpt_root) if resume else []
     if not existing:
-        return 0
+        return {}
     latest = existing[-1]
     if is_sharded(latest):
         state = load_sharded(latest, model, optimizer, info)
@@ -172,7 +174,7 @@ def resume_latest(
         loader.load_state_dict(state["loader"])
     if info.is_main:
         print(f"resuming from {latest} (step {state['step']})", file=sys.stderr)
-    return state["step"]
+    return state
 
 
 def save_step(
@@ -186,16 +188,19 @@ def save_step(
     tokenizer_dir=None,
     pad_token_id: int | None = None,
     write_weights=None,
+    extra: dict | None = None,
 ) -> None:
     """A step checkpoint, then the oldest pruned (all ranks call this). Sharded training: every
     rank writes its own shards; otherwise every rank holds the same state and rank 0 writes it
-    (`write_weights` as in save_checkpoint)."""
+    (`write_weights` and `extra`, more for state.json, as in save_checkpoint)."""
     where = ckpt_root / f"step_{step:06d}"
     if info.sharded:
-        save_sharded(where, model, optimizer, step, loader_state, info, tokenizer_dir, pad_token_id)
+        save_sharded(
+            where, model, optimizer, step, loader_state, info, tokenizer_dir, pad_token_id, extra
+        )
     elif info.is_main:
         save_checkpoint(
-            where, model, optimizer, step, loader_state, tokenizer_dir,
+            where, model, optimizer, step, loader_state, tokenizer_dir, extra=extra,
             pad_token_id=pad_token_id, write_weights=write_weights,
         )  # fmt: skip
     if info.is_main:

@@ -24,6 +24,14 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
+    def has(self, step: int, prefix: str) -> bool:
+        """Whether a row of `step` holds a key starting with `prefix` (`val_`): a rerun of a
+        finished stage evaluates again for its summary but must not log the same row twice."""
+        return self.path.exists() and any(
+            r.get("step") == step and any(k.startswith(prefix) for k in r)
+            for r in read_metrics(self.path)
+        )
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     rows = []

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmforge.config import ConfigError, DistConfig, ModelConfig, PretrainConfig
+from lmforge.config import ConfigError, DistConfig, ModelConfig, PretrainConfig, config_hash
 from lmforge.data.loader import PackedLoader, val_batches, val_languages
 from lmforge.io import read_json, write_json
 from lmforge.model.transformer import GPT, flops_per_token, num_params
@@ -30,6 +30,7 @@ from lmforge.train import dist
 from lmforge.train.dist_ckpt import resume_latest, save_final, save_step
 from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics, step_bar
 from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.state import run_config, start_run
 
 
 def autocast(device: torch.device):
@@ -143,7 +144,6 @@ def run(
 
 def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cfg, info) -> dict:
     # --- setup
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = dist.device_for(info, pick_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -153,6 +153,10 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         raise ConfigError(
             f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})"
         )
+    config = run_config(cfg, model_cfg, dp_size=info.dp_size)
+    # the data by content (its manifest names the tokenizer too): prepared again, it is new data
+    config["data"] = config_hash(manifest)
+    start_run(out_dir, "pretrain", config, cfg.resume, cfg.overwrite, info)
     tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.long, device=device)
     if len(token_bytes) < model_cfg.vocab_size:  # padded vocabulary: extra ids have no bytes
@@ -175,7 +179,8 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         data_dir, cfg.seq_len, cfg.batch_size, cfg.seed, info.dp_rank, info.dp_size
     )
     ckpt_root = out_dir / "checkpoints"
-    step = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume, info)
+    resumed = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume, info)
+    step = resumed.get("step", 0)
     if cfg.compile and device.type == "cuda":
         train_model = torch.compile(train_model)
     metrics = (
@@ -188,18 +193,25 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     write_json(out_dir / "model_config.json", dataclasses.asdict(model_cfg))
 
     def save(at_step: int) -> None:
+        # what the next metrics line sums since the last one: a resumed run then logs the very
+        # numbers an uninterrupted one does, whether or not save_every is a multiple of log_every
+        log = {
+            "loss_sum": dist.mean(loss_acc, info).item(),
+            "steps": at_step - step_last,
+            "seconds": time.perf_counter() - t_last,
+        }
         save_step(
             ckpt_root, at_step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
-            tokenizer_dir, tokenizer.pad_id,
+            tokenizer_dir, tokenizer.pad_id, extra={"log": log},
         )  # fmt: skip
 
-    def run_eval(at_step: int) -> dict:
+    def run_eval(at_step: int, write: bool = True) -> dict:
         res = {}
         if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
             res = evaluate(
                 model, data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device
             )
-        if info.is_main:
+        if info.is_main and write:
             row = {
                 f"val_{lang}_{k}": v
                 for lang, r in res.items()
@@ -217,9 +229,10 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     interrupted = False
     bar = step_bar("pretrain", cfg.max_steps, step, info.is_main)
     fail_at = _fault(info)
-    t_last, step_last = time.perf_counter(), step
+    log = resumed.get("log", {})  # the sums since the last metrics line, from the checkpoint
+    t_last, step_last = time.perf_counter() - log.get("seconds", 0.0), step - log.get("steps", 0)
     train_time = 0.0
-    loss_acc = torch.zeros((), device=device)
+    loss_acc = torch.full((), log.get("loss_sum", 0.0), device=device)
     with StopFlag() as flag:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
@@ -285,7 +298,8 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
                 break
     bar.close()
     if not evaluated and not interrupted:  # resumed at the last step: evaluate what was trained
-        last_eval = run_eval(step)
+        # (for the summary: the log has that row already, unless it was lost)
+        last_eval = run_eval(step, write=not (metrics and metrics.has(step, "val_")))
     peak_mb = dist.gather(round(peak_memory_mb(device), 1), info)  # before the final export
     if not interrupted:
         save_final(

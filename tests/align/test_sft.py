@@ -314,3 +314,30 @@ def test_sft_on_an_imported_qwen2_checkpoint_saves_qwen2(micro_prepared, tmp_pat
         assert (theirs(input_ids=x).logits - ours(x)).abs().max().item() < 1e-4
         before = load_model(tmp_path / "qwen2")(x)
         assert (before - ours(x)).abs().max().item() > 1e-4  # it trained
+
+
+def test_resume_between_metrics_lines_and_rerun_log_the_uninterrupted_rows(
+    micro_pretrained, tmp_path
+):
+    import shutil
+
+    from lmforge.train.metrics import read_metrics
+
+    recipe, model_dir = micro_pretrained
+    # a checkpoint at step 3 falls between the metrics lines of steps 2 and 4
+    cfg = build(type(recipe.sft), {**_plain(recipe.sft), "save_every": 3, "log_every": 2}, "sft")
+    run(cfg, LoRAConfig(), model_dir, tmp_path / "full", recipe.base_dir)
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    stopped = tmp_path / "stopped"
+    shutil.copytree(
+        tmp_path / "full" / "checkpoints" / "step_000003", stopped / "checkpoints" / "step_000003"
+    )
+    (stopped / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in full if r["step"] <= 3)
+    )
+    run(cfg, LoRAConfig(), model_dir, stopped, recipe.base_dir)
+    loss = lambda rows: [(r["step"], r["loss"]) for r in rows if "loss" in r]  # noqa: E731
+    assert loss(read_metrics(stopped / "metrics.jsonl")) == loss(full) and len(loss(full)) == 2
+    # running the finished stage again adds no second row for its last step
+    run(cfg, LoRAConfig(), model_dir, tmp_path / "full", recipe.base_dir)
+    assert read_metrics(tmp_path / "full" / "metrics.jsonl") == full

@@ -1,6 +1,8 @@
 """Our model against transformers' LlamaForCausalLM on the same random weights, and the KV cache
 against a full forward pass."""
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -86,3 +88,69 @@ def test_param_count_and_flops():
     n_matmul = num_params(model) - 320 * 64 - 64 - 2 * 2 * 64
     assert flops_per_token(cfg, 32, training=False) == 2 * n_matmul + 2 * 2 * 2 * 64 * 32
     assert flops_per_token(cfg, 32) == 3 * flops_per_token(cfg, 32, training=False)
+
+
+# made up for the tests: the absurd config.json values of the issue, each with the field the
+# error must name
+BAD_CONFIG_JSON = [
+    ({"vocab_size": -1}, "vocab_size"),
+    ({"hidden_size": "64"}, "hidden_size"),
+    ({"num_hidden_layers": 1_000_000}, "num_hidden_layers"),
+    ({"num_hidden_layers": 1e6}, "num_hidden_layers"),
+    ({"num_attention_heads": True}, "num_attention_heads"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
+    ({"num_attention_heads": 5}, "num_attention_heads"),  # 64 is not divisible by 5
+    ({"max_position_embeddings": 10**12}, "max_seq_len"),  # rotary tables of terabytes
+    ({"intermediate_size": 10**12}, "ffn_dim"),  # parameters of petabytes
+]
+
+
+@pytest.mark.parametrize("change, field", BAD_CONFIG_JSON)
+def test_absurd_config_json_is_a_clear_error(tmp_path, change, field):
+    from lmforge.config import ConfigError
+
+    save_model(GPT(tiny()), tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | change))
+    with pytest.raises(ConfigError, match=field):
+        load_model(tmp_path)
+
+
+def test_config_json_that_is_not_an_object_names_the_file(tmp_path):
+    from lmforge.config import ConfigError
+
+    save_model(GPT(tiny()), tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'} must hold a JSON object"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"tie_embeddings": False, "qkv_bias": True, "arch": "qwen2"},
+        {"arch": "gpt2", "norm": "layernorm", "mlp": "gelu", "pos": "learned", "n_kv_head": 4}
+        | {"qkv_bias": True, "bias": True},
+    ],
+)
+def test_memory_estimate_counts_every_parameter_and_the_rotary_tables(kw):
+    from lmforge.config import model_memory
+
+    cfg = tiny(**kw)
+    model = GPT(cfg)
+    est = model_memory(cfg)
+    assert est["parameters"] == 4 * num_params(model)
+    buffers = sum(b.numel() for b in model.buffers())
+    assert est["rotary tables"] == 4 * buffers
+
+
+def test_a_model_over_the_memory_limit_is_refused_before_allocating():
+    from lmforge.config import ConfigError, check_model_fits
+
+    cfg = tiny(max_seq_len=4096)  # 2 x 4096 x 16 floats of rotary tables: 0.5 MiB
+    with pytest.raises(ConfigError, match=r"about 0\.0 GB .*check model\.max_seq_len \(4096\)"):
+        check_model_fits(cfg, limit=100_000)
+    check_model_fits(cfg, limit=10**9)
+    with pytest.raises(ConfigError, match=r"model\.max_seq_len \(1000000000000\)"):
+        GPT(tiny(max_seq_len=10**12))  # would be 128 TB: refused at once, nothing allocated

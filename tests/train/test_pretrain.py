@@ -74,3 +74,61 @@ def test_seq_len_over_context_is_an_error(micro_prepared, tmp_path):
     cfg = dataclasses.replace(recipe.pretrain, seq_len=128)
     with pytest.raises(ConfigError, match=r"seq_len \(128\) exceeds model.max_seq_len \(64\)"):
         pretrain.run(cfg, recipe.model, run_dir / "data", run_dir / "tokenizer", tmp_path)
+
+
+def test_resume_clears_what_a_kill_left_and_takes_the_last_whole_checkpoint(full_run, tmp_path):
+    recipe, run_dir, out, _ = full_run
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(out / "checkpoints" / "step_000004", ckpts / "step_000004")
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in read_metrics(out / "metrics.jsonl") if r["step"] <= 4)
+    )
+    # made up for the test: a checkpoint killed while being written, one killed while being
+    # deleted (its weights gone, its state.json still there), a final model half written
+    (ckpts / ".step_000005.tmp-k1ll3d").mkdir()
+    (ckpts / ".step_000005.tmp-k1ll3d" / "model.safetensors").write_bytes(b"partial")
+    half = shutil.copytree(ckpts / "step_000004", ckpts / "step_000006")
+    (half / "model.safetensors").unlink()
+    (tmp_path / ".model.tmp-abc123").mkdir()
+
+    pretrain.run(recipe.pretrain, recipe.model, run_dir / "data", run_dir / "tokenizer", tmp_path)
+    assert _losses(tmp_path) == _losses(out)  # resumed from step 4, the last whole checkpoint
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000004", "step_000008"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def uneven_run(micro_prepared, tmp_path_factory):
+    """Checkpoints that fall between metrics lines (save_every 3, log_every 2), as in the tiny
+    recipe."""
+    recipe, run_dir = micro_prepared
+    cfg = dataclasses.replace(recipe.pretrain, save_every=3, log_every=2, eval_every=0)
+    out = tmp_path_factory.mktemp("pretrain_uneven")
+    pretrain.run(cfg, recipe.model, run_dir / "data", run_dir / "tokenizer", out)
+    return cfg, out
+
+
+def test_resume_between_metrics_lines_logs_the_uninterrupted_losses(
+    micro_prepared, uneven_run, tmp_path
+):
+    recipe, run_dir = micro_prepared
+    cfg, out = uneven_run
+    # a run that stopped after its step-3 checkpoint: the sum of step 3's loss is in there
+    shutil.copytree(out / "checkpoints" / "step_000003", tmp_path / "checkpoints" / "step_000003")
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in read_metrics(out / "metrics.jsonl") if r["step"] <= 3)
+    )
+    pretrain.run(cfg, recipe.model, run_dir / "data", run_dir / "tokenizer", tmp_path)
+    assert [s for s, _ in _losses(out)] == [2, 4, 6, 8]
+    assert _losses(tmp_path) == _losses(out)
+
+
+def test_rerun_of_a_finished_run_logs_nothing_twice(micro_prepared, uneven_run, tmp_path):
+    recipe, run_dir = micro_prepared
+    cfg, out = uneven_run
+    shutil.copytree(out, tmp_path / "run")
+    summary = pretrain.run(
+        cfg, recipe.model, run_dir / "data", run_dir / "tokenizer", tmp_path / "run"
+    )
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl") == read_metrics(out / "metrics.jsonl")
+    assert summary["step"] == 8 and set(summary["val"]) == {"en", "zh"}
