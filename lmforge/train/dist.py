@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
+import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -105,8 +107,27 @@ def launch(cfg: DistConfig | None, train, *args):
     info = setup(cfg)
     try:
         return train(*args, cfg, info)
+    except Exception as e:
+        if info.world_size > 1:
+            exit_failed_rank(e, info)
+        raise
     finally:
         teardown()
+
+
+def exit_failed_rank(e: Exception, info: DistInfo) -> None:
+    """Print the error and leave at once, skipping destructors. A rank that unwinds normally
+    frees DDP's reducer and the gloo process group while its peers wait in a collective, and
+    that can deadlock (the group's destructor joins a worker thread that needs the GIL to free
+    a finished work's tensors): the rank then never exits and torchrun never stops the others."""
+    expected = ConfigError | FileNotFoundError | ValueError | RuntimeError
+    if isinstance(e, expected) and not os.environ.get("LMFORGE_DEBUG"):
+        print(f"lmforge: error on rank {info.rank}: {e}", file=sys.stderr)
+    else:
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def data_parallel_only(info: DistInfo, stage: str, lora: bool) -> None:
