@@ -2,10 +2,17 @@
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 import transformers
+from safetensors.torch import load_file
 
 from lmforge.train import pretrain
 from lmforge.train.metrics import read_metrics
@@ -132,3 +139,64 @@ def test_rerun_of_a_finished_run_logs_nothing_twice(micro_prepared, uneven_run, 
     )
     assert read_metrics(tmp_path / "run" / "metrics.jsonl") == read_metrics(out / "metrics.jsonl")
     assert summary["step"] == 8 and set(summary["val"]) == {"en", "zh"}
+
+
+def _pretrain_cli(recipe_path, run_dir, out, *args) -> list[str]:
+    cli = [sys.executable, "-m", "lmforge", "pretrain", "--config", str(recipe_path)]
+    cli += ["--device", "cpu", "--data-dir", str(run_dir / "data")]
+    cli += ["--tokenizer-dir", str(run_dir / "tokenizer"), "--out", str(out), *args]
+    return cli
+
+
+@pytest.mark.slow
+def test_kill_9_at_checkpoints_then_resume_equals_the_uninterrupted_run(
+    micro_recipe_path, micro_prepared, tmp_path
+):
+    """The crash probe: `lmforge pretrain` is killed with SIGKILL whenever a checkpoint is being
+    written or deleted (or, failing that, right after a new one appears), then rerun; after the
+    last rerun its weights and logged losses are bit-identical to an uninterrupted run's and
+    nothing a kill left is in view. Where exactly each kill lands is up to the scheduler; the
+    outcome may not depend on it."""
+    _, run_dir = micro_prepared
+    args = ["--max_steps", "12", "--save_every", "1", "--keep_last", "2", "--eval_every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out):
+        cmd = _pretrain_cli(micro_recipe_path, run_dir, out, *args)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+
+    ref = run(tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out, kills, where = tmp_path / "killed", 0, []
+    ckpts = out / "pretrain" / "checkpoints"
+    for attempt in range(4):  # bounded: four kills at most, then a run to the end
+        cmd = _pretrain_cli(micro_recipe_path, run_dir, out, *args)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        before = set(os.listdir(ckpts)) if ckpts.is_dir() else set()
+        seen: set[str] = set()  # checkpoint names this run made: being written, deleted, done
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            names = set(os.listdir(ckpts)) if ckpts.is_dir() else set()
+            seen |= names - before  # what a killed run left is cleared once this one starts
+            if len(seen) > 2 * attempt:  # each run gets further before its kill
+                proc.send_signal(signal.SIGKILL)
+                kills, where = kills + 1, where + [sorted(names)]
+                break
+            time.sleep(0.002)
+        proc.wait(30)
+        proc.stderr.close()
+        if proc.returncode == 0:  # it finished before a kill could land
+            break
+    assert kills >= 1
+    print(f"{kills} kills, checkpoints folder at each: {where}")  # with -s
+    last = run(out)
+    assert last.returncode == 0, last.stderr[-2000:]
+
+    got = load_file(out / "pretrain" / "model" / "model.safetensors")
+    want = load_file(tmp_path / "ref" / "pretrain" / "model" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert _losses(out / "pretrain") == _losses(tmp_path / "ref" / "pretrain")
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_000011", "step_000012"]
+    left = [p.name for p in ckpts.iterdir()] + [p.name for p in (out / "pretrain").iterdir()]
+    assert not [n for n in left if n.startswith(".")], left
