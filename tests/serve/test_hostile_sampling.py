@@ -12,7 +12,8 @@ import pytest
 pytest.importorskip("fastapi")
 
 from lmforge.infer.chat import load_for_inference  # noqa: E402
-from lmforge.serve.app import MAX_STOP_CHARS, create_app  # noqa: E402
+from lmforge.serve.app import create_app  # noqa: E402
+from lmforge.serve.protocol import MAX_STOP_CHARS  # noqa: E402
 
 HELLO = [{"role": "user", "content": "Name a color."}]
 
