@@ -425,3 +425,42 @@ def test_llama_cpp_computes_our_logits_and_tokens(arch, tok_dir, tmp_path):
             assert err < (3e-3 if arch == "gpt2" else 1e-5), (kind, err)
         else:
             assert err < 0.06 * np.abs(ours).max(), (kind, err)
+
+
+# runs in the llama-cpp-python environment: the prompt ids its chat path builds from the GGUF's
+# own template and BOS settings (create_chat_completion tokenizes through llm.tokenize)
+CHAT_PROBE = r"""
+import json, sys
+from llama_cpp import Llama
+args = json.loads(sys.argv[1])
+llm = Llama(model_path=args["model"], n_ctx=args["n_ctx"], n_threads=2, verbose=False)
+seen = []
+tokenize = llm.tokenize
+def record(text, add_bos=True, special=False):
+    ids = tokenize(text, add_bos=add_bos, special=special)
+    seen.append(ids)
+    return ids
+llm.tokenize = record
+llm.create_chat_completion(messages=args["messages"], max_tokens=1, temperature=0.0)
+print(json.dumps({"prompt": seen[0], "plain": tokenize(args["text"].encode(), add_bos=True)}))
+"""
+
+
+def test_llama_cpp_chat_encodes_our_chat_prompt(llama, tok_dir):
+    """llama-cpp-python's own chat path over our f32 GGUF: the prompt it feeds the model is our
+    chat prompt, BOS once, in English and Chinese; plain text gets BOS too."""
+    from lmforge.infer.chat import chat_prompt_ids
+
+    python = llama_cpp_python()
+    tok = Tokenizer.load(tok_dir)
+    for text in (EN[0], ZH[0]):
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+        args = {"model": str(llama[2]["f32"]), "n_ctx": 64, "messages": msgs, "text": text}
+        r = subprocess.run(
+            [python, "-c", CHAT_PROBE, json.dumps(args)], capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        assert got["prompt"] == chat_prompt_ids(tok, msgs)
+        assert got["prompt"].count(tok.bos_id) == 1
+        assert got["plain"] == [tok.bos_id] + tok.encode(text)
