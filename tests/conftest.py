@@ -112,3 +112,18 @@ def micro_pretrained(micro_prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("micro_pretrain")
     pretrain.run(recipe.pretrain, recipe.model, run_dir / "data", run_dir / "tokenizer", out)
     return recipe, out / "model"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The imported SmolLM2-135M-Instruct directory, fetched beforehand (`.ci/run` does); the
+    tests that need real weights skip without it: nothing downloads during the tests."""
+    from lmforge.fetch import cache_dir, cached_model
+
+    model_dir = cached_model("smollm2-135m-instruct")
+    if model_dir is None:
+        pytest.skip(
+            f"SmolLM2-135M-Instruct is not in {cache_dir()}: run "
+            "`lmforge fetch smollm2-135m-instruct` first (CI does)"
+        )
+    return model_dir
