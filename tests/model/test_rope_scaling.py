@@ -288,3 +288,22 @@ def test_gguf_export_refuses_a_scaled_model_rather_than_drop_the_scaling(tmp_pat
     model_cls(config_cls(**values)).save_pretrained(tmp_path / "hf")
     with pytest.raises(ConfigError, match="GGUF export does not write rope_scaling"):
         export_gguf(tmp_path / "hf", tmp_path / "m.gguf")
+
+
+def test_quantized_scaled_model_reloads_with_its_scaled_tables(tmp_path):
+    """A quantized checkpoint rebuilds its rotary tables on load: with the scaling."""
+    from lmforge.compress.quant import save_quantized
+    from lmforge.compress.quantize import quantize_model
+    from lmforge.config import QuantizeConfig
+    from lmforge.model.transformer import GPT
+
+    torch.manual_seed(0)
+    yarn = KINDS["qwen2-yarn"][2]["rope_scaling"]
+    cfg = ModelConfig(
+        vocab_size=96, dim=64, n_layer=2, n_head=4, max_seq_len=128, rope_scaling=yarn
+    )
+    model = GPT(cfg).eval()
+    spec = quantize_model(model, QuantizeConfig(method="int8"), torch.randint(0, 96, (2, 16)))
+    save_quantized(model, spec, tmp_path / "q")
+    ids = torch.randint(0, 96, (1, T))
+    assert torch.equal(_logits(load_model(tmp_path / "q"), ids), _logits(model, ids))
