@@ -9,8 +9,9 @@ those are transposed. RoPE needs no permutation because our rotation uses HF's r
 `rope_scaling` (or transformers 5's `rope_parameters`) of the linear, dynamic, yarn and llama3
 kinds is kept in ModelConfig.rope_scaling and written back as it was read. Options that change the
 math and that we do not compute (other rope kinds, partial rotary embeddings, a binding Qwen2
-sliding window, GPT-2's attention variants) are refused with the field named. Dropout rates are ignored on import
-(they do not change inference) and written as 0.0 on export: lmforge trains without dropout.
+sliding window, GPT-2's attention variants) are refused with the field named. Dropout rates are
+ignored on import (they do not change inference) and written as 0.0 on export: lmforge trains
+without dropout.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def _unsupported_options(hf: dict, family: str) -> list[str]:
     if hf.get("hidden_act", "silu") != "silu":
         bad.append(f"hidden_act={hf['hidden_act']}")
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope = rope if isinstance(rope, dict) else {}  # not a mapping: from_hf_config names it
     partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):  # Llama, Qwen2 and Mistral rotate the whole head
         bad.append(f"partial_rotary_factor={partial}")
@@ -142,16 +144,19 @@ def _unsupported_options(hf: dict, family: str) -> list[str]:
     return bad
 
 
-def _rope_scaling(hf: dict) -> dict:
-    """config.json's rope_scaling as written; transformers 5 saves it as rope_parameters, with
-    rope_theta inside (ModelConfig holds that apart). The default kind is no scaling: {}."""
+def _rope_scaling(hf: dict) -> tuple[float | None, dict]:
+    """config.json's rope_scaling as written, and the rope_theta inside it if any. transformers 5
+    saves both as rope_parameters; ModelConfig holds rope_theta apart. The default kind is no
+    scaling: {}."""
     scaling = hf.get("rope_scaling")
     if scaling is None:
-        scaling = {k: v for k, v in (hf.get("rope_parameters") or {}).items() if k != "rope_theta"}
+        scaling = dict(hf.get("rope_parameters") or {})
         scaling.pop("partial_rotary_factor", None)  # checked by _unsupported_options: 1.0 here
     if not isinstance(scaling, dict):
         raise ConfigError(f"config.json: rope_scaling must be an object, got {scaling!r}")
-    return {} if rope_kind(scaling) == "default" else dict(scaling)
+    scaling = dict(scaling)
+    theta = scaling.pop("rope_theta", None)
+    return theta, ({} if rope_kind(scaling) == "default" else scaling)
 
 
 def from_hf_config(hf: dict) -> ModelConfig:
@@ -166,11 +171,10 @@ def from_hf_config(hf: dict) -> ModelConfig:
     kwargs = {ours: hf[theirs] for ours, theirs in fields.items() if theirs in hf}
     if family == "gpt2" and "n_positions" not in hf and "n_ctx" in hf:  # older GPT-2 configs
         kwargs["max_seq_len"] = hf["n_ctx"]
-    rope_params = hf.get("rope_parameters") or {}
-    if family != "gpt2" and "rope_theta" not in kwargs and "rope_theta" in rope_params:
-        kwargs["rope_theta"] = rope_params["rope_theta"]
     if family != "gpt2":
-        kwargs["rope_scaling"] = _rope_scaling(hf)
+        theta, kwargs["rope_scaling"] = _rope_scaling(hf)
+        if theta is not None:  # transformers too prefers the rope dict's own rope_theta
+            kwargs["rope_theta"] = theta
     for k in ("bos_token_id", "eos_token_id"):
         if isinstance(kwargs.get(k), list):  # several stop ids (Llama 3): keep the first
             kwargs[k] = kwargs[k][0]

@@ -278,6 +278,9 @@ def test_bad_rope_scaling_values_name_the_field():
         ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0, "short_factor": [1.0]})
     assert ModelConfig(rope_scaling={"rope_type": "default"}).rope_scaling  # kept, means none
     assert from_hf_config(_hf(rope_scaling={"rope_type": "default"})).rope_scaling == {}
+    # a rope_theta inside the dict wins, as in transformers, and is held apart
+    cfg = from_hf_config(_hf(rope_theta=1e4, rope_scaling=llama3 | {"rope_theta": 5e5}))
+    assert cfg.rope_theta == 5e5 and cfg.rope_scaling == llama3
 
 
 def test_gguf_export_refuses_a_scaled_model_rather_than_drop_the_scaling(tmp_path):
@@ -298,7 +301,7 @@ def test_quantized_scaled_model_reloads_with_its_scaled_tables(tmp_path):
     from lmforge.model.transformer import GPT
 
     torch.manual_seed(0)
-    yarn = KINDS["qwen2-yarn"][2]["rope_scaling"]
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}
     cfg = ModelConfig(
         vocab_size=96, dim=64, n_layer=2, n_head=4, max_seq_len=128, rope_scaling=yarn
     )
