@@ -269,9 +269,13 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
     qkv_bias: bool = False  # the q/k/v projections have biases (qwen2, gpt2)
     bias: bool = False  # every other linear layer and the norms have biases (gpt2)
     sliding_window: int = 0  # attend to at most this many latest positions (mistral); 0 = all
+    # kept as config.json writes it: {rope_type: linear | dynamic | yarn | llama3, factor, ...};
+    # model/transformer.py rope_frequencies computes each kind
+    rope_scaling: dict = field(default_factory=dict)  # HF rope_scaling (a mapping); {} = none
 
     def __post_init__(self):
         _check_types(self)  # config.json values arrive unchecked: "256" or true for a width
+        _check_rope_scaling(self.rope_scaling)
         _check_choice(self, "arch", tuple(ARCH_FEATURES))
         _check_choice(self, "norm", ("rmsnorm", "layernorm"))
         _check_choice(self, "mlp", ("swiglu", "gelu"))
@@ -327,6 +331,66 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
         plain_mha = self.head_dim * self.n_head == self.dim and self.n_kv_head == self.n_head
         if self.arch == "gpt2" and not plain_mha:  # HF's c_attn is three dim x dim blocks
             raise ConfigError("gpt2 needs model.head_dim = dim / n_head and n_kv_head = n_head")
+
+
+# rope_scaling kinds we compute -> the numbers each needs (transformers' names)
+ROPE_SCALING = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+# optional numbers of a kind; any other key is an error, so a setting is never silently ignored
+ROPE_SCALING_OPTIONAL = {
+    "yarn": (
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+    ),
+    "dynamic": ("original_max_position_embeddings",),
+}
+
+
+def _check_rope_scaling(s) -> None:
+    """A rope_scaling dict names a kind we compute and the numbers that kind needs."""
+    if not isinstance(s, dict):
+        raise ConfigError(f"model.rope_scaling must be a mapping (or {{}} for none), got {s!r}")
+    if not s:
+        return
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "default":
+        return
+    if kind not in ROPE_SCALING:
+        raise ConfigError(
+            f"model.rope_scaling: rope_type {kind!r} is not supported; supported: "
+            f"{', '.join(ROPE_SCALING)}"
+        )
+    needed, optional = ROPE_SCALING[kind], ROPE_SCALING_OPTIONAL.get(kind, ())
+    missing = [k for k in needed if k not in s]
+    if missing:
+        raise ConfigError(f"model.rope_scaling ({kind}) is missing {', '.join(missing)}")
+    known = {"rope_type", "type", "truncate", *needed, *optional}
+    extra = sorted(set(s) - known)
+    if extra:
+        raise ConfigError(
+            f"model.rope_scaling ({kind}): {', '.join(extra)} not supported; known: "
+            f"{', '.join(sorted(known))}"
+        )
+    for k in (*needed, *optional):
+        v = s.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(
+                f"model.rope_scaling ({kind}): {k} must be a positive number, got {v!r}"
+            )
+    if kind == "llama3" and not s["high_freq_factor"] > s["low_freq_factor"]:
+        raise ConfigError(
+            "model.rope_scaling (llama3): high_freq_factor must be greater than low_freq_factor"
+        )
 
 
 def model_memory(cfg: ModelConfig) -> dict[str, int]:

@@ -136,6 +136,11 @@ def _check_source(ckpt: Path) -> ModelConfig:
             f"{ckpt / 'config.json'} has a quantization_config: this is a quantized checkpoint; "
             "export the float model it was made from (GGUF's own q8_0 is --outtype q8_0)"
         )
+    if cfg.rope_scaling:  # we write only rope.freq_base: llama.cpp would rotate without scaling
+        raise ConfigError(
+            f"checkpoint {ckpt}: GGUF export does not write rope_scaling "
+            f"({cfg.rope_scaling}) yet; llama.cpp would compute different logits"
+        )
     return cfg
 
 

@@ -396,5 +396,7 @@ def load_quantized(cfg, spec: QuantSpec, tensors: dict, ckpt: Path, device="cpu"
     if cfg.tie_embeddings and spec.head_bits != 8:
         model.lm_head.weight = model.tok_emb.weight
     if cfg.pos == "rope":
-        model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        model.rope_cos, model.rope_sin = rope_tables(
+            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling
+        )
     return model.to(device).eval()

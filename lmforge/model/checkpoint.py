@@ -156,7 +156,9 @@ def model_from_tensors(
         model.lm_head.weight = model.tok_emb.weight
     rope = cfg.pos == "rope"
     if rope:  # the tables were created on the meta device: rebuild them for real (they stay fp32)
-        model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        model.rope_cos, model.rope_sin = rope_tables(
+            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling
+        )
     model.to(device=device, dtype=dtype)
     if rope:
         model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()

@@ -6,9 +6,12 @@ separate matrices; we keep them fused, so export splits along the output dimensi
 concatenates. GPT-2 already fuses q/k/v (`c_attn`) but in a `Conv1D`, whose weight is (in, out):
 those are transposed. RoPE needs no permutation because our rotation uses HF's rotate_half pairing.
 
-Options that change the math and that we do not compute (rope scaling, a Qwen2 sliding window,
-GPT-2's attention variants) are refused with the field named. Dropout rates are ignored on import
-(they do not change inference) and written as 0.0 on export: lmforge trains without dropout.
+`rope_scaling` (or transformers 5's `rope_parameters`) of the linear, dynamic, yarn and llama3
+kinds is kept in ModelConfig.rope_scaling and written back as it was read. Options that change the
+math and that we do not compute (other rope kinds, partial rotary embeddings, a binding Qwen2
+sliding window, GPT-2's attention variants) are refused with the field named. Dropout rates are
+ignored on import (they do not change inference) and written as 0.0 on export: lmforge trains
+without dropout.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 import torch
 
 from lmforge.config import ARCH_FEATURES, ConfigError, ModelConfig
+from lmforge.model.transformer import rope_kind
 
 # model_type -> the `architectures` entry transformers' AutoModelForCausalLM opens
 ARCHITECTURES = {
@@ -99,7 +103,10 @@ def to_hf_config(
     else:
         out.update({hf: getattr(cfg, ours) for ours, hf in CONFIG_FIELDS.items()})
         out.update(
-            head_dim=cfg.head_dim, hidden_act="silu", attention_dropout=0.0, rope_scaling=None
+            head_dim=cfg.head_dim,
+            hidden_act="silu",
+            attention_dropout=0.0,
+            rope_scaling=dict(cfg.rope_scaling) or None,
         )
     if cfg.arch == "llama":
         out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
@@ -119,12 +126,14 @@ def _unsupported_options(hf: dict, family: str) -> list[str]:
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             bad.append(f"activation_function={act}")
         return bad
-    bad = [k for k in ("rope_scaling", "attention_bias", "mlp_bias") if hf.get(k)]
+    bad = [k for k in ("attention_bias", "mlp_bias") if hf.get(k)]
     if hf.get("hidden_act", "silu") != "silu":
         bad.append(f"hidden_act={hf['hidden_act']}")
-    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
-    if rope_type != "default":
-        bad.append(f"rope_type={rope_type}")
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope = rope if isinstance(rope, dict) else {}  # not a mapping: from_hf_config names it
+    partial = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):  # Llama, Qwen2 and Mistral rotate the whole head
+        bad.append(f"partial_rotary_factor={partial}")
     window = hf.get("sliding_window")
     if family == "qwen2" and hf.get("use_sliding_window") and window is not None:
         n_layer, max_full = hf["num_hidden_layers"], hf.get("max_window_layers", 28)
@@ -133,6 +142,21 @@ def _unsupported_options(hf: dict, family: str) -> list[str]:
         if slides and window < hf.get("max_position_embeddings", 32768):
             bad.append(f"use_sliding_window=true with sliding_window={window}")
     return bad
+
+
+def _rope_scaling(hf: dict) -> tuple[float | None, dict]:
+    """config.json's rope_scaling as written, and the rope_theta inside it if any. transformers 5
+    saves both as rope_parameters; ModelConfig holds rope_theta apart. The default kind is no
+    scaling: {}."""
+    scaling = hf.get("rope_scaling")
+    if scaling is None:
+        scaling = dict(hf.get("rope_parameters") or {})
+        scaling.pop("partial_rotary_factor", None)  # checked by _unsupported_options: 1.0 here
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"config.json: rope_scaling must be an object, got {scaling!r}")
+    scaling = dict(scaling)
+    theta = scaling.pop("rope_theta", None)
+    return theta, ({} if rope_kind(scaling) == "default" else scaling)
 
 
 def from_hf_config(hf: dict) -> ModelConfig:
@@ -147,9 +171,10 @@ def from_hf_config(hf: dict) -> ModelConfig:
     kwargs = {ours: hf[theirs] for ours, theirs in fields.items() if theirs in hf}
     if family == "gpt2" and "n_positions" not in hf and "n_ctx" in hf:  # older GPT-2 configs
         kwargs["max_seq_len"] = hf["n_ctx"]
-    rope_params = hf.get("rope_parameters") or {}
-    if family != "gpt2" and "rope_theta" not in kwargs and "rope_theta" in rope_params:
-        kwargs["rope_theta"] = rope_params["rope_theta"]
+    if family != "gpt2":
+        theta, kwargs["rope_scaling"] = _rope_scaling(hf)
+        if theta is not None:  # transformers too prefers the rope dict's own rope_theta
+            kwargs["rope_theta"] = theta
     for k in ("bos_token_id", "eos_token_id"):
         if isinstance(kwargs.get(k), list):  # several stop ids (Llama 3): keep the first
             kwargs[k] = kwargs[k][0]

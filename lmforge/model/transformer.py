@@ -25,14 +25,92 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.config import ConfigError, ModelConfig, check_model_fits
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin, both (max_seq_len, head_dim) in float32 (HF computes them in fp32 too).
     HF rotates with `x * cos + rotate_half(x) * sin`, rotate_half(x) = (-x2, x1); folding that
-    minus sign into the table's first half leaves a plain swap of halves for `apply_rope`."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    minus sign into the table's first half leaves a plain swap of halves for `apply_rope`.
+    `scaling` is config.json's rope_scaling (see `rope_frequencies`); yarn also scales both tables."""
+    inv_freq, attention_factor = rope_frequencies(head_dim, max_seq_len, theta, scaling or {})
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    sin = angles.sin()
-    return angles.cos().repeat(1, 2), torch.cat((-sin, sin), dim=-1)
+    cos, sin = angles.cos() * attention_factor, angles.sin() * attention_factor
+    return cos.repeat(1, 2), torch.cat((-sin, sin), dim=-1)
+
+
+def rope_frequencies(
+    head_dim: int, max_seq_len: int, theta: float, scaling: dict
+) -> tuple[torch.Tensor, float]:
+    """The (head_dim / 2,) inverse frequencies and the factor on cos/sin, for each rope_scaling kind
+    as transformers' modeling_rope_utils computes them. `dynamic` (NTK) recomputes the base only for
+    sequences longer than max_position_embeddings, which our context (max_seq_len) never is, so it
+    is exactly the unscaled table here."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = rope_kind(scaling)
+    if kind in ("default", "dynamic"):
+        return inv_freq, 1.0
+    if kind == "linear":  # positions / factor, the same as frequencies / factor
+        return inv_freq / float(scaling["factor"]), 1.0
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, scaling), 1.0
+    return _yarn_frequencies(head_dim, max_seq_len, theta, scaling)
+
+
+def rope_kind(scaling: dict) -> str:
+    """A rope_scaling dict's kind: `rope_type`, or the older key `type`; none is "default"."""
+    return scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1: wavelengths longer than original / low_freq_factor are slowed by `factor`,
+    shorter than original / high_freq_factor kept, the band between blended smoothly."""
+    factor, low, high = (
+        float(s["factor"]),
+        float(s["low_freq_factor"]),
+        float(s["high_freq_factor"]),
+    )
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_frequencies(
+    dim: int, max_seq_len: int, base: float, s: dict
+) -> tuple[torch.Tensor, float]:
+    """YaRN: a linear ramp over the dimensions between beta_fast and beta_slow rotations (within
+    the original context) blends interpolated (/ factor) and original frequencies; cos and sin are
+    scaled by `attention_factor`, by default 0.1 ln(factor) + 1."""
+    original = s.get("original_max_position_embeddings") or max_seq_len
+    factor = s.get("factor") or max_seq_len / original
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        attention_factor = (
+            mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        )
+
+    def correction_dim(rotations):  # the dimension that turns `rotations` times in `original`
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, float(attention_factor)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -181,7 +259,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         if target.type != "meta":  # a meta model is filled later (a checkpoint, or sharded init)
@@ -213,7 +291,8 @@ class GPT(nn.Module):
     def reset_buffers(self) -> None:
         """The rotary tables, computed again on the model's device."""
         if self.cfg.pos == "rope":
-            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            c = self.cfg
+            cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 

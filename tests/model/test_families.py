@@ -210,11 +210,12 @@ def test_qwen2_sliding_window_is_refused_only_when_it_binds():
     assert from_hf_config(hf | {"use_sliding_window": False, "max_window_layers": 0}).arch
 
 
-def test_rope_scaling_is_refused():
-    rope = {"rope_type": "linear", "factor": 2.0}
-    with pytest.raises(ConfigError, match="unsupported mistral options.*rope_scaling"):
+def test_other_rope_kinds_are_refused():
+    """linear, dynamic, yarn and llama3 load (tests/model/test_rope_scaling.py); others do not."""
+    rope = {"rope_type": "longrope", "factor": 2.0}
+    with pytest.raises(ConfigError, match="rope_type 'longrope' is not supported"):
         from_hf_config(_llama_dict(model_type="mistral", rope_scaling=rope))
-    with pytest.raises(ConfigError, match="rope_type=linear"):
+    with pytest.raises(ConfigError, match="rope_type 'longrope' is not supported"):
         from_hf_config(_llama_dict(model_type="qwen2", rope_parameters=rope))
 
 
