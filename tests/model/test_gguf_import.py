@@ -224,3 +224,33 @@ def test_cli_import(made, tmp_path):
     again = run(g, tmp_path / "hf")
     assert again.returncode != 0 and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_pre_tokenizer_names_use_llama_cpps_splits(tmp_path):
+    """Made-up metadata: a byte-level vocabulary of single characters and one merge "1 2"."""
+    import tokenizers as tk
+
+    from lmforge.model.gguf_import import build_tokenizer
+
+    chars = sorted(tk.pre_tokenizers.ByteLevel.alphabet())
+    meta = {
+        "general.architecture": "llama",
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": [*chars, "12", "<|end|>"],
+        "tokenizer.ggml.token_type": [1] * len(chars) + [1, 3],
+        "tokenizer.ggml.merges": ["1 2"],
+        "tokenizer.ggml.eos_token_id": len(chars) + 1,
+    }
+
+    def pieces(pre: str, text: str) -> list[str]:
+        spec, config = build_tokenizer(meta | {"tokenizer.ggml.pre": pre}, tmp_path)
+        tok = tk.Tokenizer.from_str(spec)
+        assert config["eos_token"] == "<|end|>" and config["bos_token"] is None
+        return tok.encode(text).tokens
+
+    assert pieces("smollm", "a12<|end|>") == ["a", "1", "2", "<|end|>"]  # digits one by one
+    assert pieces("gpt-2", "a12") == ["a", "12"]
+    with pytest.raises(ConfigError, match="tokenizer.ggml.pre 'tekken' is not supported"):
+        build_tokenizer(meta | {"tokenizer.ggml.pre": "tekken"}, tmp_path)
+    with pytest.raises(ConfigError, match="tokenizer.ggml.model 'llama' is not supported"):
+        build_tokenizer(meta | {"tokenizer.ggml.model": "llama"}, tmp_path)
