@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from lmforge.compress import gguf as export_mod
 from lmforge.compress.gguf import export_gguf
 from lmforge.config import ConfigError
+from lmforge.infer.chat import load_for_inference
 from lmforge.model.checkpoint import load_model
 from lmforge.model.gguf_import import TENSOR_TYPES, import_gguf, read_tensor
 from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -56,8 +57,24 @@ def test_f32_export_round_trips_bit_identical(made, arch):
     assert sorted(got) == sorted(want)
     for name, t in want.items():
         assert torch.equal(got[name], t), name
-    model = load_model(imported)  # lmforge opens it
+    model, tok = load_for_inference(imported)  # lmforge opens it, tokenizer and all
     assert model.cfg.arch == arch and not model.cfg.tie_embeddings
+    assert tok.chat_template == Tokenizer.load(ckpt).chat_template
+
+
+def test_tied_embeddings_import_without_lm_head(made, tmp_path):
+    """No output.weight in the file: config.json says tied, the safetensors has no lm_head."""
+    tok_dir = made["llama", "f32"][0].parent / "tok"
+    make_checkpoint(tmp_path / "tied", tok_dir, tie_embeddings=True)
+    g = export_gguf(tmp_path / "tied", tmp_path / "tied.gguf")
+    out = import_gguf(g, tmp_path / "hf")
+    want, got = (
+        load_file(str(tmp_path / "tied" / "model.safetensors")),
+        load_file(str(out / "model.safetensors")),
+    )
+    assert "lm_head.weight" not in got and sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert load_model(out).cfg.tie_embeddings
 
 
 @pytest.mark.slow
