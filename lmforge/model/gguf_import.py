@@ -22,11 +22,11 @@ from tqdm import tqdm
 from lmforge.config import ARCH_FEATURES, ConfigError, ModelConfig
 from lmforge.io import atomic_dir, write_json
 from lmforge.model.checkpoint import stop_token_ids
-from lmforge.model.hf import to_hf_config
+from lmforge.model.hf import to_hf_config, to_hf_state_dict
+from lmforge.model.transformer import GPT
 
 ARCHS = ("llama", "qwen2")  # llama.cpp architecture names we read (Mistral files say "llama")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
-DTYPES["bfloat16"] = torch.bfloat16
+DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 # GGML types we dequantize (gguf.quants.dequantize does the math): floats, the legacy block
 # quants and the K-quants
 TENSOR_TYPES = "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q4_K Q5_K Q6_K".split()
@@ -88,7 +88,13 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str = "float32") -> Pat
     reader = open_gguf(src, gguf)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     cfg = model_config(meta, reader, src)
+    check_tensors(reader, cfg, src)  # before anything is written: every tensor known and fits
     tok_spec, tok_config = build_tokenizer(meta, src)
+    if len(meta["tokenizer.ggml.tokens"]) > cfg.vocab_size:
+        raise ConfigError(
+            f"{src}: {len(meta['tokenizer.ggml.tokens'])} tokens but token_embd.weight has "
+            f"{cfg.vocab_size} rows"
+        )
     with atomic_dir(out) as tmp:
         tensors = hf_tensors(reader, cfg, gguf, DTYPES[dtype], src)
         from safetensors.torch import save_file
@@ -241,24 +247,47 @@ def hf_name(name: str, src: Path) -> str:
     raise ConfigError(f"{src}: tensor {name!r} has no Hugging Face counterpart we know")
 
 
-def read_tensor(t, gguf, src: Path) -> torch.Tensor:
+def hf_shape(t) -> tuple[int, ...]:
+    """A GGUF tensor's shape in torch order (GGUF lists dimensions innermost first)."""
+    return tuple(int(n) for n in reversed(t.shape))
+
+
+def check_tensors(reader, cfg: ModelConfig, src: Path) -> None:
+    """Every tensor has an HF name, a type we read and the shape cfg implies; none is missing.
+    The expected set comes from a GPT built on the meta device (no memory) through hf.py."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    want = {k: tuple(v.shape) for k, v in to_hf_state_dict(model.state_dict(), cfg).items()}
+    seen = set()
+    for t in reader.tensors:
+        if t.tensor_type.name not in TENSOR_TYPES:
+            raise ConfigError(
+                f"{src}: tensor {t.name} has type {t.tensor_type.name}, which import does not "
+                f"read; supported: {', '.join(TENSOR_TYPES)}"
+            )
+        name = hf_name(t.name, src)
+        if name not in want or want[name] != hf_shape(t):
+            raise ConfigError(
+                f"{src}: tensor {t.name} has shape {hf_shape(t)}, the metadata implies "
+                f"{want.get(name, 'no such tensor')}"
+            )
+        seen.add(name)
+    missing = sorted(set(want) - seen)
+    if missing:
+        raise ConfigError(f"{src}: tensors missing for {', '.join(missing[:5])}")
+
+
+def read_tensor(t, gguf) -> torch.Tensor:
     """One tensor as float32 in HF's (out, in) layout, dequantized by gguf.quants."""
-    qtype = t.tensor_type
-    if qtype.name not in TENSOR_TYPES:
-        raise ConfigError(
-            f"{src}: tensor {t.name} has type {qtype.name}, which import does not read; "
-            f"supported: {', '.join(TENSOR_TYPES)}"
-        )
-    data = gguf.quants.dequantize(t.data, qtype)
-    shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
-    return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
+    data = gguf.quants.dequantize(t.data, t.tensor_type)
+    return torch.from_numpy(np.array(data, dtype=np.float32).reshape(hf_shape(t)))
 
 
 def hf_tensors(reader, cfg: ModelConfig, gguf, dtype: torch.dtype, src: Path) -> dict:
     """{HF name: tensor} of every tensor in the file, one dequantized at a time."""
     out = {}
     for t in tqdm(reader.tensors, desc="import", unit="tensor", disable=None):
-        w = read_tensor(t, gguf, src)
+        w = read_tensor(t, gguf)
         if cfg.arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
             w = unpermute_rope(w, cfg.n_head if ".attn_q." in t.name else cfg.n_kv_head)
         out[hf_name(t.name, src)] = w.to(dtype).contiguous()

@@ -165,7 +165,7 @@ def test_every_listed_type_reads_through_ggufs_dequantizer(tmp_path):
     r = gguf.GGUFReader(tmp_path / "types.gguf")
     assert [t.name for t in r.tensors] == list(TENSOR_TYPES)
     for t in r.tensors:
-        got = read_tensor(t, gguf, tmp_path).numpy()
+        got = read_tensor(t, gguf).numpy()
         assert got.shape == (64, 256), t.name
         np.testing.assert_array_equal(got, gguf.quants.dequantize(t.data, t.tensor_type), t.name)
         if t.name in ("F32", "F16", "BF16", "Q8_0"):  # the ones made from x come back near it
@@ -271,3 +271,27 @@ def test_pre_tokenizer_names_use_llama_cpps_splits(tmp_path):
         build_tokenizer(meta | {"tokenizer.ggml.pre": "tekken"}, tmp_path)
     with pytest.raises(ConfigError, match="tokenizer.ggml.model 'llama' is not supported"):
         build_tokenizer(meta | {"tokenizer.ggml.model": "llama"}, tmp_path)
+
+
+@pytest.mark.parametrize("change", ["extra", "missing", "shape"])
+def test_tensor_set_must_match_the_metadata(made, tmp_path, monkeypatch, change):
+    """Files made by our exporter with a tensor added (Llama 3.1's rope_freqs), one left out, or
+    one of another shape: refused before anything is written."""
+    real = export_mod.gguf_tensors
+
+    def edited(sd, cfg):
+        for name, t in real(sd, cfg):
+            if change == "missing" and name == "blk.1.ffn_up.weight":
+                continue
+            yield name, t[:, :-1] if change == "shape" and name == "blk.1.ffn_up.weight" else t
+        if change == "extra":
+            yield "rope_freqs.weight", torch.ones(8)
+
+    monkeypatch.setattr(export_mod, "gguf_tensors", edited)
+    g = export_gguf(made["llama", "f32"][0], tmp_path / "edited.gguf")
+    match = {
+        "extra": "'rope_freqs.weight' has no Hugging Face counterpart",
+        "missing": "missing for model.layers.1.mlp.up_proj.weight",
+        "shape": r"blk.1.ffn_up.weight has shape \(192, 63\), the metadata implies \(192, 64\)",
+    }[change]
+    refused(g, tmp_path / "out", match)
