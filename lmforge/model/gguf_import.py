@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from lmforge.config import ARCH_FEATURES, ConfigError, ModelConfig
@@ -89,16 +90,9 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str = "float32") -> Pat
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     cfg = model_config(meta, reader, src)
     check_tensors(reader, cfg, src)  # before anything is written: every tensor known and fits
-    tok_spec, tok_config = build_tokenizer(meta, src)
-    if len(meta["tokenizer.ggml.tokens"]) > cfg.vocab_size:
-        raise ConfigError(
-            f"{src}: {len(meta['tokenizer.ggml.tokens'])} tokens but token_embd.weight has "
-            f"{cfg.vocab_size} rows"
-        )
+    tok_spec, tok_config = build_tokenizer(meta, src, cfg.vocab_size)
     with atomic_dir(out) as tmp:
         tensors = hf_tensors(reader, cfg, gguf, DTYPES[dtype], src)
-        from safetensors.torch import save_file
-
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del tensors
         pad = meta.get("tokenizer.ggml.padding_token_id")
@@ -297,7 +291,7 @@ def hf_tensors(reader, cfg: ModelConfig, gguf, dtype: torch.dtype, src: Path) ->
 # --------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer(meta: dict, src: Path) -> tuple[str, dict]:
+def build_tokenizer(meta: dict, src: Path, vocab_size: int | None = None) -> tuple[str, dict]:
     """(tokenizer.json text, tokenizer_config.json) from tokenizer.ggml.*: byte-level BPE with
     llama.cpp's split for the file's pre-tokenizer name, control tokens as special added tokens,
     user-defined ones as plain added tokens, BOS prepended when the file says llama.cpp adds it."""
@@ -316,7 +310,13 @@ def build_tokenizer(meta: dict, src: Path) -> tuple[str, dict]:
             f"{', '.join(PRE_SPLITS)}"
         )
     splits, ignore_merges = PRE_SPLITS[pre]
-    tokens = list(meta["tokenizer.ggml.tokens"])
+    tokens = list(meta.get("tokenizer.ggml.tokens") or [])
+    if not tokens:
+        raise ConfigError(f"{src}: tokenizer.ggml.tokens is missing")
+    if vocab_size is not None and len(tokens) > vocab_size:
+        raise ConfigError(
+            f"{src}: {len(tokens)} tokens but token_embd.weight has {vocab_size} rows"
+        )
     types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     vocab = {}
     for i, t in enumerate(tokens):

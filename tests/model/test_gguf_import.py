@@ -267,10 +267,15 @@ def test_pre_tokenizer_names_use_llama_cpps_splits(tmp_path):
 
     assert pieces("smollm", "a12<|end|>") == ["a", "1", "2", "<|end|>"]  # digits one by one
     assert pieces("gpt-2", "a12") == ["a", "12"]
+    assert pieces("qwen2", "a12") == ["a", "1", "2"]
+    assert pieces("llama-bpe", "a12 1234") == ["a", "12", "Ġ", "12", "3", "4"]  # 123 | 4
+    assert pieces("default", "a12") == ["a", "12"]
     with pytest.raises(ConfigError, match="tokenizer.ggml.pre 'tekken' is not supported"):
         build_tokenizer(meta | {"tokenizer.ggml.pre": "tekken"}, tmp_path)
     with pytest.raises(ConfigError, match="tokenizer.ggml.model 'llama' is not supported"):
         build_tokenizer(meta | {"tokenizer.ggml.model": "llama"}, tmp_path)
+    with pytest.raises(ConfigError, match="258 tokens but token_embd.weight has 100 rows"):
+        build_tokenizer(meta, tmp_path, vocab_size=100)
 
 
 @pytest.mark.parametrize("change", ["extra", "missing", "shape"])
