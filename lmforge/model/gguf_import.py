@@ -280,7 +280,7 @@ def read_tensor(t, gguf) -> torch.Tensor:
 def hf_tensors(reader, cfg: ModelConfig, gguf, dtype: torch.dtype, src: Path) -> dict:
     """{HF name: tensor} of every tensor in the file, one dequantized at a time."""
     out = {}
-    for t in tqdm(reader.tensors, desc="import", unit="tensor", disable=None):
+    for t in tqdm(reader.tensors, desc="import", unit="tensor", dynamic_ncols=True):
         w = read_tensor(t, gguf)
         if cfg.arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
             w = unpermute_rope(w, cfg.n_head if ".attn_q." in t.name else cfg.n_kv_head)

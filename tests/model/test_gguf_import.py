@@ -77,7 +77,6 @@ def test_tied_embeddings_import_without_lm_head(made, tmp_path):
     assert load_model(out).cfg.tie_embeddings
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 def test_logits_match_transformers_gguf_loader(made, arch, outtype):
