@@ -50,8 +50,7 @@ LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 
-# tokenizer.ggml.pre -> llama.cpp's split regexes (llama-vocab.cpp), applied one after another;
-# (regexes, ignore_merges): llama-bpe looks a whole word up in the vocabulary before BPE
+# tokenizer.ggml.pre -> llama.cpp's split regexes (llama-vocab.cpp), applied one after another
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 LLAMA3_SPLIT = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
@@ -59,20 +58,20 @@ LLAMA3_SPLIT = (
 )
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 PRE_SPLITS = {
-    "default": (
-        [r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"],
-        False,
-    ),
-    "gpt-2": ([GPT2_SPLIT], False),
-    "smollm": ([r"\p{N}", GPT2_SPLIT], False),
-    "starcoder": ([r"\p{N}", GPT2_SPLIT], False),
-    "llama-bpe": ([LLAMA3_SPLIT], True),
-    "llama3": ([LLAMA3_SPLIT], True),
-    "dbrx": ([LLAMA3_SPLIT], False),
-    "smaug-bpe": ([LLAMA3_SPLIT], False),
-    "qwen2": ([QWEN2_SPLIT], False),
-    "deepseek-r1-qwen": ([QWEN2_SPLIT], False),
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"],
+    "gpt-2": [GPT2_SPLIT],
+    "smollm": [r"\p{N}", GPT2_SPLIT],
+    "starcoder": [r"\p{N}", GPT2_SPLIT],
+    "llama-bpe": [LLAMA3_SPLIT],
+    "llama3": [LLAMA3_SPLIT],
+    "dbrx": [LLAMA3_SPLIT],
+    "smaug-bpe": [LLAMA3_SPLIT],
+    "qwen2": [QWEN2_SPLIT],
+    "deepseek-r1-qwen": [QWEN2_SPLIT],
 }
+# for these llama.cpp also looks a whole word up in the vocabulary before BPE (ignore_merges)
+# and adds BOS when the file does not say (tokenizer.ggml.add_bos_token); the others add none
+LLAMA3_PRE = ("llama-bpe", "llama3")
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
 
 
@@ -309,7 +308,6 @@ def build_tokenizer(meta: dict, src: Path, vocab_size: int | None = None) -> tup
             f"{src}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
             f"{', '.join(PRE_SPLITS)}"
         )
-    splits, ignore_merges = PRE_SPLITS[pre]
     tokens = list(meta.get("tokenizer.ggml.tokens") or [])
     if not tokens:
         raise ConfigError(f"{src}: tokenizer.ggml.tokens is missing")
@@ -322,9 +320,9 @@ def build_tokenizer(meta: dict, src: Path, vocab_size: int | None = None) -> tup
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)  # a repeated string keeps its first id, as llama.cpp's lookup does
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    tok = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    tok = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in LLAMA3_PRE))
     tok.pre_tokenizer = tk.pre_tokenizers.Sequence(
-        [tk.pre_tokenizers.Split(tk.Regex(r), behavior="isolated") for r in splits]
+        [tk.pre_tokenizers.Split(tk.Regex(r), behavior="isolated") for r in PRE_SPLITS[pre]]
         + [tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tok.decoder = tk.decoders.ByteLevel()
@@ -340,10 +338,13 @@ def build_tokenizer(meta: dict, src: Path, vocab_size: int | None = None) -> tup
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[int(i)] if i is not None and int(i) < len(tokens) else None
 
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", pre in LLAMA3_PRE))
     bos = name("bos") if add_bos else None  # lmforge prepends BOS exactly when one is named
     if add_bos and bos is None:
-        raise ConfigError(f"{src}: tokenizer.ggml.add_bos_token is set but there is no BOS id")
+        raise ConfigError(
+            f"{src}: llama.cpp adds BOS here (tokenizer.ggml.add_bos_token, or its default for "
+            f"pre-tokenizer {pre!r}) but tokenizer.ggml.bos_token_id is missing"
+        )
     if bos is not None:
         tok.post_processor = tk.processors.TemplateProcessing(
             single=f"{bos}:0 $A:0",

@@ -256,13 +256,17 @@ def test_pre_tokenizer_names_use_llama_cpps_splits(tmp_path):
         "tokenizer.ggml.token_type": [1] * len(chars) + [1, 3],
         "tokenizer.ggml.merges": ["1 2"],
         "tokenizer.ggml.eos_token_id": len(chars) + 1,
+        "tokenizer.ggml.bos_token_id": len(chars) + 1,
     }
 
     def pieces(pre: str, text: str) -> list[str]:
         spec, config = build_tokenizer(meta | {"tokenizer.ggml.pre": pre}, tmp_path)
         tok = tk.Tokenizer.from_str(spec)
-        assert config["eos_token"] == "<|end|>" and config["bos_token"] is None
-        return tok.encode(text).tokens
+        assert config["eos_token"] == "<|end|>"
+        # no add_bos_token in the file: llama.cpp's default, BOS for llama-bpe only
+        assert config["add_bos_token"] == (pre == "llama-bpe")
+        assert (tok.encode(text).tokens[0] == "<|end|>") == (pre == "llama-bpe")  # the BOS here
+        return tok.encode(text, add_special_tokens=False).tokens
 
     assert pieces("smollm", "a12<|end|>") == ["a", "1", "2", "<|end|>"]  # digits one by one
     assert pieces("gpt-2", "a12") == ["a", "12"]
@@ -273,6 +277,9 @@ def test_pre_tokenizer_names_use_llama_cpps_splits(tmp_path):
         build_tokenizer(meta | {"tokenizer.ggml.pre": "tekken"}, tmp_path)
     with pytest.raises(ConfigError, match="tokenizer.ggml.model 'llama' is not supported"):
         build_tokenizer(meta | {"tokenizer.ggml.model": "llama"}, tmp_path)
+    no_bos = {k: v for k, v in meta.items() if k != "tokenizer.ggml.bos_token_id"}
+    with pytest.raises(ConfigError, match="bos_token_id is missing"):
+        build_tokenizer(no_bos | {"tokenizer.ggml.pre": "llama-bpe"}, tmp_path)
     with pytest.raises(ConfigError, match="258 tokens but token_embd.weight has 100 rows"):
         build_tokenizer(meta, tmp_path, vocab_size=100)
 
