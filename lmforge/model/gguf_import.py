@@ -158,8 +158,8 @@ def model_config(meta: dict, reader, src: Path) -> ModelConfig:
     if scaling != "none":
         raise ConfigError(f"{src}: {arch}.rope.scaling.type={scaling!r} is not supported")
     names = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in names:
-        raise ConfigError(f"{src}: tensor token_embd.weight is missing")
+    if "token_embd.weight" not in names or len(names["token_embd.weight"].shape) != 2:
+        raise ConfigError(f"{src}: tensor token_embd.weight is missing or not a matrix")
     dim, n_head = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", dim // n_head))
     if int(get("rope.dimension_count", head_dim)) != head_dim:
