@@ -350,6 +350,24 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "import",
+        help="turn a GGUF file (llama.cpp) into a Hugging Face model directory",
+        description="Import a GGUF file: OUT receives config.json, model.safetensors (every "
+        "tensor dequantized), tokenizer.json and tokenizer_config.json rebuilt from the file's "
+        "vocabulary, merges and chat template, generation_config.json and provenance.json (the "
+        "source file, its sha256 and license). Llama and Qwen2 files with a byte-level BPE "
+        "tokenizer; needs the gguf package (pip install 'lmforge[gguf]').",
+    )
+    p.add_argument("src", help="the .gguf file")
+    p.add_argument("out", help="output model directory (must not exist)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bf16"),
+        help="weight dtype of model.safetensors (default: float32)",
+    )
+
+    p = sub.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API, with a web chat page",
         description="Serve a model directory (or LoRA adapter directory) at /v1/chat/completions, "
@@ -856,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args, rest)
         if rest:
-            if args.command in ("generate", "report", "chat", "export", "eval", "fetch"):
+            cmds = ("generate", "report", "chat", "export", "import", "eval", "fetch")
+            if args.command in cmds:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command in STAGE_SECTION:
             return _cmd_stage(args, rest)
@@ -866,6 +885,11 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_chat(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "import":
+            from lmforge.model.gguf_import import import_gguf
+
+            print(f"model written to {import_gguf(args.src, args.out, dtype=args.dtype)}")
+            return 0
         if args.command == "eval":
             return _cmd_eval(args)
         if args.command == "serve":
