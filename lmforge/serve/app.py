@@ -44,6 +44,7 @@ from lmforge.serve.protocol import (
     refuse_unsupported,
     validate,
     validation_error,
+    web_stack_error,
 )
 
 try:
@@ -54,10 +55,7 @@ try:
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # the core install has no web stack
-    raise ConfigError(
-        f"lmforge serve needs FastAPI and uvicorn ({e.name} is missing): "
-        "pip install 'lmforge[serve]'"
-    ) from None
+    raise web_stack_error(e) from None
 
 log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"

@@ -18,15 +18,21 @@ from typing import Literal
 
 from lmforge.config import ConfigError
 
+
+def web_stack_error(e: ImportError) -> ConfigError:
+    """The error for a core install without the `serve` extra."""
+    return ConfigError(
+        f"lmforge serve needs FastAPI and uvicorn ({e.name} is missing): "
+        "pip install 'lmforge[serve]'"
+    )
+
+
 try:
     from fastapi import Request
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 except ImportError as e:  # the core install has no web stack
-    raise ConfigError(
-        f"lmforge serve needs FastAPI and uvicorn ({e.name} is missing): "
-        "pip install 'lmforge[serve]'"
-    ) from None
+    raise web_stack_error(e) from None
 
 log = logging.getLogger("lmforge.serve")
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings per request (OpenAI's 4), characters in each

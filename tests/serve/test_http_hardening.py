@@ -21,7 +21,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from lmforge.cli import resolve_api_key  # noqa: E402
+from lmforge.commands import resolve_api_key  # noqa: E402
 from lmforge.config import ConfigError  # noqa: E402
 from lmforge.serve import guards  # noqa: E402
 from lmforge.serve.app import create_app  # noqa: E402
