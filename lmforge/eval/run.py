@@ -138,7 +138,8 @@ def run_task(
                 rows += _rows(f"{name}:{lang}", m, keys)
             if not rows:
                 raise ConfigError(f"lm task: {path} has no validation shards")
-            return rows, {"path": str(path), "split": "val", "max_tokens": limit}
+            sample = f"first {limit} tokens of each shard" if limit else "all"
+            return rows, {"path": str(path), "split": "val", "max_tokens": limit, "sample": sample}
         if not path.is_file():
             raise ConfigError(f"lm task: text file or prepared data folder not found: {path}")
         m = perplexity(model, tok, path.read_text(encoding="utf-8"), stride)
@@ -169,7 +170,8 @@ def run_task(
         )
         keys = [k for k in m if k.startswith("pass@") and not k.endswith("_stderr")]
         settings = {"split": "test", "n_samples": m["n_samples"], "isolation": m["isolation"]}
-        return _rows(name, m, keys), settings | {"sample": f"first {m['n']}" if limit else "all"}
+        how = f"first {m['n']}" if limit else f"all {m['n']}"
+        return _rows(name, m, keys), settings | {"sample": how}
     return _multiple_choice(model, tok, name, limit, seed, split, num_fewshot, log_samples)
 
 
@@ -256,6 +258,9 @@ def run(
         )
         isolation = settings.pop("isolation", None)
         samples = settings.pop("samples", None)
+        # every record says which split, which examples and which rows, even where moot
+        defaults = {"split": None, "fewshot_split": None, "num_fewshot": 0, "sample": "all"}
+        settings = defaults | settings
         record = {
             "task": name,
             "results": task_rows,
