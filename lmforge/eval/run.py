@@ -93,7 +93,8 @@ def check_options(name: str, split: str | None, num_fewshot: int | None) -> None
         task = _load_mc_task(name)
         present, max_k = splits(Path(task.path)), None
     if split is not None and split not in present:
-        listed = ", ".join(present) if present else "none (it reads one file)"
+        one_file = name.startswith(("lm:", "sim:"))
+        listed = ", ".join(present) or ("none (it reads one file)" if one_file else "none")
         raise ConfigError(f"task {name}: no split {split!r}; splits present: {listed}")
     if num_fewshot and max_k == 0:
         raise ConfigError(f"task {name} takes no few-shot examples: --num-fewshot must be 0")
