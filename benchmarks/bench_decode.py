@@ -309,9 +309,11 @@ def bench_real(args) -> None:
     load_before = os.getloadavg()[0]
     tokens, times = {}, {s: [] for s in sides}
     errors = {s: notes[s] for s in nbytes if s not in sides}
-    for side in sides:  # warm-up of the in-process sides (llama.cpp warms up in each process)
-        if not side.startswith("llama.cpp"):
-            tokens[side] = sides[side]()
+    # warm-up of the in-process sides (first-use kernel builds, weight relayout); llama.cpp
+    # warms up in each of its processes
+    for model in ours.values():
+        list(generate(model, prompt, max_new_tokens=8, temperature=0.0))
+    hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=8)
     for r in range(args.repeats):
         for side in list(sides) if r % 2 == 0 else list(sides)[::-1]:
             if side in errors:
