@@ -5,7 +5,9 @@ number of steps on identical padded batches (the SFT stage's length-grouped plan
 recipe's instruction data) and report tokens/s (padding not counted), the held-out loss on assistant
 replies before and after, trainable parameters and memory. Each side runs in a fresh process so
 that peak memory is its own: `rss_train_mb` is peak RSS minus RSS once the model and data are
-loaded (gradients, optimizer moments and activations), the figure LoRA exists to shrink.
+loaded (gradients, optimizer moments and activations), the figure LoRA exists to shrink. Across
+trainers compare the peak itself: transformers' loaded weights may still be file pages not yet
+resident, which then count as "training" memory.
 
     python benchmarks/sft_lora.py                        # runs/tiny/pretrain/model, 40 steps
     python benchmarks/sft_lora.py --model DIR --steps 100 --r 16 --sides ours-full,ours-lora
@@ -16,7 +18,8 @@ so their first losses must agree (and, for full fine-tuning with the same AdamW,
 On a real model, e.g. the imported SmolLM2 (its own tokenizer encodes the recipe's data):
 
     python benchmarks/sft_lora.py --model ~/.cache/lmforge/models/smollm2-135m-instruct \
-        --steps 8 --warmup 2 --batch-size 4 --pack 256 --lr-full 2e-5 --lr-lora 2e-4
+        --steps 5 --warmup 2 --rounds 2 --batch-size 4 --pack 256 --lr-full 2e-5 --lr-lora 2e-4 \
+        --val-examples 0
 
 `--pack 256` makes every step 4 x 256 tokens: the bundled conversations are ~65 tokens.
 """
@@ -154,8 +157,8 @@ def run_side(args) -> dict:
     return {
         "side": args.side,
         "trainable": trainable,
-        "tok_s": sum(tokens[timed]) / sum(times[timed]),
-        "step_s": statistics.median(times[timed]),
+        "step_times": times[timed],
+        "step_tokens": tokens[timed],
         "tokens_per_step": statistics.mean(tokens),
         "first_losses": losses[:3],
         "rss_peak_mb": peak,
@@ -166,6 +169,18 @@ def run_side(args) -> dict:
     }
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """One side's processes (rounds) as one: speed over all their timed steps (median step
+    time; tokens/s = all tokens / all time), memory the largest of any round."""
+    times = [t for r in runs for t in r["step_times"]]
+    tokens = [n for r in runs for n in r["step_tokens"]]
+    out = {**runs[0], "rounds": len(runs), "step_times": times, "step_tokens": tokens}
+    out.update(tok_s=sum(tokens) / sum(times), step_s=statistics.median(times))
+    for key in ("rss_peak_mb", "rss_loaded_mb", "rss_train_mb"):
+        out[key] = max(r[key] for r in runs)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="runs/tiny/pretrain/model", help="pretrained model dir")
@@ -173,6 +188,13 @@ def main():
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated from {SIDES}")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per side")
     p.add_argument("--warmup", type=int, default=3, help="steps not counted in tokens/s")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="processes per side, run in turn (order reversed every other round); speed is "
+        "over all of their timed steps",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="conversations per step")
     p.add_argument(
         "--pack",
@@ -221,13 +243,17 @@ def main():
         save_model(GPT(cfg), tmp.name, tokenizer_dir=args.model)
         argv += ["--model", tmp.name]
         args.model = f"random {args.random} ({tmp.name})"
-    results = []
-    for side in args.sides.split(","):
-        cmd = [sys.executable, __file__, *argv, "--side", side]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    sides = args.sides.split(",")
+    runs = {side: [] for side in sides}
+    for r in range(args.rounds):  # interleaved: the machine's load drifts between processes
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            cmd = [sys.executable, __file__, *argv, "--side", side]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
+            runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  round {r + 1}/{args.rounds} {side} done", flush=True)
+    results = [merge_rounds(runs[side]) for side in sides]
     by = {r["side"]: r for r in results}
     print(
         f"{args.steps} steps x {args.batch_size} "
