@@ -13,6 +13,9 @@ q8_0 may drift after a few tokens where two logits are close.
 
     python benchmarks/gguf_llamacpp.py --llama-python /tmp/llamaenv/bin/python
     python benchmarks/gguf_llamacpp.py --model runs/tiny/sft/model --new-tokens 64
+
+The same subprocess half also times llama.cpp's decoding and runs its quantizer for
+`bench_decode.py --model-dir` (the internal `--decode` and `--quantize` modes).
 """
 
 from __future__ import annotations
