@@ -403,8 +403,17 @@ def test_cli_writes_the_file(llama, tmp_path):
 PROBE = r"""
 import json, sys
 import numpy as np
+import llama_cpp.llama_cpp as lib
 from llama_cpp import Llama
 args = json.loads(sys.argv[1])
+# llama.cpp's extra weight buffers off (AMX int8 tiles, repacked Q4_0/Q8_0): on an AMX host in a
+# VM its AMX path segfaults on the first quantized product; Llama() takes no option for it
+default = lib.llama_model_default_params
+def without_extra_bufts():
+    params = default()
+    params.use_extra_bufts = False
+    return params
+lib.llama_model_default_params = without_extra_bufts
 out = {}
 for path in args["models"]:
     llm = Llama(model_path=path, n_ctx=args["n_ctx"], logits_all=True, n_threads=2,
