@@ -13,6 +13,9 @@ q8_0 may drift after a few tokens where two logits are close.
 
     python benchmarks/gguf_llamacpp.py --llama-python /tmp/llamaenv/bin/python
     python benchmarks/gguf_llamacpp.py --model runs/tiny/sft/model --new-tokens 64
+
+The same subprocess half also times llama.cpp's decoding and runs its quantizer for
+`bench_decode.py --model-dir` (the internal `--decode` and `--quantize` modes).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +65,63 @@ def probe(args: dict) -> dict:
             greedy.append(new)
         out[path] = {"tokens": tokens, "greedy": greedy}
     return out
+
+
+def decode_probe(args: dict) -> dict:
+    """Time one greedy batch-1 generation of args["new_tokens"] tokens from args["prompt_ids"]
+    with llama.cpp's own sampler (the llama.cpp side of `bench_decode.py --model-dir`; runs in
+    the llama-cpp-python environment). The prompt's prefill is timed too, as on lmforge's side;
+    EOS does not stop it, so every side makes the same number of tokens."""
+    import llama_cpp.llama_cpp as lib  # the bindings module Llama() reads its defaults from
+    from llama_cpp import Llama
+
+    if not args.get("extra_bufts", True):
+        # llama.cpp's extra weight buffers (repacked Q4_0/Q8_0, AMX int8 tiles) off: in this VM
+        # the AMX path segfaults on the first quantized product. Llama() takes no option for it
+        default = lib.llama_model_default_params
+
+        def without_extra_bufts():
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        lib.llama_model_default_params = without_extra_bufts
+    threads = args["threads"]
+    llm = Llama(
+        model_path=args["model"],
+        n_ctx=args["n_ctx"],
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+    def run(n: int) -> list[int]:
+        llm.reset()  # no prompt-prefix reuse from the previous run: prefill every time
+        new = []
+        for tok in llm.generate(args["prompt_ids"], temp=0.0, repeat_penalty=1.0):
+            new.append(tok)
+            if len(new) == n:
+                return new
+        return new
+
+    run(args["warmup_tokens"])  # first-touch of the mapped weights, thread pool start-up
+    t = time.perf_counter()
+    tokens = run(args["new_tokens"])
+    return {"seconds": time.perf_counter() - t, "tokens": tokens}
+
+
+def quantize_gguf(src: str, dst: str, ftype: str) -> None:
+    """llama.cpp's own quantizer (what its `llama-quantize` tool runs) on a GGUF: for the types
+    our export does not write (q4_0). Runs in the llama-cpp-python environment."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.nthread = 2
+    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)):
+        sys.exit(f"llama.cpp could not quantize {src} to {ftype}")
 
 
 def documents(n: int) -> list[tuple[str, str]]:
@@ -108,9 +169,17 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--docs", type=int, default=50, help="documents per corpus to tokenize")
     ap.add_argument("--probe", help=argparse.SUPPRESS)  # internal: the llama.cpp side
+    ap.add_argument("--decode", help=argparse.SUPPRESS)  # internal: time one decode (llama.cpp)
+    ap.add_argument("--quantize", nargs=3, help=argparse.SUPPRESS)  # internal: SRC DST FTYPE
     args = ap.parse_args()
     if args.probe:
         print(json.dumps(probe(json.loads(Path(args.probe).read_text()))))
+        return
+    if args.decode:
+        print(json.dumps(decode_probe(json.loads(Path(args.decode).read_text()))))
+        return
+    if args.quantize:
+        quantize_gguf(*args.quantize)
         return
 
     import torch

@@ -294,13 +294,21 @@ def _pre_tokenizer(spec: dict, file: Path) -> str:
     splits = [s for s in steps if s.get("type") == "Split"]
     if not splits and any(s.get("type") == "ByteLevel" and s.get("use_regex") for s in steps):
         return "gpt-2"  # GPT-2's own regex, built into ByteLevel
-    pattern = splits[0].get("pattern", {}).get("Regex") if len(splits) == 1 else None
+    patterns = [s.get("pattern", {}).get("Regex") for s in splits]
+    pattern = patterns[0] if len(patterns) == 1 else None
     name = PRE_TOKENIZERS.get(pattern)
-    if name == "llama-bpe" and not (spec.get("model") or {}).get("ignore_merges"):
+    if name is None:
+        # a tokenizer `lmforge import` rebuilt from a GGUF holds llama.cpp's own splits of the
+        # file's type (SmolLM2: digits, then GPT-2's regex): give the type back
+        from lmforge.model.gguf_import import PRE_SPLITS
+
+        name = next((n for n, splits in PRE_SPLITS.items() if splits == patterns), None)
+    if name in ("llama-bpe", "llama3") and not (spec.get("model") or {}).get("ignore_merges"):
         name = "dbrx"  # the same regex without llama-bpe's ignore_merges
     if name is None:
         raise ConfigError(
-            f"{file}: llama.cpp has no pre-tokenizer type for this split regex ({pattern!r}); "
-            "it would tokenize text differently from this tokenizer"
+            f"{file}: llama.cpp has no pre-tokenizer type for this split regex "
+            f"({pattern if len(patterns) == 1 else patterns!r}); it would tokenize text "
+            "differently from this tokenizer"
         )
     return name

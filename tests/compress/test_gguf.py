@@ -305,6 +305,32 @@ def test_pre_tokenizer_type_follows_the_split_regex(tmp_path):
         pre({"pre_tokenizer": seq(r"\w+|\s+")}, f)
 
 
+@pytest.mark.parametrize("pre", ["smollm", "gpt-2", "llama-bpe", "qwen2", "default"])
+def test_an_imported_tokenizer_exports_with_its_pre_tokenizer_type(pre, tmp_path):
+    """`lmforge import` rebuilds llama.cpp's splits of the file's type as Split steps; exporting
+    the imported model must name a type with the same splits (SmolLM2's "smollm" was refused).
+    Made-up metadata: the byte alphabet as the vocabulary, no merges."""
+    import tokenizers as tk
+
+    from lmforge.model.gguf_import import PRE_SPLITS, build_tokenizer
+
+    alphabet = sorted(tk.pre_tokenizers.ByteLevel.alphabet())
+    meta = {
+        "general.architecture": "llama",
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": alphabet + ["<s>"],
+        "tokenizer.ggml.token_type": [1] * len(alphabet) + [3],
+        "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.bos_token_id": len(alphabet),
+        "tokenizer.ggml.eos_token_id": len(alphabet),
+    }
+    spec, _ = build_tokenizer(meta, tmp_path)
+    name = gguf_mod._pre_tokenizer(json.loads(spec), tmp_path / "tokenizer.json")
+    assert PRE_SPLITS[name] == PRE_SPLITS[pre]
+    assert (name in ("llama-bpe", "llama3")) == (pre == "llama-bpe")  # ignore_merges kept
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -377,8 +403,17 @@ def test_cli_writes_the_file(llama, tmp_path):
 PROBE = r"""
 import json, sys
 import numpy as np
+import llama_cpp.llama_cpp as lib
 from llama_cpp import Llama
 args = json.loads(sys.argv[1])
+# llama.cpp's extra weight buffers off (AMX int8 tiles, repacked Q4_0/Q8_0): on an AMX host in a
+# VM its AMX path segfaults on the first quantized product; Llama() takes no option for it
+default = lib.llama_model_default_params
+def without_extra_bufts():
+    params = default()
+    params.use_extra_bufts = False
+    return params
+lib.llama_model_default_params = without_extra_bufts
 out = {}
 for path in args["models"]:
     llm = Llama(model_path=path, n_ctx=args["n_ctx"], logits_all=True, n_threads=2,
