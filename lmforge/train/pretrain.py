@@ -86,6 +86,12 @@ def evaluate(
     return out
 
 
+def _eval_line(step: int, res: dict) -> str:
+    return f"step {step}: " + ", ".join(
+        f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for lang, r in res.items()
+    )
+
+
 class StopFlag:
     """First Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
 
@@ -324,6 +330,11 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         return res
 
     # --- loop
+    start_eval: dict = {}
+    if init_dir and step == 0:  # where continued pretraining starts: the loaded model's scores
+        start_eval = run_eval(0)
+        if info.is_main:
+            tqdm.write(_eval_line(0, start_eval), file=sys.stderr)
     model.train()
     last_eval: dict = {}
     evaluated = False  # the same on every rank (last_eval is only filled on rank 0)
@@ -381,14 +392,7 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 last_eval, evaluated = run_eval(step), True
                 if info.is_main:
-                    bar.write(
-                        f"step {step}: "
-                        + ", ".join(
-                            f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}"
-                            for lang, r in last_eval.items()
-                        ),
-                        file=sys.stderr,
-                    )
+                    bar.write(_eval_line(step, last_eval), file=sys.stderr)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 save(step)
@@ -428,6 +432,7 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         "peak_flops": peak,
         "train_seconds": train_time,
         "val": last_eval,
+        "val_start": start_eval,  # init_from: the loaded model's, before the first step
         "model": dataclasses.asdict(model_cfg),
         "init_from": str(init_dir) if init_dir else None,
         "replay": {

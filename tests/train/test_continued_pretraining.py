@@ -5,6 +5,7 @@ tokenizer is refused, and the result opens as a model with the original's tokeni
 import dataclasses
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +84,11 @@ def test_first_loss_is_the_loaded_models_loss_on_that_batch(micro_prepared, cont
     cfg, out, summary = continued
     x, y = PackedLoader(run_dir / "data", cfg.seq_len, cfg.batch_size, cfg.seed).batch_at(0)
     want = _loss(load_model(base_dir), x, y)
-    first = read_metrics(out / "metrics.jsonl")[0]
+    first = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r][0]
     assert first["step"] == 1 and first["loss"] == pytest.approx(want, rel=1e-5)
+    # the starting point is scored before the first step, and logged as step 0
+    start = read_metrics(out / "metrics.jsonl")[0]
+    assert start["step"] == 0 and start["val_zh_bpb"] == summary["val_start"]["zh"]["bpb"]
     torch.manual_seed(cfg.seed)  # what training from scratch would have started from
     fresh = GPT(load_model(base_dir).cfg)
     assert abs(_loss(fresh, x, y) - want) > 1e-3
@@ -138,7 +142,8 @@ def test_replay_rows_come_from_the_replay_data(micro_prepared, base_dir, replay_
     x, y = PackedLoader(run_dir / "data", cfg.seq_len, 3, cfg.seed).batch_at(0)
     rx, ry = PackedLoader(replay_dir, cfg.seq_len, 1, cfg.seed + 1).batch_at(0)
     want = _loss(load_model(base_dir), torch.cat([x, rx]), torch.cat([y, ry]))
-    assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == pytest.approx(want, rel=1e-5)
+    first = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r][0]
+    assert first["loss"] == pytest.approx(want, rel=1e-5)
     assert "replay_en" in summary["val"]  # the general text's held-out loss is tracked too
     stored = json.loads((tmp_path / "run_config.json").read_text())["config"]
     assert stored["replay_dir"] == str(replay_dir.resolve()) and "replay_data" in stored
@@ -229,3 +234,47 @@ def test_smollm2_continues_on_chinese_lines(smollm2_dir, tmp_path):
         "<|im_start|>assistant\n"
     )
     assert model.cfg.n_layer == 30 and model.cfg.vocab_size == 49152
+
+
+@pytest.fixture(scope="module")
+def gqa_base_dir(micro_prepared, tmp_path_factory):
+    """A base model whose fused q/k/v rows tensor parallelism must reorder (grouped-query
+    attention with biases); random weights made up for the test."""
+    _, run_dir = micro_prepared
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, dim=32, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=64,
+        arch="qwen2", qkv_bias=True, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+    )  # fmt: skip
+    torch.manual_seed(11)
+    d = tmp_path_factory.mktemp("gqa_base")
+    save_model(GPT(cfg), d, tokenizer_dir=run_dir / "tokenizer", pad_token_id=tok.pad_id)
+    return d
+
+
+def _cli_losses(recipe_path, data_dir, out, base, nproc, *dist_opts) -> list[float]:
+    """`lmforge pretrain --init-from base`, in one process or under torchrun (gloo, CPU)."""
+    cli = ["-m", "lmforge", "pretrain", "--config", str(recipe_path), "--device", "cpu"]
+    cli += ["--data-dir", str(data_dir), "--out", str(out), "--init-from", str(base)]
+    cli += ["--batch_size", str(8 // (1 if "--dist.tp" in dist_opts else nproc))]
+    cli += ["--max_steps", "2", "--eval_every", "0", "--log_every", "1", *dist_opts]
+    if nproc > 1:
+        cli = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cli]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, *cli], capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [r["loss"] for r in read_metrics(out / "pretrain" / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opts", [["--dist.strategy", "fsdp"], ["--dist.tp", "2"]])
+def test_sharded_init_from_loads_the_same_weights(
+    opts, micro_recipe_path, micro_prepared, gqa_base_dir, tmp_path
+):
+    """FSDP2 and tensor parallelism fill each rank's slices from the loaded model (tp reorders
+    the fused rows): two steps give the single process's losses on the same global batch."""
+    _, run_dir = micro_prepared
+    args = (micro_recipe_path, run_dir / "data")
+    one = _cli_losses(*args, tmp_path / "one", gqa_base_dir, 1)
+    two = _cli_losses(*args, tmp_path / "two", gqa_base_dir, 2, *opts)
+    assert two == pytest.approx(one, rel=1e-5)
