@@ -194,6 +194,33 @@ def test_cli_init_from_refuses_foreign_data_without_a_traceback(
     assert "no tokenizer at" in res.stderr
 
 
+def test_lmforge_run_continues_a_model_with_its_own_tokenizer(base_dir, tmp_path):
+    """A recipe whose tokenizer stage copies the model's (tokenizer.path) and whose pretraining
+    continues that model: the whole pipeline runs, and the result keeps the model's tokens."""
+    from lmforge import pipeline
+    from lmforge.config import load_recipe
+
+    recipe = tmp_path / "cpt.yaml"
+    recipe.write_text(
+        f"""
+data:
+  sources: [{{name: enwiki, path: {REPO}/datasets/enwiki, format: jsonl, max_docs: 40}}]
+  val_fraction: 0.1
+  num_workers: 1
+tokenizer: {{path: {base_dir}}}
+pretrain: {{init_from: {base_dir}, max_steps: 2, batch_size: 4, seq_len: 32, warmup_steps: 1,
+            eval_every: 0, eval_tokens: 512, save_every: 0, log_every: 1}}
+sample: {{prompts: [Once], max_new_tokens: 4, chat_prompts: []}}
+eval: {{tasks: []}}
+""",
+        encoding="utf-8",
+    )
+    res = pipeline.run(load_recipe(recipe), tmp_path / "out", log=lambda *a: None)
+    assert res["pretrain"]["step"] == 2 and res["pretrain"]["init_from"] == str(base_dir)
+    _, tok = load_for_inference(tmp_path / "out" / "pretrain" / "model")
+    assert tok.fingerprint() == Tokenizer.load(base_dir).fingerprint()
+
+
 def test_replay_fraction_without_replay_data_is_a_config_error():
     from lmforge.config import PretrainConfig
 
