@@ -242,7 +242,7 @@ def test_smollm2_continues_on_chinese_lines(smollm2_dir, tmp_path):
         lines = [line.strip() for line in f if len(line.strip()) > 80][:12]
     text.write_text("\n".join(lines), encoding="utf-8")
     data = DataConfig(sources=[{"name": "zh", "path": str(text), "split_on": "line", "lang": "zh"}],
-                      val_fraction=0.0, num_workers=1)  # fmt: skip
+                      val_fraction=0.01, num_workers=1)  # fmt: skip
     manifest = prepare.run(data, smollm2_dir, str(tmp_path), tmp_path / "data")
     assert (manifest["dtype"], manifest["vocab_size"]) == ("uint16", 49152)
     assert manifest["doc_markers"] == {"start": [0], "end": []}  # <|endoftext|>, not <|im_end|>
