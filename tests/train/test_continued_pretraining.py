@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,26 @@ def test_replay_rows_come_from_the_replay_data(micro_prepared, base_dir, replay_
     assert "replay_en" in summary["val"]  # the general text's held-out loss is tracked too
     stored = json.loads((tmp_path / "run_config.json").read_text())["config"]
     assert stored["replay_dir"] == str(replay_dir.resolve()) and "replay_data" in stored
+
+
+def test_replay_run_resumes_exactly(micro_prepared, base_dir, replay_dir, tmp_path):
+    """Both loaders' positions are in the checkpoint: a run resumed after step 1 logs the
+    uninterrupted run's losses."""
+    recipe, run_dir = micro_prepared
+    cfg = _cfg(recipe, base_dir, replay=str(replay_dir), replay_fraction=0.25, max_steps=3)
+    cfg = dataclasses.replace(cfg, save_every=1, keep_last=5)
+    full, part = tmp_path / "full", tmp_path / "part"
+    pretrain.run(cfg, recipe.model, run_dir / "data", None, full)
+    shutil.copytree(full / "checkpoints" / "step_000001", part / "checkpoints" / "step_000001")
+    rows = [r for r in read_metrics(full / "metrics.jsonl") if r["step"] <= 1]
+    (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copy(full / "run_config.json", part / "run_config.json")
+    pretrain.run(cfg, recipe.model, run_dir / "data", None, part)
+
+    def losses(d):
+        return [(r["step"], r["loss"]) for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+
+    assert losses(part) == losses(full) and len(losses(full)) == 3
 
 
 def test_data_of_another_tokenizer_is_refused(micro_prepared, base_dir, tmp_path):
