@@ -2,7 +2,7 @@
 # Continued pretraining of SmolLM2-135M-Instruct on three classical Chinese novels, with English
 # replay (25% of every batch) and without: Chinese and English bits per byte and MMLU before and
 # after. The figures are in docs/continued-pretraining.md. The part with replay took 77 minutes on
-# 2 shared CPU cores (evaluations 43, training 27); the run without replay adds as much again.
+# 2 shared CPU cores (evaluations 49, training 27); the run without replay adds as much again.
 #   lmforge fetch smollm2-135m-instruct && scripts/smollm2_cpt.sh 2>&1 | tee runs/smollm2-cpt.log
 set -euo pipefail
 M=${M:-$HOME/.cache/lmforge/models/smollm2-135m-instruct}
