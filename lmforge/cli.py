@@ -16,7 +16,14 @@ import typing
 from pathlib import Path
 
 from lmforge import commands, pipeline
-from lmforge.config import SECTIONS, ConfigError, field_help, load_recipe, unknown_key_error
+from lmforge.config import (
+    PRETRAIN_ONLY,
+    SECTIONS,
+    ConfigError,
+    field_help,
+    load_recipe,
+    unknown_key_error,
+)
 from lmforge.pipeline import STAGES
 
 STAGE_SECTION = {
@@ -69,13 +76,16 @@ def _add_section_options(p: argparse.ArgumentParser, section: str, prefix: str =
         f"{section} options" + (" (the recipe's `" + section + ":` section)" if not prefix else "")
     )
     for f in dataclasses.fields(cls):
-        if f.name == "sources":
+        if f.name == "sources" or (section != "pretrain" and f.name in PRETRAIN_ONLY):
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tp = hints[f.name]
         metavar = {int: "N", float: "X", bool: "BOOL", str: "STR"}.get(tp, "LIST")
+        names = [f"--{prefix}{f.name}"]
+        if f.name in PRETRAIN_ONLY and "_" in f.name:  # as the docs spell them: --init-from
+            names.append(f"--{prefix}{f.name.replace('_', '-')}")
         group.add_argument(
-            f"--{prefix}{f.name}",
+            *names,
             dest=f"{section}.{f.name}",
             metavar=metavar,
             # a switch alone means true: `--overwrite` as well as `--overwrite true`
@@ -197,10 +207,17 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
         if cmd == "prepare":
-            p.add_argument("--tokenizer-dir", help="tokenizer directory (default: OUT/tokenizer)")
+            p.add_argument(
+                "--tokenizer-dir",
+                help="tokenizer directory: ours, or a model's (a Hugging Face tokenizer.json "
+                "directory, e.g. the model --init-from continues) (default: OUT/tokenizer)",
+            )
         if cmd == "pretrain":
             p.add_argument("--data-dir", help="prepared shards (default: OUT/data)")
-            p.add_argument("--tokenizer-dir", help="tokenizer directory (default: OUT/tokenizer)")
+            p.add_argument(
+                "--tokenizer-dir",
+                help="tokenizer directory (default: OUT/tokenizer; with --init-from, the model's)",
+            )
         _add_section_options(p, section)
         if cmd == "pretrain":
             _add_section_options(p, "model", prefix="model.")
@@ -634,11 +651,13 @@ def _cmd_stage(args, rest) -> int:
     else:
         from lmforge.train.pretrain import run
 
+        # continued pretraining (init_from) takes the model's own tokenizer unless one is named
+        default_tok = None if recipe.pretrain.init_from else out / "tokenizer"
         s = run(
             recipe.pretrain,
             recipe.model,
             args.data_dir or out / "data",
-            args.tokenizer_dir or out / "tokenizer",
+            args.tokenizer_dir or default_tok,
             out / "pretrain",
             recipe.dist,
         )

@@ -444,6 +444,10 @@ def check_model_fits(cfg: ModelConfig, limit: int | None = None, shards: int = 1
     )
 
 
+# fields of the pretrain section that its subclasses (distill, prune) do not take
+PRETRAIN_ONLY = ("init_from", "replay", "replay_fraction")
+
+
 @dataclass
 class PretrainConfig:  # `pretrain:` next-token prediction on the prepared shards (lmforge pretrain)
     max_steps: int = 1000  # optimizer steps
@@ -465,6 +469,9 @@ class PretrainConfig:  # `pretrain:` next-token prediction on the prepared shard
     save_every: int = 200  # write a checkpoint every N steps (0 = only at the end)
     keep_last: int = 2  # keep this many step checkpoints
     seed: int = 1337  # seeds initialisation and data order
+    init_from: str = ""  # continue pretraining this model directory (its architecture, weights and tokenizer; the model section is ignored) with a fresh optimizer and a new warmup; "" = train from scratch
+    replay: str = ""  # prepared data folder of general text mixed into every batch (with replay_fraction), against forgetting
+    replay_fraction: float = 0.0  # share of each batch's rows taken from the replay data (0 = off)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
     threads: int = 0  # torch CPU threads (0 = torch's default)
@@ -484,6 +491,20 @@ class PretrainConfig:  # `pretrain:` next-token prediction on the prepared shard
             )
         if self.lr <= 0:
             raise ConfigError(f"{_section_name(type(self))}.lr must be positive, got {self.lr}")
+        section = _section_name(type(self))
+        if type(self) is not PretrainConfig:  # distill and prune share the loop fields only
+            given = [k for k in PRETRAIN_ONLY if getattr(self, k)]
+            if given:
+                raise ConfigError(f"{section}: {', '.join(given)} apply to pretrain only")
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ConfigError(
+                f"pretrain.replay_fraction must be in [0, 1), got {self.replay_fraction}"
+            )
+        if self.replay_fraction > 0 and not self.replay:
+            raise ConfigError(
+                f"pretrain.replay_fraction is {self.replay_fraction} but pretrain.replay names no "
+                "data folder: give --replay DATA_DIR (a `lmforge prepare` output)"
+            )
 
 
 @dataclass

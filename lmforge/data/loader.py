@@ -129,6 +129,41 @@ class PackedLoader:
         self.position = int(state["position"])
 
 
+def replay_rows(batch_size: int, fraction: float) -> int:
+    """Rows of each batch taken from the replay data: round(fraction * batch_size), halves up.
+    Off at fraction 0; otherwise at least one row, and at least one left for the main data."""
+    rows = int(fraction * batch_size + 0.5)
+    if fraction > 0 and not 0 < rows < batch_size:
+        raise DataError(
+            f"pretrain.replay_fraction {fraction} of batch_size {batch_size} makes {rows} replay "
+            f"rows: choose a fraction and batch size that give between 1 and {batch_size - 1}"
+        )
+    return rows
+
+
+class ReplayLoader:
+    """Batches whose first rows come from the main data and whose last `rows` come from a second
+    folder of general text (replay, against forgetting what the model knew). Two PackedLoaders,
+    each a pure function of its own position, so the mix is as deterministic and resumable as
+    one loader."""
+
+    def __init__(self, main: PackedLoader, replay: PackedLoader):
+        self.main, self.replay = main, replay
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (x, y), (rx, ry) = self.main.next_batch(), self.replay.next_batch()
+        return torch.cat([x, rx]), torch.cat([y, ry])  # (B, T)
+
+    def state_dict(self) -> dict:
+        return {**self.main.state_dict(), "replay": self.replay.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "replay" not in state:
+            raise ValueError("the checkpoint's loader state has no replay position")
+        self.main.load_state_dict(state)
+        self.replay.load_state_dict(state["replay"])
+
+
 def val_languages(data_dir: str | Path) -> list[str]:
     """Languages with a validation file, sorted."""
     return sorted(lang for lang, e in read_manifest(data_dir).get("val", {}).items() if e["tokens"])

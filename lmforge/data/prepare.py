@@ -1,7 +1,7 @@
 """Tokenize the corpus into flat token shards that training reads with np.memmap.
 
 The one idea: a shard is just the token ids of many documents, each written as
-[bos] + tokens + [eos], end to end in one raw uint16/uint32 array, with a `.idx.npy` of document
+[bos] + tokens + [eos] (or the model's own separator: see document_markers), end to end in one raw uint16/uint32 array, with a `.idx.npy` of document
 start offsets beside it. Validation documents (chosen by a hash of their text) go to one file per
 language, so loss and bits per byte can be reported per language. Every file is written under a
 temporary name and renamed when complete, and manifest.json is written last: a manifest on disk
@@ -82,10 +82,27 @@ def _init_worker(tokenizer_dir: str) -> None:
     _worker_tok = Tokenizer.load(tokenizer_dir)
 
 
+DOC_SEPARATOR = "<|endoftext|>"  # GPT-2's document separator, kept by Qwen2, SmolLM2, Phi, ...
+
+
+def document_markers(tok) -> tuple[list[int], list[int]]:
+    """The ids written before and after every document: the boundary the model was pretrained
+    with. A model's chat EOS (<|im_end|>) is not its document boundary: tokenizers that have
+    <|endoftext|> separated their pretraining documents with it. With a BOS of its own (ours,
+    Llama) a document is [BOS] text [end]; with none, or a BOS that is the separator itself
+    (SmolLM2, GPT-2, Qwen2), one separator goes before each document, which in a packed stream
+    also ends the previous one."""
+    sep = DOC_SEPARATOR if DOC_SEPARATOR in tok.special_tokens() else tok.eos_token
+    end = tok.token_id(sep)
+    if tok.prepend_bos and tok.bos_id != end:
+        return [tok.bos_id], [end]
+    return [end], []
+
+
 def _encode(docs: list[str], tok=None) -> list[np.ndarray]:
     tok = tok or _worker_tok
-    bos, eos = tok.bos_id, tok.eos_id
-    return [np.array([bos, *ids, eos], dtype=np.int64) for ids in tok.encode_batch(docs)]
+    start, end = document_markers(tok)
+    return [np.array([*start, *ids, *end], dtype=np.int64) for ids in tok.encode_batch(docs)]
 
 
 def _batches(items: Iterator, n: int) -> Iterator[list]:
@@ -319,8 +336,11 @@ def run(cfg: DataConfig, tokenizer_dir: str | Path, base_dir: str, out_dir: str 
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
         "tokenizer_fingerprint": tok.fingerprint(),
+        "tokenizer": str(Path(tokenizer_dir).resolve()),
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
+        # what surrounds each document (see document_markers)
+        "doc_markers": dict(zip(("start", "end"), document_markers(tok))),
         "val_fraction": cfg.val_fraction,
         "sources": stats,
         "train_shards": train_shards,

@@ -21,8 +21,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lmforge.config import ConfigError, DistConfig, ModelConfig, PretrainConfig, config_hash
-from lmforge.data.loader import PackedLoader, val_batches, val_languages
+from lmforge.data.loader import (
+    PackedLoader,
+    ReplayLoader,
+    read_manifest,
+    replay_rows,
+    val_batches,
+    val_languages,
+)
 from lmforge.io import read_json, write_json
+from lmforge.model.checkpoint import load_config, load_model
 from lmforge.model.transformer import GPT, flops_per_token, num_params
 from lmforge.perf import matmul_flops, peak_memory_mb, pick_device
 from lmforge.tokenizer import Tokenizer
@@ -78,6 +86,12 @@ def evaluate(
     return out
 
 
+def _eval_line(step: int, res: dict) -> str:
+    return f"step {step}: " + ", ".join(
+        f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for lang, r in res.items()
+    )
+
+
 class StopFlag:
     """First Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
 
@@ -112,6 +126,57 @@ def _fault(info) -> int:
     return int(step) if spec and int(rank) == info.rank else -1
 
 
+def init_model_config(init_dir: Path, recipe_cfg: ModelConfig) -> tuple[ModelConfig, list[str]]:
+    """The architecture of the model to continue from, and the recipe's `model:` settings it
+    overrides ("dim 32 -> 576"): those the recipe sets (differs from the defaults) that init_dir
+    does not share."""
+    if not (init_dir / "config.json").is_file():
+        raise ConfigError(
+            f"pretrain.init_from: {init_dir} is not a model directory (no config.json in it)"
+        )
+    cfg = load_config(init_dir)
+    default = ModelConfig()
+    ignored = [
+        f"{f.name} {getattr(recipe_cfg, f.name)} -> {getattr(cfg, f.name)}"
+        for f in dataclasses.fields(ModelConfig)
+        if getattr(recipe_cfg, f.name) not in (getattr(default, f.name), getattr(cfg, f.name))
+    ]
+    return cfg, ignored
+
+
+def check_tokens(data_dir: Path, manifest: dict, tokenizer: Tokenizer, tokenizer_dir, vocab: int):
+    """The shards must hold this tokenizer's ids: a model reads another tokenizer's ids as
+    unrelated tokens, and trains without an error on noise."""
+    made_by, ours = manifest.get("tokenizer_fingerprint"), tokenizer.fingerprint()
+    if (made_by and made_by != ours) or manifest["vocab_size"] != tokenizer.vocab_size:
+        theirs = manifest.get("tokenizer", "an unrecorded tokenizer")
+        raise ConfigError(
+            f"{data_dir} was prepared with another tokenizer than the model's: {theirs} "
+            f"(vocabulary {manifest['vocab_size']:,}, fingerprint {made_by or '?'}) against "
+            f"{tokenizer_dir} (vocabulary {tokenizer.vocab_size:,}, fingerprint {ours}); "
+            f"prepare it again with `lmforge prepare --tokenizer-dir {tokenizer_dir}`"
+        )
+    if manifest["vocab_size"] > vocab:
+        raise ConfigError(
+            f"{data_dir}: the data's vocabulary ({manifest['vocab_size']:,}) is larger than the "
+            f"model's ({vocab:,})"
+        )
+
+
+@torch.no_grad()
+def load_sharded(model: GPT, source: GPT, device: torch.device, tp: int) -> None:
+    """dist.materialize's twin for init_from: allocate the parallelized meta model and give each
+    rank its slices of the loaded model's tensors instead of fresh random ones."""
+    model.to_empty(device=device)
+    if model.cfg.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight:
+        model.lm_head.weight = model.tok_emb.weight  # to_empty untied plain tensors (not DTensors)
+    full = dict(source.named_parameters())
+    for name, p in model.named_parameters():
+        index = dist.relayout_index(model.cfg, name, 1, tp)
+        dist.assign(p, full[name] if index is None else full[name][index])
+    model.reset_buffers()
+
+
 def prepare_model_config(model_cfg: ModelConfig, manifest: dict) -> ModelConfig:
     """Fill vocabulary size and special ids from the prepared data; refuse a mismatch."""
     vocab = manifest["vocab_size"]
@@ -137,7 +202,8 @@ def run(
 ) -> dict:
     """Train, evaluate, checkpoint. Returns a summary (also written to out_dir/summary.json).
     Under torchrun (dist.strategy ddp or fsdp, dist.tp) every rank calls this; rank 0 writes
-    the files."""
+    the files. With cfg.init_from, the model (architecture, weights, tokenizer) comes from that
+    directory and tokenizer_dir may be None."""
     args = (cfg, model_cfg, Path(data_dir), tokenizer_dir, Path(out_dir))
     return dist.launch(dist_cfg, _train, *args)
 
@@ -148,16 +214,45 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     manifest = read_json(data_dir / "manifest.json", "data manifest (run `lmforge prepare` first)")
-    model_cfg = prepare_model_config(model_cfg, manifest)
+    init_dir = Path(cfg.init_from).expanduser() if cfg.init_from else None
+    if init_dir:
+        # continued pretraining: the model's own architecture and tokenizer, not the recipe's
+        model_cfg, ignored = init_model_config(init_dir, model_cfg)
+        if ignored and info.is_main:
+            print(
+                f"pretrain.init_from: the model is {init_dir}; the recipe's model settings are "
+                f"ignored ({', '.join(ignored)})",
+                file=sys.stderr,
+            )
+        if tokenizer_dir is not None and (
+            Tokenizer.load(tokenizer_dir).fingerprint() != Tokenizer.load(init_dir).fingerprint()
+        ):
+            raise ConfigError(
+                f"pretrain.init_from: the tokenizer in {tokenizer_dir} is not the model's "
+                f"({init_dir}); leave the tokenizer directory out to use the model's"
+            )
+        tokenizer_dir = init_dir
+    else:
+        model_cfg = prepare_model_config(model_cfg, manifest)
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ConfigError(
             f"pretrain.seq_len ({cfg.seq_len}) exceeds model.max_seq_len ({model_cfg.max_seq_len})"
         )
-    config = run_config(cfg, model_cfg, dp_size=info.dp_size)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    check_tokens(data_dir, manifest, tokenizer, tokenizer_dir, model_cfg.vocab_size)
+    replay_dir = Path(cfg.replay).expanduser() if cfg.replay_fraction > 0 else None
+    n_replay = replay_rows(cfg.batch_size, cfg.replay_fraction)
+    if replay_dir:
+        replay_manifest = read_manifest(replay_dir)
+        check_tokens(replay_dir, replay_manifest, tokenizer, tokenizer_dir, model_cfg.vocab_size)
+    config = run_config(
+        cfg, model_cfg, dp_size=info.dp_size, init_from=init_dir, replay_dir=replay_dir
+    )
     # the data by content (its manifest names the tokenizer too): prepared again, it is new data
     config["data"] = config_hash(manifest)
+    if replay_dir:
+        config["replay_data"] = config_hash(replay_manifest)
     start_run(out_dir, "pretrain", config, cfg.resume, cfg.overwrite, info)
-    tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = torch.as_tensor(tokenizer.token_bytes(), dtype=torch.long, device=device)
     if len(token_bytes) < model_cfg.vocab_size:  # padded vocabulary: extra ids have no bytes
         token_bytes = F.pad(token_bytes, (0, model_cfg.vocab_size - len(token_bytes)))
@@ -166,18 +261,29 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     if info.sharded:  # built empty, sharded, then each rank fills only its own slices
         with torch.device("meta"):
             model = GPT(model_cfg)
+    elif init_dir:
+        model = load_model(init_dir, device=device, quantized_ok=False).train()
     else:
         model = GPT(model_cfg).to(device)
     n_params = num_params(model)
     # FSDP2 and tensor parallelism turn the parameters into DTensors: the optimizer comes after
     train_model = dist.parallelize(model, dist_cfg, info, device)
-    if info.sharded:
+    if info.sharded and init_dir:
+        load_sharded(model, load_model(init_dir, quantized_ok=False), device, info.tp)
+    elif info.sharded:
         dist.materialize(model, device, info.tp)
+    # a fresh optimizer even with init_from: the schedule starts at step 0, so the learning rate
+    # warms up again from 0 (a cold Adam at full lr would wreck the loaded weights)
     optimizer = make_optimizer(model, cfg, device)
     # each data-parallel rank reads its own slice of every global batch (batch_size * dp_size)
     loader = PackedLoader(
-        data_dir, cfg.seq_len, cfg.batch_size, cfg.seed, info.dp_rank, info.dp_size
+        data_dir, cfg.seq_len, cfg.batch_size - n_replay, cfg.seed, info.dp_rank, info.dp_size
     )
+    if replay_dir:  # its own order (seed + 1): the two folders are shuffled independently
+        replay = PackedLoader(
+            replay_dir, cfg.seq_len, n_replay, cfg.seed + 1, info.dp_rank, info.dp_size
+        )
+        loader = ReplayLoader(loader, replay)
     ckpt_root = out_dir / "checkpoints"
     resumed = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume, info)
     step = resumed.get("step", 0)
@@ -208,9 +314,10 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     def run_eval(at_step: int, write: bool = True) -> dict:
         res = {}
         if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
-            res = evaluate(
-                model, data_dir, cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device
-            )
+            args = (cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device)
+            res = evaluate(model, data_dir, *args)
+            if replay_dir:  # what replay is there to keep: the general text's held-out loss
+                res |= {f"replay_{k}": v for k, v in evaluate(model, replay_dir, *args).items()}
         if info.is_main and write:
             row = {
                 f"val_{lang}_{k}": v
@@ -223,6 +330,11 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         return res
 
     # --- loop
+    start_eval: dict = {}
+    if init_dir and step == 0:  # where continued pretraining starts: the loaded model's scores
+        start_eval = run_eval(0)
+        if info.is_main:
+            tqdm.write(_eval_line(0, start_eval), file=sys.stderr)
     model.train()
     last_eval: dict = {}
     evaluated = False  # the same on every rank (last_eval is only filled on rank 0)
@@ -280,14 +392,7 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
                 last_eval, evaluated = run_eval(step), True
                 if info.is_main:
-                    bar.write(
-                        f"step {step}: "
-                        + ", ".join(
-                            f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}"
-                            for lang, r in last_eval.items()
-                        ),
-                        file=sys.stderr,
-                    )
+                    bar.write(_eval_line(step, last_eval), file=sys.stderr)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 save(step)
@@ -327,7 +432,17 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         "peak_flops": peak,
         "train_seconds": train_time,
         "val": last_eval,
+        "val_start": start_eval,  # init_from: the loaded model's, before the first step
         "model": dataclasses.asdict(model_cfg),
+        "init_from": str(init_dir) if init_dir else None,
+        "replay": {
+            "data": str(replay_dir),
+            "fraction": cfg.replay_fraction,
+            "rows_per_batch": n_replay,
+            "batch_size": cfg.batch_size,
+        }
+        if replay_dir
+        else None,
     }
     rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "tokens_per_s" in r]
     if rows:
