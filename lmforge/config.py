@@ -641,6 +641,15 @@ class LoRAConfig:  # `lora:` low-rank adapters for fine-tuning (r = 0: train eve
 
 
 @dataclass
+class BaseConfig:  # `base:` start `lmforge run` from an existing model instead of pretraining one
+    model: str = ""  # a name `lmforge fetch` knows (smollm2-135m-instruct) or a model directory; "" = pretrain from scratch
+
+
+QUANTIZED_NAME = re.compile(r"^(int8|int4-g\d+|gptq-g\d+)(-act)?$")  # OUT/quantize/<name>
+RUN_MODELS = ("pretrain", "base", "sft", "dpo")
+
+
+@dataclass
 class EvalConfig:  # `eval:` the report card written by `lmforge run` (lmforge eval for one model)
     tasks: list[str] = field(
         default_factory=lambda: ["mmlu", "cmmlu", "gsm8k", "humaneval"]
@@ -648,14 +657,17 @@ class EvalConfig:  # `eval:` the report card written by `lmforge run` (lmforge e
     limit: int = 100  # at most this many examples per task (0 = all)
     models: list[str] = field(
         default_factory=lambda: ["pretrain", "sft", "dpo"]
-    )  # which of the run's models to evaluate, side by side: pretrain | sft | dpo (skipped when absent)
+    )  # which of the run's models to evaluate, side by side: pretrain | base | sft | dpo | a quantize output (int8, gptq-g64, ...); skipped when absent
     seed: int = 0  # seed for sampling tasks
     unsafe_exec: bool = False  # run HumanEval's generated code even where the sandbox is weak
 
     def __post_init__(self):
-        bad = [m for m in self.models if m not in ("pretrain", "sft", "dpo")]
+        bad = [m for m in self.models if m not in RUN_MODELS and not QUANTIZED_NAME.match(m)]
         if bad:
-            raise ConfigError(f"eval.models: unknown model {bad[0]!r}; choose pretrain, sft or dpo")
+            raise ConfigError(
+                f"eval.models: unknown model {bad[0]!r}; choose {', '.join(RUN_MODELS)} or a "
+                "quantize output name (int8, int4-g64, gptq-g64)"
+            )
         if self.limit < 0:
             raise ConfigError(f"eval.limit must be >= 0, got {self.limit}")
 
@@ -889,9 +901,17 @@ class QuantizeConfig:  # `quantize:` weight-only quantization of a trained model
     )
     seed: int = 0  # picks the calibration sequences
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    methods: list[str] = field(
+        default_factory=list
+    )  # lmforge run: quantize the run's final model once per method listed (the other fields apply to each); [] = no quantize stage
 
     def __post_init__(self):
         _check_choice(self, "method", QUANT_METHODS)
+        for m in self.methods:
+            if m not in QUANT_METHODS:
+                raise ConfigError(
+                    f"quantize.methods: {m!r} is not one of {', '.join(QUANT_METHODS)}"
+                )
         _check_choice(self, "device", ("auto", "cpu", "cuda", "mps"))
         if self.group_size not in GROUP_SIZES:
             raise ConfigError(
@@ -975,6 +995,7 @@ class PruneConfig(
 
 
 SECTIONS: dict[str, type] = {
+    "base": BaseConfig,
     "data": DataConfig,
     "clean": CleanConfig,
     "tokenizer": TokenizerConfig,
@@ -999,6 +1020,7 @@ SECTIONS: dict[str, type] = {
 class Recipe:
     """A whole pipeline: one config per section, plus where the recipe file lives."""
 
+    base: BaseConfig = field(default_factory=BaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
