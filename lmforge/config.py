@@ -654,7 +654,10 @@ class EvalConfig:  # `eval:` the report card written by `lmforge run` (lmforge e
     tasks: list[str] = field(
         default_factory=lambda: ["mmlu", "cmmlu", "gsm8k", "humaneval"]
     )  # task names (see lmforge eval --help); empty = no evaluation stage
-    limit: int = 100  # at most this many examples per task (0 = all)
+    limit: int = 100  # at most this many examples per task (0 = all); lm: tasks read it as tokens per language
+    limits: dict = field(
+        default_factory=dict
+    )  # per task, overriding limit: {gsm8k: 20, "lm:data": 32768}
     models: list[str] = field(
         default_factory=lambda: ["pretrain", "sft", "dpo"]
     )  # which of the run's models to evaluate, side by side: pretrain | base | sft | dpo | a quantize output (int8, gptq-g64, ...); skipped when absent
@@ -670,6 +673,11 @@ class EvalConfig:  # `eval:` the report card written by `lmforge run` (lmforge e
             )
         if self.limit < 0:
             raise ConfigError(f"eval.limit must be >= 0, got {self.limit}")
+        for task, n in self.limits.items():
+            if task not in self.tasks:
+                raise ConfigError(f"eval.limits: {task!r} is not one of eval.tasks {self.tasks}")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ConfigError(f"eval.limits.{task} must be an integer >= 0, got {n!r}")
 
 
 @dataclass

@@ -319,23 +319,26 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
         def evaluate(d):
             from lmforge.eval import run as evaluation
 
-            done = {}
-            for name in recipe.eval.models:
+            cfg, done = recipe.eval, {}
+            by_limit: dict[int, list[str]] = {}  # one pass over the tasks per distinct limit
+            for task in cfg.tasks:
+                by_limit.setdefault(cfg.limits.get(task, cfg.limit), []).append(task)
+            for name in cfg.models:
                 if name not in models:  # that stage is not in this recipe
                     continue
-                done[name] = evaluation.run(
-                    models[name],
-                    recipe.eval.tasks,
-                    d / name,
-                    recipe.eval.limit or None,
-                    recipe.eval.seed,
-                    unsafe_exec=recipe.eval.unsafe_exec,
-                )
+                done[name] = []
+                for limit, tasks in by_limit.items():
+                    done[name] += evaluation.run(
+                        models[name],
+                        [t.replace("lm:data", f"lm:{out / 'data'}", 1) for t in tasks],
+                        d / name,
+                        limit or None,
+                        cfg.seed,
+                        unsafe_exec=cfg.unsafe_exec,
+                    )
             return {"models": list(done)}
 
         if recipe.eval.tasks:
-            tasks = [t.replace("lm:data", f"lm:{out / 'data'}") for t in recipe.eval.tasks]
-            recipe = dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, tasks=tasks))
             stage("eval", evaluate)
     finally:
         report = write_report(out)

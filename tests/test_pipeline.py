@@ -55,7 +55,7 @@ def _base_recipe(micro_recipe_path, model_dir, tmp_path, **extra):
     raw["lora"] = {"r": 4}
     raw["quantize"] = {"methods": ["int8", "gptq"], "group_size": 32, "calib_samples": 4}
     raw["quantize"] |= {"calib_seq_len": 32, "eval_tokens": 512}
-    raw["eval"] = {"tasks": ["mmlu", "lm:data"], "limit": 2}
+    raw["eval"] = {"tasks": ["mmlu", "lm:data"], "limit": 2, "limits": {"lm:data": 300}}
     raw["eval"]["models"] = ["base", "sft", "dpo", "int8", "gptq-g32"]
     for section, values in extra.items():
         raw[section] = raw.get(section, {}) | values
@@ -95,6 +95,9 @@ def test_run_from_an_existing_model(micro_recipe_path, micro_pretrained, tmp_pat
     assert "| mmlu | acc | 2 | " in report
     header = next(line for line in report.splitlines() if line.startswith("| task | metric"))
     assert header.endswith("| base | sft | dpo | int8 | gptq-g32 |")
+    safe = f"lm_{out / 'data'}".replace("/", "_")
+    lm = json.loads((out / "eval" / "int8" / f"{safe}.json").read_text())
+    assert lm["config"]["limit"] == 300  # its own limit, not the 2 questions of mmlu
     assert any(
         line.startswith(f"| lm:{out / 'data'}:zh | bits_per_byte") for line in report.splitlines()
     )
@@ -126,3 +129,18 @@ def test_dpo_lora_on_an_adapter_is_refused(micro_recipe_path, tmp_path):
     recipe = load_recipe(micro_recipe_path, {"dpo.lora_r": 4})
     with pytest.raises(ConfigError, match="merge it first"):
         dpo.run(recipe.dpo, recipe.lora, adapter, tmp_path / "out", recipe.base_dir)
+
+
+def test_eval_limits_and_quantize_methods_are_checked(micro_recipe_path):
+    from lmforge.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match="eval.limits: 'gsm9k' is not one of eval.tasks"):
+        load_recipe(micro_recipe_path, {"eval.limits": {"gsm9k": 3}})
+    with pytest.raises(ConfigError, match="eval.limits.gsm8k must be an integer >= 0"):
+        load_recipe(micro_recipe_path, {"eval.limits": {"gsm8k": -1}})
+    with pytest.raises(ConfigError, match="quantize.methods: 'nf4' is not one of"):
+        load_recipe(micro_recipe_path, {"quantize.methods": ["int8", "nf4"]})
+    with pytest.raises(ConfigError, match="eval.models: unknown model 'int3'"):
+        load_recipe(micro_recipe_path, {"eval.models": ["base", "int3"]})
+    recipe = load_recipe(micro_recipe_path, {"eval.models": ["base", "int8", "gptq-g64"]})
+    assert recipe.eval.models == ["base", "int8", "gptq-g64"]
