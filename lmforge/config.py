@@ -1133,6 +1133,15 @@ def _field_types(cls) -> dict[str, Any]:
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML or command-line value to the field's declared type, or explain why not."""
     origin = typing.get_origin(tp)
+    if tp is dict or origin is dict:
+        if isinstance(value, str):  # from the command line: a YAML mapping, "{gsm8k: 20}"
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping such as {{key: value}}, got {value!r}")
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]

@@ -142,5 +142,9 @@ def test_eval_limits_and_quantize_methods_are_checked(micro_recipe_path):
         load_recipe(micro_recipe_path, {"quantize.methods": ["int8", "nf4"]})
     with pytest.raises(ConfigError, match="eval.models: unknown model 'int3'"):
         load_recipe(micro_recipe_path, {"eval.models": ["base", "int3"]})
+    with pytest.raises(ConfigError, match="eval.limits must be a mapping"):
+        load_recipe(micro_recipe_path, {"eval.limits": "gsm8k"})
+    recipe = load_recipe(micro_recipe_path, {"eval.limits": "{gsm8k: 3}"})  # as typed in a shell
+    assert recipe.eval.limits == {"gsm8k": 3}
     recipe = load_recipe(micro_recipe_path, {"eval.models": ["base", "int8", "gptq-g64"]})
     assert recipe.eval.models == ["base", "int8", "gptq-g64"]
