@@ -662,23 +662,43 @@ class LoRAConfig:  # `lora:` low-rank adapters for fine-tuning (r = 0: train eve
 
 
 @dataclass
+class BaseConfig:  # `base:` start `lmforge run` from an existing model instead of pretraining one
+    model: str = ""  # a name `lmforge fetch` knows (smollm2-135m-instruct) or a model directory; "" = pretrain from scratch
+
+
+QUANTIZED_NAME = re.compile(r"^(int8|int4-g\d+|gptq-g\d+)(-act)?$")  # OUT/quantize/<name>
+RUN_MODELS = ("pretrain", "base", "sft", "dpo")
+
+
+@dataclass
 class EvalConfig:  # `eval:` the report card written by `lmforge run` (lmforge eval for one model)
     tasks: list[str] = field(
         default_factory=lambda: ["mmlu", "cmmlu", "gsm8k", "humaneval"]
     )  # task names (see lmforge eval --help); empty = no evaluation stage
-    limit: int = 100  # at most this many examples per task (0 = all)
+    limit: int = 100  # at most this many examples per task (0 = all); lm: tasks read it as tokens per language
+    limits: dict = field(
+        default_factory=dict
+    )  # per task, overriding limit: {gsm8k: 20, "lm:data": 32768}
     models: list[str] = field(
         default_factory=lambda: ["pretrain", "sft", "dpo"]
-    )  # which of the run's models to evaluate, side by side: pretrain | sft | dpo (skipped when absent)
+    )  # which of the run's models to evaluate, side by side: pretrain | base | sft | dpo | a quantize output (int8, gptq-g64, ...); skipped when absent
     seed: int = 0  # seed for sampling tasks
     unsafe_exec: bool = False  # run HumanEval's generated code even where the sandbox is weak
 
     def __post_init__(self):
-        bad = [m for m in self.models if m not in ("pretrain", "sft", "dpo")]
+        bad = [m for m in self.models if m not in RUN_MODELS and not QUANTIZED_NAME.match(m)]
         if bad:
-            raise ConfigError(f"eval.models: unknown model {bad[0]!r}; choose pretrain, sft or dpo")
+            raise ConfigError(
+                f"eval.models: unknown model {bad[0]!r}; choose {', '.join(RUN_MODELS)} or a "
+                "quantize output name (int8, int4-g64, gptq-g64)"
+            )
         if self.limit < 0:
             raise ConfigError(f"eval.limit must be >= 0, got {self.limit}")
+        for task, n in self.limits.items():
+            if task not in self.tasks:
+                raise ConfigError(f"eval.limits: {task!r} is not one of eval.tasks {self.tasks}")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ConfigError(f"eval.limits.{task} must be an integer >= 0, got {n!r}")
 
 
 @dataclass
@@ -910,9 +930,17 @@ class QuantizeConfig:  # `quantize:` weight-only quantization of a trained model
     )
     seed: int = 0  # picks the calibration sequences
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    methods: list[str] = field(
+        default_factory=list
+    )  # lmforge run: quantize the run's final model once per method listed (the other fields apply to each); [] = no quantize stage
 
     def __post_init__(self):
         _check_choice(self, "method", QUANT_METHODS)
+        for m in self.methods:
+            if m not in QUANT_METHODS:
+                raise ConfigError(
+                    f"quantize.methods: {m!r} is not one of {', '.join(QUANT_METHODS)}"
+                )
         _check_choice(self, "device", ("auto", "cpu", "cuda", "mps"))
         if self.group_size not in GROUP_SIZES:
             raise ConfigError(
@@ -996,6 +1024,7 @@ class PruneConfig(
 
 
 SECTIONS: dict[str, type] = {
+    "base": BaseConfig,
     "data": DataConfig,
     "clean": CleanConfig,
     "tokenizer": TokenizerConfig,
@@ -1020,6 +1049,7 @@ SECTIONS: dict[str, type] = {
 class Recipe:
     """A whole pipeline: one config per section, plus where the recipe file lives."""
 
+    base: BaseConfig = field(default_factory=BaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -1124,6 +1154,15 @@ def _field_types(cls) -> dict[str, Any]:
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML or command-line value to the field's declared type, or explain why not."""
     origin = typing.get_origin(tp)
+    if tp is dict or origin is dict:
+        if isinstance(value, str):  # from the command line: a YAML mapping, "{gsm8k: 20}"
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping such as {{key: value}}, got {value!r}")
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]

@@ -4,6 +4,11 @@ The one idea: each stage folder carries `stage.json` with the hash of everything
 determines its output (its config and its inputs' hashes). A finished stage with the same hash
 is skipped; an unfinished one is resumed (pretraining continues from its last checkpoint); a
 stage whose inputs changed is moved aside — never deleted — and rebuilt.
+
+Two starts: from scratch (clean -> tokenizer -> data -> pretrain), or from an existing model
+(`base.model`: a name `lmforge fetch` knows, or a model directory), whose own tokenizer then
+prepares the recipe's data (held-out text and calibration). Either way the same stages follow:
+sft -> reward -> dpo -> quantize -> sample -> eval, and the report puts every model side by side.
 """
 
 from __future__ import annotations
@@ -15,7 +20,19 @@ from pathlib import Path
 from lmforge.config import RUNTIME_FIELDS, Recipe, config_hash, resolve_path
 from lmforge.io import move_aside, read_json, write_json
 
-STAGES = ("clean", "tokenizer", "data", "pretrain", "sft", "reward", "dpo", "sample", "eval")
+STAGES = (
+    "base",
+    "clean",
+    "tokenizer",
+    "data",
+    "pretrain",
+    "sft",
+    "reward",
+    "dpo",
+    "quantize",
+    "sample",
+    "eval",
+)
 
 
 class Interrupted(Exception):
@@ -28,16 +45,25 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
         for s in recipe.data.sources
     ]
     data = dataclasses.asdict(recipe.data) | {"sources": sources}
-    clean = None
-    if recipe.clean.steps:  # the tokenizer and prepare then read the cleaned shards
-        runtime = ("num_workers", "executor", "ray_address")
-        clean_cfg = {k: v for k, v in dataclasses.asdict(recipe.clean).items() if k not in runtime}
-        clean = config_hash(clean_cfg, sources)
-        sources = [clean, sources]
-    tok = config_hash(recipe.tokenizer, sources)
-    prep = config_hash(data, tok)
-    pre = {k: v for k, v in dataclasses.asdict(recipe.pretrain).items() if k not in RUNTIME_FIELDS}
-    pretrain = config_hash(recipe.model, pre, prep)
+    clean = tok = base = None
+    if recipe.base.model:  # an existing model: its own tokenizer prepares the data
+        base = config_hash(recipe.base, base_fingerprint(recipe))
+        prep = config_hash(data, base)
+        pretrain = base  # what the later stages start from
+    else:
+        if recipe.clean.steps:  # the tokenizer and prepare then read the cleaned shards
+            runtime = ("num_workers", "executor", "ray_address")
+            clean_cfg = {
+                k: v for k, v in dataclasses.asdict(recipe.clean).items() if k not in runtime
+            }
+            clean = config_hash(clean_cfg, sources)
+            sources = [clean, sources]
+        tok = config_hash(recipe.tokenizer, sources)
+        prep = config_hash(data, tok)
+        pre = {
+            k: v for k, v in dataclasses.asdict(recipe.pretrain).items() if k not in RUNTIME_FIELDS
+        }
+        pretrain = config_hash(recipe.model, pre, prep)
     sft_sources = [
         dict(dataclasses.asdict(s), path=str(resolve_path(s.path, recipe.base_dir)))
         for s in recipe.sft.sources
@@ -53,9 +79,13 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
         reward if recipe.reward.sources and not recipe.dpo.judge else None,
     )
     aligned = dpo if recipe.dpo.sources else None
-    sample = config_hash(recipe.sample, pretrain, tuned, aligned)
-    ev = config_hash(recipe.eval, pretrain, tuned, aligned)
+    quantize = None
+    if recipe.quantize.methods:
+        quantize = config_hash(recipe.quantize, aligned or tuned or pretrain, prep)
+    sample = config_hash(recipe.sample, pretrain, tuned, aligned, quantize)
+    ev = config_hash(recipe.eval, pretrain, tuned, aligned, quantize, prep)
     return {
+        "base": base,
         "clean": clean,
         "tokenizer": tok,
         "data": prep,
@@ -63,6 +93,7 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
         "sft": sft,
         "reward": reward,
         "dpo": dpo,
+        "quantize": quantize,
         "sample": sample,
         "eval": ev,
     }
@@ -75,6 +106,57 @@ def _train_cfg(cfg, base_dir: str) -> dict:
     ]
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
     return d | {"sources": sources}
+
+
+def base_fingerprint(recipe: Recipe) -> str:
+    """What identifies the base model's weights without reading them: a fetched model's pinned
+    sha256, or a directory's path with the size and time of its weights file."""
+    from lmforge import fetch
+
+    name = recipe.base.model
+    if name in fetch.MODELS:
+        return fetch.MODELS[name].sha256
+    path = resolve_path(name, recipe.base_dir)
+    weights = Path(path) / "model.safetensors"
+    if weights.is_file():
+        st = weights.stat()
+        return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    return str(path)
+
+
+def base_model_dir(recipe: Recipe, log=print) -> Path:
+    """The directory of `base.model`: a fetched model (fetched now if the cache lacks it) or
+    an existing model directory."""
+    from lmforge import fetch
+    from lmforge.config import ConfigError
+
+    name = recipe.base.model
+    if name in fetch.MODELS:
+        return fetch.cached_model(name) or fetch.fetch(name)
+    path = Path(resolve_path(name, recipe.base_dir))
+    if not (path / "config.json").is_file():
+        known = ", ".join(fetch.MODELS)
+        raise ConfigError(
+            f"base.model {name!r} is neither a model `lmforge fetch` knows ({known}) nor a model "
+            f"directory (no config.json in {path})"
+        )
+    return path
+
+
+def model_dirs(recipe: Recipe, out: Path, root: Path) -> dict[str, Path]:
+    """Every model the run makes, by the names eval.models uses, in the order they are made:
+    the start (pretrain or base), sft, dpo, then each quantized one."""
+    from lmforge.compress.quantize import output_name
+
+    dirs = {"base" if recipe.base.model else "pretrain": root}
+    if recipe.sft.sources:
+        dirs["sft"] = out / "sft" / ("adapter" if recipe.lora.r else "model")
+    if recipe.dpo.sources:
+        dirs["dpo"] = out / "dpo" / ("adapter" if recipe.dpo.lora_r else "model")
+    for method in recipe.quantize.methods:
+        name = output_name(dataclasses.replace(recipe.quantize, method=method))
+        dirs[name] = out / "quantize" / name
+    return dirs
 
 
 def stage_state(stage_dir: Path) -> dict:
@@ -134,7 +216,7 @@ def generate_samples(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
     model, tok = load_for_inference(ckpt_dir, device=pick_device(device))
     out = []
     for i, prompt in enumerate(sample_cfg.prompts):
-        ids = [tok.bos_id] + tok.encode(prompt)
+        ids = ([tok.bos_id] if tok.prepend_bos else []) + tok.encode(prompt)
         text = "".join(
             stream_text(
                 model,
@@ -177,14 +259,11 @@ def chat_answers(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
 
 
 def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print) -> dict:
-    """tokenizer -> data (prepare) -> pretrain -> sft -> reward -> dpo (each when the recipe gives
-    it sources) -> sample -> eval (when the recipe names tasks), then REPORT.md. Returns stage
-    results."""
+    """The start (base, or clean -> tokenizer -> data -> pretrain), then sft -> reward -> dpo ->
+    quantize (each when the recipe gives it sources or methods) -> sample -> eval (when the
+    recipe names tasks), then REPORT.md. Returns stage results."""
     from lmforge.align import sft
-    from lmforge.data import prepare
     from lmforge.report import write_report
-    from lmforge.tokenizer import run as train_tokenizer
-    from lmforge.train import pretrain
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,138 +271,135 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
     hashes = stage_hashes(recipe)
     results: dict[str, dict] = {}
     t_start = time.time()
+
+    def stage(name: str, fn) -> dict:
+        results[name] = run_stage(name, out, hashes[name], fn, name in force, log)
+        return results[name]
+
     try:
-        if recipe.clean.steps:
-            from lmforge.data import clean
-
-            results["clean"] = run_stage(
-                "clean",
-                out,
-                hashes["clean"],
-                lambda d: clean.summary(clean.run(recipe.clean, recipe.data, recipe.base_dir, d)),
-                "clean" in force,
-                log,
-            )
-        data = data_config(recipe, out)
-        results["tokenizer"] = run_stage(
-            "tokenizer",
-            out,
-            hashes["tokenizer"],
-            lambda d: train_tokenizer(recipe.tokenizer, data, recipe.base_dir, d),
-            "tokenizer" in force,
-            log,
-        )
-        results["data"] = run_stage(
-            "data",
-            out,
-            hashes["data"],
-            lambda d: prepare.run(data, out / "tokenizer", recipe.base_dir, d),
-            "data" in force,
-            log,
-        )
-        results["pretrain"] = run_stage(
-            "pretrain",
-            out,
-            hashes["pretrain"],
-            lambda d: pretrain.run(
-                recipe.pretrain, recipe.model, out / "data", out / "tokenizer", d
-            ),
-            "pretrain" in force,
-            log,
-        )
-
+        root = _start(recipe, out, stage, log)
+        models = model_dirs(recipe, out, root)
         if recipe.sft.sources:
-            results["sft"] = run_stage(
-                "sft",
-                out,
-                hashes["sft"],
-                lambda d: sft.run(
-                    recipe.sft, recipe.lora, out / "pretrain" / "model", d, recipe.base_dir
-                ),
-                "sft" in force,
-                log,
-            )
-
-        tuned = out / "sft" / ("adapter" if recipe.lora.r else "model")
-        if not recipe.sft.sources:
-            tuned = out / "pretrain" / "model"
+            stage("sft", lambda d: sft.run(recipe.sft, recipe.lora, root, d, recipe.base_dir))
+        tuned = models.get("sft", root)
         if recipe.reward.sources:
             from lmforge.align import reward
 
-            results["reward"] = run_stage(
-                "reward",
-                out,
-                hashes["reward"],
-                lambda d: reward.run(recipe.reward, tuned, d, recipe.base_dir),
-                "reward" in force,
-                log,
-            )
+            stage("reward", lambda d: reward.run(recipe.reward, tuned, d, recipe.base_dir))
         if recipe.dpo.sources:
             from lmforge.align import dpo
 
             dpo_cfg = recipe.dpo
             if not dpo_cfg.judge and recipe.reward.sources:  # the run's own reward model judges
                 dpo_cfg = dataclasses.replace(dpo_cfg, judge=str(out / "reward" / "model"))
-            results["dpo"] = run_stage(
-                "dpo",
-                out,
-                hashes["dpo"],
-                lambda d: dpo.run(dpo_cfg, recipe.lora, tuned, d, recipe.base_dir),
-                "dpo" in force,
-                log,
-            )
+            stage("dpo", lambda d: dpo.run(dpo_cfg, recipe.lora, tuned, d, recipe.base_dir))
+        if recipe.quantize.methods:
+            final = models.get("dpo", tuned)
+            stage("quantize", lambda d: _quantize_all(recipe, final, out / "data", d, log))
 
         def sample(d):
-            base = out / "pretrain" / "model"
-            samples = generate_samples(base, recipe.sample, recipe.pretrain.device)
+            samples = generate_samples(root, recipe.sample, recipe.pretrain.device)
             write_json(d / "samples.json", samples)
             result = {"samples": samples}
-            if recipe.sft.sources and recipe.sample.chat_prompts:
-                tuned = out / "sft" / ("adapter" if recipe.lora.r else "model")
-                before = chat_answers(base, recipe.sample, recipe.pretrain.device)
-                after = chat_answers(tuned, recipe.sample, recipe.sft.device)
+            if recipe.sample.chat_prompts and len(models) > 1:
+                answers = {
+                    name: chat_answers(path, recipe.sample, recipe.sft.device)
+                    for name, path in models.items()
+                }
                 chat = [
-                    {"prompt": b["prompt"], "before": b["answer"], "after": a["answer"]}
-                    for b, a in zip(before, after)
+                    {"prompt": p, "answers": {name: a[i]["answer"] for name, a in answers.items()}}
+                    for i, p in enumerate(recipe.sample.chat_prompts)
                 ]
-                if recipe.dpo.sources:
-                    aligned = out / "dpo" / ("adapter" if recipe.dpo.lora_r else "model")
-                    for c, a in zip(chat, chat_answers(aligned, recipe.sample, recipe.dpo.device)):
-                        c["dpo"] = a["answer"]
                 write_json(d / "chat.json", chat)
                 result["chat"] = chat
             return result
 
-        results["sample"] = run_stage(
-            "sample", out, hashes["sample"], sample, "sample" in force, log
-        )
+        stage("sample", sample)
 
         def evaluate(d):
             from lmforge.eval import run as evaluation
 
-            done = {}
-            lora = {"sft": recipe.lora.r, "dpo": recipe.dpo.lora_r}
-            for name in recipe.eval.models:
-                if (name == "sft" and not recipe.sft.sources) or (
-                    name == "dpo" and not recipe.dpo.sources
-                ):
+            cfg, done = recipe.eval, {}
+            by_limit: dict[int, list[str]] = {}  # one pass over the tasks per distinct limit
+            for task in cfg.tasks:
+                by_limit.setdefault(cfg.limits.get(task, cfg.limit), []).append(task)
+            for name in cfg.models:
+                if name not in models:  # that stage is not in this recipe
                     continue
-                ckpt = out / name / ("adapter" if lora.get(name) else "model")
-                rows = evaluation.run(
-                    ckpt,
-                    recipe.eval.tasks,
-                    d / name,
-                    recipe.eval.limit or None,
-                    recipe.eval.seed,
-                    unsafe_exec=recipe.eval.unsafe_exec,
-                )
-                done[name] = rows
+                done[name] = []
+                for limit, tasks in by_limit.items():
+                    done[name] += evaluation.run(
+                        models[name],
+                        [t.replace("lm:data", f"lm:{out / 'data'}", 1) for t in tasks],
+                        d / name,
+                        limit or None,
+                        cfg.seed,
+                        unsafe_exec=cfg.unsafe_exec,
+                    )
             return {"models": list(done)}
 
         if recipe.eval.tasks:
-            results["eval"] = run_stage("eval", out, hashes["eval"], evaluate, "eval" in force, log)
+            stage("eval", evaluate)
     finally:
         report = write_report(out)
         log(f"report: {report}")
     results["wall_seconds"] = time.time() - t_start
     return results
+
+
+def _start(recipe: Recipe, out: Path, stage, log) -> Path:
+    """Run the stages that make the model everything else starts from; returns its directory.
+    From an existing model: record it (fetching it first if needed) and tokenize the recipe's
+    data with its tokenizer. From scratch: clean, tokenizer, data, pretrain."""
+    from lmforge.data import prepare
+
+    if recipe.base.model:
+        root = base_model_dir(recipe, log)
+        stage("base", lambda d: {"model": str(root), "fingerprint": base_fingerprint(recipe)})
+        if recipe.data.sources:
+            stage("data", lambda d: prepare.run(recipe.data, root, recipe.base_dir, d))
+        return root
+    from lmforge.tokenizer import run as train_tokenizer
+    from lmforge.train import pretrain
+
+    if recipe.clean.steps:
+        from lmforge.data import clean
+
+        stage(
+            "clean",
+            lambda d: clean.summary(clean.run(recipe.clean, recipe.data, recipe.base_dir, d)),
+        )
+    data = data_config(recipe, out)
+    stage("tokenizer", lambda d: train_tokenizer(recipe.tokenizer, data, recipe.base_dir, d))
+    stage("data", lambda d: prepare.run(data, out / "tokenizer", recipe.base_dir, d))
+    stage(
+        "pretrain",
+        lambda d: pretrain.run(recipe.pretrain, recipe.model, out / "data", out / "tokenizer", d),
+    )
+    return out / "pretrain" / "model"
+
+
+def _quantize_all(recipe: Recipe, model_dir: Path, data_dir: Path, d: Path, log) -> dict:
+    """Quantize the run's final model once per `quantize.methods` entry into d/<name>; a LoRA
+    adapter is merged into its base first (d/merged)."""
+    from lmforge.compress import quantize
+    from lmforge.infer.chat import model_source
+
+    if model_source(model_dir) != model_dir:
+        from lmforge.align.lora import export_merged
+
+        merged = d / "merged"
+        if not (merged / "model.safetensors").is_file():
+            export_merged(model_dir, merged)
+        model_dir = merged
+    done = {}
+    for method in recipe.quantize.methods:
+        cfg = dataclasses.replace(recipe.quantize, method=method)
+        name = quantize.output_name(cfg)
+        if (d / name / "summary.json").is_file():  # finished before an interruption
+            summary = read_json(d / name / "summary.json", "quantize summary")
+        else:
+            summary = quantize.run(cfg, model_dir, data_dir, d)
+            log(f"[quantize] {name}: {summary['headline']}")
+        done[summary["name"]] = {k: summary[k] for k in ("file_bytes", "val_before", "val_after")}
+    return {"models": done}

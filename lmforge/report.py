@@ -28,7 +28,11 @@ def _duration(s: float) -> str:
 def _report_card(run: Path) -> list[str]:
     """The evaluation table (one column per evaluated model) and a bar chart of the main
     metric of each task, from the eval stage's result files."""
-    models = [d for d in ("pretrain", "sft", "dpo") if (run / "eval" / d).is_dir()]
+    st = _load(run / "eval" / "stage.json") or {}
+    models = (st.get("result") or {}).get("models") or [
+        d for d in ("pretrain", "base", "sft", "dpo") if (run / "eval" / d).is_dir()
+    ]  # an unfinished stage has no list yet: the usual names, in order
+    models = [m for m in models if (run / "eval" / m).is_dir()]
     if not models:
         return []
     from lmforge.eval.run import read_results
@@ -144,6 +148,34 @@ def _preference_sections(run: Path) -> list[str]:
     return lines
 
 
+def _quantize_section(run: Path) -> list[str]:
+    """Each quantized model: file size and held-out bits per byte before and after."""
+    done = ((_load(run / "quantize" / "stage.json") or {}).get("result") or {}).get("models")
+    if not done:
+        return []
+    langs = sorted({lang for q in done.values() for lang in q["val_after"]})
+    lines = [
+        "## Quantization",
+        "",
+        "Weight-only quantization of the run's final model; bits per byte on the held-out "
+        "shards (float → quantized).",
+        "",
+        "| model | file | " + " | ".join(f"{lang} bpb" for lang in langs) + " |",
+        "|---|---:|" + "---:|" * len(langs),
+    ]
+    for name, q in done.items():
+        cells = []
+        for lang in langs:
+            b, a = q["val_before"].get(lang), q["val_after"].get(lang)
+            cells.append(
+                f"{b['bpb']:.3f} → {a['bpb']:.3f} ({100 * (a['bpb'] / b['bpb'] - 1):+.1f}%)"
+                if a and b
+                else "-"
+            )
+        lines.append(f"| {name} | {q['file_bytes'] / 1e6:.0f} MB | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     lines = [f"# lmforge run: `{run.name}`", ""]
@@ -151,17 +183,9 @@ def write_report(run_dir: str | Path) -> Path:
     # --- stages
     rows = []
     total = 0.0
-    for stage in (
-        "clean",
-        "tokenizer",
-        "data",
-        "pretrain",
-        "sft",
-        "reward",
-        "dpo",
-        "sample",
-        "eval",
-    ):
+    from lmforge.pipeline import STAGES
+
+    for stage in STAGES:
         st = _load(run / stage / "stage.json") or {}
         if st:
             secs = st.get("seconds", 0.0)
@@ -177,6 +201,25 @@ def write_report(run_dir: str | Path) -> Path:
             "|---|---|---|---|",
             *rows,
             f"| **total** | | {_duration(total)} | |",
+            "",
+        ]
+
+    # --- the model the run started from, when it was not pretrained here
+    base = (_load(run / "base" / "stage.json") or {}).get("result")
+    if base:
+        cfg = _load(Path(base["model"]) / "config.json") or {}
+        prov = _load(Path(base["model"]) / "provenance.json") or {}
+        shape = (
+            f"{cfg.get('model_type', '?')}, {cfg.get('num_hidden_layers')} layers, width "
+            f"{cfg.get('hidden_size')}, vocabulary {_fmt_int(cfg.get('vocab_size'))}"
+        )
+        src = ""
+        if prov.get("source"):
+            src = f" (from `{Path(prov['source']).name}`, sha256 `{prov.get('sha256', '?')[:12]}…`)"
+        lines += [
+            "## Base model",
+            "",
+            f"`{base['model']}`: {shape}{src}.",
             "",
         ]
 
@@ -295,26 +338,38 @@ def write_report(run_dir: str | Path) -> Path:
                 f"| {_fmt_int(d['reply_tokens'])} |"
             )
         lines.append("")
+        by_source = sft.get("val_loss_by_source") or {}
+        if by_source:
+            lines += [
+                "Held-out reply loss (nats/token) of each source before and after SFT:",
+                "",
+                "| source | before | after | change |",
+                "|---|---:|---:|---:|",
+            ]
+            for name, v in by_source.items():
+                lines.append(
+                    f"| {name} | {v['before']:.3f} | {v['after']:.3f} "
+                    f"| {v['after'] - v['before']:+.3f} |"
+                )
+            lines.append("")
         if (run / "sft" / "loss.png").exists():
             lines += ["![SFT loss curve](sft/loss.png)", ""]
 
     lines += _preference_sections(run)
+    lines += _quantize_section(run)
 
     # --- samples
     chat = _load(run / "sample" / "chat.json")
-    if chat:
-        keys = ["prompt", "before", "after"] + (["dpo"] if "dpo" in chat[0] else [])
-        heads = {
-            "prompt": "prompt",
-            "before": "pretrained model",
-            "after": "after SFT",
-            "dpo": "after DPO",
-        }
-        title = "SFT and DPO" if "dpo" in keys else "SFT"
-        lines += [f"## Answers before and after {title} (greedy)", ""]
-        lines += ["| " + " | ".join(heads[k] for k in keys) + " |", "|---" * len(keys) + "|"]
+    if chat and "answers" in chat[0]:
+        names = list(chat[0]["answers"])
+        heads = {"pretrain": "pretrained model", "base": "base model", "sft": "after SFT"}
+        heads["dpo"] = "after DPO"
+        lines += ["## Chat answers, model by model (greedy)", ""]
+        lines += ["| prompt | " + " | ".join(heads.get(n, n) for n in names) + " |"]
+        lines += ["|---" * (len(names) + 1) + "|"]
         for c in chat:
-            lines.append("| " + " | ".join(_cell(c[k]) for k in keys) + " |")
+            cells = [_cell(c["prompt"])] + [_cell(c["answers"][n]) for n in names]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     samples = _load(run / "sample" / "samples.json")
     if samples:

@@ -37,7 +37,8 @@ def test_run_end_to_end_then_skip_then_generate(micro_recipe_path, tmp_path):
     report = (out / "REPORT.md").read_text()
     for section in ("## Data", "## Pretraining", "## Samples", "bits per byte", "loss curve"):
         assert section in report
-    assert "## Instruction tuning (SFT)" in report and "## Answers before and after SFT" in report
+    assert "## Instruction tuning (SFT)" in report and "## Chat answers, model by model" in report
+    assert "| alpaca_en |" in report and "before | after | change" in report
     assert "## Evaluation" in report and "| mmlu | acc | 2 |" in report
     assert (out / "eval" / "report_card.png").exists() and (
         out / "eval" / "sft" / "gsm8k.json"
@@ -46,12 +47,8 @@ def test_run_end_to_end_then_skip_then_generate(micro_recipe_path, tmp_path):
     samples = json.loads((out / "sample" / "samples.json").read_text())
     assert [s["prompt"] for s in samples] == ["Once upon a time", "话说"]
     chat = json.loads((out / "sample" / "chat.json").read_text())
-    assert [c["prompt"] for c in chat] == ["Name a color."] and set(chat[0]) == {
-        "prompt",
-        "before",
-        "after",
-        "dpo",
-    }
+    assert [c["prompt"] for c in chat] == ["Name a color."]
+    assert list(chat[0]["answers"]) == ["pretrain", "sft", "dpo"]
     # reward model and DPO (judged by that reward model) ran after SFT
     assert "## Reward model" in report and "## Preference alignment (DPO)" in report
     assert "DPO wins" in report and (out / "eval" / "dpo" / "mmlu.json").exists()

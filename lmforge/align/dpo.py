@@ -31,7 +31,7 @@ from lmforge.align.preference import (
     train_pairs,
 )
 from lmforge.align.rollout import sample_answers, token_logprobs
-from lmforge.config import DistConfig, DPOConfig, LoRAConfig
+from lmforge.config import ConfigError, DistConfig, DPOConfig, LoRAConfig
 from lmforge.infer.chat import load_for_inference, stop_ids
 from lmforge.infer.cpu_decode import relayout
 from lmforge.io import atomic_dir, write_json
@@ -151,6 +151,15 @@ def run(
     out_dir/model (out_dir/adapter with lora_r), metrics.jsonl, curves.png, summary.json.
     Under torchrun (dist.strategy ddp, or fsdp without LoRA) every rank calls this; rank 0
     writes the files and runs the judge."""
+    from lmforge.infer.chat import model_source
+
+    if cfg.lora_r and model_source(model_dir) != Path(model_dir):
+        # the new adapter would be saved against the plain base model, so loading it would
+        # silently drop the adapter it started from
+        raise ConfigError(
+            f"dpo.lora_r with a LoRA adapter to start from ({model_dir}): merge it first "
+            "(lmforge export ADAPTER OUT) and start from OUT, or use full DPO (dpo.lora_r 0)"
+        )
     return dist.launch(dist_cfg, _run, cfg, lora_cfg, model_dir, Path(out_dir), base_dir)
 
 

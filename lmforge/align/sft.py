@@ -32,7 +32,7 @@ from lmforge.config import (
     resolve_path,
 )
 from lmforge.data.readers import DataError, is_val, read_jsonl
-from lmforge.io import atomic_dir, write_json
+from lmforge.io import atomic_dir, read_json, write_json
 from lmforge.model.checkpoint import load_model
 from lmforge.model.transformer import flops_per_token, num_params
 from lmforge.perf import matmul_flops, pick_device
@@ -194,7 +194,7 @@ def build_examples(cfg: SFTConfig, tokenizer: Tokenizer, base_dir: str) -> tuple
     if not cfg.sources:
         raise ConfigError("sft.sources is empty: name at least one JSONL file of instruction data")
     rng = np.random.default_rng(cfg.seed)
-    train, val, stats = [], [], {"sources": {}, "problems": []}
+    train, val, stats = [], [], {"sources": {}, "problems": [], "val_sources": []}
     for src in cfg.sources:
         convs, problems = read_source(src, base_dir, cfg.system_prompt, cfg.skip_bad_rows)
         stats["problems"] += problems
@@ -209,6 +209,7 @@ def build_examples(cfg: SFTConfig, tokenizer: Tokenizer, base_dir: str) -> tuple
             s["truncated"] += status == "truncated"
             if is_val(json.dumps(conv, ensure_ascii=False), cfg.val_fraction):
                 val.append(ex)
+                stats["val_sources"].append(src.name)
                 s["val"] += 1
             else:
                 src_train.append(ex)
@@ -242,6 +243,16 @@ def evaluate(model, examples: list, batch_size: int, pad_id: int, device) -> flo
         total, count = total + nll.item(), count + n
     model.train(was_training)
     return total / count if count else math.nan
+
+
+def loss_by_source(model, val: list, names: list[str], batch_size: int, pad_id: int, device):
+    """Held-out reply loss of each source (its language, usually) on its own."""
+    return {
+        name: evaluate(
+            model, [e for e, n in zip(val, names) if n == name], batch_size, pad_id, device
+        )
+        for name in dict.fromkeys(names)
+    }
 
 
 # --------------------------------------------------------------------------- driver
@@ -328,6 +339,21 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
         dist.barrier(info)
         return loss
 
+    def per_source() -> dict:
+        if not val or not (info.is_main or info.sharded):
+            return {}
+        names = stats["val_sources"]
+        return loss_by_source(model, val, names, cfg.batch_size, tokenizer.pad_id, device)
+
+    # the base model's held-out reply loss per source, for the before/after table; kept on
+    # disk so that a resumed run still reports it
+    before_file = out_dir / "val_before.json"
+    before = read_json(before_file, "held-out loss before SFT") if before_file.is_file() else {}
+    if not before and step == 0:
+        before = per_source()
+        if info.is_main:
+            write_json(before_file, before)
+
     # --- loop
     # every data-parallel rank takes its share of each global micro-batch of batch_size * dp_size
     plan = BatchPlan([e.shape[1] for e in train], cfg.batch_size * info.dp_size, cfg.seed)
@@ -402,6 +428,7 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
     bar.close()
     if not evaluated and not interrupted and val:  # resumed at the last step
         val_loss = run_eval(step, write=not (metrics and metrics.has(step, "val_")))
+    after = {} if interrupted else per_source()  # every rank of a sharded model takes part
     if not interrupted and not lora:
         save_final(
             model, out_dir / "model", info, tokenizer_dir=model_dir, pad_token_id=tokenizer.pad_id
@@ -421,6 +448,10 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
         "data": stats["sources"],
         "bad_rows": len(stats["problems"]),
         "val_loss": val_loss,
+        "val_loss_by_source": {
+            name: {"before": before.get(name, math.nan), "after": loss}
+            for name, loss in after.items()
+        },
         "train_seconds": train_time,
         "device": str(device),
         "world_size": info.world_size,

@@ -53,7 +53,10 @@ def load_for_inference(
 
         model = load_model(base, device=device, quantized_ok=not trainable)
         load_adapter(model, path)
-        return merge_lora(model).eval(), Tokenizer.load(base)
+        merged = merge_lora(model).eval()
+        if trainable:  # the adapter froze the base weights; a stage that trains needs them all
+            merged.requires_grad_(True)
+        return merged, Tokenizer.load(base)
     return load_model(path, device=device, quantized_ok=not trainable).eval(), Tokenizer.load(path)
 
 

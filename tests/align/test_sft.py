@@ -197,6 +197,12 @@ def test_sft_trains_resumes_exactly_and_reports(micro_pretrained, tmp_path):
     a = load_model(tmp_path / "full" / "model").state_dict()
     b = load_model(tmp_path / "resumed" / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # per-source held-out loss before and after; the resumed run kept the "before"
+    for summary in (full, resumed):
+        by_source = summary["val_loss_by_source"]
+        assert list(by_source) == ["alpaca_en", "alpaca_zh"]
+        assert all(v["after"] < v["before"] for v in by_source.values())
+    assert resumed["val_loss_by_source"] == full["val_loss_by_source"]
 
 
 def test_fit_history_drops_oldest_turns_not_the_system_prompt(tok):
@@ -256,6 +262,10 @@ def test_lora_sft_resumes_exactly_and_exports_a_merged_model(micro_pretrained, t
         assert (adapted - merged).abs().max().item() < 1e-5
         assert (served(x) - adapted).abs().max().item() < 1e-5
         assert (load_model(model_dir)(x) - adapted).abs().max().item() > 1e-3  # it did train
+    # a stage that trains on from the adapter (full DPO, reward) gets every weight trainable
+    # (it got the base's frozen ones, and full DPO after LoRA SFT had nothing to train)
+    trainable, _ = load_for_inference(adapter, trainable=True)
+    assert all(p.requires_grad for p in trainable.parameters())
 
 
 def test_bos_is_added_once_whatever_the_template(tok):
