@@ -462,15 +462,40 @@ def _parser() -> argparse.ArgumentParser:
         help="evaluate a checkpoint: multiple choice, GSM8K, HumanEval, perplexity, BLEU/ROUGE",
         description="Run evaluation tasks on a checkpoint and write one JSON file per task "
         "(task, metric, value, standard error, n, model, config, seed) plus a table. Tasks: "
-        "mmlu, cmmlu, arc_challenge, hellaswag (or any task YAML of that shape), gsm8k, humaneval, "
+        "mmlu, cmmlu, arc_challenge, hellaswag (or any task YAML of that shape), truthfulqa, "
+        "gsm8k, humaneval, "
         "lm:TEXTFILE (perplexity, bits per byte), sim:PAIRS.jsonl (BLEU, ROUGE). "
         "`lmforge eval --compare A B` puts two result folders side by side.",
     )
     p.add_argument("checkpoint", nargs="?", help="model directory, or a LoRA adapter directory")
     p.add_argument("--tasks", default="mmlu,cmmlu", help="comma-separated (default: mmlu,cmmlu)")
     p.add_argument("--out", help="results folder (default: CHECKPOINT/../eval)")
-    p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling tasks (default: 0)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="at most N examples per task: a sample stratified by subject (seed --seed) for "
+        "MMLU, CMMLU and C-Eval, the first N rows otherwise",
+    )
+    p.add_argument(
+        "--split",
+        help="score this split instead of the task's own (mmlu: test, gsm8k: test; "
+        "an unknown split is an error listing the ones present)",
+    )
+    p.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        help="few-shot examples per question instead of the task's own (mmlu: 5, gsm8k: 8)",
+    )
+    p.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="keep one record per scored question in the task's JSON (`samples`)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for sampling tasks and --limit (default: 0)"
+    )
     p.add_argument(
         "--unsafe-exec",
         action="store_true",

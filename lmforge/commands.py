@@ -164,8 +164,9 @@ def cmd_eval(args) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
     rows = evaluation.run(
-        args.checkpoint, tasks, out, args.limit, args.seed, unsafe_exec=args.unsafe_exec
-    )
+        args.checkpoint, tasks, out, args.limit, args.seed, unsafe_exec=args.unsafe_exec,
+        split=args.split, num_fewshot=args.num_fewshot, log_samples=args.log_samples,
+    )  # fmt: skip
     print(evaluation.table(rows))
     print(f"results written to {out}")
     return 0

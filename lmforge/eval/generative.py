@@ -94,6 +94,8 @@ def worked_answer(reference: str) -> str:
 
 
 def gsm8k_prompt(question: str, shots: list[dict]) -> str:
+    """The exact text the model continues for a question: each shot answered, then the question.
+    `gsm8k_outputs` drops whole shots (the last ones) only when the prompt would not fit."""
     parts = [f"Question: {s['question']}\nAnswer: {worked_answer(s['answer'])}\n\n" for s in shots]
     return "".join(parts) + f"Question: {question}\nAnswer:"
 
@@ -134,15 +136,44 @@ def score_gsm8k(rows: list[dict], outputs: list[str]) -> dict:
 
 
 def evaluate_gsm8k(
-    model, tok, path: str | Path, k: int = 4, limit: int | None = None, max_new_tokens: int = 128
+    model,
+    tok,
+    path: str | Path,
+    k: int = 4,
+    limit: int | None = None,
+    max_new_tokens: int = 128,
+    shots: list[dict] | None = None,
+    log_samples: bool = False,
 ) -> dict:
-    """k-shot GSM8K accuracy on the rows after the shot pool (see datasets/eval/gsm8k)."""
+    """k-shot GSM8K accuracy on the first `limit` rows of `path`. Shots come from `shots` (the
+    train exemplar pool) or else from the file's own first GSM8K_SHOT_POOL rows, which are then
+    never scored (see datasets/eval/gsm8k)."""
     rows = load_jsonl(path)
-    assert 0 <= k <= GSM8K_SHOT_POOL < len(rows), f"k={k} must be at most {GSM8K_SHOT_POOL}"
-    shots, rows = rows[:k], rows[GSM8K_SHOT_POOL:][:limit]
-    outputs, cut = gsm8k_outputs(model, tok, rows, shots, max_new_tokens)
-    result = score_gsm8k(rows, outputs)
-    return {**result, "k": k, "prompts_cut": cut, "example_output": outputs[0] if outputs else ""}
+    start = 0
+    if shots is None:
+        shots, start = rows[:GSM8K_SHOT_POOL], GSM8K_SHOT_POOL
+    assert 0 <= k <= len(shots) and start < len(rows), f"k={k} must be at most {len(shots)}"
+    rows = rows[start:]
+    scored = rows[:limit]
+    how = f"first {len(scored)}" if len(scored) < len(rows) else f"all {len(scored)}"
+    outputs, cut = gsm8k_outputs(model, tok, scored, shots[:k], max_new_tokens)
+    result = score_gsm8k(scored, outputs)
+    out = {
+        **result,
+        "k": k,
+        "sample": how,
+        "prompts_cut": cut,
+        "example_output": outputs[0] if outputs else "",
+    }
+    if log_samples:
+        out["samples"] = [
+            {"index": start + i, "question": row["question"], "output": text,
+             "pred": extract_answer(text), "gold": extract_answer(row["answer"]),
+             "correct": extract_answer(text) is not None
+             and extract_answer(text) == extract_answer(row["answer"])}
+            for i, (row, text) in enumerate(zip(scored, outputs))
+        ]  # fmt: skip
+    return out
 
 
 # --- HumanEval

@@ -8,12 +8,20 @@ what produced it, and two checkpoints compare row by row.
 Task names:
 - a file in lmforge/eval/tasks/ (mmlu, cmmlu, arc_challenge, hellaswag, ...) or a path to a
   task YAML of that shape: multiple choice by log-likelihood;
-- gsm8k, humaneval: the bundled generative sets (datasets/eval/). HumanEval runs model-written
+- truthfulqa: MC1 and MC2 by log-likelihood, as lm-evaluation-harness (eval/truthfulqa.py);
+- gsm8k, humaneval: the bundled generative sets (datasets/eval/). GSM8K scores its test split
+  8-shot from the first train rows. HumanEval runs model-written
   code: it refuses a sandbox below the medium level (see eval/sandbox.py) unless unsafe_exec,
   and its result file records the isolation level and layers that were in force;
 - lm:PATH: loss, perplexity and bits per byte of a text file, or of each language's validation
   shard in a prepared data folder (its first `limit` tokens), with sliding windows;
 - sim:PATH: BLEU and ROUGE on a JSONL file of {"source", "reference"} rows.
+
+`limit` takes a stratified sample of tasks with subjects (MMLU, CMMLU, C-Eval: each subject in
+proportion, drawn with `seed`), else the first rows. `log_samples` keeps one record per scored
+question in the task's JSON (`samples`), with the row's index in the whole split; the prompt
+builders (`multiple_choice.build_context`, `truthfulqa.build_context`,
+`generative.gsm8k_prompt`) rebuild the exact text the model read.
 """
 
 from __future__ import annotations
@@ -45,16 +53,36 @@ def _rows(task: str, metrics: dict, keys: list[str]) -> list[dict]:
     ]
 
 
+def _no_option(name: str, split: str | None, num_fewshot: int | None, splits=()) -> None:
+    """A task without splits refuses --split; one without few-shot examples refuses a k > 0."""
+    if split is not None and split not in splits:
+        present = ", ".join(splits) if splits else "none (it reads one file)"
+        raise ConfigError(f"task {name}: no split {split!r}; splits present: {present}")
+    if num_fewshot:
+        raise ConfigError(f"task {name} takes no few-shot examples: --num-fewshot must be 0")
+
+
 def run_task(
-    model, tok, name: str, limit: int | None, seed: int, unsafe_exec: bool = False
+    model,
+    tok,
+    name: str,
+    limit: int | None,
+    seed: int,
+    unsafe_exec: bool = False,
+    split: str | None = None,
+    num_fewshot: int | None = None,
+    log_samples: bool = False,
 ) -> tuple[list[dict], dict]:
-    """(result rows, settings) of one task."""
+    """(result rows, settings) of one task. split and num_fewshot override the task's own;
+    settings record the split, the few-shot split and k, how rows were chosen (`sample`) and,
+    with log_samples, one record per scored question (`samples`)."""
     import torch
 
     torch.manual_seed(seed)
     if name.startswith("lm:"):
         from lmforge.eval.scoring import perplexity
 
+        _no_option(name, split, num_fewshot)
         path = Path(name[3:])
         keys = ["loss", "perplexity", "bits_per_byte"]
         stride = max(1, model.cfg.max_seq_len // 2)  # every token after the first is scored,
@@ -71,7 +99,7 @@ def run_task(
                 rows += _rows(f"{name}:{lang}", m, keys)
             if not rows:
                 raise ConfigError(f"lm task: {path} has no validation shards")
-            return rows, {"path": str(path), "max_tokens": limit}
+            return rows, {"path": str(path), "split": "val", "max_tokens": limit}
         if not path.is_file():
             raise ConfigError(f"lm task: text file or prepared data folder not found: {path}")
         m = perplexity(model, tok, path.read_text(encoding="utf-8"), stride)
@@ -79,34 +107,90 @@ def run_task(
     if name.startswith("sim:"):
         from lmforge.eval.similarity import evaluate_similarity
 
+        _no_option(name, split, num_fewshot)
         m = evaluate_similarity(model, tok, name[4:], limit=limit)
-        return _rows(name, m, ["bleu", "rouge1", "rouge2", "rougeL"]), {"path": name[4:]}
-    if name in ("gsm8k", "humaneval"):
+        return _rows(name, m, ["bleu", "rouge1", "rouge2", "rougeL"]), {
+            "path": name[4:],
+            "sample": f"first {limit}" if limit else "all",
+        }
+    if name == "gsm8k":
+        return _gsm8k(model, tok, limit, split or "test", num_fewshot, log_samples)
+    if name == "truthfulqa":
+        from lmforge.eval import truthfulqa
+
+        _no_option(name, split, num_fewshot, (truthfulqa.SPLIT,))
+        path = REPO / "datasets" / "eval" / "truthfulqa" / "TruthfulQA.csv.gz"
+        m = truthfulqa.evaluate_truthfulqa(model, tok, path, limit, log_samples=log_samples)
+        settings = {"path": str(path), "split": truthfulqa.SPLIT, "fewshot_split": None,
+                    "num_fewshot": 0, "primer": "lm-eval's 6 question/answer pairs"}  # fmt: skip
+        return _rows(name, m, ["mc1", "mc2"]), settings | _picked(m)
+    if name == "humaneval":
         from lmforge.eval import generative
 
-        if name == "gsm8k":
-            m = generative.evaluate_gsm8k(model, tok, _bundled("gsm8k"), limit=limit)
-            return _rows(name, m, ["accuracy"]), {"k": m.get("k")}
+        _no_option(name, split, num_fewshot, ("test",))
         m = generative.evaluate_humaneval(
             model, tok, _bundled("humaneval"), limit=limit, unsafe_exec=unsafe_exec
         )
         keys = [k for k in m if k.startswith("pass@") and not k.endswith("_stderr")]
-        return _rows(name, m, keys), {"n_samples": m["n_samples"], "isolation": m["isolation"]}
+        settings = {"split": "test", "n_samples": m["n_samples"], "isolation": m["isolation"]}
+        return _rows(name, m, keys), settings | {"sample": f"first {m['n']}" if limit else "all"}
+    return _multiple_choice(model, tok, name, limit, seed, split, num_fewshot, log_samples)
+
+
+def _picked(m: dict) -> dict:
+    """The settings a metrics dict carries: how rows were chosen, and the per-question log."""
+    return {k: m[k] for k in ("sample", "samples") if k in m}
+
+
+def _gsm8k(model, tok, limit, split: str, num_fewshot, log_samples) -> tuple[list[dict], dict]:
+    """GSM8K on the test split (or train: the rows after the exemplar pool), k-shot from the
+    first 8 rows of train."""
+    from lmforge.eval import generative
+
+    folder = REPO / "datasets" / "eval" / "gsm8k"
+    files = {"test": folder / "test.jsonl.gz", "train": folder / "train_head300.jsonl.gz"}
+    if split not in files:
+        raise ConfigError(f"task gsm8k: no split {split!r}; splits present: test, train")
+    k = generative.GSM8K_SHOT_POOL if num_fewshot is None else num_fewshot
+    if not 0 <= k <= generative.GSM8K_SHOT_POOL:
+        raise ConfigError(
+            f"task gsm8k: --num-fewshot {k} is out of range: 0..{generative.GSM8K_SHOT_POOL}"
+        )
+    pool = generative.load_jsonl(files["train"])[: generative.GSM8K_SHOT_POOL]
+    # train: the file's own first rows are the pool, so evaluate_gsm8k skips them
+    shots = None if split == "train" else pool
+    m = generative.evaluate_gsm8k(
+        model, tok, files[split], k=k, limit=limit, shots=shots, log_samples=log_samples
+    )
+    settings = {"path": str(files[split]), "split": split, "fewshot_split": "train",
+                "num_fewshot": k, "k": k}  # fmt: skip
+    return _rows("gsm8k", m, ["accuracy"]), settings | _picked(m)
+
+
+def _multiple_choice(
+    model, tok, name, limit, seed, split, num_fewshot, log_samples
+) -> tuple[list[dict], dict]:
+    import dataclasses
+
     from lmforge.eval.multiple_choice import evaluate_mc, load_task
 
     path = Path(name) if Path(name).suffix in (".yaml", ".yml") else TASK_DIR / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
         raise ConfigError(
-            f"unknown task {name!r}: choose from {', '.join(known + ['gsm8k', 'humaneval'])}, "
+            f"unknown task {name!r}: choose from "
+            f"{', '.join(known + ['gsm8k', 'humaneval', 'truthfulqa'])}, "
             "lm:PATH, sim:PATH, or a task YAML file"
         )
     task = load_task(path)
     if not Path(task.path).is_absolute() and not Path(task.path).exists():
         task.path = str(REPO / task.path)  # bundled data, wherever the command runs from
-    m = evaluate_mc(model, tok, task, limit=limit)
-    settings = {k: getattr(task, k) for k in ("format", "split", "num_fewshot", "path")}
-    return _rows(task.name, m, ["acc", "acc_norm"]), settings
+    overrides = {"split": split, "num_fewshot": num_fewshot}
+    task = dataclasses.replace(task, **{k: v for k, v in overrides.items() if v is not None})
+    m = evaluate_mc(model, tok, task, limit=limit, seed=seed, log_samples=log_samples)
+    keys = ("format", "split", "fewshot_split", "num_fewshot", "path")
+    settings = {k: getattr(task, k) for k in keys}
+    return _rows(task.name, m, ["acc", "acc_norm"]), settings | _picked(m)
 
 
 def _bundled(name: str) -> Path:
@@ -124,10 +208,17 @@ def run(
     limit: int | None = None,
     seed: int = 0,
     unsafe_exec: bool = False,
+    split: str | None = None,
+    num_fewshot: int | None = None,
+    log_samples: bool = False,
 ) -> list[dict]:
     """Evaluate the checkpoint on each task; writes out_dir/<task>.json; returns all rows."""
     from lmforge.infer.chat import load_for_inference
 
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     if "humaneval" in tasks:  # refuse before the model loads, not after the other tasks
         from lmforge.eval.sandbox import check_isolation
 
@@ -138,8 +229,11 @@ def run(
     rows = []
     for name in tasks:
         t0 = time.perf_counter()
-        task_rows, settings = run_task(model, tok, name, limit, seed, unsafe_exec)
+        task_rows, settings = run_task(
+            model, tok, name, limit, seed, unsafe_exec, split, num_fewshot, log_samples
+        )
         isolation = settings.pop("isolation", None)
+        samples = settings.pop("samples", None)
         record = {
             "task": name,
             "results": task_rows,
@@ -150,6 +244,8 @@ def run(
         }
         if isolation:  # how contained the model-written code was (level, layers, gaps)
             record["isolation"] = isolation
+        if samples is not None:  # one record per scored question, in the order scored
+            record["samples"] = samples
         safe = name.replace("/", "_").replace(":", "_")
         write_json(out_dir / f"{safe}.json", record)
         rows += task_rows

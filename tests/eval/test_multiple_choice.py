@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.eval.multiple_choice import MCTask, build_context, evaluate_mc, load_rows, load_task
+from lmforge.eval.multiple_choice import (
+    MCTask,
+    build_context,
+    evaluate_mc,
+    load_rows,
+    load_task,
+    select_rows,
+    target,
+)
 from lmforge.model.checkpoint import load_model
 from lmforge.model.transformer import GPT
 from lmforge.tokenizer import Tokenizer
@@ -63,7 +71,7 @@ def test_load_bundled_dev(fmt, n_subjects):
 def test_bundled_tasks_load_and_fewshot_excludes_the_question():
     for name in ("mmlu", "cmmlu", "arc_challenge", "hellaswag"):
         assert load_task(name).name == name
-    task = load_task("mmlu")
+    task = MCTask(**{**load_task("mmlu").__dict__, "split": "dev", "num_fewshot": 4})
     rows = load_rows(task.format, task.path, task.split)
     ctx = build_context(task, rows[0], rows)
     assert ctx.startswith(
@@ -72,6 +80,31 @@ def test_bundled_tasks_load_and_fewshot_excludes_the_question():
     assert ctx.count(rows[0]["question"]) == 1 and ctx.endswith("D. 3\nAnswer:")
     assert ctx.count("\nAnswer:") == task.num_fewshot + 1
     assert all(r["question"] not in ctx for r in rows[5:])  # other subjects stay out
+
+
+def test_mmlu_prompt_is_lm_eval_harness_layout():
+    """The default mmlu task: test split, the first 5 dev questions of the same subject, in
+    lm-evaluation-harness's layout (tasks/mmlu/default/_default_template_yaml and
+    _generate_configs.py), written out here by hand from the bundled rows."""
+    task = load_task("mmlu")
+    assert (task.split, task.fewshot_split, task.num_fewshot) == ("test", "dev", 5)
+    test, dev = load_rows("mmlu", task.path, "test"), load_rows("mmlu", task.path, "dev")
+    row = next(r for r in test if r["subject"] == "high_school_us_history")
+    shots = [r for r in dev if r["subject"] == "high_school_us_history"]
+
+    def lm_eval_text(r):  # "{{question.strip()}}\nA. {{choices[0]}}\n...D. ..\nAnswer:"
+        a, b, c, d = r["choices"]
+        return f"{r['question'].strip()}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
+
+    expected = (
+        "The following are multiple choice questions (with answers) about high school us history."
+        "\n\n"
+        + "\n\n".join(lm_eval_text(s) + " " + "ABCD"[s["gold"]] for s in shots)
+        + "\n\n"
+        + lm_eval_text(row)
+    )
+    assert len(shots) == 5 and build_context(task, row, dev) == expected
+    assert [target(task, row, i) for i in range(4)] == [" A", " B", " C", " D"]
 
 
 def _memorise(tok, texts, steps=100):
@@ -113,6 +146,7 @@ def test_memorising_model_scores_100(micro):
             "acc_norm": 1.0,
             "acc_norm_stderr": 0.0,
             "n": n,
+            "sample": f"all {n}",
         }
 
 
@@ -126,7 +160,8 @@ def test_uniform_model_answers_first_choice(micro):
     assert {len(tok.encode(f" {c}")) for c in "ABCD"} == {1}
     task = MCTask(**{**load_task("mmlu").__dict__, "num_fewshot": 1})
     out = evaluate_mc(uniform, tok, task, limit=100, batch_size=32)
-    golds = [r["gold"] for r in load_rows(task.format, task.path, task.split)[:100]]
+    rows = load_rows(task.format, task.path, task.split)
+    golds = [rows[i]["gold"] for i in select_rows(rows, 100, 0, by_subject=True)[0]]
     share_a = sum(g == 0 for g in golds) / 100
     assert out["n"] == 100
     assert out["acc"] == pytest.approx(share_a) and out["acc_norm"] == pytest.approx(share_a)

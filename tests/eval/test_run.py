@@ -3,6 +3,11 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+REPO_TQA = REPO / "datasets/eval/truthfulqa/TruthfulQA.csv.gz"
+REPO_GSM8K_TEST = REPO / "datasets/eval/gsm8k/test.jsonl.gz"
 
 
 def lmforge(*args):
@@ -26,7 +31,8 @@ def test_eval_writes_results_and_compares(micro_pretrained, tmp_path):
     assert set(record) >= {"task", "results", "model", "config", "seed"}
     row = record["results"][0]
     assert set(row) == {"task", "metric", "value", "stderr", "n"} and row["n"] == 4
-    assert record["config"]["num_fewshot"] == 4 and record["config"]["limit"] == 4
+    assert record["config"]["num_fewshot"] == 5 and record["config"]["limit"] == 4
+    assert record["config"]["split"] == "test" and "samples" not in record  # no --log-samples
     lm = json.loads(next(out.glob("lm_*.json")).read_text())["results"]
     metrics = {r["metric"]: r["value"] for r in lm}
     assert metrics["perplexity"] > 1 and metrics["bits_per_byte"] > 0
@@ -99,3 +105,67 @@ def test_humaneval_refuses_a_weak_sandbox_unless_unsafe_exec(
     record = json.loads((tmp_path / "b" / "humaneval.json").read_text())
     assert record["isolation"]["level"] == "weak" and record["isolation"]["unsafe_exec"] is True
     assert any(g.startswith("network") for g in record["isolation"]["gaps"])
+
+
+def test_log_samples_rebuild_the_scores(micro_pretrained, tmp_path):
+    """--log-samples: one record per scored question with the interface other scripts read;
+    the exposed prompt builders rebuild the exact text, so rescoring a sample by hand gives
+    the logged log-likelihoods."""
+    from lmforge.eval import generative, truthfulqa
+    from lmforge.eval import run as evaluation
+    from lmforge.eval.multiple_choice import build_context, load_rows, load_task, target
+    from lmforge.eval.scoring import loglikelihood
+    from lmforge.infer.chat import load_for_inference
+
+    model_dir = micro_pretrained[1]
+    tasks = ["mmlu", "truthfulqa", "gsm8k"]
+    evaluation.run(model_dir, tasks, tmp_path, limit=3, log_samples=True)
+    model, tok = load_for_inference(model_dir)
+    bos = [tok.bos_id] if tok.prepend_bos else []
+
+    mmlu = json.loads((tmp_path / "mmlu.json").read_text())
+    config = mmlu["config"]
+    assert (config["split"], config["fewshot_split"], config["num_fewshot"]) == ("test", "dev", 5)
+    assert config["sample"] == "stratified by subject, seed 0" and len(mmlu["samples"]) == 3
+    task = load_task("mmlu")
+    rows, shots = load_rows("mmlu", task.path, "test"), load_rows("mmlu", task.path, "dev")
+    keys = ["index", "subject", "question", "choices", "gold", "loglikelihoods", "pred"]
+    for s in mmlu["samples"]:
+        assert list(s) == keys + ["pred_norm"]
+        row = rows[s["index"]]
+        assert (s["question"], s["choices"], s["gold"]) == (
+            row["question"], row["choices"], row["gold"]
+        )  # fmt: skip
+        ctx = bos + tok.encode(build_context(task, row, shots))
+        again = loglikelihood(model, [(ctx, tok.encode(target(task, row, i))) for i in range(4)])
+        assert [round(ll, 4) for ll, _ in again] == [round(ll, 4) for ll in s["loglikelihoods"]]
+        assert s["pred"] == max(range(4), key=s["loglikelihoods"].__getitem__)
+    assert [s["index"] for s in mmlu["samples"]] == sorted(s["index"] for s in mmlu["samples"])
+
+    tqa = json.loads((tmp_path / "truthfulqa.json").read_text())
+    assert tqa["config"]["split"] == "validation" and tqa["config"]["sample"] == "first 3"
+    rows = truthfulqa.load_truthfulqa(REPO_TQA)
+    for s in tqa["samples"]:
+        assert list(s) == [
+            "index", "question", "mc1_loglikelihoods", "mc1_pred", "mc2_true_loglikelihoods",
+            "mc2_false_loglikelihoods", "mc2",
+        ]  # fmt: skip
+        row = rows[s["index"]]
+        assert len(s["mc1_loglikelihoods"]) == len(row["mc1_choices"])
+        ctx = bos + tok.encode(truthfulqa.build_context(row))
+        (best, _), *_ = loglikelihood(model, [(ctx, tok.encode(" " + row["mc1_choices"][0]))])
+        assert round(best, 4) == round(s["mc1_loglikelihoods"][0], 4)
+        assert s["mc2"] == truthfulqa.mc2_score(
+            s["mc2_true_loglikelihoods"], s["mc2_false_loglikelihoods"]
+        )
+
+    gsm = json.loads((tmp_path / "gsm8k.json").read_text())
+    assert (gsm["config"]["split"], gsm["config"]["num_fewshot"]) == ("test", 8)
+    test_rows = generative.load_jsonl(REPO_GSM8K_TEST)
+    for i, s in enumerate(gsm["samples"]):
+        assert list(s) == ["index", "question", "output", "pred", "gold", "correct"]
+        assert s["index"] == i and s["question"] == test_rows[i]["question"]
+        assert s["gold"] == generative.extract_answer(test_rows[i]["answer"])
+        assert s["correct"] == (s["pred"] is not None and s["pred"] == s["gold"])
+    accuracy = gsm["results"][0]["value"]
+    assert accuracy == sum(s["correct"] for s in gsm["samples"]) / 3
