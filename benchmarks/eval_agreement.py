@@ -143,21 +143,59 @@ def mmlu_tasks(samples: list[dict], dev_dir: Path, lm_eval_dir: Path, folder: Pa
     return names
 
 
-def truthfulqa_tasks(samples: list[dict], lm_eval_dir: Path, folder: Path) -> list[str]:
-    """lm-eval's truthfulqa_mc1 and truthfulqa_mc2 (its 6-shot QA prompt, its MC2 formula) on
+def truthfulqa_rows(path: Path, n: int) -> list[dict]:
+    """The first n questions of TruthfulQA.csv with the answer lists our side scores (see
+    lmforge/eval/truthfulqa.py, rebuilt here from the CSV rather than imported): MC1 is the Best
+    Answer then the Incorrect Answers; MC2's true answers are the Correct Answers, its false
+    ones the Incorrect Answers; each answer ends with a period."""
+
+    def answers(cell: str) -> list[str]:
+        out = [a.strip() for a in cell.split("; ") if a.strip()]
+        return [a if a.endswith(".") else a + "." for a in out]
+
+    data = path.read_bytes()
+    text = (gzip.decompress(data) if path.suffix == ".gz" else data).decode("utf-8")
+    rows = []
+    for r in list(csv.DictReader(text.splitlines(keepends=True)))[:n]:
+        false = answers(r["Incorrect Answers"])
+        rows.append(
+            {
+                "question": r["Question"].strip(),
+                "mc1": answers(r["Best Answer"])[:1] + false,
+                "true": answers(r["Correct Answers"]),
+                "false": false,
+            }
+        )
+    return rows
+
+
+def truthfulqa_tasks(
+    samples: list[dict], csv_path: Path, lm_eval_dir: Path, folder: Path
+) -> list[str]:
+    """lm-eval's truthfulqa_mc1 and truthfulqa_mc2 (its 6-shot QA primer, its MC2 formula) on
     the questions our side scored, with the answer lists our side scored."""
+    rows = truthfulqa_rows(csv_path, max(s["index"] for s in samples) + 1)
     docs = []
     for s in samples:
-        mc1, true, false = s["mc1_choices"], s["mc2_true_choices"], s["mc2_false_choices"]
+        r = rows[s["index"]]
+        counts = (len(r["mc1"]), len(r["true"]), len(r["false"]))
+        ours = tuple(
+            len(s[k])
+            for k in ("mc1_loglikelihoods", "mc2_true_loglikelihoods", "mc2_false_loglikelihoods")
+        )
+        if r["question"] != s["question"].strip() or counts != ours:
+            sys.exit(
+                f"truthfulqa question {s['index']}: our sample scored other answers than {csv_path} gives"
+            )
         docs.append(
             {
                 "index": s["index"],
-                "question": s["question"],
+                "question": r["question"],
                 # lm-eval's layout: mc1's correct answer first; mc2 labels 1 (true) / 0 (false)
-                "mc1_targets": {"choices": mc1, "labels": [1] + [0] * (len(mc1) - 1)},
+                "mc1_targets": {"choices": r["mc1"], "labels": [1] + [0] * (len(r["mc1"]) - 1)},
                 "mc2_targets": {
-                    "choices": true + false,
-                    "labels": [1] * len(true) + [0] * len(false),
+                    "choices": r["true"] + r["false"],
+                    "labels": [1] * len(r["true"]) + [0] * len(r["false"]),
                 },
             }
         )
@@ -433,7 +471,7 @@ def check_task(task: str, args, out: Path, tmp: Path, lm_eval_dir: Path) -> list
         names = mmlu_tasks(ours, args.mmlu_dev, lm_eval_dir, folder)
         return compare_mmlu(ours, run_theirs(names, folder, args.mmlu_shots, args, theirs_out))
     if task == "truthfulqa":
-        names = truthfulqa_tasks(ours, lm_eval_dir, folder)
+        names = truthfulqa_tasks(ours, args.truthfulqa_csv, lm_eval_dir, folder)
         return compare_truthfulqa(ours, run_theirs(names, folder, 0, args, theirs_out))
     shots = gsm8k_shots(args.gsm8k_train, args.gsm8k_shots)
     names = gsm8k_tasks(ours, shots, GSM8K_STOP, GSM8K_MAX_NEW, lm_eval_dir, folder)
@@ -448,7 +486,7 @@ def main():
     p.add_argument("--mmlu-shots", type=int, default=5, help="MMLU dev exemplars per prompt")
     p.add_argument("--truthfulqa-n", type=int, default=817, help="TruthfulQA questions")
     p.add_argument("--gsm8k-n", type=int, default=200, help="GSM8K test problems")
-    p.add_argument("--gsm8k-shots", type=int, default=4, help="GSM8K train exemplars")
+    p.add_argument("--gsm8k-shots", type=int, default=8, help="GSM8K train exemplars")
     p.add_argument("--seed", type=int, default=0, help="the sample's seed (our --seed)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for each side")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size")
@@ -467,8 +505,14 @@ def main():
     p.add_argument(
         "--gsm8k-train",
         type=Path,
-        default=REPO / "datasets/eval/gsm8k/train.jsonl.gz",
-        help="GSM8K train rows (the shots)",
+        default=REPO / "datasets/eval/gsm8k/train_head300.jsonl.gz",
+        help="GSM8K train rows (the shots: the first --gsm8k-shots)",
+    )
+    p.add_argument(
+        "--truthfulqa-csv",
+        type=Path,
+        default=REPO / "datasets/eval/truthfulqa/TruthfulQA.csv.gz",
+        help="TruthfulQA.csv (the answer lists our side scored)",
     )
     p.add_argument(
         "--out",
