@@ -45,6 +45,8 @@ GSM8K_MAX_NEW = 128  # our token budget per answer
 def run_ours(task: str, args, out: Path) -> list[dict]:
     """Our samples for one task, from `python -m lmforge eval` (reused when already there)."""
     result = out / f"{task}.json"
+    if not result.is_file() and not args.run:
+        sys.exit(f"--compare-only: our side of {task} is not in {out}")
     if not result.is_file():
         cmd = [sys.executable, "-m", "lmforge", "eval", str(args.model), "--tasks", task]
         cmd += ["--out", str(out), "--seed", str(args.seed), "--log-samples"]
@@ -241,10 +243,13 @@ def gsm8k_tasks(
     ]
 
 
-def run_theirs(tasks: list[str], folder: Path, shots: int, args, out: Path) -> dict[str, list]:
-    """lm-eval on the local tasks; its logged samples per task, in doc order."""
+def run_theirs(
+    tasks: list[str], folder: Path, shots: int, args, out: Path, run: bool = True
+) -> dict[str, list]:
+    """lm-eval on the local tasks; its logged samples per task, in doc order (with run=False,
+    only those already in `out`)."""
     found = {t: sorted(out.glob(f"**/samples_{t}_*.jsonl")) for t in tasks}
-    if not all(found.values()):
+    if run and not all(found.values()):
         cmd = [str(args.lm_eval), "--model", "hf", "--tasks", ",".join(tasks)]
         cmd += ["--model_args", f"pretrained={args.model},dtype=float32", "--device", "cpu"]
         cmd += ["--include_path", str(folder), "--num_fewshot", str(shots), "--log_samples"]
@@ -255,9 +260,23 @@ def run_theirs(tasks: list[str], folder: Path, shots: int, args, out: Path) -> d
         found = {t: sorted(out.glob(f"**/samples_{t}_*.jsonl")) for t in tasks}
     samples = {}
     for t, files in found.items():
-        lines = files[-1].read_text(encoding="utf-8").splitlines()
-        samples[t] = sorted((json.loads(x) for x in lines if x.strip()), key=lambda d: d["doc_id"])
+        if files:
+            lines = files[-1].read_text(encoding="utf-8").splitlines()
+            samples[t] = sorted((json.loads(x) for x in lines if x), key=lambda d: d["doc_id"])
     return samples
+
+
+def mmlu_parts(ours: list[dict], parts: int) -> list[list[dict]]:
+    """Our MMLU samples in `parts` slices, each holding every parts-th question of every
+    subject: each slice is a stratified sample in itself, so the comparison on however many
+    slices lm-eval finished still covers all subjects."""
+    seen: dict[str, int] = {}
+    slices: list[list[dict]] = [[] for _ in range(parts)]
+    for s in ours:
+        k = seen.get(s["subject"], 0)
+        seen[s["subject"]] = k + 1
+        slices[k % parts].append(s)
+    return [x for x in slices if x]
 
 
 def gsm8k_shots(path: Path, k: int) -> list[dict]:
@@ -331,10 +350,17 @@ def compare_choices(name: str, ours: list[tuple], theirs: list[tuple]) -> dict:
 
 
 def compare_mmlu(ours: list[dict], theirs: dict[str, list]) -> list[dict]:
+    """On the questions lm-eval scored (all of ours unless --mmlu-parts stopped early)."""
     them = {i: d for t in theirs.values() for i, d in _by_index(t).items()}
-    a = [(s["index"], s["loglikelihoods"], s["gold"]) for s in ours]
-    b = [(s["index"], _lls(them[s["index"]]), s["gold"]) for s in ours]
-    return [compare_choices("mmlu", a, b)]
+    both = [s for s in ours if s["index"] in them]
+    if not both:
+        print("mmlu: lm-eval has scored none of our questions yet: nothing to compare")
+        return []
+    a = [(s["index"], s["loglikelihoods"], s["gold"]) for s in both]
+    b = [(s["index"], _lls(them[s["index"]]), s["gold"]) for s in both]
+    row = compare_choices("mmlu", a, b)
+    ours_all = sum(_argmax(s["loglikelihoods"]) == s["gold"] for s in ours) / len(ours)
+    return [row | {"ours_all": ours_all, "n_ours": len(ours)}]
 
 
 def compare_truthfulqa(ours: list[dict], theirs: dict[str, list]) -> list[dict]:
@@ -422,6 +448,11 @@ def print_report(rows: list[dict], show: int) -> None:
         note = ""
         if "mean_abs_mc2_diff" in r:
             note = f"MC2 mean abs difference {r['mean_abs_mc2_diff']:.2e}"
+        if r.get("n_ours", r["n"]) > r["n"]:
+            note = (
+                f"lm-eval scored {r['n']} of our {r['n_ours']} (stratified slices); "
+                f"ours on all {r['n_ours']}: {_pct(r['ours_all'])}"
+            )
         if "identical_text" in r:
             note = f"identical answer texts {_pct(r['identical_text'])}%"
         ll = f"{r['max_ll_diff']:.2e}" if "max_ll_diff" in r else "-"
@@ -468,14 +499,25 @@ def check_task(task: str, args, out: Path, tmp: Path, lm_eval_dir: Path) -> list
     folder.mkdir()
     theirs_out = out / "lm-eval" / task
     if task == "mmlu":
-        names = mmlu_tasks(ours, args.mmlu_dev, lm_eval_dir, folder)
-        return compare_mmlu(ours, run_theirs(names, folder, args.mmlu_shots, args, theirs_out))
+        theirs: dict[str, list] = {}
+        for i, part in enumerate(mmlu_parts(ours, args.mmlu_parts)):
+            sub = folder / f"part{i}"
+            sub.mkdir()
+            names = mmlu_tasks(part, args.mmlu_dev, lm_eval_dir, sub)
+            got = run_theirs(names, sub, args.mmlu_shots, args, theirs_out / f"part{i}", args.run)
+            theirs |= {f"{t}/{i}": v for t, v in got.items()}
+            print(
+                f"[{time.strftime('%H:%M:%S')}] lm-eval: MMLU part {i + 1} of {args.mmlu_parts}"
+                f" ({len(part)} questions) {'done' if got else 'not run'}",
+                flush=True,
+            )
+        return compare_mmlu(ours, theirs)
     if task == "truthfulqa":
         names = truthfulqa_tasks(ours, args.truthfulqa_csv, lm_eval_dir, folder)
-        return compare_truthfulqa(ours, run_theirs(names, folder, 0, args, theirs_out))
+        return compare_truthfulqa(ours, run_theirs(names, folder, 0, args, theirs_out, args.run))
     shots = gsm8k_shots(args.gsm8k_train, args.gsm8k_shots)
     names = gsm8k_tasks(ours, shots, GSM8K_STOP, GSM8K_MAX_NEW, lm_eval_dir, folder)
-    return compare_gsm8k(ours, run_theirs(names, folder, len(shots), args, theirs_out))
+    return compare_gsm8k(ours, run_theirs(names, folder, len(shots), args, theirs_out, args.run))
 
 
 def main():
@@ -520,6 +562,18 @@ def main():
         default=REPO / "runs/agreement",
         help="both sides' outputs; a side already there is reused, not rerun",
     )
+    p.add_argument(
+        "--mmlu-parts",
+        type=int,
+        default=1,
+        help="run lm-eval on MMLU in this many stratified slices (each saved as it finishes)",
+    )
+    p.add_argument(
+        "--compare-only",
+        dest="run",
+        action="store_false",
+        help="run nothing: compare what both sides have saved in --out",
+    )
     p.add_argument("--show", type=int, default=20, help="disagreements listed per task")
     args = p.parse_args()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -541,7 +595,7 @@ def main():
         "model": str(args.model),
         "threads": args.threads,
         "seed": args.seed,
-        "mmlu_shots": args.mmlu_shots,
+        "mmlu_shots": args.mmlu_shots if "mmlu" in tasks else None,
         "lm_eval_batch_size": args.batch_size,
         "commit": _commit(),
     }
