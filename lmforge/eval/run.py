@@ -53,13 +53,52 @@ def _rows(task: str, metrics: dict, keys: list[str]) -> list[dict]:
     ]
 
 
-def _no_option(name: str, split: str | None, num_fewshot: int | None, splits=()) -> None:
-    """A task without splits refuses --split; one without few-shot examples refuses a k > 0."""
-    if split is not None and split not in splits:
-        present = ", ".join(splits) if splits else "none (it reads one file)"
-        raise ConfigError(f"task {name}: no split {split!r}; splits present: {present}")
-    if num_fewshot:
+def _task_yaml(name: str) -> Path:
+    path = Path(name) if Path(name).suffix in (".yaml", ".yml") else TASK_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
+        raise ConfigError(
+            f"unknown task {name!r}: choose from "
+            f"{', '.join(known + ['gsm8k', 'humaneval', 'truthfulqa'])}, "
+            "lm:PATH, sim:PATH, or a task YAML file"
+        )
+    return path
+
+
+def _load_mc_task(name: str):
+    from lmforge.eval.multiple_choice import load_task
+
+    task = load_task(_task_yaml(name))
+    if not Path(task.path).is_absolute() and not Path(task.path).exists():
+        task.path = str(REPO / task.path)  # bundled data, wherever the command runs from
+    return task
+
+
+def check_options(name: str, split: str | None, num_fewshot: int | None) -> None:
+    """Refuse a split the task does not have (listing those it has) and a k it cannot take,
+    before any model loads: a bad option on the last task must not cost the first ones' run."""
+    from lmforge.eval import generative
+    from lmforge.eval.multiple_choice import splits
+
+    max_k: int | None = 0  # tasks without few-shot examples
+    if name.startswith(("lm:", "sim:")):
+        present = []
+    elif name == "gsm8k":
+        present, max_k = ["test", "train"], generative.GSM8K_SHOT_POOL
+    elif name == "truthfulqa":
+        present = ["validation"]
+    elif name == "humaneval":
+        present = ["test"]
+    else:
+        task = _load_mc_task(name)
+        present, max_k = splits(Path(task.path)), None
+    if split is not None and split not in present:
+        listed = ", ".join(present) if present else "none (it reads one file)"
+        raise ConfigError(f"task {name}: no split {split!r}; splits present: {listed}")
+    if num_fewshot and max_k == 0:
         raise ConfigError(f"task {name} takes no few-shot examples: --num-fewshot must be 0")
+    if num_fewshot is not None and max_k is not None and num_fewshot > max_k:
+        raise ConfigError(f"task {name}: --num-fewshot {num_fewshot} is out of range: 0..{max_k}")
 
 
 def run_task(
@@ -78,11 +117,11 @@ def run_task(
     with log_samples, one record per scored question (`samples`)."""
     import torch
 
+    check_options(name, split, num_fewshot)
     torch.manual_seed(seed)
     if name.startswith("lm:"):
         from lmforge.eval.scoring import perplexity
 
-        _no_option(name, split, num_fewshot)
         path = Path(name[3:])
         keys = ["loss", "perplexity", "bits_per_byte"]
         stride = max(1, model.cfg.max_seq_len // 2)  # every token after the first is scored,
@@ -99,7 +138,8 @@ def run_task(
                 rows += _rows(f"{name}:{lang}", m, keys)
             if not rows:
                 raise ConfigError(f"lm task: {path} has no validation shards")
-            return rows, {"path": str(path), "split": "val", "max_tokens": limit}
+            sample = f"first {limit} tokens of each shard" if limit else "all"
+            return rows, {"path": str(path), "split": "val", "max_tokens": limit, "sample": sample}
         if not path.is_file():
             raise ConfigError(f"lm task: text file or prepared data folder not found: {path}")
         m = perplexity(model, tok, path.read_text(encoding="utf-8"), stride)
@@ -107,7 +147,6 @@ def run_task(
     if name.startswith("sim:"):
         from lmforge.eval.similarity import evaluate_similarity
 
-        _no_option(name, split, num_fewshot)
         m = evaluate_similarity(model, tok, name[4:], limit=limit)
         return _rows(name, m, ["bleu", "rouge1", "rouge2", "rougeL"]), {
             "path": name[4:],
@@ -118,7 +157,6 @@ def run_task(
     if name == "truthfulqa":
         from lmforge.eval import truthfulqa
 
-        _no_option(name, split, num_fewshot, (truthfulqa.SPLIT,))
         path = REPO / "datasets" / "eval" / "truthfulqa" / "TruthfulQA.csv.gz"
         m = truthfulqa.evaluate_truthfulqa(model, tok, path, limit, log_samples=log_samples)
         settings = {"path": str(path), "split": truthfulqa.SPLIT, "fewshot_split": None,
@@ -127,13 +165,13 @@ def run_task(
     if name == "humaneval":
         from lmforge.eval import generative
 
-        _no_option(name, split, num_fewshot, ("test",))
         m = generative.evaluate_humaneval(
             model, tok, _bundled("humaneval"), limit=limit, unsafe_exec=unsafe_exec
         )
         keys = [k for k in m if k.startswith("pass@") and not k.endswith("_stderr")]
         settings = {"split": "test", "n_samples": m["n_samples"], "isolation": m["isolation"]}
-        return _rows(name, m, keys), settings | {"sample": f"first {m['n']}" if limit else "all"}
+        how = f"first {m['n']}" if limit else f"all {m['n']}"
+        return _rows(name, m, keys), settings | {"sample": how}
     return _multiple_choice(model, tok, name, limit, seed, split, num_fewshot, log_samples)
 
 
@@ -149,13 +187,7 @@ def _gsm8k(model, tok, limit, split: str, num_fewshot, log_samples) -> tuple[lis
 
     folder = REPO / "datasets" / "eval" / "gsm8k"
     files = {"test": folder / "test.jsonl.gz", "train": folder / "train_head300.jsonl.gz"}
-    if split not in files:
-        raise ConfigError(f"task gsm8k: no split {split!r}; splits present: test, train")
     k = generative.GSM8K_SHOT_POOL if num_fewshot is None else num_fewshot
-    if not 0 <= k <= generative.GSM8K_SHOT_POOL:
-        raise ConfigError(
-            f"task gsm8k: --num-fewshot {k} is out of range: 0..{generative.GSM8K_SHOT_POOL}"
-        )
     pool = generative.load_jsonl(files["train"])[: generative.GSM8K_SHOT_POOL]
     # train: the file's own first rows are the pool, so evaluate_gsm8k skips them
     shots = None if split == "train" else pool
@@ -172,19 +204,9 @@ def _multiple_choice(
 ) -> tuple[list[dict], dict]:
     import dataclasses
 
-    from lmforge.eval.multiple_choice import evaluate_mc, load_task
+    from lmforge.eval.multiple_choice import evaluate_mc
 
-    path = Path(name) if Path(name).suffix in (".yaml", ".yml") else TASK_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
-        raise ConfigError(
-            f"unknown task {name!r}: choose from "
-            f"{', '.join(known + ['gsm8k', 'humaneval', 'truthfulqa'])}, "
-            "lm:PATH, sim:PATH, or a task YAML file"
-        )
-    task = load_task(path)
-    if not Path(task.path).is_absolute() and not Path(task.path).exists():
-        task.path = str(REPO / task.path)  # bundled data, wherever the command runs from
+    task = _load_mc_task(name)
     overrides = {"split": split, "num_fewshot": num_fewshot}
     task = dataclasses.replace(task, **{k: v for k, v in overrides.items() if v is not None})
     m = evaluate_mc(model, tok, task, limit=limit, seed=seed, log_samples=log_samples)
@@ -219,6 +241,8 @@ def run(
         raise ConfigError(f"--limit must be at least 1, got {limit}")
     if num_fewshot is not None and num_fewshot < 0:
         raise ConfigError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+    for name in tasks:
+        check_options(name, split, num_fewshot)
     if "humaneval" in tasks:  # refuse before the model loads, not after the other tasks
         from lmforge.eval.sandbox import check_isolation
 
@@ -234,6 +258,9 @@ def run(
         )
         isolation = settings.pop("isolation", None)
         samples = settings.pop("samples", None)
+        # every record says which split, which examples and which rows, even where moot
+        defaults = {"split": None, "fewshot_split": None, "num_fewshot": 0, "sample": "all"}
+        settings = defaults | settings
         record = {
             "task": name,
             "results": task_rows,

@@ -197,3 +197,69 @@ def test_ceval_format(micro_pretrained):
     model_dir = micro_pretrained[1]
     res = evaluate_mc(load_model(model_dir), Tokenizer.load(model_dir), task)
     assert res["n"] == 2 and 0 <= res["acc"] <= 1
+
+
+def test_mmlu_official_headerless_form_parses_like_the_mirror(tmp_path):
+    """An official-form file (no header, question,A,B,C,D,letter), made by this test from real
+    mirror rows of the bundled test split, loads to the same questions, choices and gold."""
+    import csv
+    import gzip
+
+    mirror = load_rows("mmlu", "datasets/eval/mmlu", "test")
+    official = tmp_path / "test"
+    official.mkdir()
+    for subject in ("anatomy", "high_school_us_history"):  # the second has multi-line questions
+        rows = [r for r in mirror if r["subject"] == subject]
+        with gzip.open(
+            official / f"{subject}_test.csv.gz", "wt", encoding="utf-8", newline=""
+        ) as f:
+            w = csv.writer(f)
+            for r in rows:
+                w.writerow([r["question"], *r["choices"], "ABCD"[r["gold"]]])
+    parsed = load_rows("mmlu", tmp_path, "test")
+    expected = [r for r in mirror if r["subject"] in ("anatomy", "high_school_us_history")]
+    assert len(parsed) == len(expected) == 135 + 204
+    assert parsed == expected
+
+
+def test_mmlu_bad_answers_name_the_file_and_row(tmp_path):
+    from lmforge.config import ConfigError
+
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "x_test.csv").write_text("What?,a,b,c,d,E\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"x_test.csv, row 1: answer 'E' is not a letter A-D"):
+        load_rows("mmlu", tmp_path, "test")
+    (tmp_path / "test" / "x_test.csv").write_text("What?,a,b,c\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="row 1: expected 6 fields, got 4"):
+        load_rows("mmlu", tmp_path, "test")
+
+
+def test_unknown_split_lists_the_splits_present():
+    from lmforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no split 'val' in .*; splits present: dev, test"):
+        load_rows("mmlu", "datasets/eval/mmlu", "val")
+
+
+def test_limit_takes_a_stratified_deterministic_sample():
+    rows = load_rows("mmlu", "datasets/eval/mmlu", "test")
+    index, how = select_rows(rows, 2000, seed=0, by_subject=True)
+    assert how == "stratified by subject, seed 0" and len(index) == 2000
+    assert index == sorted(set(index))
+    assert select_rows(rows, 2000, seed=0, by_subject=True)[0] == index  # same seed, same rows
+    assert select_rows(rows, 2000, seed=1, by_subject=True)[0] != index
+    size, picked = {}, {}
+    for r in rows:
+        size[r["subject"]] = size.get(r["subject"], 0) + 1
+    for i in index:
+        picked[rows[i]["subject"]] = picked.get(rows[i]["subject"], 0) + 1
+    assert len(picked) == 57  # every subject, each within one question of its proportional share
+    assert all(abs(picked[s] - 2000 * size[s] / len(rows)) < 1 for s in size)
+    # 15 rows (the tiny recipe's limit): professional_law's share is 15 * 1534 / 14042 = 1.64, so
+    # it gets 1 plus one of the 14 largest remainders (0.64); the other 13 go to the next
+    # largest subjects, whose whole share is their remainder
+    few = [rows[i]["subject"] for i in select_rows(rows, 15, seed=0, by_subject=True)[0]]
+    by_size = sorted(size, key=lambda s: (-size[s], s))
+    assert sorted(few) == sorted(["professional_law"] + by_size[:14])
+    assert select_rows(rows, 5, 0, by_subject=False) == ([0, 1, 2, 3, 4], "first 5")
+    assert select_rows(rows[:3], 5, 0, by_subject=True) == ([0, 1, 2], "all 3")

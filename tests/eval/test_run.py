@@ -169,3 +169,53 @@ def test_log_samples_rebuild_the_scores(micro_pretrained, tmp_path):
         assert s["correct"] == (s["pred"] is not None and s["pred"] == s["gold"])
     accuracy = gsm["results"][0]["value"]
     assert accuracy == sum(s["correct"] for s in gsm["samples"]) / 3
+
+
+def test_split_and_fewshot_options(micro_pretrained, tmp_path, capsys):
+    """--split and --num-fewshot override the task's own and are recorded; unknown splits and
+    impossible k are clear errors listing what exists."""
+    from lmforge.cli import main
+
+    model_dir = str(micro_pretrained[1])
+    base = ["eval", model_dir, "--limit", "2", "--log-samples"]
+    assert main([*base, "--tasks", "mmlu", "--split", "val", "--out", str(tmp_path)]) == 2
+    assert "no split 'val'" in capsys.readouterr().err  # and the ones present:
+    assert main([*base, "--tasks", "gsm8k", "--split", "dev", "--out", str(tmp_path)]) == 2
+    assert "task gsm8k: no split 'dev'; splits present: test, train" in capsys.readouterr().err
+    assert main([*base, "--tasks", "truthfulqa", "--split", "test", "--out", str(tmp_path)]) == 2
+    assert "splits present: validation" in capsys.readouterr().err
+    assert main([*base, "--tasks", "truthfulqa", "--num-fewshot", "3", "--out", str(tmp_path)]) == 2
+    assert "task truthfulqa takes no few-shot examples" in capsys.readouterr().err
+    assert main([*base, "--tasks", "gsm8k", "--num-fewshot", "9", "--out", str(tmp_path)]) == 2
+    assert "--num-fewshot 9 is out of range: 0..8" in capsys.readouterr().err
+    assert main([*base[:2], "--tasks", "mmlu", "--limit", "0", "--out", str(tmp_path)]) == 2
+    assert "--limit must be at least 1" in capsys.readouterr().err
+
+    out = tmp_path / "dev"
+    args = ["--tasks", "gsm8k,mmlu", "--split", "train", "--num-fewshot", "2", "--out", str(out)]
+    assert main([*base, *args]) == 2  # mmlu has no train split: refused before anything runs
+    assert "splits present: dev, test" in capsys.readouterr().err
+    assert not out.exists()
+    args = ["--tasks", "mmlu", "--split", "dev", "--num-fewshot", "2", "--out", str(out)]
+    assert main([*base, *args]) == 0
+    config = json.loads((out / "mmlu.json").read_text())["config"]
+    assert (config["split"], config["fewshot_split"], config["num_fewshot"]) == ("dev", "dev", 2)
+    args = ["--tasks", "gsm8k", "--split", "train", "--num-fewshot", "1", "--out", str(out)]
+    assert main([*base, *args]) == 0
+    record = json.loads((out / "gsm8k.json").read_text())
+    assert (record["config"]["split"], record["config"]["num_fewshot"]) == ("train", 1)
+    assert [s["index"] for s in record["samples"]] == [8, 9]  # after the 8-row exemplar pool
+    assert record["config"]["sample"] == "first 2"
+
+
+def test_gsm8k_default_split_is_test(micro_pretrained, tmp_path):
+    from lmforge.eval import generative
+    from lmforge.eval import run as evaluation
+
+    evaluation.run(micro_pretrained[1], ["gsm8k"], tmp_path, limit=1, log_samples=True)
+    record = json.loads((tmp_path / "gsm8k.json").read_text())
+    config = record["config"]
+    assert config["split"] == "test" and config["path"].endswith("gsm8k/test.jsonl.gz")
+    assert (config["fewshot_split"], config["num_fewshot"]) == ("train", 8)
+    first_test = generative.load_jsonl(REPO_GSM8K_TEST)[0]["question"]
+    assert record["samples"][0]["question"] == first_test and record["samples"][0]["index"] == 0
