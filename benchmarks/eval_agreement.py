@@ -261,7 +261,9 @@ def run_theirs(
     samples = {}
     for t, files in found.items():
         if files:
-            lines = files[-1].read_text(encoding="utf-8").splitlines()
+            lines = (
+                files[-1].read_text(encoding="utf-8").split("\n")
+            )  # not splitlines: JSON strings may hold U+2028
             samples[t] = sorted((json.loads(x) for x in lines if x), key=lambda d: d["doc_id"])
     return samples
 
