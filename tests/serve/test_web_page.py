@@ -284,3 +284,21 @@ def test_network_error_is_shown(page, web_server):
     page.wait_for_selector("#error:not([hidden])")
     assert "Network error" in page.text_content("#error")
     assert page.is_enabled("#send") and page.is_disabled("#stop")
+
+
+def test_the_page_chats_with_the_real_smollm2(page, smollm2_dir, live_server):
+    """The page on the imported SmolLM2-135M-Instruct: its own template and <|im_end|> end
+    the turn, and the bubble shows what the server streamed, greedy."""
+    from lmforge.serve.app import create_app
+
+    with live_server(create_app(smollm2_dir, max_batch=1, max_tokens=64)) as url:
+        _open(page, url)
+        assert page.eval_on_selector("#model", "s => s.value") == smollm2_dir.name
+        _settings(page, temperature="0", max_tokens="64")
+        request, sse = _send(page, "What is the capital of France?")
+        answer, finish = _streamed_text(sse)
+        assert answer == "The capital of France is Paris." and finish == "stop"
+        assert _bubbles(page) == [
+            ["user", "What is the capital of France?"],
+            ["assistant", answer],
+        ]
