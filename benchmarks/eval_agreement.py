@@ -10,8 +10,8 @@ float rounding alone; a large margin on one side means a real difference in prom
 
 lm-eval runs in its own virtual environment (it must not see lmforge):
 
-    python3 -m venv /work/lmeval-venv
-    /work/lmeval-venv/bin/pip install torch==2.13.0 "lm_eval[hf]==0.4.13"
+    python3 -m venv .lmeval-venv          # in the repository root (git ignores it)
+    .lmeval-venv/bin/pip install torch==2.13.0 "lm_eval[hf]==0.4.13"
     python benchmarks/eval_agreement.py --tasks mmlu --mmlu-n 2000 --mmlu-shots 0
     python benchmarks/eval_agreement.py --tasks truthfulqa,gsm8k --truthfulqa-n 817 --gsm8k-n 200
 """
@@ -537,8 +537,9 @@ def main():
     p.add_argument(
         "--lm-eval",
         type=Path,
-        default=Path("/work/lmeval-venv/bin/lm_eval"),
-        help="the lm_eval command of lm-eval's own virtual environment",
+        default=Path(os.environ.get("LMFORGE_LM_EVAL") or REPO / ".lmeval-venv/bin/lm_eval"),
+        help="the lm_eval command of lm-eval's own virtual environment (default: "
+        "$LMFORGE_LM_EVAL, else .lmeval-venv/bin/lm_eval in the repository)",
     )
     p.add_argument(
         "--mmlu-dev",
@@ -585,6 +586,11 @@ def main():
     if not (args.model / "config.json").is_file():
         sys.exit(
             f"--model: no config.json in {args.model} (run `lmforge fetch smollm2-135m-instruct`)"
+        )
+    if not args.lm_eval.is_file():
+        raise SystemExit(
+            f"no lm_eval command at {args.lm_eval}: make lm-eval's own venv first (see this "
+            "script's docstring) or pass --lm-eval PATH"
         )
     lm_eval_dir = lm_eval_package(args.lm_eval)
     rows = []
