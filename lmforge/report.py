@@ -25,6 +25,18 @@ def _duration(s: float) -> str:
     return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
 
+def _task_name(task: str, run: Path) -> str:
+    """`lm:/abs/run/data:en` -> `lm:data:en`: a data folder inside the run is named relative to it."""
+    if task.startswith("lm:"):
+        path, sep, lang = task[3:].rpartition(":") if ":" in task[3:] else (task[3:], "", "")
+        try:
+            rel = Path(path).resolve().relative_to(run.resolve())
+        except ValueError:
+            return task
+        return f"lm:{rel.as_posix()}{sep}{lang}"
+    return task
+
+
 def _report_card(run: Path) -> list[str]:
     """The evaluation table (one column per evaluated model) and a bar chart of the main
     metric of each task, from the eval stage's result files."""
@@ -55,7 +67,7 @@ def _report_card(run: Path) -> list[str]:
             se = f" ± {r['stderr']:.3f}" if r and r.get("stderr") is not None else ""
             cells.append(f"{r['value']:.3f}{se}" if r else "-")
         n = next(rows[key]["n"] for rows in results.values() if key in rows)
-        lines.append(f"| {key[0]} | {key[1]} | {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_task_name(key[0], run)} | {key[1]} | {n} | " + " | ".join(cells) + " |")
     lines.append("")
     main = [k for k in keys if k[1] in ("acc", "accuracy", "pass@1")]
     if main:

@@ -89,7 +89,7 @@ def gptq_quantize(
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             w = W1[:, i]
             s, z = scale[:, g], zero[:, g]
-            q = (torch.round(w / s) + z).clamp_(0, 15)
+            q = torch.round(w / s + z).clamp_(0, 15)
             deq = (q - z) * s
             Q[:, col] = deq
             err = (w - deq) / Hinv1[i, i]

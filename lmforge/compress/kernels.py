@@ -118,7 +118,7 @@ def q4_matmul(
     x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
 ) -> torch.Tensor:
     """x (M, K) float32 contiguous, packed (N, K/2) uint8, scale (N, K/group) float32,
-    zero (N, K/group) uint8 -> (M, N)."""
+    zero (N, K/group) float32 -> (M, N)."""
     M, K = x.shape
     N = packed.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)

@@ -2,7 +2,7 @@
 
    y (M, N) = x (M, K) @ W^T, where W (N, K) is stored quantized and never materialised:
    - int8: W[n, k] = q[n, k] * scale[n]                   (q int8, one scale per output row)
-   - int4: W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]   (q 0..15, g = k / group)
+   - int4: W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]   (q 0..15, g = k / group, zero float)
      packed two per byte in blocks of 32 weights: byte i of a block holds weight i in its low
      nibble and weight i + 16 in its high nibble (the order of GGML's Q4 blocks).
 
@@ -105,7 +105,7 @@ void q8_matmul(const float *x, int M, int K, const int8_t *w, const float *scale
 /* scratch: M * K int16 + M * K / 32 floats + M * K / group floats, from the caller.
    xsum[m, g] = sum of x[m] over group g: the zero point's share, computed once per call. */
 void q4_matmul(const float *x, int M, int K, const uint8_t *w, const float *scale,
-               const uint8_t *zero, int group, int N, float *y, void *scratch, int threads) {
+               const float *zero, int group, int N, float *y, void *scratch, int threads) {
     const int G = K / group, B = K / 32, BG = group / 32;
     int16_t *x16 = (int16_t *)scratch;
     float *xs = (float *)(x16 + (int64_t)M * K);
@@ -122,7 +122,7 @@ void q4_matmul(const float *x, int M, int K, const uint8_t *w, const float *scal
     for (int n = 0; n < N; n++) {
         const uint8_t *row = w + (int64_t)n * (K / 2);
         const float *sc = scale + (int64_t)n * G;
-        const uint8_t *zp = zero + (int64_t)n * G;
+        const float *zp = zero + (int64_t)n * G;
         float tot[MAX_ROWS], corr[MAX_ROWS];
         for (int m = 0; m < M; m++) tot[m] = corr[m] = 0.0f;
 #ifdef __AVX2__
@@ -140,7 +140,7 @@ void q4_matmul(const float *x, int M, int K, const uint8_t *w, const float *scal
                     acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[m]);
                 }
             }
-            for (int m = 0; m < M; m++) corr[m] += sc[g] * (float)zp[g] * xsum[m * G + g];
+            for (int m = 0; m < M; m++) corr[m] += sc[g] * zp[g] * xsum[m * G + g];
         }
         for (int m = 0; m < M; m++) tot[m] = hsum(acc[m]);
 #else
@@ -155,7 +155,7 @@ void q4_matmul(const float *x, int M, int K, const uint8_t *w, const float *scal
                     a += (float)d * xs[m * B + b];
                 }
                 tot[m] += a * sc[g];
-                corr[m] += sc[g] * (float)zp[g] * xsum[m * G + g];
+                corr[m] += sc[g] * zp[g] * xsum[m * G + g];
             }
 #endif
         for (int m = 0; m < M; m++) y[(int64_t)m * N + n] = tot[m] - corr[m];

@@ -6,9 +6,12 @@ the Transformer blocks (and, by default, the output head) keeps small integers p
 
 - int8: w[n, k] = q[n, k] * scale[n], symmetric, q in [-127, 127], scale = max |w[n]| / 127.
 - int4: w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] for the group g = k // group_size,
-  asymmetric, q and zero in [0, 15], the range of each group stretched to include 0 (as GPTQ's
-  quantizer does). Two values per byte, in blocks of 32: byte i holds value i of the block in
-  its low nibble and value i + 16 in its high nibble. Scales are stored as float16.
+  asymmetric, q in [0, 15] spanning the group's [min, max]; the zero point is a float (so the
+  grid starts at the group's minimum, as llama.cpp's Q4_1 does, rather than an integer zero
+  point that puts 0 on the grid as GPTQ's reference quantizer does: weights imported from a
+  Q4_1 GGUF then sit on their own grid again). Two values per byte, in blocks of 32: byte i holds value i of the block in
+  its low nibble and value i + 16 in its high nibble. Scales and zero points are
+  stored as float16.
 - outliers (int8, LLM.int8-style): input features whose calibration activations exceed a
   threshold keep their weight columns in float (`outlier_idx`, `outlier_weight`); the int8 part
   has zeros there, so the rest of each row gets a finer scale.
@@ -54,16 +57,14 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int4_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest scale (N, G) float32 (float16-representable) and zero point (N, G) for
-    each group of `group_size` inputs: the group's [min, max], widened to include 0, over 15
-    steps."""
+    """Round-to-nearest scale (N, G) and zero point (N, G), float32 and float16-representable,
+    for each group of `group_size` inputs: the group's [min, max] over 15 steps, min at q = 0."""
     N, K = w.shape
     g = w.float().view(N, K // group_size, group_size)
-    lo = g.amin(dim=2).clamp(max=0.0)
-    hi = g.amax(dim=2).clamp(min=0.0)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
     scale = ((hi - lo) / 15.0).half().float()  # stored as float16: quantize with that value
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.round(-lo / scale).clamp_(0, 15)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0
+    zero = (-lo / scale).half().float()
     return scale, zero
 
 
@@ -73,7 +74,7 @@ def quantize_int4(
     """Values q (N, K) uint8 in [0, 15] of w for per-group scale and zero (N, K // group_size)."""
     s = scale.repeat_interleave(group_size, dim=1)
     z = zero.float().repeat_interleave(group_size, dim=1)
-    return (torch.round(w.float() / s) + z).clamp_(0, 15).to(torch.uint8)
+    return torch.round(w.float() / s + z).clamp_(0, 15).to(torch.uint8)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -146,7 +147,7 @@ class QuantLinear(nn.Module):
                 "qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, **kw)
             )
             self.register_buffer("scales", torch.ones(out_features, G, **kw))
-            self.register_buffer("zeros", torch.zeros(out_features, G, dtype=torch.uint8, **kw))
+            self.register_buffer("zeros", torch.zeros(out_features, G, **kw))
         else:
             raise ConfigError(f"QuantLinear: bits must be 8 or 4, got {bits}")
         self.register_buffer("bias", torch.zeros(out_features, **kw) if bias else None)
@@ -194,7 +195,7 @@ class QuantLinear(nn.Module):
         """Store int4 values q (N, K), scale and zero (N, K // group_size)."""
         self.qweight.copy_(pack_int4(q))
         self.scales.copy_(scale)
-        self.zeros.copy_(zero.to(torch.uint8))
+        self.zeros.copy_(zero)
 
     def dequantize(self) -> torch.Tensor:
         """The float (N, K) weight this layer computes with."""
@@ -348,17 +349,14 @@ def save_quantized(
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings and "tok_emb.weight" in sd:
         sd.pop("lm_head.weight", None)  # a float head tied to the embedding is stored once
-    if spec.bits == 4:  # int4 scales are float16-exact by construction: store them so
-        sd = {
-            k: v.half() if k.endswith(".scales") and k in _int4_keys(spec) else v
-            for k, v in sd.items()
-        }
+    if spec.bits == 4:  # int4 scales and zeros are float16-exact by construction: store them so
+        sd = {k: v.half() if k in _int4_keys(spec) else v for k, v in sd.items()}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "lmforge-quantized"})
     save_extras(model.cfg, out, tokenizer_dir, pad_token_id)
 
 
 def _int4_keys(spec: QuantSpec) -> set[str]:
-    return {f"{name}.scales" for name in spec.modules}
+    return {f"{name}.{t}" for name in spec.modules for t in ("scales", "zeros")}
 
 
 def quant_spec(ckpt: Path) -> QuantSpec | None:

@@ -16,6 +16,8 @@ import secrets
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from tqdm import tqdm
+
 from lmforge.eval.sandbox import check_isolation, run_code
 from lmforge.infer.generate import fit_prompt, stream_text
 
@@ -105,7 +107,7 @@ def gsm8k_outputs(
 ) -> tuple[list[str], int]:
     """Greedy answers to rows, and how many prompts had to lose shots or tokens to fit."""
     outputs, cut = [], 0
-    for row in rows:
+    for row in tqdm(rows, desc="gsm8k", unit="question", leave=False):
         k = len(shots)
         # drop whole shots before cutting tokens: a prompt starting mid-question confuses more
         while (

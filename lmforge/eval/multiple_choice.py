@@ -260,7 +260,9 @@ def evaluate_mc(
         ctx = bos + tok.encode(build_context(task, row, shots))
         spans.append((len(requests), len(row["choices"])))
         requests += [(ctx, tok.encode(target(task, row, i))) for i in range(len(row["choices"]))]
-    scores = [s for s, _ in loglikelihood(model, requests, batch_size, share_context)]
+    scores = [
+        s for s, _ in loglikelihood(model, requests, batch_size, share_context, desc=task.name)
+    ]
     acc, acc_norm, samples = [], [], []
     for i, row, (start, n) in zip(index, rows, spans):
         ll = scores[start : start + n]

@@ -122,7 +122,7 @@ def evaluate_truthfulqa(
         answers = [row["mc1_choices"][0]] + row["mc2_false"] + row["mc2_true"]
         spans.append(len(requests))
         requests += [(ctx, tok.encode(" " + a)) for a in answers]
-    scores = [s for s, _ in loglikelihood(model, requests, batch_size)]
+    scores = [s for s, _ in loglikelihood(model, requests, batch_size, desc="truthfulqa")]
     mc1, mc2, samples = [], [], []
     for i, (row, start) in enumerate(zip(rows, spans)):
         n_false, n_true = len(row["mc2_false"]), len(row["mc2_true"])

@@ -118,3 +118,22 @@ def test_shared_context_scoring_equals_one_request_at_a_time(micro_pretrained):
     alone = loglikelihood(model, reqs, batch_size=1, share_context=False)
     for (a, ga), (b, gb) in zip(shared, alone):
         assert abs(a - b) < 1e-5 and ga == gb
+
+
+def test_continuations_of_one_context_read_it_once_with_the_same_numbers(micro_pretrained):
+    """Longer continuations of one context (TruthfulQA's answers) continue a KV cache of it:
+    the same sums and greedy flags as reading each request whole, also across batches of
+    continuations and beside requests of other contexts."""
+    model = load_model(micro_pretrained[1]).eval()
+    g = torch.Generator().manual_seed(3)
+    ctx = torch.randint(3, model.cfg.vocab_size, (40,), generator=g).tolist()
+    conts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist() for n in
+             (2, 9, 3, 17, 5, 2, 11)]  # fmt: skip
+    greedy = [model(torch.tensor([ctx]))[0, -1].argmax().item()]
+    greedy.append(model(torch.tensor([ctx + greedy]))[0, -1].argmax().item())
+    reqs = [(ctx, c) for c in conts] + [(ctx, greedy), (ctx[:7], [5, 6, 7])]
+    shared = loglikelihood(model, reqs, batch_size=3, share_context=True)
+    alone = loglikelihood(model, reqs, batch_size=1, share_context=False)
+    for (a, ga), (b, gb) in zip(shared, alone):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    assert shared[len(conts)][1]  # the model's own greedy tokens are greedy after the cache
