@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from lmforge.align.preference import (
     pair_batch,
@@ -100,7 +101,9 @@ def judge_win_rate(
     kw = dict(max_new_tokens=cfg.judge_max_new_tokens, temperature=0.0, stop_ids=stop_ids(tok))
     answers = {
         name: sample_answers(m, ids, 1, **kw)
-        for name, m in (("policy", policy), ("reference", reference))
+        for name, m in tqdm(
+            (("policy", policy), ("reference", reference)), desc="judge", unit="model", leave=False
+        )
     }
     scores = {}
     with torch.no_grad():
