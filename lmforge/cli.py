@@ -697,13 +697,6 @@ def _cmd_compress(name: str, recipe, out: Path, model_dir: str | None, data_dir:
     return 0
 
 
-def sft_output(out: Path) -> Path:
-    """What the SFT stage of run directory `out` wrote: OUT/sft/model after full SFT,
-    OUT/sft/adapter after LoRA SFT (OUT/sft/model when neither exists yet: the error names it)."""
-    model, adapter = out / "sft" / "model", out / "sft" / "adapter"
-    return adapter if adapter.is_dir() and not model.is_dir() else model
-
-
 def _cmd_align(name: str, recipe, out: Path, model_dir: str | None) -> int:
     """reward, dpo, ppo, grpo: each driver returns a summary with `interrupted` and a
     one-line `headline` of its result."""
@@ -711,6 +704,8 @@ def _cmd_align(name: str, recipe, out: Path, model_dir: str | None) -> int:
 
     driver = importlib.import_module(f"lmforge.align.{name}")
     cfg = getattr(recipe, name)
+    from lmforge.pipeline import sft_output
+
     model_dir = model_dir or sft_output(out)
     if name == "ppo" and cfg.reward == "model" and not cfg.reward_model:
         cfg.reward_model = str(out / "reward" / "model")

@@ -403,3 +403,10 @@ def _quantize_all(recipe: Recipe, model_dir: Path, data_dir: Path, d: Path, log)
             log(f"[quantize] {name}: {summary['headline']}")
         done[summary["name"]] = {k: summary[k] for k in ("file_bytes", "val_before", "val_after")}
     return {"models": done}
+
+
+def sft_output(out: Path) -> Path:
+    """What the SFT stage of run directory `out` wrote: OUT/sft/model after full SFT,
+    OUT/sft/adapter after LoRA SFT (OUT/sft/model when neither exists yet: the error names it)."""
+    model, adapter = out / "sft" / "model", out / "sft" / "adapter"
+    return adapter if adapter.is_dir() and not model.is_dir() else model

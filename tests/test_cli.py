@@ -191,7 +191,7 @@ def test_rerun_with_other_settings_or_without_resume_is_refused(
 def test_align_stages_start_from_what_sft_wrote(tmp_path):
     """After a LoRA SFT a bare `lmforge dpo` (reward, ppo, grpo) starts from OUT/sft/adapter;
     after full SFT from OUT/sft/model; before either, the missing OUT/sft/model is named."""
-    from lmforge.cli import sft_output
+    from lmforge.pipeline import sft_output
 
     assert sft_output(tmp_path) == tmp_path / "sft" / "model"
     (tmp_path / "sft" / "adapter").mkdir(parents=True)
