@@ -60,7 +60,7 @@ COMPRESS_STAGES = {
     "recover with a short fine-tune; writes OUT/prune/<method>",
 }
 # the stages that torchrun can run over several processes (--dist.*)
-DIST_STAGES = ("pretrain", "sft", "dpo")
+DIST_STAGES = ("pretrain", "sft", "reward", "dpo", "distill", "prune")
 DEFAULT_RECIPE = "recipes/tiny-cpu.yaml"
 
 
@@ -680,12 +680,16 @@ def _cmd_compress(name: str, recipe, out: Path, model_dir: str | None, data_dir:
     import importlib
 
     driver = importlib.import_module(f"lmforge.compress.{name}")
+    dist_kw = {"dist_cfg": recipe.dist} if name in DIST_STAGES else {}
     s = driver.run(
         getattr(recipe, name),
         model_dir=model_dir or out / "pretrain" / "model",
         data_dir=data_dir or out / "data",
         out_dir=out / name,
+        **dist_kw,
     )
+    if s.get("rank"):  # another rank of a torchrun job: rank 0 reports
+        return 130 if s["interrupted"] else 0
     if s.get("interrupted"):
         print(
             f"interrupted at step {s['step']}; checkpoint saved under {out / name}. "

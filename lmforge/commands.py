@@ -76,7 +76,7 @@ def cmd_export(args) -> int:
         out = export_gguf(args.checkpoint, args.out, outtype=args.outtype)
         print(f"GGUF ({args.outtype}) written to {out}")
         return 0
-    from lmforge.train.dist_ckpt import export, is_sharded
+    from lmforge.train.checkpoint import export, is_sharded
 
     if is_sharded(args.checkpoint):
         if args.merge_lora:

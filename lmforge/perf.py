@@ -6,6 +6,7 @@ numbers measured on the same machine in the same run, so trainers and benchmarks
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -81,3 +82,10 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; CPUs here have no fast bf16, so they stay fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -39,7 +39,7 @@ from lmforge.io import atomic_dir, write_json
 from lmforge.model.checkpoint import load_model
 from lmforge.model.transformer import num_params
 from lmforge.train import dist
-from lmforge.train.dist_ckpt import save_final
+from lmforge.train.checkpoint import save_final
 
 
 def dpo_loss(
@@ -265,6 +265,7 @@ def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> d
         **ev,
         "base_model": str(model_dir),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_memory_mb": done["peak_memory_mb"],  # per rank
     }
     headline = (
         f"held-out preference accuracy {ev.get('val_accuracy', math.nan):.3f}, "

@@ -41,17 +41,16 @@ from lmforge.model.checkpoint import save_model
 from lmforge.model.transformer import num_params
 from lmforge.perf import pick_device
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.metrics import MetricsLog, read_metrics
-from lmforge.train.optim import lr_at, make_optimizer
-from lmforge.train.pretrain import StopFlag
-from lmforge.train.state import (
+from lmforge.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
-    run_config,
     save_checkpoint,
-    start_run,
 )
+from lmforge.train.loop import StopFlag
+from lmforge.train.metrics import MetricsLog, read_metrics
+from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.run_dir import run_config, start_run
 
 EVAL_SEED = 20240205  # the arithmetic held-out set is the same whatever the training seed
 COLD_START_STEP = 1_000_000  # cold-start problems are the task's draws from this step on

@@ -45,19 +45,18 @@ from lmforge.infer.cpu_decode import relayout
 from lmforge.io import atomic_dir, write_json
 from lmforge.model.checkpoint import save_model
 from lmforge.model.transformer import num_params
-from lmforge.perf import pick_device
+from lmforge.perf import autocast, pick_device
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.metrics import MetricsLog, read_metrics
-from lmforge.train.optim import lr_at, make_optimizer
-from lmforge.train.pretrain import StopFlag, autocast
-from lmforge.train.state import (
+from lmforge.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
-    run_config,
     save_checkpoint,
-    start_run,
 )
+from lmforge.train.loop import StopFlag
+from lmforge.train.metrics import MetricsLog, read_metrics
+from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.run_dir import run_config, start_run
 
 # --------------------------------------------------------------------------- the math
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +37,14 @@ from lmforge.config import (
     resolve_path,
 )
 from lmforge.data.readers import DataError, is_val, read_jsonl
+from lmforge.perf import autocast
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
-from lmforge.train.dist_ckpt import resume_latest, save_step
-from lmforge.train.metrics import MetricsLog, read_metrics, step_bar
-from lmforge.train.optim import lr_at, make_optimizer
-from lmforge.train.pretrain import StopFlag, autocast
-from lmforge.train.state import run_config, start_run
+from lmforge.train.checkpoint import resume_latest, save_step
+from lmforge.train.loop import fit
+from lmforge.train.metrics import read_metrics
+from lmforge.train.optim import make_optimizer
+from lmforge.train.run_dir import run_config, start_run
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SHAREGPT_ROLES["system"] = "system"
@@ -274,7 +273,7 @@ def setup(
     dp_size = info.dp_size if info else 1
     config = run_config(cfg, *sections, dp_size=dp_size, model_dir=model_dir)
     start_run(out_dir, stage, config, cfg.resume, cfg.overwrite, info)
-    device = pick_device(cfg.device)
+    device = dist.device_for(info or dist.DistInfo(), pick_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, tok = load_for_inference(model_dir, device=device, trainable=True)
@@ -306,7 +305,8 @@ def train_pairs(
     eval_fn() -> {metric: float}. save: save_checkpoint's tokenizer_dir, pad_token_id,
     write_weights and read_weights. Under torchrun (`info`: ddp, or fsdp) each rank
     takes its share of every global batch of batch_size * dp_size pairs; rank 0 evaluates
-    (every rank, for a sharded model) and writes. Returns step, interrupted, train_seconds, last eval."""
+    (every rank, for a sharded model) and writes. Runs on the training clock (train/loop.py):
+    returns its summary (step, interrupted, train_seconds, eval: the last evaluation)."""
     dist_cfg, info = dist_cfg or DistConfig(), info or dist.DistInfo()
     device = next(model.parameters()).device
     train_model = dist.parallelize(model, dist_cfg, info, device)
@@ -314,105 +314,49 @@ def train_pairs(
     ckpt_root = out_dir / "checkpoints"
     read_weights = save.pop("read_weights", None)
     resumed = resume_latest(ckpt_root, model, optimizer, None, cfg.resume, info, read_weights)
-    step = resumed.get("step", 0)
-    metrics = None
-    if info.is_main:
-        metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None)
     params = [p for p in model.parameters() if p.requires_grad]
-
-    def checkpoint(at_step: int) -> None:
-        micro = {"micro_batches": at_step * cfg.grad_accum}
-        # the sums since the last metrics line (all ranks'): a resumed run logs the same rows
-        log = {
-            "sums": {k: dist.total(v, info, device) for k, v in sums.items()},
-            "steps": n_logged,
-            "seconds": time.perf_counter() - t_last,
-        }
-        extra = {"log": log}
-        save_step(
-            ckpt_root, at_step, model, optimizer, micro, info, cfg.keep_last, **save, extra=extra
-        )
-
-    def evaluate(at_step: int, write: bool = True) -> dict:
-        result = {}
-        if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                result = eval_fn()
-            model.train(was_training)
-        if metrics and write:
-            metrics.write(step=at_step, **result)
-        dist.barrier(info)
-        return result
-
     plan = BatchPlan(train_lengths, cfg.batch_size * info.dp_size, cfg.seed)
+
+    def train_step(step: int) -> dict:
+        logged: dict = {}
+        for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+            pairs = plan(m)
+            ids, counts = dist.rank_slice(pairs, info)
+            # this rank's share of the global mean (reductions average over dp_size ranks)
+            share = len(ids) / len(pairs) * counts / cfg.grad_accum
+            with dist.no_sync(train_model, m < (step + 1) * cfg.grad_accum - 1):
+                with autocast(device):
+                    loss, stats = loss_fn(ids, train_model)
+                (loss * (share * info.dp_size)).backward()
+            for k, v in {"loss": loss.item(), **stats}.items():  # the clock averages over ranks
+                logged[k] = logged.get(k, 0.0) + v * share * info.dp_size
+        logged["grad_norm"] = dist.clip_grad_norm(params, cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return logged
+
+    def evaluate(step: int) -> dict:
+        if not (info.is_main or info.sharded):  # a sharded model needs every rank in each forward
+            return {}
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            result = eval_fn()
+        model.train(was_training)
+        return result if info.is_main else {}
+
+    def checkpoint(step: int, loop_state: dict) -> None:
+        micro = {"micro_batches": step * cfg.grad_accum}
+        save_step(
+            ckpt_root, step, model, optimizer, micro, info, cfg.keep_last, **save,
+            extra={"log": loop_state},
+        )  # fmt: skip
+
     model.train()
-    last_eval, evaluated, interrupted, train_time = {}, False, False, 0.0
-    log = resumed.get("log", {})  # rank 0 carries the resumed sums: the others add nothing to them
-    sums = {k: v if info.is_main else 0.0 for k, v in log.get("sums", {}).items()}
-    n_logged, t_last = log.get("steps", 0), time.perf_counter() - log.get("seconds", 0.0)
-    bar = step_bar(desc, cfg.max_steps, step, info.is_main)
-    with StopFlag() as flag:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-                pairs = plan(m)
-                ids, counts = dist.rank_slice(pairs, info)
-                # this rank's share of the global mean (reductions average over dp_size ranks)
-                share = len(ids) / len(pairs) * counts / cfg.grad_accum
-                with dist.no_sync(train_model, m < (step + 1) * cfg.grad_accum - 1):
-                    with autocast(device):
-                        loss, stats = loss_fn(ids, train_model)
-                    (loss * (share * info.dp_size)).backward()
-                for k, v in {"loss": loss.item(), **stats}.items():
-                    sums[k] = sums.get(k, 0.0) + v * share
-            grad_norm = dist.clip_grad_norm(params, cfg.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            n_logged += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                dt = time.perf_counter() - t_last
-                train_time += dt
-                row = {k: dist.total(v, info, device) / n_logged for k, v in sums.items()}
-                if metrics:
-                    metrics.write(
-                        step=step,
-                        lr=lr,
-                        grad_norm=grad_norm.item(),
-                        **row,
-                        s_per_step=dt / n_logged,
-                    )
-                bar.set_postfix({k: f"{v:.3f}" for k, v in list(row.items())[:3]})
-                sums, n_logged, t_last = {}, 0, time.perf_counter()
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                last_eval, evaluated = evaluate(step), True
-                if info.is_main:
-                    bar.write(
-                        f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items()),
-                        file=sys.stderr,
-                    )
-                t_last = time.perf_counter()
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                checkpoint(step)
-                t_last = time.perf_counter()
-            if dist.any_rank(flag.stop, info, device) and step < cfg.max_steps:
-                checkpoint(step)
-                interrupted = True
-                break
-    bar.close()
-    if not evaluated and not interrupted:  # resumed at the last step: its row is logged already
-        last_eval = evaluate(step, write=not (metrics and metrics.has(step, "val_")))
-    return {
-        "step": step,
-        "interrupted": interrupted,
-        "train_seconds": train_time,
-        "eval": last_eval,
-    }
+    return fit(
+        cfg, optimizer, train_step, evaluate, checkpoint, out_dir=out_dir, desc=desc,
+        resumed=resumed, info=info, device=device,
+    )  # fmt: skip
 
 
 def plot_curves(metrics_path: Path, png_path: Path, keys: list[str], title: str) -> Path:

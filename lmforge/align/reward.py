@@ -31,12 +31,13 @@ from lmforge.align.preference import (
     setup,
     train_pairs,
 )
-from lmforge.config import ConfigError, RewardConfig
+from lmforge.config import ConfigError, DistConfig, RewardConfig
 from lmforge.io import atomic_dir, read_json, write_json
 from lmforge.model.checkpoint import TOKENIZER_FILES, _read_tensors, load_config, model_from_tensors
 from lmforge.model.hf import ARCHITECTURES, to_hf_config, to_hf_state_dict
 from lmforge.model.transformer import GPT, num_params
 from lmforge.tokenizer import Tokenizer
+from lmforge.train import dist
 
 
 class RewardModel(nn.Module):
@@ -196,13 +197,20 @@ def pairwise_accuracy(
     return out
 
 
-def run(cfg: RewardConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
+def run(
+    cfg: RewardConfig, model_dir, out_dir, base_dir: str = ".", dist_cfg: DistConfig | None = None
+) -> dict:
     """Train a reward model from the model in model_dir (usually the SFT model); writes
-    out_dir/model, metrics.jsonl, curves.png and summary.json. Returns the summary."""
+    out_dir/model, metrics.jsonl, curves.png and summary.json. Returns the summary. Under
+    torchrun (dist.strategy ddp) every rank calls this; rank 0 evaluates and writes."""
+    return dist.launch(dist_cfg, _run, cfg, model_dir, Path(out_dir), base_dir)
+
+
+def _run(cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> dict:
     # --- setup
-    out_dir = Path(out_dir)
+    dist.ddp_only(info, "reward")
     device, body, tok, tok_dir, train, val, stats = setup(
-        cfg, model_dir, out_dir, base_dir, "reward"
+        cfg, model_dir, out_dir, base_dir, "reward", info=info
     )
     train_enc, val_enc = [e for e, _ in train], [e for e, _ in val]
     torch.manual_seed(cfg.seed)
@@ -234,7 +242,11 @@ def run(cfg: RewardConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
             "read_weights": lambda d: _read_reward_weights(rm, d),
         },
         "reward",
+        dist_cfg,
+        info,
     )
+    if not info.is_main:
+        return {"step": done["step"], "interrupted": done["interrupted"], "rank": info.rank}
 
     # --- outputs
     ev = done["eval"]
@@ -248,6 +260,7 @@ def run(cfg: RewardConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
         **ev,
         "base_model": str(model_dir),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_memory_mb": done["peak_memory_mb"],  # per rank
     }
     acc = ev.get("val_accuracy", math.nan)
     summary["headline"] = (

@@ -15,7 +15,6 @@ import json
 import math
 import resource
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +34,14 @@ from lmforge.data.readers import DataError, is_val, read_jsonl
 from lmforge.io import atomic_dir, read_json, write_json
 from lmforge.model.checkpoint import load_model
 from lmforge.model.transformer import flops_per_token, num_params
-from lmforge.perf import matmul_flops, pick_device
+from lmforge.perf import autocast, pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
-from lmforge.train.dist_ckpt import resume_latest, save_final, save_step
-from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics, step_bar
-from lmforge.train.optim import lr_at, make_optimizer
-from lmforge.train.pretrain import StopFlag, autocast
-from lmforge.train.state import run_config, start_run
+from lmforge.train.checkpoint import resume_latest, save_final, save_step
+from lmforge.train.loop import fit
+from lmforge.train.metrics import plot_losses
+from lmforge.train.optim import make_optimizer
+from lmforge.train.run_dir import run_config, start_run
 
 IGNORE = -100  # label of a position that is not a target (F.cross_entropy's ignore_index)
 ROLES = ("system", "user", "assistant")
@@ -305,39 +304,10 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
     write_weights = (lambda d: lora.save_adapter(model, d, str(model_dir))) if lora else None
     read_weights = (lambda d: lora.load_adapter_weights(model, d)) if lora else None
     resumed = resume_latest(ckpt_root, model, optimizer, None, cfg.resume, info, read_weights)
-    step = resumed.get("step", 0)
     if cfg.compile and device.type == "cuda":
         train_model = torch.compile(train_model)
-    metrics = None
-    if info.is_main:
-        metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None)
-    peak = matmul_flops(device)
-    flops_tok = flops_per_token(model.cfg, cfg.seq_len)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-
-    def save(at_step: int) -> None:
-        # the sums since the last metrics line (all ranks'), so a resumed run logs what an
-        # uninterrupted one does
-        log = {
-            "loss_sum": dist.total(loss_sum, info, device),
-            "targets": loss_n,
-            "tokens": dist.total(tokens_since, info, device),
-            "seconds": time.perf_counter() - t_last,
-        }
-        save_step(
-            ckpt_root, at_step, model, optimizer, {"micro_batches": at_step * cfg.grad_accum},
-            info, cfg.keep_last, model_dir, tokenizer.pad_id, write_weights, extra={"log": log},
-        )  # fmt: skip
-
-    def run_eval(at_step: int, write: bool = True) -> float:
-        loss = math.nan
-        if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
-            loss = evaluate(model, val, cfg.batch_size, tokenizer.pad_id, device)
-        if metrics and write:
-            metrics.write(step=at_step, val_loss=loss)
-        dist.barrier(info)
-        return loss
 
     def per_source() -> dict:
         if not val or not (info.is_main or info.sharded):
@@ -349,85 +319,61 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
     # disk so that a resumed run still reports it
     before_file = out_dir / "val_before.json"
     before = read_json(before_file, "held-out loss before SFT") if before_file.is_file() else {}
-    if not before and step == 0:
+    if not before and not resumed:
         before = per_source()
         if info.is_main:
             write_json(before_file, before)
 
-    # --- loop
     # every data-parallel rank takes its share of each global micro-batch of batch_size * dp_size
     plan = BatchPlan([e.shape[1] for e in train], cfg.batch_size * info.dp_size, cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def train_step(step: int) -> dict:
+        batches = []
+        for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+            ids, counts = dist.rank_slice(plan(m), info)
+            batches.append((*pad_batch([train[i] for i in ids], tokenizer.pad_id), counts))
+        # the step's loss is the mean over all its reply tokens, however they fall in batches
+        # and ranks (gradient reductions average over ranks: hence the factor dp_size)
+        mine = sum(int((y != IGNORE).sum()) for _, y, counts in batches if counts)
+        n_targets = max(1.0, dist.total(mine, info, device))
+        loss_sum, tokens = 0.0, 0
+        for micro, (x, y, counts) in enumerate(batches):
+            x, y = x.to(device), y.to(device)
+            with dist.no_sync(train_model, micro < len(batches) - 1):
+                with autocast(device):
+                    logits = train_model(x)
+                nll, _ = masked_nll(logits, y)
+                (nll * (info.dp_size * counts / n_targets)).backward()
+            loss_sum += nll.item() * counts
+            tokens += int((x != tokenizer.pad_id).sum()) * counts
+        grad_norm = dist.clip_grad_norm(params, cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # the clock averages over ranks: this rank's reply-token loss sum, times the ranks
+        loss = (loss_sum * info.dp_size, n_targets)
+        return {"loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+
+    def run_eval(step: int) -> dict:
+        if not val or not (info.is_main or info.sharded):  # sharded: every rank in each forward
+            return {}
+        loss = evaluate(model, val, cfg.batch_size, tokenizer.pad_id, device)
+        return {"val_loss": loss} if info.is_main else {}
+
+    def save(step: int, loop_state: dict) -> None:
+        save_step(
+            ckpt_root, step, model, optimizer, {"micro_batches": step * cfg.grad_accum},
+            info, cfg.keep_last, model_dir, tokenizer.pad_id, write_weights,
+            extra={"log": loop_state},
+        )  # fmt: skip
+
     model.train()
-    val_loss, evaluated = math.nan, False  # the flag is the same on every rank
-    interrupted = False
-    bar = step_bar("sft", cfg.max_steps, step, info.is_main)
-    log = resumed.get("log", {})  # rank 0 carries the resumed sums: the others add nothing to them
-    t_last = time.perf_counter() - log.get("seconds", 0.0)
-    loss_sum = log.get("loss_sum", 0.0) if info.is_main else 0.0
-    tokens_since = log.get("tokens", 0) if info.is_main else 0
-    loss_n = log.get("targets", 0)  # a global count, the same on every rank
-    train_time = 0.0
-    with StopFlag() as flag:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = []
-            for m in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-                ids, counts = dist.rank_slice(plan(m), info)
-                batches.append((*pad_batch([train[i] for i in ids], tokenizer.pad_id), counts))
-            # the step's loss is the mean over all its reply tokens, however they fall in batches
-            # and ranks (gradient reductions average over ranks: hence the factor dp_size)
-            mine = sum(int((y != IGNORE).sum()) for _, y, counts in batches if counts)
-            n_targets = max(1.0, dist.total(mine, info, device))
-            for micro, (x, y, counts) in enumerate(batches):
-                x, y = x.to(device), y.to(device)
-                with dist.no_sync(train_model, micro < len(batches) - 1):
-                    with autocast(device):
-                        logits = train_model(x)
-                    nll, _ = masked_nll(logits, y)
-                    (nll * (info.dp_size * counts / n_targets)).backward()
-                loss_sum += nll.item() * counts
-                tokens_since += int((x != tokenizer.pad_id).sum()) * counts
-            loss_n += n_targets
-            grad_norm = dist.clip_grad_norm(
-                [p for p in model.parameters() if p.requires_grad], cfg.grad_clip or float("inf")
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                dt = time.perf_counter() - t_last
-                train_time += dt
-                loss_val = dist.total(loss_sum, info, device) / loss_n
-                tok_s = dist.total(tokens_since, info, device) / dt
-                if metrics:
-                    metrics.write(
-                        step=step,
-                        loss=loss_val,
-                        lr=lr,
-                        grad_norm=grad_norm.item(),
-                        tokens_per_s=tok_s,
-                        mfu=flops_tok * tok_s / peak,
-                    )
-                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}")
-                t_last, tokens_since, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                val_loss, evaluated = run_eval(step), True
-                if info.is_main:
-                    bar.write(f"step {step}: held-out reply loss {val_loss:.3f}", file=sys.stderr)
-                t_last = time.perf_counter()
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                save(step)
-                t_last = time.perf_counter()
-            if dist.any_rank(flag.stop, info, device) and step < cfg.max_steps:
-                save(step)
-                interrupted = True
-                break
-    bar.close()
-    if not evaluated and not interrupted and val:  # resumed at the last step
-        val_loss = run_eval(step, write=not (metrics and metrics.has(step, "val_")))
+    done = fit(
+        cfg, optimizer, train_step, run_eval, save, out_dir=out_dir, desc="sft",
+        resumed=resumed, info=info, device=device,
+        flops_per_token=flops_per_token(model.cfg, cfg.seq_len),
+    )  # fmt: skip
+    step, interrupted = done["step"], done["interrupted"]
     after = {} if interrupted else per_source()  # every rank of a sharded model takes part
     if not interrupted and not lora:
         save_final(
@@ -447,20 +393,20 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
         "examples": {"train": len(train), "val": len(val)},
         "data": stats["sources"],
         "bad_rows": len(stats["problems"]),
-        "val_loss": val_loss,
+        "val_loss": done["eval"].get("val_loss", math.nan),
         "val_loss_by_source": {
             name: {"before": before.get(name, math.nan), "after": loss}
             for name, loss in after.items()
         },
-        "train_seconds": train_time,
+        "train_seconds": done["train_seconds"],
+        "peak_memory_mb": done["peak_memory_mb"],  # per rank
         "device": str(device),
         "world_size": info.world_size,
         "strategy": info.strategy if info.enabled else "none",
         "base_model": str(model_dir),
     }
-    rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "tokens_per_s" in r]
-    if rows:
-        summary["tokens_per_s"] = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
+    if "tokens_per_s" in done:
+        summary["tokens_per_s"] = done["tokens_per_s"]
     if device.type == "cuda":
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     else:  # the process's peak resident memory (Linux reports KiB): weights, optimizer, activations

@@ -25,11 +25,12 @@ from lmforge.compress.train import (
     val_losses,
     validate,
 )
-from lmforge.config import ConfigError, DistillConfig, ModelConfig
+from lmforge.config import ConfigError, DistConfig, DistillConfig, ModelConfig
 from lmforge.io import write_json
 from lmforge.model.transformer import GPT, num_params
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.state import run_config, start_run
+from lmforge.train import dist
+from lmforge.train.run_dir import run_config, start_run
 
 
 def distill_loss(
@@ -89,20 +90,28 @@ def student_config(teacher: ModelConfig, cfg: DistillConfig) -> ModelConfig:
         raise ConfigError(f"distill: the student's shape does not work: {e}") from None
 
 
-def run(cfg: DistillConfig, model_dir, data_dir, out_dir) -> dict:
+def run(
+    cfg: DistillConfig, model_dir, data_dir, out_dir, dist_cfg: DistConfig | None = None
+) -> dict:
     """Distil the model in model_dir into a smaller student; writes out_dir/model (and
-    out_dir/baseline/model, the student trained without the teacher) and summary.json."""
+    out_dir/baseline/model, the student trained without the teacher) and summary.json. Under
+    torchrun (dist.strategy ddp) every rank calls this; rank 0 writes the files."""
+    args = (cfg, Path(model_dir), Path(data_dir), Path(out_dir))
+    return dist.launch(dist_cfg, _run, *args)
+
+
+def _run(cfg, model_dir: Path, data_dir: Path, out_dir: Path, dist_cfg, info) -> dict:
     # --- setup
-    out_dir, data_dir, model_dir = Path(out_dir), Path(data_dir), Path(model_dir)
-    device = setup_device(cfg)
+    dist.ddp_only(info, "distill")
+    device = setup_device(cfg, info)
     teacher = load_float_model(model_dir, device, "distill")
     teacher.requires_grad_(False)
     tokenizer = Tokenizer.load(model_dir)
     check_data(data_dir, tokenizer, teacher, cfg.seq_len, "distill")
     student_cfg = student_config(teacher.cfg, cfg)
     token_bytes = byte_table(tokenizer, teacher.cfg.vocab_size, device)
-    config = run_config(cfg, model_dir=model_dir, data_dir=data_dir)
-    start_run(out_dir, "distill", config, cfg.resume, cfg.overwrite)
+    config = run_config(cfg, dp_size=info.dp_size, model_dir=model_dir, data_dir=data_dir)
+    start_run(out_dir, "distill", config, cfg.resume, cfg.overwrite, info)
 
     def new_student() -> GPT:  # the same initial weights for both students
         torch.manual_seed(cfg.seed)
@@ -115,13 +124,16 @@ def run(cfg: DistillConfig, model_dir, data_dir, out_dir) -> dict:
         return loss, {"kl": kl, "ce": ce}
 
     # --- train
-    teacher_val = validate(teacher, cfg, data_dir, token_bytes)
-    student = train(new_student(), cfg, data_dir, out_dir, model_dir, kd_loss, desc="distill")
+    teacher_val = validate(teacher, cfg, data_dir, token_bytes) if info.is_main else {}
+    on = {"dist_cfg": dist_cfg, "info": info}
+    student = train(new_student(), cfg, data_dir, out_dir, model_dir, kd_loss, desc="distill", **on)
     baseline = None
     if cfg.baseline and not student["interrupted"]:
         baseline = train(
-            new_student(), cfg, data_dir, out_dir / "baseline", model_dir, desc="baseline"
+            new_student(), cfg, data_dir, out_dir / "baseline", model_dir, desc="baseline", **on
         )
+    if not info.is_main:
+        return {"step": student["step"], "interrupted": student["interrupted"], "rank": info.rank}
 
     # --- outputs
     summary = {

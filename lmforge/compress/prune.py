@@ -37,14 +37,16 @@ from lmforge.compress.train import (
     train,
     validate,
 )
-from lmforge.config import ConfigError, PruneConfig
+from lmforge.config import ConfigError, DistConfig, PruneConfig
 from lmforge.data.loader import PackedLoader
-from lmforge.io import atomic_dir, write_json
-from lmforge.model.checkpoint import model_from_tensors, save_model
+from lmforge.io import write_json
+from lmforge.model.checkpoint import model_from_tensors
 from lmforge.model.hf import to_hf_state_dict
 from lmforge.model.transformer import GPT, num_params
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.state import run_config, start_run
+from lmforge.train import dist
+from lmforge.train.checkpoint import save_final
+from lmforge.train.run_dir import run_config, start_run
 
 OUT_NAMES = {"magnitude": "magnitude", "2:4": "2of4", "structured": "structured"}
 
@@ -249,13 +251,18 @@ def forward_ms_per_token(models: list[GPT], seq_len: int, repeats: int = 9) -> l
 # --------------------------------------------------------------------------- driver
 
 
-def run(cfg: PruneConfig, model_dir, data_dir, out_dir) -> dict:
+def run(cfg: PruneConfig, model_dir, data_dir, out_dir, dist_cfg: DistConfig | None = None) -> dict:
     """Prune the model in model_dir with cfg.method, recover for cfg.max_steps; writes
-    out_dir/<method>/model and out_dir/<method>/summary.json. Returns the summary."""
+    out_dir/<method>/model and out_dir/<method>/summary.json. Returns the summary. Under
+    torchrun (dist.strategy ddp) every rank prunes alike and the recovery splits the data."""
+    args = (cfg, Path(model_dir), Path(data_dir), Path(out_dir) / OUT_NAMES[cfg.method])
+    return dist.launch(dist_cfg, _run, *args)
+
+
+def _run(cfg, model_dir: Path, data_dir: Path, out: Path, dist_cfg, info) -> dict:
     # --- setup
-    out = Path(out_dir) / OUT_NAMES[cfg.method]
-    data_dir, model_dir = Path(data_dir), Path(model_dir)
-    device = setup_device(cfg)
+    dist.ddp_only(info, "prune")
+    device = setup_device(cfg, info)
     model = load_float_model(model_dir, device, "prune")
     tokenizer = Tokenizer.load(model_dir)
     check_data(data_dir, tokenizer, model, cfg.seq_len, "prune")
@@ -263,9 +270,10 @@ def run(cfg: PruneConfig, model_dir, data_dir, out_dir) -> dict:
     start_run(
         out,
         "prune",
-        run_config(cfg, model_dir=model_dir, data_dir=data_dir),
+        run_config(cfg, dp_size=info.dp_size, model_dir=model_dir, data_dir=data_dir),
         cfg.resume,
         cfg.overwrite,
+        info,
     )
     summary = {
         "method": cfg.method,
@@ -310,15 +318,22 @@ def run(cfg: PruneConfig, model_dir, data_dir, out_dir) -> dict:
             model_dir,
             after_step=after_step,
             desc=f"recover {cfg.method}",
+            dist_cfg=dist_cfg,
+            info=info,
         )
+        if not info.is_main:
+            return {"step": rec["step"], "interrupted": rec["interrupted"], "rank": info.rank}
         summary.update(step=rec["step"], interrupted=rec["interrupted"], recovery=rec)
         if rec["interrupted"]:
             return summary
         summary["val_recovered"] = rec["val"]
         summary["nonzero_after"] = count_nonzero(pruned)
     else:
-        with atomic_dir(out / "model") as tmp:
-            save_model(pruned, tmp, model_dir, pad_token_id=tokenizer.pad_id)
+        save_final(
+            pruned, out / "model", info, tokenizer_dir=model_dir, pad_token_id=tokenizer.pad_id
+        )
+        if not info.is_main:
+            return {"step": 0, "interrupted": False, "rank": info.rank}
 
     # --- outputs
     summary["headline"] = headline(summary)

@@ -36,7 +36,7 @@ from lmforge.model.checkpoint import load_model
 from lmforge.model.transformer import GPT
 from lmforge.perf import pick_device
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.pretrain import evaluate
+from lmforge.train.heldout import evaluate
 
 
 def output_name(cfg: QuantizeConfig) -> str:

@@ -10,41 +10,36 @@ after Ctrl-C, metrics.jsonl and the loss plot, validation loss and bits per byte
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from lmforge.config import ConfigError, PretrainConfig
+from lmforge.config import ConfigError, DistConfig, PretrainConfig
 from lmforge.data.loader import PackedLoader, read_manifest
-from lmforge.io import atomic_dir
-from lmforge.model.checkpoint import load_model, save_model
+from lmforge.model.checkpoint import load_model
 from lmforge.model.transformer import GPT, num_params
-from lmforge.perf import pick_device
+from lmforge.perf import autocast, pick_device
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics
-from lmforge.train.optim import lr_at, make_optimizer
-from lmforge.train.pretrain import StopFlag, autocast, evaluate
-from lmforge.train.state import (
-    clean_run_dir,
-    prune_checkpoints,
-    resume_latest,
-    save_checkpoint,
-)
+from lmforge.train import dist
+from lmforge.train.checkpoint import resume_latest, save_final, save_step
+from lmforge.train.heldout import evaluate
+from lmforge.train.loop import fit
+from lmforge.train.metrics import plot_losses
+from lmforge.train.optim import make_optimizer
+from lmforge.train.run_dir import clean_run_dir
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 
 # --------------------------------------------------------------------------- setup
 
 
-def setup_device(cfg: PretrainConfig) -> torch.device:
+def setup_device(cfg: PretrainConfig, info: dist.DistInfo | None = None) -> torch.device:
+    """The stage's device (under torchrun, this rank's GPU), with cfg.threads set."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return pick_device(cfg.device)
+    return dist.device_for(info or dist.DistInfo(), pick_device(cfg.device))
 
 
 def load_float_model(model_dir, device, stage: str) -> GPT:
@@ -118,140 +113,88 @@ def train(
     loss_fn: LossFn = next_token_loss,
     after_step: Callable[[GPT], None] | None = None,
     desc: str = "train",
+    dist_cfg: DistConfig | None = None,
+    info: dist.DistInfo | None = None,
 ) -> dict:
     """Train `model` (already on its device) for cfg.max_steps on the packed training shards,
     resuming from out_dir/checkpoints; writes metrics.jsonl, loss.png and out_dir/model.
+    Under torchrun (`info`, dist.strategy ddp) every rank calls this and reads its own slice of
+    each global batch of batch_size * dp_size rows; rank 0 evaluates and writes.
     Returns step, interrupted, val (the last evaluation), params, train_seconds, tokens_per_s."""
-    # --- setup
+    dist_cfg, info = dist_cfg or DistConfig(), info or dist.DistInfo()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean_run_dir(out_dir)  # the stage started the run; distill's baseline has its own folder
+    if info.is_main:  # the stage started the run; distill's baseline has its own folder
+        out_dir.mkdir(parents=True, exist_ok=True)
+        clean_run_dir(out_dir)
+    dist.barrier(info)
     device = next(model.parameters()).device
     tokenizer = Tokenizer.load(tokenizer_dir)
     token_bytes = byte_table(tokenizer, model.cfg.vocab_size, device)
+    train_model = dist.parallelize(model, dist_cfg, info, device)
     optimizer = make_optimizer(model, cfg, device)
-    loader = PackedLoader(data_dir, cfg.seq_len, cfg.batch_size, cfg.seed)
+    loader = PackedLoader(
+        data_dir, cfg.seq_len, cfg.batch_size, cfg.seed, info.dp_rank, info.dp_size
+    )
     ckpt_root = out_dir / "checkpoints"
-    resumed = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume)
-    step = resumed.get("step", 0)
-    train_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    resumed = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume, info)
+    if cfg.compile and device.type == "cuda":
+        train_model = torch.compile(train_model)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len  # this rank's
+    val: dict = {}
 
-    def save(at_step: int) -> None:
-        # the sums since the last metrics line: a resumed run logs what an uninterrupted one does
-        log = {
-            "sums": {k: v.item() for k, v in sums.items()},
-            "steps": at_step - step_last,
-            "seconds": time.perf_counter() - t_last,
-        }
-        save_checkpoint(
-            ckpt_root / f"step_{at_step:06d}",
-            model,
-            optimizer,
-            at_step,
-            loader.state_dict(),
-            tokenizer_dir,
-            extra={"log": log},
-            pad_token_id=tokenizer.pad_id,
-        )
-        prune_checkpoints(ckpt_root, cfg.keep_last)
-
-    def run_eval(at_step: int, write: bool = True) -> dict:
-        res = validate(model, cfg, data_dir, token_bytes)
-        if write:
-            row = {
-                f"val_{lang}_{k}": v
-                for lang, r in res.items()
-                for k, v in r.items()
-                if k != "tokens"
-            }
-            metrics.write(step=at_step, **row)
-        bar.write(
-            f"{desc} step {at_step}: "
-            + ", ".join(
-                f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for lang, r in res.items()
-            ),
-            file=sys.stderr,
-        )
-        return res
-
-    # --- loop
-    model.train()
-    last_eval: dict = {}
-    interrupted = False
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
-    log = resumed.get("log", {})  # the sums since the last metrics line, from the checkpoint
-    t_last = time.perf_counter() - log.get("seconds", 0.0)
-    step_last, train_time = step - log.get("steps", 0), 0.0
-    # logged values summed on the device: no per-step sync
-    sums = {k: torch.tensor(v, device=device) for k, v in log.get("sums", {}).items()}
-    with StopFlag() as flag:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for _ in range(cfg.grad_accum):
-                x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+    def train_step(step: int) -> dict:
+        logged = {}
+        for micro in range(cfg.grad_accum):
+            x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+            # DDP averages gradients once per step, after the last micro-batch
+            with dist.no_sync(train_model, micro < cfg.grad_accum - 1):
                 with autocast(device):
                     loss, logs = loss_fn(train_model, x, y)
                 (loss / cfg.grad_accum).backward()
-                for k, v in {"loss": loss, **logs}.items():
-                    sums[k] = sums.get(k, 0) + v.detach() / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.grad_clip or float("inf")
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if after_step is not None:
-                with torch.no_grad():
-                    after_step(model)
-            step += 1
-            bar.update(1)
+            for k, v in {"loss": loss, **logs}.items():
+                logged[k] = logged.get(k, 0) + v.detach() / cfg.grad_accum
+        grad_norm = dist.clip_grad_norm(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            with torch.no_grad():
+                after_step(model)
+        return logged | {"grad_norm": grad_norm, "tokens": tokens_per_step}
 
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                n = step - step_last
-                logged = {k: v.item() / n for k, v in sums.items()}
-                dt = time.perf_counter() - t_last
-                train_time += dt
-                tok_s = tokens_per_step * n / dt
-                metrics.write(
-                    step=step, **logged, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tok_s
-                )
-                bar.set_postfix(loss=f"{logged['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
-                sums = {}
-                t_last, step_last = time.perf_counter(), step
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                last_eval = run_eval(step)
-                t_last = time.perf_counter()  # evaluation time is not training throughput
-            saved = (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps
-            if saved:
-                save(step)
-                t_last = time.perf_counter()
-            if flag.stop and step < cfg.max_steps:
-                if not saved:
-                    save(step)
-                interrupted = True
-                break
-    bar.close()
-    if not last_eval and not interrupted:  # resumed at the last step: evaluate what was trained
-        # (for the summary: the log has that row already, unless it was lost)
-        last_eval = run_eval(step, write=not metrics.has(step, "val_"))
+    def evaluate(step: int) -> dict:
+        nonlocal val
+        if not info.is_main:
+            return {}
+        val = validate(model, cfg, data_dir, token_bytes)
+        return {
+            f"val_{lang}_{k}": v for lang, r in val.items() for k, v in r.items() if k != "tokens"
+        }
 
-    # --- outputs
+    def save(step: int, loop_state: dict) -> None:
+        save_step(
+            ckpt_root, step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
+            tokenizer_dir, tokenizer.pad_id, extra={"log": loop_state},
+        )  # fmt: skip
+
+    model.train()
+    done = fit(
+        cfg, optimizer, train_step, evaluate, save,
+        out_dir=out_dir, desc=desc, resumed=resumed, info=info, device=device,
+    )  # fmt: skip
     summary = {
-        "step": step,
+        "step": done["step"],
         "max_steps": cfg.max_steps,
-        "interrupted": interrupted,
+        "interrupted": done["interrupted"],
         "params": num_params(model),
-        "val": last_eval,
-        "train_seconds": train_time,
+        "val": val,
+        "train_seconds": done["train_seconds"],
+        "peak_memory_mb": done["peak_memory_mb"],  # per rank
     }
-    rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "tokens_per_s" in r]
-    if rows:
-        summary["tokens_per_s"] = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
-    if not interrupted:
-        with atomic_dir(out_dir / "model") as tmp:
-            save_model(model, tmp, tokenizer_dir, pad_token_id=tokenizer.pad_id)
+    if "tokens_per_s" in done:
+        summary["tokens_per_s"] = done["tokens_per_s"]
+    if not done["interrupted"]:
+        save_final(model, out_dir / "model", info, tokenizer_dir=tokenizer_dir,
+                   pad_token_id=tokenizer.pad_id)  # fmt: skip
+    if not done["interrupted"] and info.is_main:
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title=f"{desc} loss")
     return summary

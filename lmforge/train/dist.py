@@ -140,6 +140,16 @@ def data_parallel_only(info: DistInfo, stage: str, lora: bool) -> None:
         )
 
 
+def ddp_only(info: DistInfo, stage: str) -> None:
+    """Stages that train a small whole model (a reward model, a student, a pruned model) split
+    the data only: their models have no sharded layout."""
+    if info.sharded:
+        raise ConfigError(
+            f"{stage} splits the data over ranks, not the model: run it with dist.strategy ddp "
+            "and dist.tp 1"
+        )
+
+
 def rank_slice(indices: list[int], info: DistInfo) -> tuple[list[int], bool]:
     """This data-parallel rank's share of a global micro-batch, and whether it counts. A rank left
     without examples (a short last batch) runs the first one and weighs it 0, so that it still

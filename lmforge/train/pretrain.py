@@ -1,24 +1,20 @@
 """Pretraining driver (`lmforge pretrain`): next-token prediction on packed token shards.
 
-The one idea: the step counter is the only clock. Data (the loader's position), the learning
-rate and checkpoint names all derive from it, so stopping after any saved step and resuming
-reproduces the uninterrupted run exactly.
+The one idea: a step is micro-batches of the packed loader, cross-entropy, one optimizer step,
+run by the training clock (`train/loop.py`). Data (the loader's position), the learning rate
+and checkpoint names all derive from the step, so stopping after any saved step and resuming
+reproduces the uninterrupted run exactly; under torchrun the same step runs with DDP, FSDP2 or
+tensor parallelism.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from lmforge.config import ConfigError, DistConfig, ModelConfig, PretrainConfig, config_hash
 from lmforge.data.loader import (
@@ -26,104 +22,19 @@ from lmforge.data.loader import (
     ReplayLoader,
     read_manifest,
     replay_rows,
-    val_batches,
-    val_languages,
 )
 from lmforge.io import read_json, write_json
 from lmforge.model.checkpoint import load_config, load_model
 from lmforge.model.transformer import GPT, flops_per_token, num_params
-from lmforge.perf import matmul_flops, peak_memory_mb, pick_device
+from lmforge.perf import autocast, matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
-from lmforge.train.dist_ckpt import resume_latest, save_final, save_step
-from lmforge.train.metrics import MetricsLog, plot_losses, read_metrics, step_bar
-from lmforge.train.optim import lr_at, make_optimizer
-from lmforge.train.state import run_config, start_run
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; CPUs here have no fast bf16, so they stay fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    data_dir,
-    seq_len: int,
-    batch_size: int,
-    max_tokens: int,
-    token_bytes: torch.Tensor,
-    device,
-) -> dict:
-    """Validation loss (nats/token) and bits per byte for each language's held-out text.
-    Bits per byte ignores BOS/EOS targets (they have no bytes), which makes it comparable
-    across tokenizers; the loss averages over all targets."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    for lang in val_languages(data_dir):
-        nll_sum, n_tok, nll_bytes, n_bytes = 0.0, 0, 0.0, 0
-        for x, y in val_batches(data_dir, lang, seq_len, batch_size, max_tokens):
-            x, y = x.to(device), y.to(device)
-            with autocast(device):
-                logits = model(x)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-            nb = token_bytes[y.flatten()]
-            nll_sum += nll.sum().item()
-            n_tok += y.numel()
-            nll_bytes += (nll * (nb > 0)).sum().item()
-            n_bytes += nb.sum().item()
-        if n_tok:
-            out[lang] = {
-                "loss": nll_sum / n_tok,
-                "bpb": nll_bytes / (math.log(2) * max(n_bytes, 1)),
-                "tokens": n_tok,
-            }
-    model.train(was_training)
-    return out
-
-
-def _eval_line(step: int, res: dict) -> str:
-    return f"step {step}: " + ", ".join(
-        f"val {lang} loss {r['loss']:.3f} bpb {r['bpb']:.3f}" for lang, r in res.items()
-    )
-
-
-class StopFlag:
-    """First Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
-
-    def __init__(self):
-        self.stop = False
-        self._old = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            if self.stop:
-                raise KeyboardInterrupt
-            self.stop = True
-            tqdm.write(
-                "interrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)",
-                file=sys.stderr,
-            )
-
-        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            self._old = signal.signal(signal.SIGINT, handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
-def _fault(info) -> int:
-    """LMFORGE_FAIL_AT=RANK:STEP makes that rank raise before that step: the tests' way to check
-    that one failing rank stops every rank, with the error reported and no hang."""
-    spec = os.environ.get("LMFORGE_FAIL_AT", "")
-    rank, _, step = spec.partition(":")
-    return int(step) if spec and int(rank) == info.rank else -1
+from lmforge.train.checkpoint import resume_latest, save_final, save_step
+from lmforge.train.heldout import evaluate
+from lmforge.train.loop import fit
+from lmforge.train.metrics import plot_losses
+from lmforge.train.optim import make_optimizer
+from lmforge.train.run_dir import run_config, start_run
 
 
 def init_model_config(init_dir: Path, recipe_cfg: ModelConfig) -> tuple[ModelConfig, list[str]]:
@@ -286,126 +197,57 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         loader = ReplayLoader(loader, replay)
     ckpt_root = out_dir / "checkpoints"
     resumed = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume, info)
-    step = resumed.get("step", 0)
     if cfg.compile and device.type == "cuda":
         train_model = torch.compile(train_model)
-    metrics = (
-        MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None) if info.is_main else None
-    )
-
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * info.dp_size
-    flops_step = flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
-    peak = matmul_flops(device)
+    flops_tok = flops_per_token(model_cfg, cfg.seq_len)
     write_json(out_dir / "model_config.json", dataclasses.asdict(model_cfg))
+    evals: dict[int, dict] = {}  # step -> {lang: {loss, bpb, tokens}} (rank 0)
 
-    def save(at_step: int) -> None:
-        # what the next metrics line sums since the last one: a resumed run then logs the very
-        # numbers an uninterrupted one does, whether or not save_every is a multiple of log_every
-        log = {
-            "loss_sum": dist.mean(loss_acc, info).item(),
-            "steps": at_step - step_last,
-            "seconds": time.perf_counter() - t_last,
-        }
-        save_step(
-            ckpt_root, at_step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
-            tokenizer_dir, tokenizer.pad_id, extra={"log": log},
-        )  # fmt: skip
+    def train_step(step: int) -> dict:
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+            # DDP averages gradients once per step, after the last micro-batch
+            with dist.no_sync(train_model, micro < cfg.grad_accum - 1):
+                with autocast(device):
+                    logits = train_model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+        grad_norm = dist.clip_grad_norm(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": tokens_per_step // info.dp_size}
 
-    def run_eval(at_step: int, write: bool = True) -> dict:
+    def run_eval(step: int) -> dict:
         res = {}
         if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
             args = (cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device)
             res = evaluate(model, data_dir, *args)
             if replay_dir:  # what replay is there to keep: the general text's held-out loss
                 res |= {f"replay_{k}": v for k, v in evaluate(model, replay_dir, *args).items()}
-        if info.is_main and write:
-            row = {
-                f"val_{lang}_{k}": v
-                for lang, r in res.items()
-                for k, v in r.items()
-                if k != "tokens"
-            }
-            metrics.write(step=at_step, **row)
-        dist.barrier(info)
-        return res
+        if not info.is_main:
+            return {}
+        evals[step] = res
+        return {
+            f"val_{lang}_{k}": v for lang, r in res.items() for k, v in r.items() if k != "tokens"
+        }
 
-    # --- loop
-    start_eval: dict = {}
-    if init_dir and step == 0:  # where continued pretraining starts: the loaded model's scores
-        start_eval = run_eval(0)
-        if info.is_main:
-            tqdm.write(_eval_line(0, start_eval), file=sys.stderr)
+    def save(step: int, loop_state: dict) -> None:
+        save_step(
+            ckpt_root, step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
+            tokenizer_dir, tokenizer.pad_id, extra={"log": loop_state},
+        )  # fmt: skip
+
     model.train()
-    last_eval: dict = {}
-    evaluated = False  # the same on every rank (last_eval is only filled on rank 0)
-    interrupted = False
-    bar = step_bar("pretrain", cfg.max_steps, step, info.is_main)
-    fail_at = _fault(info)
-    log = resumed.get("log", {})  # the sums since the last metrics line, from the checkpoint
-    t_last, step_last = time.perf_counter() - log.get("seconds", 0.0), step - log.get("steps", 0)
-    train_time = 0.0
-    loss_acc = torch.full((), log.get("loss_sum", 0.0), device=device)
-    with StopFlag() as flag:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if step == fail_at:
-                raise RuntimeError(f"rank {info.rank}: failing at step {step} (LMFORGE_FAIL_AT)")
-            for micro in range(cfg.grad_accum):
-                x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
-                # DDP averages gradients once per step, after the last micro-batch
-                with dist.no_sync(train_model, micro < cfg.grad_accum - 1):
-                    with autocast(device):
-                        logits = train_model(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                    (loss / cfg.grad_accum).backward()
-                loss_acc += loss.detach() / cfg.grad_accum
-            grad_norm = dist.clip_grad_norm(model.parameters(), cfg.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                # the only host sync in the loop (and, with several ranks, one all-reduce)
-                loss_val = dist.mean(loss_acc, info).item() / (step - step_last)
-                dt = time.perf_counter() - t_last
-                train_time += dt
-                tok_s = tokens_per_step * (step - step_last) / dt
-                mfu = flops_step * (step - step_last) / dt / peak
-                if metrics:
-                    metrics.write(
-                        step=step,
-                        loss=loss_val,
-                        lr=lr,
-                        grad_norm=grad_norm.item(),
-                        tokens_per_s=tok_s,
-                        mfu=mfu,
-                        tokens=step * tokens_per_step,
-                    )
-                bar.set_postfix(
-                    loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.0f}%"
-                )
-                loss_acc.zero_()
-                t_last, step_last = time.perf_counter(), step
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                last_eval, evaluated = run_eval(step), True
-                if info.is_main:
-                    bar.write(_eval_line(step, last_eval), file=sys.stderr)
-                t_last = time.perf_counter()  # evaluation time is not training throughput
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                save(step)
-                t_last = time.perf_counter()
-            if dist.any_rank(flag.stop, info, device) and step < cfg.max_steps:
-                save(step)
-                interrupted = True
-                break
-    bar.close()
-    if not evaluated and not interrupted:  # resumed at the last step: evaluate what was trained
-        # (for the summary: the log has that row already, unless it was lost)
-        last_eval = run_eval(step, write=not (metrics and metrics.has(step, "val_")))
-    peak_mb = dist.gather(round(peak_memory_mb(device), 1), info)  # before the final export
+    done = fit(
+        cfg, optimizer, train_step, run_eval, save, out_dir=out_dir, desc="pretrain",
+        resumed=resumed, info=info, device=device,
+        eval_at_start=bool(init_dir),  # continued pretraining: the loaded model's scores first
+        flops_per_token=flops_tok,
+    )  # fmt: skip
+    step, interrupted = done["step"], done["interrupted"]
     if not interrupted:
         save_final(
             model,
@@ -428,11 +270,11 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         "world_size": info.world_size,
         "strategy": info.strategy if info.enabled else "none",
         "tp": info.tp,
-        "peak_memory_mb": peak_mb,  # per rank
-        "peak_flops": peak,
-        "train_seconds": train_time,
-        "val": last_eval,
-        "val_start": start_eval,  # init_from: the loaded model's, before the first step
+        "peak_memory_mb": done["peak_memory_mb"],  # per rank, before the final export
+        "peak_flops": matmul_flops(device),
+        "train_seconds": done["train_seconds"],
+        "val": evals[max(evals)] if evals else {},
+        "val_start": evals.get(0, {}) if init_dir else {},  # the loaded model's, before step 1
         "model": dataclasses.asdict(model_cfg),
         "init_from": str(init_dir) if init_dir else None,
         "replay": {
@@ -444,12 +286,9 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         if replay_dir
         else None,
     }
-    rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "tokens_per_s" in r]
-    if rows:
-        # the peak is measured again now: a busy machine at start-up would understate it
-        summary["peak_flops"] = peak = max(peak, matmul_flops(device))
-        summary["tokens_per_s"] = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
-        summary["mfu"] = summary["tokens_per_s"] * flops_step / tokens_per_step / peak
+    if "tokens_per_s" in done:
+        summary["tokens_per_s"] = done["tokens_per_s"]
+        summary["mfu"] = done["tokens_per_s"] * flops_tok / summary["peak_flops"]
     if not interrupted:
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title="pretraining loss")
     write_json(out_dir / "summary.json", summary)

@@ -218,7 +218,8 @@ def test_strategy_none_under_torchrun_is_refused(micro_recipe_path, micro_prepar
 
 
 def finetune(stage, recipe_path, model_dir, out, nproc: int, *args, dist=None, timeout=240):
-    """`lmforge sft` or `lmforge dpo` in one process, or under torchrun with nproc processes."""
+    """`lmforge STAGE` (sft, reward, dpo, distill, prune) in one process, or under torchrun with
+    nproc processes."""
     cli = ["-m", "lmforge", stage, "--config", str(recipe_path), "--device", "cpu"]
     cli += ["--model-dir", str(model_dir), "--out", str(out), "--log_every", "1", *args]
     if nproc > 1:
@@ -262,6 +263,46 @@ def test_finetuning_on_two_ranks_equals_one_process(
     w2 = load_file(tmp_path / "two" / stage / "model" / "model.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=ATOL, msg=k)
+
+
+OUTPUTS = {"reward": "reward", "distill": "distill", "prune": "prune/magnitude"}
+
+
+@pytest.mark.parametrize("stage", list(OUTPUTS))
+def test_data_parallel_stages_on_two_ranks_equal_one_process(
+    stage, micro_recipe_path, micro_prepared, micro_pretrained, tmp_path
+):
+    """The reward model, distillation and pruning's recovery under torchrun with DDP: 2 ranks
+    with 2 rows each take the same two steps as one process with 4."""
+    _, run_dir = micro_prepared
+    _, model_dir = micro_pretrained
+    args = ["--max_steps", "2", "--eval_every", "0", "--save_every", "0"]
+    if stage != "reward":
+        args += ["--data-dir", str(run_dir / "data"), "--seq_len", "32", "--warmup_steps", "1"]
+    if stage == "distill":
+        args += ["--dim", "16", "--baseline", "false"]
+    one = finetune(
+        stage, micro_recipe_path, model_dir, tmp_path / "one", 1, "--batch_size", "4", *args
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = finetune(
+        stage, micro_recipe_path, model_dir, tmp_path / "two", 2, "--batch_size", "2", *args,
+        dist=["--dist.strategy", "ddp"],
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def run_losses(out):
+        rows = [json.loads(line) for line in (out / OUTPUTS[stage] / "metrics.jsonl").open()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert len(run_losses(tmp_path / "one")) == 2
+    assert run_losses(tmp_path / "two") == pytest.approx(run_losses(tmp_path / "one"), rel=1e-5)
+    w1 = load_file(tmp_path / "one" / OUTPUTS[stage] / "model" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / OUTPUTS[stage] / "model" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=ATOL, msg=k)
+    if stage == "prune":  # the ranks prune alike: the zeros are where one process put them
+        assert all(torch.equal(w1[k] == 0, w2[k] == 0) for k in w1)
 
 
 def test_finetuning_refuses_layouts_it_cannot_run(micro_recipe_path, micro_pretrained, tmp_path):

@@ -15,8 +15,8 @@ import transformers
 from safetensors.torch import load_file
 
 from lmforge.train import pretrain
+from lmforge.train.checkpoint import list_checkpoints
 from lmforge.train.metrics import read_metrics
-from lmforge.train.state import list_checkpoints
 
 
 def _losses(out_dir):

@@ -1,22 +1,33 @@
-"""Checkpoints of sharded training (FSDP2, tensor parallel) with torch.distributed.checkpoint.
+"""Training checkpoints, for one process and for sharded runs alike: a Hugging Face model
+directory plus `trainer_state/` (optimizer, step, RNG, data position), written atomically as
+`checkpoints/step_N`, the newest K kept.
 
-The one idea: every rank writes only its own shards (`dcp/`), with the tp degree they were laid
-out for recorded beside them, so a checkpoint resumes with any number of processes and any
-strategy: DCP reshards on load, and the rows of the fused projections are then reordered from
-the saved tp layout to the current one. Nothing is gathered on one rank except for the final
-export to the single-directory Hugging Face layout of the spine.
+The one idea: resuming must reproduce the uninterrupted run bit for bit, so everything that
+feeds the next step is saved — weights (exact fp32 safetensors), optimizer moments, the data
+position, every RNG, the logging sums of the training clock and a stage's extras (a value
+head, a KL coefficient) — and nothing else is needed to continue. state.json lists every file
+of its checkpoint with its size, so a checkpoint that lost a file is never resumed from.
 
-A step checkpoint of sharded training looks like one of a single process, with `dcp/` in place
-of model.safetensors: config.json, tokenizer files and trainer_state/ (state.json, rng.pt).
+Sharded training (FSDP2, tensor parallel) goes through torch.distributed.checkpoint: every rank
+writes only its own shards (`dcp/`), with the tp degree they were laid out for recorded beside
+them, so a checkpoint resumes with any number of processes and any strategy (DCP reshards on
+load, and the fused projections' rows are reordered from the saved tp layout to the current
+one). Nothing is gathered on one rank except for the final export.
+
+Stages call three functions: `save_step`, `resume_latest` and `save_final` (all ranks call
+them); `list_checkpoints` finds what is there. No stage spells a checkpoint's folder name.
 """
 
 from __future__ import annotations
 
+import random
+import re
 import shutil
 import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
@@ -28,24 +39,146 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmforge.config import ConfigError
-from lmforge.io import atomic_dir, read_json, replace_dir, write_json
+from lmforge.io import atomic_dir, read_json, remove_dir, replace_dir, write_json
 from lmforge.model.checkpoint import _read_tensors, load_config, save_extras, save_model
 from lmforge.model.hf import from_hf_state_dict, to_hf_config
 from lmforge.model.transformer import GPT
 from lmforge.train import dist
 from lmforge.train.optim import param_groups
-from lmforge.train.state import (
-    file_sizes,
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 
 # one process reading a sharded checkpoint is the intent here, not a mistake to warn about
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_name(step: int) -> str:
+    """The folder name of step `step`'s checkpoint (sorted by name = sorted by step)."""
+    return f"step_{step:06d}"
+
+
+def rng_state() -> tuple[dict, dict]:
+    """Every RNG as (tensors, json-able scalars), so it reloads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+    }
+    if torch.cuda.is_available():
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    scalars = {
+        "numpy": [kind, pos, has_gauss, gauss],
+        "python": [version, list(py_state), py_gauss],
+    }
+    return tensors, scalars
+
+
+def set_rng_state(tensors: dict, scalars: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    kind, pos, has_gauss, gauss = scalars["numpy"]
+    np.random.set_state(
+        (kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss)
+    )
+    version, py_state, py_gauss = scalars["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    model,
+    optimizer,
+    step: int,
+    loader_state: dict,
+    tokenizer_dir=None,
+    extra: dict | None = None,
+    pad_token_id: int | None = None,
+    write_weights=None,
+) -> Path:
+    """Write model + trainer_state into ckpt_dir atomically; returns the final path.
+    `write_weights(dir)` replaces the full model save (LoRA writes only its adapter)."""
+    ckpt_dir = Path(ckpt_dir)
+    with atomic_dir(ckpt_dir) as tmp:
+        if write_weights is None:
+            save_model(model, tmp, tokenizer_dir, pad_token_id=pad_token_id)
+        else:
+            write_weights(tmp)
+        ts = tmp / "trainer_state"
+        ts.mkdir()
+        torch.save(optimizer.state_dict(), ts / "optimizer.pt")
+        rng_tensors, rng_scalars = rng_state()
+        torch.save(rng_tensors, ts / "rng.pt")
+        state = {"step": step, "loader": loader_state, "rng": rng_scalars, **(extra or {})}
+        write_json(ts / "state.json", state | {"files": file_sizes(tmp)})
+    return ckpt_dir
+
+
+def file_sizes(root: Path) -> dict[str, int]:
+    """Every file under root (relative path -> bytes): written into state.json last, so that
+    a checkpoint can tell it is whole."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def is_complete(ckpt_dir: Path) -> bool:
+    """state.json is there and every file it lists has its size (checkpoints written before
+    the list existed count as complete when they have a state.json)."""
+    try:
+        state = read_json(ckpt_dir / "trainer_state" / "state.json", "trainer state")
+    except (FileNotFoundError, ValueError):
+        return False
+    for rel, size in state.get("files", {}).items():
+        p = ckpt_dir / rel
+        if not p.is_file() or p.stat().st_size != size:
+            return False
+    return True
+
+
+def load_checkpoint(ckpt_dir: str | Path, model, optimizer=None, read_weights=None) -> dict:
+    """Restore weights (and optimizer and RNG when given) in place; returns state.json.
+    `read_weights(dir)` replaces the full model load (the counterpart of write_weights)."""
+    ckpt_dir = Path(ckpt_dir)
+    if read_weights is None:
+        sd = from_hf_state_dict(_read_tensors(ckpt_dir), model.cfg)
+        model.load_state_dict(sd, strict=True)
+    else:
+        read_weights(ckpt_dir)
+    ts = ckpt_dir / "trainer_state"
+    state = read_json(ts / "state.json", "trainer state")
+    if optimizer is not None:
+        optimizer.load_state_dict(
+            torch.load(ts / "optimizer.pt", weights_only=True, map_location="cpu")
+        )
+        set_rng_state(torch.load(ts / "rng.pt", weights_only=True), state["rng"])
+    return state
+
+
+def step_dirs(root: str | Path) -> list[Path]:
+    """Every step_N folder under root, complete or not, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete step checkpoints under root, oldest first (temporaries are never listed)."""
+    return [p for p in step_dirs(root) if is_complete(p)]
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, each renamed away first: a kill midway
+    leaves a trash folder, never a step_N with files missing."""
+    for p in list_checkpoints(root)[:-keep]:
+        remove_dir(p)
+
+
+# --------------------------------------------------------------------------- sharded and unified
 
 
 def is_sharded(ckpt_dir: str | Path) -> bool:
@@ -154,12 +287,13 @@ def load_whole_into_sharded(ckpt_dir: str | Path, model, optimizer, info: dist.D
 
 
 def resume_latest(
-    ckpt_root, model, optimizer, loader, resume: bool, info: dist.DistInfo, read_weights=None
-) -> int:
+    ckpt_root, model, optimizer, loader=None, resume: bool = True, info=None, read_weights=None
+) -> dict:
     """Resume from the newest step checkpoint under ckpt_root, whichever strategy and number of
     processes wrote it; returns its state.json ({} for a fresh start). All ranks call this. `loader`
     (None when the step alone places the data) gets its saved position back; `read_weights`
     is load_checkpoint's (a LoRA adapter)."""
+    info = info or dist.DistInfo()
     existing = list_checkpoints(ckpt_root) if resume else []
     if not existing:
         return {}
@@ -183,7 +317,7 @@ def save_step(
     model,
     optimizer,
     loader_state: dict,
-    info: dist.DistInfo,
+    info: dist.DistInfo | None,
     keep_last: int,
     tokenizer_dir=None,
     pad_token_id: int | None = None,
@@ -193,7 +327,8 @@ def save_step(
     """A step checkpoint, then the oldest pruned (all ranks call this). Sharded training: every
     rank writes its own shards; otherwise every rank holds the same state and rank 0 writes it
     (`write_weights` and `extra`, more for state.json, as in save_checkpoint)."""
-    where = ckpt_root / f"step_{step:06d}"
+    info = info or dist.DistInfo()
+    where = Path(ckpt_root) / step_name(step)
     if info.sharded:
         save_sharded(
             where, model, optimizer, step, loader_state, info, tokenizer_dir, pad_token_id, extra
@@ -208,9 +343,12 @@ def save_step(
     dist.barrier(info)
 
 
-def save_final(model, out_dir: str | Path, info: dist.DistInfo, **save_kwargs) -> None:
+def save_final(
+    model, out_dir: str | Path, info: dist.DistInfo | None = None, **save_kwargs
+) -> None:
     """The trained model in the single-directory HF layout (all ranks call this). A sharded
     model's full weights are gathered on rank 0 through CPU memory, one tensor at a time."""
+    info = info or dist.DistInfo()
     if info.sharded:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(model, options=opts)

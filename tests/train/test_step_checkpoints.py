@@ -12,7 +12,7 @@ import torch
 from lmforge.config import ConfigError, ModelConfig, PretrainConfig
 from lmforge.io import write_json
 from lmforge.model.transformer import GPT
-from lmforge.train import state
+from lmforge.train import checkpoint, run_dir
 from lmforge.train.optim import make_optimizer
 
 
@@ -23,7 +23,7 @@ def _tiny():
 
 
 def _save(root: Path, model, opt, step: int) -> Path:
-    return state.save_checkpoint(root / f"step_{step:06d}", model, opt, step, {"pos": step})
+    return checkpoint.save_checkpoint(root / f"step_{step:06d}", model, opt, step, {"pos": step})
 
 
 def test_kill_during_pruning_leaves_no_broken_checkpoint(tmp_path, monkeypatch):
@@ -39,18 +39,21 @@ def test_kill_during_pruning_leaves_no_broken_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shutil, "rmtree", killed_rmtree)
     with pytest.raises(KeyboardInterrupt):
-        state.prune_checkpoints(root, keep=1)
+        checkpoint.prune_checkpoints(root, keep=1)
     monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     # every step_N still in view is whole: it loads
     visible = sorted(p for p in root.iterdir() if p.name.startswith("step_"))
     assert visible and visible[-1].name == "step_000003"
     for p in visible:
-        state.load_checkpoint(p, _tiny()[0], _tiny()[1])
+        checkpoint.load_checkpoint(p, _tiny()[0], _tiny()[1])
     # the next start clears the leftovers, and resuming takes the newest
-    state.clean_run_dir(tmp_path)
+    run_dir.clean_run_dir(tmp_path)
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
     fresh, fresh_opt = _tiny()
-    assert state.load_checkpoint(state.list_checkpoints(root)[-1], fresh, fresh_opt)["step"] == 3
+    assert (
+        checkpoint.load_checkpoint(checkpoint.list_checkpoints(root)[-1], fresh, fresh_opt)["step"]
+        == 3
+    )
 
 
 def test_start_clears_temporaries_and_broken_checkpoints(tmp_path):
@@ -69,14 +72,14 @@ def test_start_clears_temporaries_and_broken_checkpoints(tmp_path):
     unrelated = tmp_path / "notes.tmp-mine"  # not our pattern: left alone
     unrelated.write_text("keep")
 
-    state.start_run(tmp_path, "pretrain", {"pretrain": {"lr": 1.0}}, resume=True, overwrite=False)
+    run_dir.start_run(tmp_path, "pretrain", {"pretrain": {"lr": 1.0}}, resume=True, overwrite=False)
     assert sorted(p.name for p in root.iterdir()) == ["step_000002", "step_000004"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoints",
         "notes.tmp-mine",
         "run_config.json",
     ]
-    assert state.list_checkpoints(root)[-1].name == "step_000004"
+    assert checkpoint.list_checkpoints(root)[-1].name == "step_000004"
 
 
 def test_replacement_killed_between_renames_is_put_back(tmp_path):
@@ -84,7 +87,7 @@ def test_replacement_killed_between_renames_is_put_back(tmp_path):
     the two must not cost the old version."""
     (tmp_path / ".model.old-77").mkdir()
     (tmp_path / ".model.old-77" / "config.json").write_text("{}")
-    state.clean_run_dir(tmp_path)
+    run_dir.clean_run_dir(tmp_path)
     assert (tmp_path / "model" / "config.json").exists()
 
 
@@ -114,33 +117,33 @@ def test_files_and_folder_reach_the_disk_before_and_after_the_rename(tmp_path, m
 
 def test_start_run_refuses_another_config_and_overwrite_moves_it_aside(tmp_path, capsys):
     out = tmp_path / "pretrain"
-    old = state.run_config(PretrainConfig(lr=2e-4), data_dir=tmp_path)
-    state.start_run(out, "pretrain", old, resume=True, overwrite=False)
+    old = run_dir.run_config(PretrainConfig(lr=2e-4), data_dir=tmp_path)
+    run_dir.start_run(out, "pretrain", old, resume=True, overwrite=False)
     (out / "summary.json").write_text("{}")  # made up: the finished run's output
 
     # a runtime option or a longer run may change; the learning rate may not
-    longer = state.run_config(
+    longer = run_dir.run_config(
         PretrainConfig(lr=2e-4, max_steps=5000, log_every=1), data_dir=tmp_path
     )
-    state.start_run(out, "pretrain", longer, resume=True, overwrite=False)
+    run_dir.start_run(out, "pretrain", longer, resume=True, overwrite=False)
     # so may the split of the global batch of 16: over 2 ranks, or 2 micro-batches
     for cfg, dp in (
         (PretrainConfig(lr=2e-4, batch_size=8), 2),
         (PretrainConfig(lr=2e-4, batch_size=8, grad_accum=2), 1),
     ):
-        split = state.run_config(cfg, dp_size=dp, data_dir=tmp_path)
-        state.start_run(out, "pretrain", split, resume=True, overwrite=False)
-    changed = state.run_config(PretrainConfig(lr=8.3e-3, batch_size=4), data_dir=tmp_path)
+        split = run_dir.run_config(cfg, dp_size=dp, data_dir=tmp_path)
+        run_dir.start_run(out, "pretrain", split, resume=True, overwrite=False)
+    changed = run_dir.run_config(PretrainConfig(lr=8.3e-3, batch_size=4), data_dir=tmp_path)
     with pytest.raises(ConfigError) as e:
-        state.start_run(out, "pretrain", changed, resume=True, overwrite=False)
+        run_dir.start_run(out, "pretrain", changed, resume=True, overwrite=False)
     msg = str(e.value)
     assert "pretrain.lr: 0.0002 -> 0.0083" in msg and "pretrain.global_batch: 16 -> 4" in msg
     assert "--overwrite" in msg and "max_steps" not in msg
     with pytest.raises(ConfigError, match="resume is false"):
-        state.start_run(out, "pretrain", longer, resume=False, overwrite=False)
+        run_dir.start_run(out, "pretrain", longer, resume=False, overwrite=False)
     assert (out / "summary.json").exists()
 
-    state.start_run(out, "pretrain", changed, resume=True, overwrite=True)
+    run_dir.start_run(out, "pretrain", changed, resume=True, overwrite=True)
     assert (tmp_path / "pretrain.old" / "summary.json").exists()
     assert sorted(p.name for p in out.iterdir()) == ["run_config.json"]
     assert "moved to" in capsys.readouterr().err
@@ -151,5 +154,5 @@ def test_a_stage_started_by_lmforge_run_is_no_old_run(tmp_path):
     out = tmp_path / "sft"
     out.mkdir()
     write_json(out / "stage.json", {"hash": "x", "done": False})
-    state.start_run(out, "sft", {"sft": {}}, resume=True, overwrite=True)
+    run_dir.start_run(out, "sft", {"sft": {}}, resume=True, overwrite=True)
     assert (out / "stage.json").exists() and not (tmp_path / "sft.old").exists()
