@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = Path.home() / ".cache/lmforge/models/smollm2-135m-instruct"
 LETTERS = "ABCD"
 NEAR_TIE = 1e-3  # nats: a margin this small flips on float rounding (batching, kernels)
-GSM8K_STOP = ["Question:", "\n\n"]  # our stop strings (lmforge/eval/generative.py)
+GSM8K_STOP = ["Question:", "\n\n"]  # our stop strings (lmforge/tasks/gsm8k.py)
 GSM8K_MAX_NEW = 128  # our token budget per answer
 
 

@@ -26,7 +26,7 @@ from lmforge.infer.chat import load_for_inference
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="runs/tiny/sft/model", help="model directory")
-    p.add_argument("--task", default="mmlu", help="multiple-choice task (lmforge/eval/tasks)")
+    p.add_argument("--task", default="mmlu", help="multiple-choice task (lmforge/tasks)")
     p.add_argument("--limit", type=int, default=60, help="questions scored per run")
     p.add_argument("--batch-size", type=int, default=16, help="requests per forward, batched")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")

@@ -15,31 +15,27 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
 import resource
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from lmforge.align.preference import answer_ids, plot_curves
 from lmforge.align.rollout import kl_k3, masked_mean, pad_rollouts, sample_answers, token_logprobs
 from lmforge.config import ConfigError, GRPOConfig, resolve_path
-from lmforge.data.readers import DataError, is_val, iter_lines
-from lmforge.eval.generative import extract_answer, gsm8k_prompt
 from lmforge.infer.chat import chat_prompt_ids, load_for_inference, model_source, stop_ids
 from lmforge.infer.cpu_decode import relayout
 from lmforge.io import atomic_dir, read_json, write_json
 from lmforge.model.checkpoint import save_model
 from lmforge.model.transformer import num_params
 from lmforge.perf import pick_device
+from lmforge.tasks.arithmetic import arithmetic_task
+from lmforge.tasks.base import Problem, Task
+from lmforge.tasks.gsm8k import gsm8k_task
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import (
     list_checkpoints,
@@ -52,128 +48,10 @@ from lmforge.train.metrics import MetricsLog, read_metrics
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.run_dir import run_config, start_run
 
-EVAL_SEED = 20240205  # the arithmetic held-out set is the same whatever the training seed
 COLD_START_STEP = 1_000_000  # cold-start problems are the task's draws from this step on
 PROBE_STEP = 2_000_000  # training problems scored greedily at each evaluation
 
 # --------------------------------------------------------------------------- tasks
-
-
-@dataclass
-class Problem:
-    text: str  # the question as shown in reports ("7+5")
-    prompt_ids: list[int]  # what the policy is given
-    answer: str  # the reference the checker compares with ("12")
-
-
-@dataclass
-class Task:
-    """A verifiable-reward task. `train(step)` is the step's prompts, a pure function of the
-    step; `reward(problem, answer_ids)` scores an answer (stop token removed) in [0, 1], where
-    1 means correct; `eval` is the held-out set, never trained on."""
-
-    name: str
-    train: Callable[[int], list[Problem]]
-    eval: list[Problem]
-    reward: Callable[[Problem, list[int]], float]
-    info: dict = field(default_factory=dict)  # counts for the summary
-    target: Callable[[Problem], list[int]] | None = None  # a correct answer's ids (cold start)
-
-
-def arithmetic_problem(rng: np.random.Generator, digits: int, ops: str) -> tuple[str, int]:
-    """One problem ("7+5", 12): operands of 1..digits digits (the count drawn first, so short
-    operands are as common as long ones), an operator from ops; "-" keeps results >= 0."""
-
-    def operand() -> int:
-        k = int(rng.integers(1, digits + 1))
-        return int(rng.integers(0 if k == 1 else 10 ** (k - 1), 10**k))
-
-    a, b, op = operand(), operand(), ops[int(rng.integers(len(ops)))]
-    if op == "-" and a < b:
-        a, b = b, a
-    value = a + b if op == "+" else a - b if op == "-" else a * b
-    return f"{a}{op}{b}", value
-
-
-def arithmetic_train(
-    seed: int, step: int, n: int, digits: int, ops: str, val_fraction: float
-) -> list[tuple[str, int]]:
-    """Step `step`'s n training problems: drawn from a generator seeded by (seed, step),
-    skipping the held-out ones (a hash of the problem text, `is_val`)."""
-    rng = np.random.default_rng([seed, step])
-    out = []
-    for _ in range(1000 * n):
-        text, value = arithmetic_problem(rng, digits, ops)
-        if not is_val(text, val_fraction):
-            out.append((text, value))
-            if len(out) == n:
-                return out
-    raise ConfigError(
-        f"grpo: no training problems left with digits={digits}, ops={ops!r}: "
-        f"lower grpo.val_fraction ({val_fraction})"
-    )
-
-
-def arithmetic_eval(n: int, digits: int, ops: str, val_fraction: float) -> list[tuple[str, int]]:
-    """Up to n distinct held-out problems (fewer when the problem space is small: one-digit
-    sums have only 100 problems, about val_fraction of them held out)."""
-    rng = np.random.default_rng(EVAL_SEED)
-    found: dict[str, int] = {}
-    for _ in range(200 * n):
-        text, value = arithmetic_problem(rng, digits, ops)
-        if is_val(text, val_fraction):
-            found[text] = value
-            if len(found) == n:
-                break
-    return list(found.items())
-
-
-def arithmetic_correct(completion: str, answer: str) -> bool:
-    """Exact match of the answer text (surrounding whitespace ignored) with the result's decimal
-    string: " 12" is right; "12 apples", "012" and "12.0" are not (only the canonical form
-    counts, so the model must learn to say the number and stop)."""
-    return completion.strip() == answer
-
-
-def arithmetic_reward(completion: str, answer: str, partial_credit: float = 0.0) -> float:
-    """1 for a correct answer (`arithmetic_correct`); with partial_credit > 0, a wrong answer
-    that is an integer alone ("11", not "11 apples") earns partial_credit * (1 - |error| /
-    (|result| + 1)), at least 0: near misses beat far ones, so a model with no number sense
-    gets a signal from every numeric answer, not only from the rare exact one."""
-    if arithmetic_correct(completion, answer):
-        return 1.0
-    text = completion.strip()
-    if not partial_credit or not re.fullmatch(r"-?(0|[1-9][0-9]*)", text):
-        return 0.0
-    error = abs(int(text) - int(answer))
-    return partial_credit * max(0.0, 1.0 - error / (abs(int(answer)) + 1))
-
-
-def read_gsm8k(path: Path) -> list[tuple[int, str, str]]:
-    """(line, question, reference number) of every row of a GSM8K-style JSONL file; a bad row
-    is a DataError naming file and line."""
-    rows = []
-    for lineno, line in iter_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-        for key in ("question", "answer"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise DataError(f"{where}: field {key!r} must be a non-empty string")
-        _, marker, final = row["answer"].rpartition("####")
-        reference = extract_answer(final) if marker else None
-        if reference is None:
-            raise DataError(f"{where}: field 'answer' must end with '#### <number>'")
-        rows.append((lineno, row["question"], reference))
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
 
 
 def make_task(cfg: GRPOConfig, tok: Tokenizer, base_dir: str, max_prompt_len: int) -> Task:
@@ -189,69 +67,14 @@ def make_task(cfg: GRPOConfig, tok: Tokenizer, base_dir: str, max_prompt_len: in
             return chat_prompt_ids(tok, [{"role": "user", "content": user}])
         return ([tok.bos_id] if tok.prepend_bos else []) + tok.encode(plain)
 
-    if cfg.task == "arithmetic":
-        return arithmetic_task(cfg, tok, encode, max_prompt_len)
-    return gsm8k_task(cfg, tok, encode, resolve_path(cfg.path, base_dir), max_prompt_len)
-
-
-def arithmetic_task(cfg: GRPOConfig, tok: Tokenizer, encode, max_prompt_len: int) -> Task:
-    def problem(text: str, value: int) -> Problem:
-        p = Problem(text, encode(f"What is {text}?", f"{text}="), str(value))
-        if len(p.prompt_ids) > max_prompt_len:
-            raise ConfigError(
-                f"grpo: the prompt for {text!r} has {len(p.prompt_ids)} tokens; "
-                f"seq_len - max_new_tokens leaves room for {max_prompt_len}"
-            )
-        return p
-
-    def train(step: int) -> list[Problem]:
-        drawn = arithmetic_train(
-            cfg.seed, step, cfg.prompts_per_step, cfg.digits, cfg.ops, cfg.val_fraction
-        )
-        return [problem(t, v) for t, v in drawn]
-
-    def target(p: Problem) -> list[int]:  # the answer as the policy would write it, then stop
+    def reply(user: str, answer: str) -> list[int]:
         if cfg.chat:
-            return answer_ids(tok, [{"role": "user", "content": f"What is {p.text}?"}], p.answer)
-        return tok.encode(p.answer) + [tok.eos_id]
+            return answer_ids(tok, [{"role": "user", "content": user}], answer)
+        return tok.encode(answer) + [tok.eos_id]
 
-    held_out = arithmetic_eval(cfg.eval_prompts, cfg.digits, cfg.ops, cfg.val_fraction)
-    return Task(
-        "arithmetic",
-        train,
-        [problem(t, v) for t, v in held_out],
-        lambda p, ids: arithmetic_reward(tok.decode(ids), p.answer, cfg.partial_credit),
-        target=target,
-    )
-
-
-def gsm8k_task(cfg: GRPOConfig, tok: Tokenizer, encode, path: Path, max_prompt_len: int) -> Task:
-    if not path.is_file():
-        raise DataError(f"grpo.path: file not found: {path}")
-    train_rows, eval_rows, too_long = [], [], 0
-    for lineno, question, reference in read_gsm8k(path):
-        prompt = encode(question, gsm8k_prompt(question, []))
-        if len(prompt) > max_prompt_len:
-            too_long += 1  # long questions are dropped, never cut: a cut question has no answer
-            continue
-        p = Problem(f"{path.name}:{lineno}", prompt, reference)
-        (eval_rows if is_val(question, cfg.val_fraction) else train_rows).append(p)
-    if not train_rows:
-        raise DataError(
-            f"{path}: no training rows ({too_long} longer than seq_len - max_new_tokens, "
-            f"the rest held out by val_fraction {cfg.val_fraction})"
-        )
-
-    def train(step: int) -> list[Problem]:
-        rng = np.random.default_rng([cfg.seed, step])
-        n = cfg.prompts_per_step
-        return [train_rows[i] for i in rng.choice(len(train_rows), n, replace=n > len(train_rows))]
-
-    def reward(p: Problem, ids: list[int]) -> float:
-        return float(extract_answer(tok.decode(ids)) == p.answer)  # the last number, as eval
-
-    info = {"train_rows": len(train_rows), "eval_rows": len(eval_rows), "too_long": too_long}
-    return Task("gsm8k", train, eval_rows[: cfg.eval_prompts], reward, info)
+    if cfg.task == "arithmetic":
+        return arithmetic_task(cfg, tok, encode, reply, max_prompt_len)
+    return gsm8k_task(cfg, tok, encode, resolve_path(cfg.path, base_dir), max_prompt_len)
 
 
 # --------------------------------------------------------------------------- the algorithm

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import resource
 import sys
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +44,7 @@ from lmforge.io import atomic_dir, write_json
 from lmforge.model.checkpoint import save_model
 from lmforge.model.transformer import num_params
 from lmforge.perf import autocast, pick_device
+from lmforge.tasks.qa import qa_check, qa_reference, qa_reward
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import (
     list_checkpoints,
@@ -160,78 +159,6 @@ class AdaptiveKL:
         return self.value
 
 
-# --------------------------------------------------------------------------- qa rewards
-
-# Phrases that mark an answer as an abstention, matched after `normalize` (case, punctuation
-# and spacing do not matter; English phrases must stand as whole words).
-ABSTAIN_PHRASES = (
-    "i don't know",
-    "i do not know",
-    "not sure",
-    "not certain",
-    "i cannot answer",
-    "i can't answer",
-    "unable to answer",
-    "i have no idea",
-    "i don't have enough information",
-    "no way to know",
-    "我不知道",
-    "不知道",
-    "不确定",
-    "不清楚",
-    "无法回答",
-    "不能回答",
-    "没有把握",
-)
-# A number as written in an answer: 42, -3, 1,000, 2.50 (not the 2 of "x2" or "v1.2")
-NUMBER = re.compile(r"(?<![0-9A-Za-z.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-
-
-def normalize(text: str) -> str:
-    """Lower case, full-width forms folded (NFKC), punctuation and symbols made spaces, runs of
-    whitespace collapsed: "  Paris!" and "paris" compare equal."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(" " if unicodedata.category(c)[0] in "PS" else c for c in text)
-    return " ".join(text.split())
-
-
-def _contains(text: str, phrase: str) -> bool:
-    """Is normalised phrase in normalised text? Latin letters and digits must not touch it on
-    either side ("paris" is not in "parisian"); CJK has no spaces, so a substring is enough."""
-    if not phrase:
-        return False
-    return re.search(rf"(?<![0-9a-z]){re.escape(phrase)}(?![0-9a-z])", text) is not None
-
-
-def _numbers(text: str) -> list[float]:
-    return [float(m.replace(",", "")) for m in NUMBER.findall(unicodedata.normalize("NFKC", text))]
-
-
-def qa_check(answer: str, reference: str) -> str:
-    """Grade an answer against the reference: "abstain" if it says it does not know (checked
-    first: a hedge earns no credit for naming the answer among guesses), "correct" if it
-    contains the reference (a numeric reference matches any number in the answer of the same
-    value: 1,000 = 1000.0), else "wrong"."""
-    text = normalize(answer)
-    if any(_contains(text, normalize(p)) for p in ABSTAIN_PHRASES):
-        return "abstain"
-    ref = reference.strip().rstrip(".")
-    if NUMBER.fullmatch(unicodedata.normalize("NFKC", ref)):
-        value = float(unicodedata.normalize("NFKC", ref).replace(",", ""))
-        hit = any(abs(v - value) <= 1e-9 * max(1.0, abs(value)) for v in _numbers(answer))
-    else:
-        hit = _contains(text, normalize(ref))
-    return "correct" if hit else "wrong"
-
-
-def qa_reward(outcome: str, cfg: PPOConfig) -> float:
-    return {
-        "correct": cfg.correct_reward,
-        "abstain": cfg.abstain_reward,
-        "wrong": cfg.wrong_reward,
-    }[outcome]
-
-
 # --------------------------------------------------------------------------- prompts
 
 
@@ -270,12 +197,7 @@ def row_to_prompt(row, reward: str = "model", system_prompt: str = "") -> Prompt
                 "(a qa row needs 'question' (or 'prompt') and 'answer')"
             )
         messages = _prompt_messages(row[key], key)
-        ref = row["answer"]
-        if isinstance(ref, bool) or not isinstance(ref, (str, int, float)):
-            raise ValueError("field 'answer' must be a string or a number")
-        answer = str(ref).rsplit("####", 1)[-1].strip()
-        if not normalize(answer):
-            raise ValueError("field 'answer' is empty")
+        answer = qa_reference(row["answer"])
     elif "chosen" in row or "rejected" in row:
         messages = row_to_pair(row).prompt
     elif "prompt" in row:

@@ -1,4 +1,5 @@
-"""Generative tasks: GSM8K (k-shot math, exact match of the final number) and HumanEval (code
+"""Generative tasks: GSM8K (k-shot math, exact match of the final number; its prompt, answer
+extraction and check are `lmforge/tasks/gsm8k.py`, shared with GRPO) and HumanEval (code
 completion, pass@k with the unit tests run in `sandbox.py`).
 
 The one idea: generation and scoring are separate steps. `gsm8k_outputs`/`humaneval_completions`
@@ -11,18 +12,21 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import re
 import secrets
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from tqdm import tqdm
 
 from lmforge.eval.sandbox import check_isolation, run_code
 from lmforge.infer.generate import fit_prompt, stream_text
+from lmforge.tasks.gsm8k import (
+    GSM8K_SHOT_POOL,
+    GSM8K_STOP,
+    extract_answer,
+    gsm8k_correct,
+    gsm8k_prompt,
+)
 
-GSM8K_SHOT_POOL = 8  # the file's first rows are worked examples for prompts and never scored
-GSM8K_STOP = ("Question:", "\n\n")
 HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 
 
@@ -56,51 +60,6 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
 
 # --- GSM8K
 
-# a number: thousands with commas ("1,234") or plain digits, optional decimals; a minus sign
-# counts only when it does not join two words or numbers ("3-4" is a range, not -4)
-_NUMBER = re.compile(r"(?<![\w.])(-)?\s?\$?\s?(-)?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?")
-
-
-def _normalize(sign: str, digits: str, decimals: str) -> str | None:
-    try:
-        value = Decimal(sign + digits.replace(",", "") + (decimals or ""))
-    except InvalidOperation:
-        return None
-    if value == 0:
-        return "0"
-    return format(value.normalize(), "f")  # "3.50" -> "3.5", "1E+2" -> "100"
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer as a canonical number string, or None. Looks after the last "####"
-    (GSM8K's reference format) or "answer is", else takes the last number in the text."""
-    for marker in ("####", "answer is", "Answer is", "answer:", "Answer:"):
-        cut = text.rfind(marker)
-        if cut >= 0:
-            m = _NUMBER.search(text, cut + len(marker))
-            if m:
-                return _normalize(m[1] or m[2] or "", m[3], m[4])
-    found = list(_NUMBER.finditer(text))
-    if not found:
-        return None
-    m = found[-1]
-    return _normalize(m[1] or m[2] or "", m[3], m[4])
-
-
-def worked_answer(reference: str) -> str:
-    """A GSM8K reference as a prompt shows it: calculator notes `<<48/2=24>>` removed and the
-    `#### N` line replaced by "The answer is N." (the form `extract_answer` looks for)."""
-    reasoning, _, final = reference.partition("####")
-    reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
-    return f"{reasoning}\nThe answer is {final.strip()}."
-
-
-def gsm8k_prompt(question: str, shots: list[dict]) -> str:
-    """The exact text the model continues for a question: each shot answered, then the question.
-    `gsm8k_outputs` drops whole shots (the last ones) only when the prompt would not fit."""
-    parts = [f"Question: {s['question']}\nAnswer: {worked_answer(s['answer'])}\n\n" for s in shots]
-    return "".join(parts) + f"Question: {question}\nAnswer:"
-
 
 def gsm8k_outputs(
     model, tok, rows: list[dict], shots: list[dict], max_new_tokens: int = 128
@@ -128,9 +87,7 @@ def gsm8k_outputs(
 def score_gsm8k(rows: list[dict], outputs: list[str]) -> dict:
     """Exact match of the extracted final number against the reference's `#### N`."""
     correct = [
-        float(
-            extract_answer(out) is not None and extract_answer(out) == extract_answer(row["answer"])
-        )
+        float(gsm8k_correct(out, extract_answer(row["answer"])))
         for row, out in zip(rows, outputs, strict=True)
     ]
     acc, se = _mean_stderr(correct)
@@ -171,8 +128,7 @@ def evaluate_gsm8k(
         out["samples"] = [
             {"index": start + i, "question": row["question"], "output": text,
              "pred": extract_answer(text), "gold": extract_answer(row["answer"]),
-             "correct": extract_answer(text) is not None
-             and extract_answer(text) == extract_answer(row["answer"])}
+             "correct": gsm8k_correct(text, extract_answer(row["answer"]))}
             for i, (row, text) in enumerate(zip(scored, outputs))
         ]  # fmt: skip
     return out

@@ -6,7 +6,7 @@ with the model, the task's settings and the seed, so a number can always be trac
 what produced it, and two checkpoints compare row by row.
 
 Task names:
-- a file in lmforge/eval/tasks/ (mmlu, cmmlu, arc_challenge, hellaswag, ...) or a path to a
+- a file in lmforge/tasks/ (mmlu, cmmlu, arc_challenge, hellaswag, ...) or a path to a
   task YAML of that shape: multiple choice by log-likelihood;
 - truthfulqa: MC1 and MC2 by log-likelihood, as lm-evaluation-harness (eval/truthfulqa.py);
 - gsm8k, humaneval: the bundled generative sets (datasets/eval/). GSM8K scores its test split
@@ -20,8 +20,8 @@ Task names:
 `limit` takes a stratified sample of tasks with subjects (MMLU, CMMLU, C-Eval: each subject in
 proportion, drawn with `seed`), else the first rows. `log_samples` keeps one record per scored
 question in the task's JSON (`samples`), with the row's index in the whole split; the prompt
-builders (`multiple_choice.build_context`, `truthfulqa.build_context`,
-`generative.gsm8k_prompt`) rebuild the exact text the model read.
+builders (`tasks.multiple_choice.build_context`, `truthfulqa.build_context`,
+`tasks.gsm8k.gsm8k_prompt`) rebuild the exact text the model read.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 from lmforge.io import write_json
+from lmforge.tasks.gsm8k import GSM8K_SHOT_POOL
+from lmforge.tasks.multiple_choice import TASK_DIR, load_task, splits
 
-TASK_DIR = Path(__file__).parent / "tasks"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -66,8 +67,6 @@ def _task_yaml(name: str) -> Path:
 
 
 def _load_mc_task(name: str):
-    from lmforge.eval.multiple_choice import load_task
-
     task = load_task(_task_yaml(name))
     if not Path(task.path).is_absolute() and not Path(task.path).exists():
         task.path = str(REPO / task.path)  # bundled data, wherever the command runs from
@@ -77,14 +76,11 @@ def _load_mc_task(name: str):
 def check_options(name: str, split: str | None, num_fewshot: int | None) -> None:
     """Refuse a split the task does not have (listing those it has) and a k it cannot take,
     before any model loads: a bad option on the last task must not cost the first ones' run."""
-    from lmforge.eval import generative
-    from lmforge.eval.multiple_choice import splits
-
     max_k: int | None = 0  # tasks without few-shot examples
     if name.startswith(("lm:", "sim:")):
         present = []
     elif name == "gsm8k":
-        present, max_k = ["test", "train"], generative.GSM8K_SHOT_POOL
+        present, max_k = ["test", "train"], GSM8K_SHOT_POOL
     elif name == "truthfulqa":
         present = ["validation"]
     elif name == "humaneval":
@@ -188,8 +184,8 @@ def _gsm8k(model, tok, limit, split: str, num_fewshot, log_samples) -> tuple[lis
 
     folder = REPO / "datasets" / "eval" / "gsm8k"
     files = {"test": folder / "test.jsonl.gz", "train": folder / "train_head300.jsonl.gz"}
-    k = generative.GSM8K_SHOT_POOL if num_fewshot is None else num_fewshot
-    pool = generative.load_jsonl(files["train"])[: generative.GSM8K_SHOT_POOL]
+    k = GSM8K_SHOT_POOL if num_fewshot is None else num_fewshot
+    pool = generative.load_jsonl(files["train"])[:GSM8K_SHOT_POOL]
     # train: the file's own first rows are the pool, so evaluate_gsm8k skips them
     shots = None if split == "train" else pool
     m = generative.evaluate_gsm8k(

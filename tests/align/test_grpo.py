@@ -1,8 +1,8 @@
-"""GRPO: advantages and loss against hand computations, the arithmetic task and its checker,
-GSM8K rows, a toy task the policy learns, and an interrupted run that resumes exactly."""
+"""GRPO: advantages and loss against hand computations, the arithmetic and GSM8K tasks as GRPO
+encodes them (their checkers: tests/tasks/), a toy task the policy learns, and an interrupted
+run that resumes exactly."""
 
 import copy
-import gzip
 import json
 import math
 import os
@@ -15,18 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.align.grpo import (
-    Problem,
-    Task,
-    arithmetic_correct,
-    arithmetic_eval,
-    arithmetic_reward,
-    arithmetic_train,
     evaluate,
     grpo_advantages,
     grpo_loss,
     grpo_step,
     make_task,
-    read_gsm8k,
     rollout_seed,
     run,
 )
@@ -34,6 +27,7 @@ from lmforge.config import ConfigError, GRPOConfig, ModelConfig, build
 from lmforge.data.readers import DataError
 from lmforge.infer.cpu_decode import relayout
 from lmforge.model.transformer import GPT
+from lmforge.tasks.base import Problem, Task
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.metrics import read_metrics
 from lmforge.train.optim import make_optimizer
@@ -102,63 +96,6 @@ def test_ratio_one_and_policy_equal_to_reference_give_the_plain_policy_gradient(
 # --------------------------------------------------------------------------- arithmetic
 
 
-def test_arithmetic_problems_are_seeded_correct_and_disjoint_from_held_out():
-    a = arithmetic_train(7, 3, 50, 2, "+-*", 0.2)
-    assert a == arithmetic_train(7, 3, 50, 2, "+-*", 0.2)  # a pure function of (seed, step)
-    assert a != arithmetic_train(7, 4, 50, 2, "+-*", 0.2)
-    assert a != arithmetic_train(8, 3, 50, 2, "+-*", 0.2)
-    for text, value in a:
-        assert eval(text) == value >= 0  # "-" keeps the larger operand first
-        operands = text.replace("+", " ").replace("-", " ").replace("*", " ").split()
-        assert all(1 <= len(x) <= 2 and (len(x) == 1 or x[0] != "0") for x in operands)
-    assert {c for text, _ in a for c in text if not c.isdigit()} == set("+-*")
-    held_out = arithmetic_eval(500, 2, "+-*", 0.2)
-    assert len(held_out) == len({t for t, _ in held_out}) == 500  # distinct
-    assert all(eval(t) == v for t, v in held_out)
-    train = {t for step in range(40) for t, _ in arithmetic_train(7, step, 50, 2, "+-*", 0.2)}
-    assert not train & {t for t, _ in held_out}
-    # one-digit sums: 100 problems in all, about a fifth held out, every one of them found
-    small = dict(arithmetic_eval(64, 1, "+", 0.2))
-    assert 10 <= len(small) <= 30
-    assert len(small) == sum(t in small for t in (f"{x}+{y}" for x in range(10) for y in range(10)))
-    train_small = {t for s in range(100) for t, _ in arithmetic_train(1, s, 8, 1, "+", 0.2)}
-    assert len(train_small) + len(small) == 100 and not train_small & small.keys()
-
-
-@pytest.mark.parametrize(
-    "text,ok",
-    [
-        ("12", True),
-        (" 12", True),
-        ("12\n", True),
-        ("\n 12 ", True),
-        ("12 apples", False),  # the answer is the number alone
-        ("012", False),  # only the canonical decimal string counts
-        ("12.0", False),
-        ("+12", False),
-        ("1 2", False),
-        ("The answer is 12", False),
-        ("", False),
-        ("21", False),
-    ],
-)
-def test_arithmetic_checker_is_an_exact_match(text, ok):
-    assert arithmetic_correct(text, "12") is ok
-
-
-def test_partial_credit_ranks_near_misses_below_a_correct_answer():
-    assert arithmetic_reward(" 12", "12", 0.5) == 1.0
-    assert arithmetic_reward("11", "12", 0.5) == pytest.approx(0.5 * (1 - 1 / 13))
-    assert arithmetic_reward("6\n", "12", 0.5) == pytest.approx(0.5 * (1 - 6 / 13))
-    assert arithmetic_reward("30", "12", 0.5) == 0.0  # further off than the result itself
-    assert arithmetic_reward("1", "0", 0.5) == 0.0
-    assert arithmetic_reward("11 apples", "12", 0.5) == 0.0  # only an integer alone earns any
-    assert arithmetic_reward("011", "12", 0.5) == 0.0
-    assert arithmetic_reward("11", "12") == 0.0  # off by default: exact match only
-    with pytest.raises(ConfigError, match="partial_credit must be in"):
-        GRPOConfig(partial_credit=1.0)
-
-
 def test_arithmetic_prompts_in_chat_and_plain_form(micro_pretrained):
     _, model_dir = micro_pretrained
     tok = Tokenizer.load(model_dir)
@@ -180,14 +117,8 @@ def test_arithmetic_prompts_in_chat_and_plain_form(micro_pretrained):
 # --------------------------------------------------------------------------- gsm8k
 
 
-def test_gsm8k_rows_parse_and_are_scored_by_the_final_number(micro_pretrained, tmp_path):
-    rows = read_gsm8k(GSM8K)
-    assert len(rows) == 300 and all(
-        ref.lstrip("-").replace(".", "").isdigit() for _, _, ref in rows
-    )
-    with gzip.open(GSM8K, "rt") as f:
-        first = json.loads(f.readline())
-    assert rows[0][2] == first["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+def test_gsm8k_task_is_scored_by_the_final_number(micro_pretrained, tmp_path):
+    """GSM8K rows as a GRPO task (the rows themselves: tests/tasks/test_gsm8k.py)."""
     _, model_dir = micro_pretrained
     tok = Tokenizer.load(model_dir)
     cfg = GRPOConfig(task="gsm8k", path=str(GSM8K), chat=False, eval_prompts=5, prompts_per_step=3)
@@ -203,24 +134,6 @@ def test_gsm8k_rows_parse_and_are_scored_by_the_final_number(micro_pretrained, t
     assert 50 < short["too_long"] < 250 and short["train_rows"] + short["eval_rows"] < 250
     with pytest.raises(DataError, match="no training rows .300 longer than seq_len"):
         make_task(cfg, tok, ".", 60)
-
-
-@pytest.mark.parametrize(
-    "line,problem",
-    [
-        ('{"question": "q", "answer": "so 4"}', "'#### <number>'"),
-        ('{"question": "q", "answer": "#### four"}', "'#### <number>'"),
-        ('{"question": "", "answer": "#### 4"}', "'question' must be a non-empty string"),
-        ('{"answer": "#### 4"}', "'question' must be a non-empty string"),
-        ('["q", "#### 4"]', "must be a JSON object"),
-        ('{"question": "q", "answer": "#### 4"', "invalid JSON"),
-    ],
-)
-def test_bad_gsm8k_rows_name_file_and_line(tmp_path, line, problem):
-    path = tmp_path / "math.jsonl"
-    path.write_text('{"question": "1+1?", "answer": "2 #### 2"}\n\n' + line + "\n")
-    with pytest.raises(DataError, match=rf"math\.jsonl:3: .*{__import__('re').escape(problem)}"):
-        read_gsm8k(path)
 
 
 def test_bad_config_values_are_named():

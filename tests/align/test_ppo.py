@@ -1,6 +1,6 @@
 """PPO: GAE against a plain loop, the KL-shaped rewards, the clipped losses by hand, the KL
-controller, the qa checker, prompt rows named by line, and short runs on the micro model that
-train, save a loadable model and resume to the same weights."""
+controller, prompt rows named by line (the qa checker: tests/tasks/test_qa.py), and short runs
+on the micro model that train, save a loadable model and resume to the same weights."""
 
 import gzip
 import json
@@ -125,32 +125,6 @@ def test_adaptive_kl_moves_the_coefficient_towards_the_target():
     assert down.update(-3.0, 100) == pytest.approx(before * (1 - 0.2 * 0.1))  # clipped at -0.2
     on = ppo.AdaptiveKL(0.1, target=6.0, horizon=1000)
     assert on.update(6.0, 100) == 0.1
-
-
-@pytest.mark.parametrize(
-    "answer, reference, outcome",
-    [
-        ("The capital of France is Paris.", "Paris", "correct"),
-        ("  PARIS ", "paris", "correct"),
-        ("It is a Parisian dish.", "Paris", "wrong"),  # a word, not a substring
-        ("The answer is Lyon.", "Paris", "wrong"),
-        ("I don't know.", "Paris", "abstain"),
-        ("I’m not sure, maybe Paris?", "Paris", "abstain"),  # a hedge is not credited
-        ("Sorry, I cannot answer that.", "Paris", "abstain"),
-        ("There were 1,000 people.", "1000", "correct"),
-        ("The total is 42.0 dollars", "42", "correct"),
-        ("It costs $18.", "18", "correct"),
-        ("It is 142.", "42", "wrong"),
-        ("Version x2 of it.", "2", "wrong"),
-        ("首都是北京。", "北京", "correct"),
-        ("答案是42。", "42", "correct"),
-        ("是上海。", "北京", "wrong"),
-        ("我不知道。", "北京", "abstain"),
-        ("这个问题我不确定。", "北京", "abstain"),
-    ],
-)
-def test_qa_checker(answer, reference, outcome):
-    assert ppo.qa_check(answer, reference) == outcome
 
 
 def test_prompt_rows_in_every_layout():

@@ -1,5 +1,5 @@
-"""GSM8K answer extraction and scoring, pass@k against brute force, HumanEval through the sandbox,
-and both tasks end to end on the micro model."""
+"""GSM8K scoring (its answer extraction: tests/tasks/test_gsm8k.py), pass@k against brute
+force, HumanEval through the sandbox, and both tasks end to end on the micro model."""
 
 import dataclasses
 import itertools
@@ -10,45 +10,19 @@ import pytest
 
 from lmforge.eval import sandbox
 from lmforge.eval.generative import (
-    GSM8K_SHOT_POOL,
     evaluate_gsm8k,
     evaluate_humaneval,
-    extract_answer,
-    gsm8k_prompt,
     load_jsonl,
     pass_at_k,
     run_humaneval,
     score_gsm8k,
     score_humaneval,
-    worked_answer,
 )
+from lmforge.tasks.gsm8k import GSM8K_SHOT_POOL, extract_answer, worked_answer
 
 REPO = Path(__file__).resolve().parents[2]
 GSM8K = REPO / "datasets/eval/gsm8k/train_head300.jsonl.gz"
 HUMANEVAL = REPO / "datasets/eval/humaneval/HumanEval.jsonl.gz"
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("Natalia sold 48+24 = 72 clips.\n#### 72", "72"),  # the reference format
-        ("#### 1,234", "1234"),
-        ("In total she sold 1,234,567 cups.", "1234567"),  # commas
-        ("So he has 12 apples left.", "12"),  # units
-        ("She pays $12.50 in total.", "12.5"),  # dollar sign, decimals
-        ("The answer is 3.50", "3.5"),
-        ("The answer is 3.0.", "3"),
-        ("The temperature drops to -5 degrees.", "-5"),  # negative numbers
-        ("He lost -$5 on the bet.", "-5"),
-        ("The answer is 18. Question: Tom has 3 cats", "18"),  # trailing text after the answer
-        ("3 + 4 = 7, so she has 7 marbles left over.", "7"),  # last number wins
-        ("2-3 days later it was 10", "10"),
-        ("I do not know.", None),  # no number
-        ("", None),
-    ],
-)
-def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
 
 
 def test_gsm8k_references_all_parse_and_worked_answers_score_one():
@@ -71,13 +45,6 @@ def test_score_gsm8k_accuracy_and_stderr():
     result = score_gsm8k(rows, outputs)
     assert result["accuracy"] == 0.5 and result["n"] == 4
     assert result["accuracy_stderr"] == pytest.approx(math.sqrt(0.5 * 0.5 / 4))
-
-
-def test_gsm8k_prompt_shows_worked_shots_then_the_question():
-    shots = [{"question": "1 + 1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"}]
-    assert gsm8k_prompt("2 + 2?", shots) == (
-        "Question: 1 + 1?\nAnswer: 1 + 1 = 2\nThe answer is 2.\n\nQuestion: 2 + 2?\nAnswer:"
-    )
 
 
 def _pass_at_k_brute_force(n, c, k):

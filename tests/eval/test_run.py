@@ -113,9 +113,10 @@ def test_log_samples_rebuild_the_scores(micro_pretrained, tmp_path):
     the logged log-likelihoods."""
     from lmforge.eval import generative, truthfulqa
     from lmforge.eval import run as evaluation
-    from lmforge.eval.multiple_choice import build_context, load_rows, load_task, target
     from lmforge.eval.scoring import loglikelihood
     from lmforge.infer.chat import load_for_inference
+    from lmforge.tasks.gsm8k import extract_answer
+    from lmforge.tasks.multiple_choice import build_context, load_rows, load_task, target
 
     model_dir = micro_pretrained[1]
     tasks = ["mmlu", "truthfulqa", "gsm8k"]
@@ -165,7 +166,7 @@ def test_log_samples_rebuild_the_scores(micro_pretrained, tmp_path):
     for i, s in enumerate(gsm["samples"]):
         assert list(s) == ["index", "question", "output", "pred", "gold", "correct"]
         assert s["index"] == i and s["question"] == test_rows[i]["question"]
-        assert s["gold"] == generative.extract_answer(test_rows[i]["answer"])
+        assert s["gold"] == extract_answer(test_rows[i]["answer"])
         assert s["correct"] == (s["pred"] is not None and s["pred"] == s["gold"])
     accuracy = gsm["results"][0]["value"]
     assert accuracy == sum(s["correct"] for s in gsm["samples"]) / 3

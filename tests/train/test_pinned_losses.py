@@ -133,7 +133,8 @@ def test_grpo(micro_pretrained, tmp_path):
     so every step has a gradient (the arithmetic task's reward is 0 for a micro model)."""
     import numpy as np
 
-    from lmforge.align.grpo import Problem, Task, run
+    from lmforge.align.grpo import run
+    from lmforge.tasks.base import Problem, Task
     from lmforge.tokenizer import Tokenizer
 
     _, model_dir = micro_pretrained

@@ -1,0 +1,31 @@
+"""The reference-answer checker behind PPO's qa reward: correct, abstain or wrong."""
+
+import pytest
+
+from lmforge.tasks.qa import qa_check
+
+
+@pytest.mark.parametrize(
+    "answer, reference, outcome",
+    [
+        ("The capital of France is Paris.", "Paris", "correct"),
+        ("  PARIS ", "paris", "correct"),
+        ("It is a Parisian dish.", "Paris", "wrong"),  # a word, not a substring
+        ("The answer is Lyon.", "Paris", "wrong"),
+        ("I don't know.", "Paris", "abstain"),
+        ("I’m not sure, maybe Paris?", "Paris", "abstain"),  # a hedge is not credited
+        ("Sorry, I cannot answer that.", "Paris", "abstain"),
+        ("There were 1,000 people.", "1000", "correct"),
+        ("The total is 42.0 dollars", "42", "correct"),
+        ("It costs $18.", "18", "correct"),
+        ("It is 142.", "42", "wrong"),
+        ("Version x2 of it.", "2", "wrong"),
+        ("首都是北京。", "北京", "correct"),
+        ("答案是42。", "42", "correct"),
+        ("是上海。", "北京", "wrong"),
+        ("我不知道。", "北京", "abstain"),
+        ("这个问题我不确定。", "北京", "abstain"),
+    ],
+)
+def test_qa_checker(answer, reference, outcome):
+    assert qa_check(answer, reference) == outcome
