@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,6 +126,16 @@ def test_load_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     with pytest.raises(ConfigError, match="tokenizer.json is not a valid tokenizer.json"):
         Tokenizer.load(tmp_path)
+
+
+def test_runtime_tokenizer_imports_nothing_from_data():
+    # data/ uses the tokenizer (prepare encodes with it): an import back would be a cycle
+    code = "import sys, lmforge.tokenizer; print(*sorted(m for m in sys.modules if m[:8] == 'lmforge.'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    assert "lmforge.tokenizer" in out
+    assert {m.split(".")[1] for m in out} <= {"config", "tokenizer"}, out
 
 
 def test_transformers_parity(tok, tok_dir):
