@@ -599,7 +599,7 @@ def _cmd_stage(args, rest) -> int:
     if args.command == "clean":
         return _cmd_clean(recipe, out)
     if args.command == "tokenizer":
-        from lmforge.tokenizer import run
+        from lmforge.tokenizer_train import run
 
         data = pipeline.data_config(recipe, out)
         stats = run(recipe.tokenizer, data, recipe.base_dir, out / "tokenizer")

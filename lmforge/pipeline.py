@@ -359,7 +359,7 @@ def _start(recipe: Recipe, out: Path, stage, log) -> Path:
         if recipe.data.sources:
             stage("data", lambda d: prepare.run(recipe.data, root, recipe.base_dir, d))
         return root
-    from lmforge.tokenizer import run as train_tokenizer
+    from lmforge.tokenizer_train import run as train_tokenizer
     from lmforge.train import pretrain
 
     if recipe.clean.steps:

@@ -94,7 +94,7 @@ def micro_recipe_path(tmp_path_factory) -> Path:
 def micro_prepared(micro_recipe_path, tmp_path_factory):
     """(recipe, run_dir) with tokenizer/ and data/ built once for every test that trains."""
     from lmforge.data import prepare
-    from lmforge.tokenizer import run as train_tokenizer
+    from lmforge.tokenizer_train import run as train_tokenizer
 
     recipe = load_recipe(micro_recipe_path)
     run_dir = tmp_path_factory.mktemp("micro_run")

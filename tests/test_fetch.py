@@ -74,7 +74,7 @@ def test_fetch_imports_verifies_and_caches(tmp_path, monkeypatch):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "compress"))
     from test_gguf import EN, ZH, export_gguf, make_checkpoint
 
-    from lmforge.tokenizer import train_tokenizer
+    from lmforge.tokenizer_train import train_tokenizer
 
     train_tokenizer(EN + ZH, vocab_size=400).save(tmp_path / "tok")
     model = make_checkpoint(tmp_path / "m", tmp_path / "tok")

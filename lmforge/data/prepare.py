@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from lmforge.config import DataConfig
 from lmforge.data.readers import DataError, is_val, iter_documents
+from lmforge.tokenizer import Tokenizer
 
 BATCH_DOCS = 256  # documents per worker task: big enough to hide pickling, small enough to stream
 
@@ -77,8 +78,6 @@ def _init_worker(tokenizer_dir: str) -> None:
     # each worker is a process of its own: rayon threads inside it would only fight the others
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _worker_tok
-    from lmforge.tokenizer import Tokenizer
-
     _worker_tok = Tokenizer.load(tokenizer_dir)
 
 
@@ -122,8 +121,6 @@ def _encoded(
     """(batch, its token arrays) in input order. A bounded number of tasks is in flight, so memory
     stays constant (Pool.imap would read the whole corpus ahead into its task queue)."""
     if num_workers <= 1:  # in this process, where encode_batch may use its own threads
-        from lmforge.tokenizer import Tokenizer
-
         tok = Tokenizer.load(tokenizer_dir)
         for batch in batches:
             yield batch, _encode([doc for *_, doc in batch], tok)
@@ -251,8 +248,6 @@ def run(cfg: DataConfig, tokenizer_dir: str | Path, base_dir: str, out_dir: str 
 
     With a mixture (a source's `epochs` or `weight`), each source's training documents are first
     staged in a file of their own, then written into the shards as many times as its epochs say."""
-    from lmforge.tokenizer import Tokenizer
-
     if not cfg.sources:
         raise DataError("data.sources is empty: nothing to prepare")
     tok = Tokenizer.load(tokenizer_dir)

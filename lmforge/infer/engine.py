@@ -190,6 +190,11 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self._thread.start()
 
+    def is_alive(self) -> bool:
+        """Whether the background thread is running steps: False before `start`, after
+        `shutdown`, or once it has died."""
+        return self._thread is not None and self._thread.is_alive()
+
     def shutdown(self, cancel: bool = False, timeout: float | None = None) -> None:
         """Stop the loop: first finish (or, with cancel, cancel) running and waiting requests."""
         if cancel:

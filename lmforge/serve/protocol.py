@@ -124,6 +124,13 @@ class CompletionRequest(Sampling):
     suffix: str | None = None
 
 
+def plain_message(m: Message) -> dict:
+    """{"role", "content": str}: text parts joined; OpenAI's "developer" is the system role."""
+    parts = m.content if isinstance(m.content, list) else []
+    content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in parts)
+    return {"role": "system" if m.role == "developer" else m.role, "content": content}
+
+
 def refuse_unsupported(body: Sampling) -> None:
     unsupported = {
         "n": body.n != 1,

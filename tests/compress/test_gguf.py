@@ -20,7 +20,8 @@ from lmforge.io import atomic_dir
 from lmforge.model.checkpoint import save_model
 from lmforge.model.hf import to_hf_state_dict
 from lmforge.model.transformer import GPT, apply_rope, rope_tables
-from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer
+from lmforge.tokenizer_train import train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 

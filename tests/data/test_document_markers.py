@@ -8,7 +8,8 @@ import pytest
 
 from lmforge.config import DataConfig
 from lmforge.data import prepare
-from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer_train import train_tokenizer
 
 # made up for the test: a few sentences to train a small vocabulary on
 TEXTS = [f"The cat number {i} sat on the mat." for i in range(50)] + ["猫坐在垫子上。"] * 20

@@ -9,7 +9,8 @@ import pytest
 from lmforge.config import DataConfig
 from lmforge.data import prepare
 from lmforge.data.readers import DataError, is_val, iter_documents
-from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer_train import train_tokenizer
 
 EN = [f"Story {i}: the cat sat on the mat and looked at bird number {i * 7}." for i in range(120)]
 ZH = [f"第{i}回 孙悟空大闹天宫，玉帝请来如来佛祖。" * (1 + i % 3) for i in range(80)]

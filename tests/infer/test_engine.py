@@ -254,7 +254,7 @@ def test_a_failing_request_ends_alone_and_the_engine_goes_on(served, monkeypatch
         assert {r.finish_reason for r in hit} == {"error"} and "forward" in hit[0].error
         after = engine.submit(prompts[2], SamplingParams(max_tokens=8))
         _run(engine, [after])
-        assert after.output_ids == want[2] and engine._thread.is_alive()
+        assert after.output_ids == want[2] and engine.is_alive()
     finally:
         engine.shutdown(cancel=True, timeout=30)
 

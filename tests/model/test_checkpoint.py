@@ -114,7 +114,8 @@ def test_generation_config_lists_every_stop_id_and_transformers_stops_at_im_end(
     with <|im_end|>, so that must be listed beside EOS, or transformers and vLLM run past it."""
     transformers = pytest.importorskip("transformers")
     from lmforge.infer.generate import generate
-    from lmforge.tokenizer import Tokenizer, train_tokenizer
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer_train import train_tokenizer
 
     text = ["a made-up corpus: the cat sat on the mat, 猫坐在垫子上。"] * 20
     train_tokenizer(text, vocab_size=300).save(tmp_path / "tok")

@@ -17,7 +17,8 @@ from lmforge.config import ConfigError
 from lmforge.infer.chat import load_for_inference
 from lmforge.model.checkpoint import load_model
 from lmforge.model.gguf_import import TENSOR_TYPES, import_gguf, read_tensor
-from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer_train import train_tokenizer
 
 gguf = pytest.importorskip("gguf")
 sys.path.insert(0, str(Path(__file__).parents[1] / "compress"))

@@ -323,7 +323,7 @@ def test_shutdown_lets_running_requests_finish_then_stops_the_engine(micro, live
     # leaving the block stopped the server (as Ctrl-C does) while the request was running
     client.join(10)
     assert lines[-1] == "data: [DONE]" and '"finish_reason": "length"' in lines[-2]
-    assert not engine._thread.is_alive()
+    assert not engine.is_alive()
 
 
 def test_web_page_is_served(server):

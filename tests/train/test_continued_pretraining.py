@@ -22,7 +22,8 @@ from lmforge.data.readers import DataError
 from lmforge.infer.chat import load_for_inference
 from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.transformer import GPT
-from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer_train import train_tokenizer
 from lmforge.train import pretrain
 from lmforge.train.metrics import read_metrics
 from lmforge.train.optim import lr_at
