@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -37,15 +36,10 @@ from lmforge.tasks.arithmetic import arithmetic_task
 from lmforge.tasks.base import Problem, Task
 from lmforge.tasks.gsm8k import gsm8k_task
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from lmforge.train.loop import StopFlag
-from lmforge.train.metrics import MetricsLog, read_metrics
-from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.checkpoint import resume_latest, save_step
+from lmforge.train.loop import fit
+from lmforge.train.metrics import read_metrics
+from lmforge.train.optim import make_optimizer
 from lmforge.train.run_dir import run_config, start_run
 
 COLD_START_STEP = 1_000_000  # cold-start problems are the task's draws from this step on
@@ -292,83 +286,44 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
     relayout(policy)  # before the optimizer: its state takes the parameters' final strides
     optimizer = make_optimizer(policy, cfg, device)
     ckpt_root = out_dir / "checkpoints"
-    step, wall_before, state = 0, 0.0, {}
-    existing = list_checkpoints(ckpt_root) if cfg.resume else []
-    if existing:
-        state = load_checkpoint(existing[-1], policy, optimizer)
-        step, wall_before = state["step"], state.get("wall_seconds", 0.0)
-        tqdm.write(f"resuming from {existing[-1]} (step {step})", file=sys.stderr)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if existing else None)
+    state = resume_latest(ckpt_root, policy, optimizer, None, cfg.resume)
+    wall_before = state.get("wall_seconds", 0.0)
     n_answers = cfg.prompts_per_step * cfg.group_size
 
     def wall() -> float:
         return wall_before + time.perf_counter() - t_start
 
-    def save(at_step: int) -> None:
-        save_checkpoint(
-            ckpt_root / f"step_{at_step:06d}",
-            policy,
-            optimizer,
-            at_step,
-            {"prompts": at_step * cfg.prompts_per_step},
-            model_source(model_dir),
-            # and the steps since the last metrics line: a resumed run logs the same rows
-            extra={"wall_seconds": wall(), "log": {"window": window}},
-            pad_token_id=tok.pad_id,
-        )
-        prune_checkpoints(ckpt_root, cfg.keep_last)
+    def save(step: int, loop_state: dict) -> None:
+        save_step(
+            ckpt_root, step, policy, optimizer, {"prompts": step * cfg.prompts_per_step}, None,
+            cfg.keep_last, model_source(model_dir), tok.pad_id,
+            extra={"wall_seconds": wall(), "log": loop_state},
+        )  # fmt: skip
 
     last_answers: list = []
     # training problems too: what RL optimises (held-out shows whether it generalises)
     seen = {p.text: p for i in range(50) for p in task.train(PROBE_STEP + i)}
     probe = dataclasses.replace(task, eval=list(seen.values())[: cfg.eval_prompts])
 
-    def run_eval(at_step: int) -> float:
+    def run_eval(step: int) -> dict:
         nonlocal last_answers
         acc, last_answers = evaluate(policy, task, cfg.max_new_tokens, stop)
         train_acc, _ = evaluate(policy, probe, cfg.max_new_tokens, stop)
-        if task.eval:
-            metrics.write(step=at_step, val_accuracy=acc, train_accuracy=train_acc)
-        return acc
+        return {"val_accuracy": acc, "train_accuracy": train_acc} if task.eval else {}
 
-    # --- loop
-    if not existing:
-        acc = run_eval(0)
-        tqdm.write(
-            f"step 0: held-out accuracy {acc:.3f} ({len(task.eval)} prompts)", file=sys.stderr
+    def train_step(step: int) -> dict:
+        seed = rollout_seed(cfg.seed, step, n_answers)
+        return grpo_step(
+            policy, ref, optimizer, task, task.train(step), cfg, seed, tok.pad_id, stop
         )
-    interrupted = False
-    window: dict[str, list[float]] = state.get("log", {}).get("window", {})
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", unit="step", dynamic_ncols=True)
-    with StopFlag() as flag:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            seed = rollout_seed(cfg.seed, step, n_answers)
-            stats = grpo_step(
-                policy, ref, optimizer, task, task.train(step), cfg, seed, tok.pad_id, stop
-            )
-            stats["seconds_per_step"] = time.perf_counter() - t0
-            for k, v in stats.items():
-                window.setdefault(k, []).append(v)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.3f}")
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                metrics.write(step=step, lr=lr, **{k: sum(v) / len(v) for k, v in window.items()})
-                window = {}
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                acc = run_eval(step)
-                bar.write(f"step {step}: held-out accuracy {acc:.3f}", file=sys.stderr)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                save(step)
-            if flag.stop and step < cfg.max_steps:
-                save(step)
-                interrupted = True
-                break
-    bar.close()
+
+    done = fit(
+        cfg, optimizer, train_step, run_eval, save, out_dir=out_dir, desc="grpo",
+        resumed=state, device=device, eval_at_start=True,
+    )  # fmt: skip
+    step, interrupted = done["step"], done["interrupted"]
+    if not last_answers:  # resumed at the last step: the examples need the newest answers
+        _, last_answers = evaluate(policy, task, cfg.max_new_tokens, stop)
 
     # --- outputs
     rows = read_metrics(out_dir / "metrics.jsonl")
@@ -410,11 +365,13 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
         "examples": examples,
         "params": num_params(policy),
         "wall_seconds": seconds,
-        "seconds_per_step": (
-            sorted(r["seconds_per_step"] for r in train_rows)[len(train_rows) // 2]
+        "s_per_step": (
+            sorted(r["s_per_step"] for r in train_rows)[len(train_rows) // 2]
             if train_rows
             else math.nan
         ),
+        "train_seconds": done["train_seconds"],
+        "peak_memory_mb": done["peak_memory_mb"],
         "device": str(device),
         "base_model": str(model_dir),
     }

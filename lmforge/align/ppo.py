@@ -24,13 +24,11 @@ import json
 import math
 import resource
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -46,15 +44,10 @@ from lmforge.model.transformer import num_params
 from lmforge.perf import autocast, pick_device
 from lmforge.tasks.qa import qa_check, qa_reference, qa_reward
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
-from lmforge.train.loop import StopFlag
+from lmforge.train.checkpoint import resume_latest, save_step
+from lmforge.train.loop import fit
 from lmforge.train.metrics import MetricsLog, read_metrics
-from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.optim import make_optimizer
 from lmforge.train.run_dir import run_config, start_run
 
 # --------------------------------------------------------------------------- the math
@@ -378,40 +371,19 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     optimizer = make_optimizer(trainable, cfg, device)
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     ckpt_root = out_dir / "checkpoints"
-    step, state = 0, {}
-    existing = list_checkpoints(ckpt_root) if cfg.resume else []
-    if existing:
-        state = load_checkpoint(existing[-1], policy, optimizer)
-        value_head.load_state_dict(
-            load_file(str(existing[-1] / "value_head.safetensors"), device=str(device))
-        )
-        step, kl_ctl.value = state["step"], state["kl_coef"]
-        tqdm.write(f"resuming from {existing[-1]} (step {step})", file=sys.stderr)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step if existing else None)
-    samples_log = MetricsLog(out_dir / "samples.jsonl", resume_step=step if existing else None)
+    heads = {"value_head": value_head}  # rides along in every checkpoint
+    state = resume_latest(ckpt_root, policy, optimizer, None, cfg.resume, modules=heads)
+    kl_ctl.value = state.get("kl_coef", kl_ctl.value)
+    samples_log = MetricsLog(out_dir / "samples.jsonl", resume_step=state.get("step"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def write_weights(d: Path) -> None:
-        save_model(policy, d, tok_dir, pad_token_id=tok.pad_id)
-        head = {k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}
-        save_file(head, str(d / "value_head.safetensors"))
-
-    def checkpoint(at_step: int) -> None:
-        save_checkpoint(
-            ckpt_root / f"step_{at_step:06d}",
-            policy,
-            optimizer,
-            at_step,
-            {"rollouts": at_step * cfg.prompts_per_step},
-            # and the sums since the last metrics line: a resumed run logs the same rows
-            extra={
-                "kl_coef": kl_ctl.value,
-                "log": {"sums": sums, "steps": n_logged, "seconds": time.perf_counter() - t_last},
-            },
-            write_weights=write_weights,
-        )
-        prune_checkpoints(ckpt_root, cfg.keep_last)
+    def checkpoint(step: int, loop_state: dict) -> None:
+        save_step(
+            ckpt_root, step, policy, optimizer, {"rollouts": step * cfg.prompts_per_step}, None,
+            cfg.keep_last, tok_dir, tok.pad_id, modules=heads,
+            extra={"kl_coef": kl_ctl.value, "log": loop_state},
+        )  # fmt: skip
 
     def sample(prompts: list[list[int]], seed: int, greedy: bool = False) -> list[list[int]]:
         return sample_answers(
@@ -473,7 +445,6 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
         ids, mask = pad_rollouts(prompts, drawn, tok.pad_id)
         logp, _, ref_logp = forward_chunks(ids)
         result["val_kl"] = ((logp - ref_logp) * mask).sum(1).mean().item()
-        metrics.write(step=at_step, **result)
         for (_, p), a, s in list(zip(evals, answers, scores.tolist()))[:4]:
             prompt = p.messages[-1]["content"]
             samples_log.write(step=at_step, prompt=prompt, answer=tok.decode(a), reward=s)
@@ -521,89 +492,55 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
             break  # the inner loop stopped early: skip the remaining epochs too
         return {**{k: v / updates for k, v in sums.items()}, "epochs": epochs}
 
-    # --- loop
-    before = {} if existing else evaluate(0)
-    interrupted, train_time = False, 0.0
-    log = state.get("log", {})  # the sums since the last metrics line, from the checkpoint
-    sums: dict[str, float] = log.get("sums", {})
-    n_logged, t_last = log.get("steps", 0), time.perf_counter() - log.get("seconds", 0.0)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="ppo", unit="step", dynamic_ncols=True)
-    with StopFlag() as flag:
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # rollout: sample, score, and the per-token numbers the update starts from
-            batch = [
-                train[i] for i in prompt_plan(len(train), cfg.prompts_per_step, cfg.seed, step)
-            ]
-            prompts = [ids for ids, _ in batch]
-            answers = sample(prompts, cfg.seed + step * cfg.prompts_per_step)
-            scores, outcomes = score(batch, answers)
-            ids, mask = pad_rollouts(prompts, answers, tok.pad_id)
-            logp, values, ref_logp = forward_chunks(ids)
-            if cfg.whiten_rewards:  # the batch's scores to mean 0, std 1: a scale-free reward
-                shaped = whiten(scores, torch.ones_like(scores, dtype=torch.bool))
-            else:
-                shaped = scores
-            rewards, kl = per_token_rewards(shaped, logp, ref_logp, mask, kl_ctl.value)
-            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            rollout = {
-                "ids": ids,
-                "lengths": torch.tensor([len(p) + len(a) for p, a in zip(prompts, answers)]),
-                "mask": mask,
-                "logp": logp,
-                "values": values,
-                "advantages": whiten(advantages, mask),
-                "returns": returns,
-            }
-            # update
-            update = train_on(rollout, step)
-            kl_per_answer = kl.sum(1).mean().item()
-            row = {
-                "reward": scores.mean().item(),
-                "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-                "kl": kl_per_answer,
-                "kl_k3": torch.where(mask, kl_k3(logp, ref_logp), 0.0).sum(1).mean().item(),
-                "kl_coef": kl_ctl.value,
-                "entropy": -masked_mean(logp, mask).item(),  # sampled tokens' mean -log pi
-                "answer_len": float(mask.sum(1).float().mean()),
-                "stopped": float(np.mean([bool(a) and a[-1] in stops for a in answers])),
-                "value_mean": masked_mean(values, mask).item(),
-                **update,
-            }
-            for name in ("correct", "abstain", "wrong") if outcomes else ():
-                row[name] = sum(o == name for o in outcomes) / len(outcomes)
-            if cfg.adaptive_kl:
-                kl_ctl.update(kl_per_answer, len(answers))
-            for k, v in row.items():
-                sums[k] = sums.get(k, 0.0) + v
-            step += 1
-            n_logged += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                dt = time.perf_counter() - t_last
-                train_time += dt
-                mean = {k: v / n_logged for k, v in sums.items()}
-                metrics.write(step=step, lr=lr, **mean, s_per_step=dt / n_logged)
-                bar.set_postfix(reward=f"{mean['reward']:.3f}", kl=f"{mean['kl']:.2f}")
-                sums, n_logged, t_last = {}, 0, time.perf_counter()
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                result = evaluate(step)
-                if result:
-                    bar.write(
-                        f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()),
-                        file=sys.stderr,
-                    )
-                t_last = time.perf_counter()
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-                checkpoint(step)
-                t_last = time.perf_counter()
-            if flag.stop and step < cfg.max_steps:
-                checkpoint(step)
-                interrupted = True
-                break
-    bar.close()
+    def train_step(step: int) -> dict:
+        """Rollout (sample, score, the per-token numbers the update starts from), then the
+        PPO update on it."""
+        batch = [train[i] for i in prompt_plan(len(train), cfg.prompts_per_step, cfg.seed, step)]
+        prompts = [ids for ids, _ in batch]
+        answers = sample(prompts, cfg.seed + step * cfg.prompts_per_step)
+        scores, outcomes = score(batch, answers)
+        ids, mask = pad_rollouts(prompts, answers, tok.pad_id)
+        logp, values, ref_logp = forward_chunks(ids)
+        if cfg.whiten_rewards:  # the batch's scores to mean 0, std 1: a scale-free reward
+            shaped = whiten(scores, torch.ones_like(scores, dtype=torch.bool))
+        else:
+            shaped = scores
+        rewards, kl = per_token_rewards(shaped, logp, ref_logp, mask, kl_ctl.value)
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        rollout = {
+            "ids": ids,
+            "lengths": torch.tensor([len(p) + len(a) for p, a in zip(prompts, answers)]),
+            "mask": mask,
+            "logp": logp,
+            "values": values,
+            "advantages": whiten(advantages, mask),
+            "returns": returns,
+        }
+        update = train_on(rollout, step)
+        kl_per_answer = kl.sum(1).mean().item()
+        row = {
+            "reward": scores.mean().item(),
+            "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "kl": kl_per_answer,
+            "kl_k3": torch.where(mask, kl_k3(logp, ref_logp), 0.0).sum(1).mean().item(),
+            "kl_coef": kl_ctl.value,
+            "entropy": -masked_mean(logp, mask).item(),  # sampled tokens' mean -log pi
+            "answer_len": float(mask.sum(1).float().mean()),
+            "stopped": float(np.mean([bool(a) and a[-1] in stops for a in answers])),
+            "value_mean": masked_mean(values, mask).item(),
+            **update,
+        }
+        for name in ("correct", "abstain", "wrong") if outcomes else ():
+            row[name] = sum(o == name for o in outcomes) / len(outcomes)
+        if cfg.adaptive_kl:
+            kl_ctl.update(kl_per_answer, len(answers))
+        return row
+
+    done = fit(
+        cfg, optimizer, train_step, evaluate, checkpoint, out_dir=out_dir, desc="ppo",
+        resumed=state, device=device, eval_at_start=True,
+    )  # fmt: skip
+    step, interrupted = done["step"], done["interrupted"]
 
     # --- outputs
     # from the log, so a resumed (or re-run finished) stage reports the whole run
@@ -627,7 +564,8 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
         "after": after,
         "kl_coef": kl_ctl.value,
         "train_kl": trained[-1]["kl"] if trained else math.nan,
-        "train_seconds": train_time,
+        "train_seconds": done["train_seconds"],
+        "peak_memory_mb": done["peak_memory_mb"],
         "device": str(device),
         "base_model": str(model_dir),
     }

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -97,15 +98,20 @@ def save_checkpoint(
     extra: dict | None = None,
     pad_token_id: int | None = None,
     write_weights=None,
+    modules: dict | None = None,
 ) -> Path:
     """Write model + trainer_state into ckpt_dir atomically; returns the final path.
-    `write_weights(dir)` replaces the full model save (LoRA writes only its adapter)."""
+    `write_weights(dir)` replaces the full model save (LoRA writes only its adapter);
+    `modules` {name: nn.Module} ride along as `<name>.safetensors` (PPO's value head)."""
     ckpt_dir = Path(ckpt_dir)
     with atomic_dir(ckpt_dir) as tmp:
         if write_weights is None:
             save_model(model, tmp, tokenizer_dir, pad_token_id=pad_token_id)
         else:
             write_weights(tmp)
+        for name, module in (modules or {}).items():
+            tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            save_file(tensors, str(tmp / f"{name}.safetensors"))
         ts = tmp / "trainer_state"
         ts.mkdir()
         torch.save(optimizer.state_dict(), ts / "optimizer.pt")
@@ -136,15 +142,21 @@ def is_complete(ckpt_dir: Path) -> bool:
     return True
 
 
-def load_checkpoint(ckpt_dir: str | Path, model, optimizer=None, read_weights=None) -> dict:
+def load_checkpoint(
+    ckpt_dir: str | Path, model, optimizer=None, read_weights=None, modules: dict | None = None
+) -> dict:
     """Restore weights (and optimizer and RNG when given) in place; returns state.json.
-    `read_weights(dir)` replaces the full model load (the counterpart of write_weights)."""
+    `read_weights(dir)` replaces the full model load (the counterpart of write_weights);
+    `modules` are loaded from the files save_checkpoint wrote for them."""
     ckpt_dir = Path(ckpt_dir)
     if read_weights is None:
         sd = from_hf_state_dict(_read_tensors(ckpt_dir), model.cfg)
         model.load_state_dict(sd, strict=True)
     else:
         read_weights(ckpt_dir)
+    for name, module in (modules or {}).items():
+        device = str(next(module.parameters()).device)
+        module.load_state_dict(load_file(str(ckpt_dir / f"{name}.safetensors"), device=device))
     ts = ckpt_dir / "trainer_state"
     state = read_json(ts / "state.json", "trainer state")
     if optimizer is not None:
@@ -287,12 +299,19 @@ def load_whole_into_sharded(ckpt_dir: str | Path, model, optimizer, info: dist.D
 
 
 def resume_latest(
-    ckpt_root, model, optimizer, loader=None, resume: bool = True, info=None, read_weights=None
+    ckpt_root,
+    model,
+    optimizer,
+    loader=None,
+    resume: bool = True,
+    info=None,
+    read_weights=None,
+    modules: dict | None = None,
 ) -> dict:
     """Resume from the newest step checkpoint under ckpt_root, whichever strategy and number of
     processes wrote it; returns its state.json ({} for a fresh start). All ranks call this. `loader`
     (None when the step alone places the data) gets its saved position back; `read_weights`
-    is load_checkpoint's (a LoRA adapter)."""
+    and `modules` are load_checkpoint's (a LoRA adapter; a value head)."""
     info = info or dist.DistInfo()
     existing = list_checkpoints(ckpt_root) if resume else []
     if not existing:
@@ -303,7 +322,7 @@ def resume_latest(
     elif info.sharded:
         state = load_whole_into_sharded(latest, model, optimizer, info)
     else:
-        state = load_checkpoint(latest, model, optimizer, read_weights=read_weights)
+        state = load_checkpoint(latest, model, optimizer, read_weights, modules)
     if loader is not None:
         loader.load_state_dict(state["loader"])
     if info.is_main:
@@ -323,12 +342,15 @@ def save_step(
     pad_token_id: int | None = None,
     write_weights=None,
     extra: dict | None = None,
+    modules: dict | None = None,
 ) -> None:
     """A step checkpoint, then the oldest pruned (all ranks call this). Sharded training: every
     rank writes its own shards; otherwise every rank holds the same state and rank 0 writes it
-    (`write_weights` and `extra`, more for state.json, as in save_checkpoint)."""
+    (`write_weights`, `modules` and `extra`, more for state.json, as in save_checkpoint)."""
     info = info or dist.DistInfo()
     where = Path(ckpt_root) / step_name(step)
+    if info.sharded and modules:
+        raise ConfigError("a sharded checkpoint cannot carry extra modules")
     if info.sharded:
         save_sharded(
             where, model, optimizer, step, loader_state, info, tokenizer_dir, pad_token_id, extra
@@ -336,7 +358,7 @@ def save_step(
     elif info.is_main:
         save_checkpoint(
             where, model, optimizer, step, loader_state, tokenizer_dir, extra=extra,
-            pad_token_id=pad_token_id, write_weights=write_weights,
+            pad_token_id=pad_token_id, write_weights=write_weights, modules=modules,
         )  # fmt: skip
     if info.is_main:
         prune_checkpoints(ckpt_root, keep_last)

@@ -247,7 +247,7 @@ def test_an_interrupted_run_resumes_exactly(micro_pretrained, tmp_path):
 
     def rows(name):
         return [
-            {k: v for k, v in r.items() if k != "seconds_per_step"}
+            {k: v for k, v in r.items() if k != "s_per_step"}
             for r in read_metrics(tmp_path / name / "metrics.jsonl")
         ]
 
@@ -274,7 +274,7 @@ def test_run_on_arithmetic_writes_model_curves_and_a_headline(micro_pretrained, 
     train_rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "reward" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
     keys = {"reward", "accuracy", "kl", "loss", "answer_len", "stopped", "groups_with_signal"}
-    assert keys | {"seconds_per_step", "lr"} <= train_rows[0].keys()
+    assert keys | {"s_per_step", "lr"} <= train_rows[0].keys()
     assert all(1 <= r["answer_len"] <= 4 for r in train_rows)  # 3 tokens and maybe a stop
     assert (tmp_path / "model" / "model.safetensors").exists() and (
         tmp_path / "curves.png"
