@@ -33,10 +33,10 @@ from lmforge.align.preference import (
 )
 from lmforge.align.rollout import sample_answers, token_logprobs
 from lmforge.config import ConfigError, DistConfig, DPOConfig, LoRAConfig
-from lmforge.infer.chat import load_for_inference, stop_ids
+from lmforge.infer.chat import stop_ids
 from lmforge.infer.cpu_decode import relayout
 from lmforge.io import atomic_dir, write_json
-from lmforge.model.checkpoint import load_model
+from lmforge.model.load import load, model_source
 from lmforge.model.transformer import num_params
 from lmforge.train import dist
 from lmforge.train.dist_ckpt import save_final
@@ -154,8 +154,6 @@ def run(
     out_dir/model (out_dir/adapter with lora_r), metrics.jsonl, curves.png, summary.json.
     Under torchrun (dist.strategy ddp, or fsdp without LoRA) every rank calls this; rank 0
     writes the files and runs the judge."""
-    from lmforge.infer.chat import model_source
-
     if cfg.lora_r and model_source(model_dir) != Path(model_dir):
         # the new adapter would be saved against the plain base model, so loading it would
         # silently drop the adapter it started from
@@ -182,7 +180,7 @@ def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> d
     torch.manual_seed(cfg.seed)
     lora = None
     if cfg.lora_r:
-        from lmforge.align import lora
+        from lmforge.model import lora
 
         lora.apply_lora(policy, dataclasses.replace(lora_cfg, r=cfg.lora_r), seed=cfg.seed)
     mean = cfg.loss == "ipo"
@@ -246,8 +244,8 @@ def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> d
     if not info.is_main:
         return {"step": done["step"], "interrupted": done["interrupted"], "rank": info.rank}
     if info.sharded:  # the judge generates on rank 0 alone, with whole models read back
-        policy = load_model(out_dir / "model", device=device)
-        reference = load_for_inference(model_dir, device=device)[0]
+        policy = load(out_dir / "model", device=device)[0]
+        reference = load(model_dir, device=device)[0]
 
     # --- outputs
     ev = done["eval"]

@@ -33,7 +33,7 @@ from lmforge.config import (
 )
 from lmforge.data.readers import DataError, is_val, read_jsonl
 from lmforge.io import atomic_dir, read_json, write_json
-from lmforge.model.checkpoint import load_model
+from lmforge.model.load import load
 from lmforge.model.transformer import flops_per_token, num_params
 from lmforge.perf import matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
@@ -282,7 +282,7 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = Tokenizer.load(model_dir)
-    model = load_model(model_dir, device=device, quantized_ok=False)
+    model = load(model_dir, device=device, trainable=True)[0]
     if cfg.seq_len > model.cfg.max_seq_len:
         raise ConfigError(
             f"sft.seq_len ({cfg.seq_len}) exceeds the model's context ({model.cfg.max_seq_len})"
@@ -294,7 +294,7 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
     torch.manual_seed(cfg.seed)
     lora = None
     if lora_cfg.r:
-        from lmforge.align import lora
+        from lmforge.model import lora
 
         lora.apply_lora(model, lora_cfg, seed=cfg.seed)
     n_params = num_params(model)

@@ -327,10 +327,10 @@ def create_app(
             raise ConfigError(f"{path} is not a model or adapter directory")
 
         def load():
-            from lmforge.infer.chat import load_for_inference
+            from lmforge.model.load import load as load_model_dir
             from lmforge.perf import pick_device
 
-            return load_for_inference(path, pick_device(device))
+            return load_model_dir(path, device=pick_device(device))
 
         # the directory's name, not its path: /v1/models must not tell clients our file layout
         model_name = model_name or path.resolve().name

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from lmforge.align.lora import apply_lora, merge_lora, save_adapter
 from lmforge.config import LoRAConfig
 from lmforge.model.checkpoint import load_model
+from lmforge.model.lora import apply_lora, merge_lora, save_adapter
 from lmforge.tokenizer import Tokenizer
 
 PROMPT = "Once upon a time"
