@@ -36,7 +36,7 @@ def model_source(path: str | Path) -> Path:
     by a LoRA adapter's adapter_config.json, else path itself (checked to be a model dir)."""
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"model directory not found: {path}")
+        raise ConfigError(f"checkpoint directory not found: {path}")
     if is_adapter(path):
         return _adapter_base(path / ADAPTER_CONFIG)
     if not (path / "config.json").is_file():

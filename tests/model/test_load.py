@@ -76,7 +76,7 @@ def test_quantized_dir_loads_for_inference_and_is_refused_for_training(micro_pre
 
 
 def test_a_dir_that_is_no_model_gets_an_error_naming_what_is_missing(tmp_path):
-    with pytest.raises(ConfigError, match="model directory not found: .*nope"):
+    with pytest.raises(ConfigError, match="checkpoint directory not found: .*nope"):
         load(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="neither config.json .* nor adapter_config.json"):
