@@ -184,15 +184,15 @@ def gguf_bytes_per_token(path: Path) -> int:
 def quantized_copy(model_dir: Path, method: str, tmp: Path):
     """`lmforge quantize`'s method on the float model, saved and loaded back as `lmforge
     generate` would load it."""
-    from lmforge.compress.quant import save_quantized
     from lmforge.compress.quantize import quantize_model
     from lmforge.config import QuantizeConfig
-    from lmforge.infer.chat import load_for_inference
+    from lmforge.model.checkpoint import save_quantized
+    from lmforge.model.load import load
 
-    model, tok = load_for_inference(model_dir)
+    model, tok = load(model_dir)
     spec = quantize_model(model, QuantizeConfig(method=method, eval_tokens=0))
     save_quantized(model, spec, tmp / method, model_dir, tok.pad_id)
-    return load_for_inference(tmp / method)[0]
+    return load(tmp / method)[0]
 
 
 def llama_run(args, request: dict, tmp: Path) -> dict:
@@ -259,14 +259,15 @@ def bench_real(args) -> None:
     """Every side on one real model: tokens/s, ratios, bandwidth use, greedy agreement."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    from lmforge.infer.chat import chat_prompt_ids, load_for_inference
+    from lmforge.infer.chat import chat_prompt_ids
+    from lmforge.model.load import load
 
     model_dir = Path(args.model_dir).expanduser()
     # torch, our kernels and llama.cpp all use OpenMP, whose threads spin while they wait by
     # default; on cores shared with other jobs that spinning dominates (see docs/benchmarks.md)
     omp_wait = os.environ.get("OMP_WAIT_POLICY", "(unset)")
     n = args.new_tokens
-    fp32, tok = load_for_inference(model_dir)
+    fp32, tok = load(model_dir)
     prompt = chat_prompt_ids(tok, [{"role": "user", "content": args.prompt}])
     hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     hf.generation_config = GenerationConfig(eos_token_id=None)  # no side stops early

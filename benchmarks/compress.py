@@ -38,8 +38,8 @@ from lmforge.compress import prune as prune_stage
 from lmforge.compress import quantize as quantize_stage
 from lmforge.config import PruneConfig, QuantizeConfig
 from lmforge.data.loader import val_batches, val_languages
-from lmforge.infer.chat import load_for_inference
 from lmforge.infer.generate import generate
+from lmforge.model.load import load
 from lmforge.perf import memory_bandwidth
 
 PROMPT = "Once upon a time, there was a little girl named"
@@ -227,7 +227,7 @@ def bench_model(label: str, model_dir: Path, data_dir: Path, args, bandwidth: fl
     found = variants(model_dir, data_dir, work, args.group_size)
     rows, results, ref = [], {}, None
     for name, path in found.items():  # fp32 first: its log-probabilities are the reference
-        model, tok = load_for_inference(path)
+        model, tok = load(path)
         size = (path / "model.safetensors").stat().st_size
         ppl, kl, logps = quality(model, data_dir, args.eval_tokens, ref)
         ref = ref or logps

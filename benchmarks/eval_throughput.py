@@ -20,7 +20,7 @@ import time
 import torch
 
 from lmforge.eval.multiple_choice import evaluate_mc
-from lmforge.infer.chat import load_for_inference
+from lmforge.model.load import load
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_for_inference(args.model)
+    model, tok = load(args.model)
     settings = {  # name: (batch size, share the context among a question's choices)
         "one request at a time": (1, False),
         f"batches of {args.batch_size}": (args.batch_size, False),

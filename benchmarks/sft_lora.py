@@ -87,7 +87,7 @@ def run_side(args) -> dict:
     lora = args.side.endswith("lora")
     lr = args.lr_lora if lora else args.lr_full
     if args.side.startswith("ours"):
-        from lmforge.align.lora import apply_lora
+        from lmforge.model.lora import apply_lora
         from lmforge.train.optim import make_optimizer
 
         model = load_model(args.model)

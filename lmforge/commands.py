@@ -19,14 +19,14 @@ def _sampling(args) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from lmforge.infer.chat import load_for_inference
     from lmforge.infer.generate import fit_prompt, stream_text
+    from lmforge.model.load import load
     from lmforge.perf import pick_device
 
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     # the loader chat, serve and eval use: model dirs, quantized ones and LoRA adapter dirs
-    model, tok = load_for_inference(args.checkpoint, device=pick_device(args.device))
+    model, tok = load(args.checkpoint, device=pick_device(args.device))
     bos = [tok.bos_id] if tok.prepend_bos and not args.no_bos else []
     ids = fit_prompt(
         bos + tok.encode(args.prompt), model.cfg.max_seq_len, args.max_new_tokens, args.truncate
@@ -48,12 +48,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from lmforge.infer.chat import load_for_inference, run_chat
+    from lmforge.infer.chat import run_chat
+    from lmforge.model.load import load
     from lmforge.perf import pick_device
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tok = load_for_inference(args.checkpoint, device=pick_device(args.device))
+    model, tok = load(args.checkpoint, device=pick_device(args.device))
     run_chat(
         model,
         tok,
@@ -66,7 +67,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from lmforge.align.lora import export_merged
+    from lmforge.model.lora import export_merged
 
     if args.format == "gguf":
         from lmforge.compress.gguf import export_gguf

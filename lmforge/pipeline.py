@@ -209,11 +209,11 @@ def data_config(recipe: Recipe, out: Path):
 
 def generate_samples(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
     """One generation per prompt from the checkpoint, with the recipe's sampling settings."""
-    from lmforge.infer.chat import load_for_inference
     from lmforge.infer.generate import stream_text
+    from lmforge.model.load import load
     from lmforge.perf import pick_device
 
-    model, tok = load_for_inference(ckpt_dir, device=pick_device(device))
+    model, tok = load(ckpt_dir, device=pick_device(device))
     out = []
     for i, prompt in enumerate(sample_cfg.prompts):
         ids = ([tok.bos_id] if tok.prepend_bos else []) + tok.encode(prompt)
@@ -236,10 +236,11 @@ def generate_samples(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
 
 def chat_answers(ckpt_dir, sample_cfg, device: str = "auto") -> list[dict]:
     """Greedy answers to the recipe's chat prompts, each a fresh one-turn conversation."""
-    from lmforge.infer.chat import answer, load_for_inference
+    from lmforge.infer.chat import answer
+    from lmforge.model.load import load
     from lmforge.perf import pick_device
 
-    model, tok = load_for_inference(ckpt_dir, device=pick_device(device))
+    model, tok = load(ckpt_dir, device=pick_device(device))
     return [
         {
             "prompt": prompt,
@@ -383,10 +384,10 @@ def _quantize_all(recipe: Recipe, model_dir: Path, data_dir: Path, d: Path, log)
     """Quantize the run's final model once per `quantize.methods` entry into d/<name>; a LoRA
     adapter is merged into its base first (d/merged)."""
     from lmforge.compress import quantize
-    from lmforge.infer.chat import model_source
+    from lmforge.model.load import model_source
 
     if model_source(model_dir) != model_dir:
-        from lmforge.align.lora import export_merged
+        from lmforge.model.lora import export_merged
 
         merged = d / "merged"
         if not (merged / "model.safetensors").is_file():

@@ -33,10 +33,11 @@ from lmforge.align.preference import (
 )
 from lmforge.align.rollout import sample_answers, token_logprobs
 from lmforge.config import ConfigError, DistConfig, DPOConfig, LoRAConfig
-from lmforge.infer.chat import load_for_inference, stop_ids
+from lmforge.infer.chat import stop_ids
 from lmforge.infer.cpu_decode import relayout
 from lmforge.io import atomic_dir, write_json
-from lmforge.model.checkpoint import load_model
+from lmforge.model.load import load, model_source
+from lmforge.model.lora import apply_lora, load_adapter_weights, save_adapter
 from lmforge.model.transformer import num_params
 from lmforge.train import dist
 from lmforge.train.checkpoint import save_final
@@ -154,8 +155,6 @@ def run(
     out_dir/model (out_dir/adapter with lora_r), metrics.jsonl, curves.png, summary.json.
     Under torchrun (dist.strategy ddp, or fsdp without LoRA) every rank calls this; rank 0
     writes the files and runs the judge."""
-    from lmforge.infer.chat import model_source
-
     if cfg.lora_r and model_source(model_dir) != Path(model_dir):
         # the new adapter would be saved against the plain base model, so loading it would
         # silently drop the adapter it started from
@@ -180,11 +179,9 @@ def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> d
     if info.sharded:  # the frozen reference is sharded like the policy (forward passes only)
         dist.parallelize(reference, dist_cfg, info, device)
     torch.manual_seed(cfg.seed)
-    lora = None
-    if cfg.lora_r:
-        from lmforge.align import lora
-
-        lora.apply_lora(policy, dataclasses.replace(lora_cfg, r=cfg.lora_r), seed=cfg.seed)
+    use_lora = bool(cfg.lora_r)
+    if use_lora:
+        apply_lora(policy, dataclasses.replace(lora_cfg, r=cfg.lora_r), seed=cfg.seed)
     mean = cfg.loss == "ipo"
 
     def logps(model, pairs):
@@ -222,8 +219,8 @@ def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> d
                 totals[k] = totals.get(k, 0.0) + v.sum().item()
         return {f"val_{k}": v / len(val_enc) for k, v in totals.items()}
 
-    write_weights = (lambda d: lora.save_adapter(policy, d, str(tok_dir))) if lora else None
-    read_weights = (lambda d: lora.load_adapter_weights(policy, d)) if lora else None
+    write_weights = (lambda d: save_adapter(policy, d, str(tok_dir))) if use_lora else None
+    read_weights = (lambda d: load_adapter_weights(policy, d)) if use_lora else None
     done = train_pairs(
         cfg,
         policy,
@@ -241,13 +238,13 @@ def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> d
         dist_cfg,
         info,
     )
-    if not done["interrupted"] and not lora:
+    if not done["interrupted"] and not use_lora:
         save_final(policy, out_dir / "model", info, tokenizer_dir=tok_dir, pad_token_id=tok.pad_id)
     if not info.is_main:
         return {"step": done["step"], "interrupted": done["interrupted"], "rank": info.rank}
     if info.sharded:  # the judge generates on rank 0 alone, with whole models read back
-        policy = load_model(out_dir / "model", device=device)
-        reference = load_for_inference(model_dir, device=device)[0]
+        policy = load(out_dir / "model", device=device)[0]
+        reference = load(model_dir, device=device)[0]
 
     # --- outputs
     ev = done["eval"]
@@ -278,9 +275,9 @@ def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> d
             )
             summary["judge"] = judged
             headline += f"; reward-model win rate vs the starting model {judged['win_rate']:.3f} on {judged['prompts']} prompts"
-        if lora:
+        if use_lora:
             with atomic_dir(out_dir / "adapter") as tmp:
-                lora.save_adapter(policy, tmp, str(tok_dir))
+                save_adapter(policy, tmp, str(tok_dir))
         plot_curves(
             out_dir / "metrics.jsonl",
             out_dir / "curves.png",

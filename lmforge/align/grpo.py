@@ -26,10 +26,11 @@ from tqdm import tqdm
 from lmforge.align.preference import answer_ids, plot_curves
 from lmforge.align.rollout import kl_k3, masked_mean, pad_rollouts, sample_answers, token_logprobs
 from lmforge.config import ConfigError, GRPOConfig, resolve_path
-from lmforge.infer.chat import chat_prompt_ids, load_for_inference, model_source, stop_ids
+from lmforge.infer.chat import chat_prompt_ids, stop_ids
 from lmforge.infer.cpu_decode import relayout
 from lmforge.io import atomic_dir, read_json, write_json
 from lmforge.model.checkpoint import save_model
+from lmforge.model.load import load, model_source
 from lmforge.model.transformer import num_params
 from lmforge.perf import pick_device
 from lmforge.tasks.arithmetic import arithmetic_task
@@ -248,8 +249,8 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy, tok = load_for_inference(model_dir, device, trainable=True)
-    ref, _ = load_for_inference(model_dir, device, trainable=True)  # frozen: the KL anchor
+    policy, tok = load(model_dir, device=device, trainable=True)
+    ref, _ = load(model_dir, device=device, trainable=True)  # frozen: the KL anchor
     ref.requires_grad_(False)
     context = min(cfg.seq_len, policy.cfg.max_seq_len)
     if cfg.seq_len > policy.cfg.max_seq_len:
@@ -278,8 +279,8 @@ def run(cfg: GRPOConfig, model_dir, out_dir, base_dir: str = ".", task: Task | N
             write_json(
                 warm / "cold_start.json", {"val_accuracy_base": base_accuracy, "losses": losses}
             )
-        policy, _ = load_for_inference(warm, device, trainable=True)
-        ref, _ = load_for_inference(warm, device, trainable=True)
+        policy, _ = load(warm, device=device, trainable=True)
+        ref, _ = load(warm, device=device, trainable=True)
         ref.requires_grad_(False)
         base_accuracy = read_json(warm / "cold_start.json", "cold start")["val_accuracy_base"]
     policy.train()

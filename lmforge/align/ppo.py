@@ -36,10 +36,11 @@ from lmforge.align.preference import answer_ids, parse_message, plot_curves, pro
 from lmforge.align.rollout import kl_k3, masked_mean, pad_rollouts, sample_answers, token_logprobs
 from lmforge.config import ConfigError, PPOConfig, PreferenceSourceConfig, resolve_path
 from lmforge.data.readers import DataError, is_val, read_jsonl
-from lmforge.infer.chat import load_for_inference, model_source, stop_ids
+from lmforge.infer.chat import stop_ids
 from lmforge.infer.cpu_decode import relayout
 from lmforge.io import atomic_dir, write_json
 from lmforge.model.checkpoint import save_model
+from lmforge.model.load import load, model_source
 from lmforge.model.transformer import num_params
 from lmforge.perf import autocast, pick_device
 from lmforge.tasks.qa import qa_check, qa_reference, qa_reward
@@ -323,8 +324,8 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    policy, tok = load_for_inference(model_dir, device=device, trainable=True)
-    ref, _ = load_for_inference(model_dir, device=device, trainable=True)
+    policy, tok = load(model_dir, device=device, trainable=True)
+    ref, _ = load(model_dir, device=device, trainable=True)
     ref.requires_grad_(False)
     tok_dir = model_source(model_dir)
     if cfg.seq_len > policy.cfg.max_seq_len:

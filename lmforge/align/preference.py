@@ -37,6 +37,7 @@ from lmforge.config import (
     resolve_path,
 )
 from lmforge.data.readers import DataError, is_val, read_jsonl
+from lmforge.model.load import load, model_source
 from lmforge.perf import autocast
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
@@ -267,7 +268,6 @@ def setup(
     pairs, held-out pairs, data stats), out_dir ready for the run (state.start_run; `sections`:
     other configs that define it). The model is loaded as for inference (an adapter is merged)
     and must hold seq_len tokens."""
-    from lmforge.infer.chat import load_for_inference, model_source
     from lmforge.perf import pick_device
 
     dp_size = info.dp_size if info else 1
@@ -276,7 +276,7 @@ def setup(
     device = dist.device_for(info or dist.DistInfo(), pick_device(cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tok = load_for_inference(model_dir, device=device, trainable=True)
+    model, tok = load(model_dir, device=device, trainable=True)
     if cfg.seq_len > model.cfg.max_seq_len:
         raise ConfigError(
             f"{stage}.seq_len ({cfg.seq_len}) exceeds the model's context ({model.cfg.max_seq_len})"

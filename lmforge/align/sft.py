@@ -32,7 +32,8 @@ from lmforge.config import (
 )
 from lmforge.data.readers import DataError, is_val, read_jsonl
 from lmforge.io import atomic_dir, read_json, write_json
-from lmforge.model.checkpoint import load_model
+from lmforge.model.load import load
+from lmforge.model.lora import apply_lora, load_adapter_weights, save_adapter
 from lmforge.model.transformer import flops_per_token, num_params
 from lmforge.perf import autocast, pick_device
 from lmforge.tokenizer import Tokenizer
@@ -281,7 +282,7 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = Tokenizer.load(model_dir)
-    model = load_model(model_dir, device=device, quantized_ok=False)
+    model = load(model_dir, device=device, trainable=True)[0]
     if cfg.seq_len > model.cfg.max_seq_len:
         raise ConfigError(
             f"sft.seq_len ({cfg.seq_len}) exceeds the model's context ({model.cfg.max_seq_len})"
@@ -291,18 +292,16 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
         tqdm.write(f"skipped {p}", file=sys.stderr)
 
     torch.manual_seed(cfg.seed)
-    lora = None
-    if lora_cfg.r:
-        from lmforge.align import lora
-
-        lora.apply_lora(model, lora_cfg, seed=cfg.seed)
+    use_lora = bool(lora_cfg.r)
+    if use_lora:
+        apply_lora(model, lora_cfg, seed=cfg.seed)
     n_params = num_params(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_model = dist.parallelize(model, dist_cfg, info, device)  # FSDP2 shards `model` in place
     optimizer = make_optimizer(model, cfg, device)
     ckpt_root = out_dir / "checkpoints"
-    write_weights = (lambda d: lora.save_adapter(model, d, str(model_dir))) if lora else None
-    read_weights = (lambda d: lora.load_adapter_weights(model, d)) if lora else None
+    write_weights = (lambda d: save_adapter(model, d, str(model_dir))) if use_lora else None
+    read_weights = (lambda d: load_adapter_weights(model, d)) if use_lora else None
     resumed = resume_latest(ckpt_root, model, optimizer, None, cfg.resume, info, read_weights)
     if cfg.compile and device.type == "cuda":
         train_model = torch.compile(train_model)
@@ -375,7 +374,7 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
     )  # fmt: skip
     step, interrupted = done["step"], done["interrupted"]
     after = {} if interrupted else per_source()  # every rank of a sharded model takes part
-    if not interrupted and not lora:
+    if not interrupted and not use_lora:
         save_final(
             model, out_dir / "model", info, tokenizer_dir=model_dir, pad_token_id=tokenizer.pad_id
         )
@@ -389,7 +388,7 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
         "interrupted": interrupted,
         "params": n_params,
         "trainable_params": trainable,
-        "lora": dataclasses.asdict(lora_cfg) if lora else None,
+        "lora": dataclasses.asdict(lora_cfg) if use_lora else None,
         "examples": {"train": len(train), "val": len(val)},
         "data": stats["sources"],
         "bad_rows": len(stats["problems"]),
@@ -412,9 +411,9 @@ def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, in
     else:  # the process's peak resident memory (Linux reports KiB): weights, optimizer, activations
         summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if not interrupted:
-        if lora:
+        if use_lora:
             with atomic_dir(out_dir / "adapter") as tmp:
-                lora.save_adapter(model, tmp, str(model_dir))
+                save_adapter(model, tmp, str(model_dir))
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title="SFT loss")
     write_json(out_dir / "summary.json", summary)
     return summary

@@ -1,2 +1,3 @@
-"""Compression: weight-only quantization (`quant`, `gptq`, driven by `quantize`), knowledge
-distillation (`distill`), pruning (`prune`) and GGUF export for llama.cpp (`gguf`)."""
+"""Compression stages: weight-only quantization (`gptq`, driven by `quantize`; the quantized
+layer itself is `model.quant`), knowledge distillation (`distill`), pruning (`prune`) and GGUF
+export for llama.cpp (`gguf`)."""

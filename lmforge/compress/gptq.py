@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.compress.quant import QuantLinear, int4_params, quantize_int4, set_module
+from lmforge.model.quant import QuantLinear, int4_params, quantize_int4, set_module
 from lmforge.model.transformer import GPT
 
 

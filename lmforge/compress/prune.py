@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from lmforge.compress.quant import block_linears
 from lmforge.compress.train import (
     byte_table,
     check_data,
@@ -42,6 +41,7 @@ from lmforge.data.loader import PackedLoader
 from lmforge.io import write_json
 from lmforge.model.checkpoint import model_from_tensors
 from lmforge.model.hf import to_hf_state_dict
+from lmforge.model.quant import block_linears
 from lmforge.model.transformer import GPT, num_params
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist

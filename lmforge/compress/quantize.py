@@ -20,19 +20,18 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.compress.gptq import gptq_model
-from lmforge.compress.quant import (
+from lmforge.config import ConfigError, QuantizeConfig
+from lmforge.data.loader import PackedLoader, read_manifest
+from lmforge.io import atomic_dir, write_json
+from lmforge.model.checkpoint import load_model, save_quantized
+from lmforge.model.quant import (
     QuantLinear,
     QuantSpec,
     block_linears,
     check_group,
     quantize_head,
-    save_quantized,
     set_module,
 )
-from lmforge.config import ConfigError, QuantizeConfig
-from lmforge.data.loader import PackedLoader, read_manifest
-from lmforge.io import atomic_dir, write_json
-from lmforge.model.checkpoint import load_model
 from lmforge.model.transformer import GPT
 from lmforge.perf import pick_device
 from lmforge.tokenizer import Tokenizer

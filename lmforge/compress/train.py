@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lmforge.config import ConfigError, DistConfig, PretrainConfig
 from lmforge.data.loader import PackedLoader, read_manifest
-from lmforge.model.checkpoint import load_model
+from lmforge.model.load import load
 from lmforge.model.transformer import GPT, num_params
 from lmforge.perf import autocast, pick_device
 from lmforge.tokenizer import Tokenizer
@@ -48,7 +48,7 @@ def load_float_model(model_dir, device, stage: str) -> GPT:
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"{stage}: {model_dir} is not a model directory (no config.json in it)")
     try:
-        return load_model(model_dir, device=device, quantized_ok=False)
+        return load(model_dir, device=device, trainable=True)[0]
     except ConfigError as e:  # a broken config.json, or a quantized checkpoint
         raise ConfigError(f"{stage}: {e}") from None
 

@@ -232,7 +232,7 @@ def run(
     log_samples: bool = False,
 ) -> list[dict]:
     """Evaluate the checkpoint on each task; writes out_dir/<task>.json; returns all rows."""
-    from lmforge.infer.chat import load_for_inference
+    from lmforge.model.load import load
 
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
@@ -244,7 +244,7 @@ def run(
         from lmforge.eval.sandbox import check_isolation
 
         check_isolation(unsafe_exec)
-    model, tok = load_for_inference(ckpt)
+    model, tok = load(ckpt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []

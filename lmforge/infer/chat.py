@@ -13,51 +13,9 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-
 from lmforge.config import ConfigError
 from lmforge.infer.generate import fit_prompt, stream_text
 from lmforge.tokenizer import Tokenizer
-
-
-def model_source(path: str | Path) -> Path:
-    """The directory holding the weights and tokenizer files behind path: the base model named
-    by a LoRA adapter's adapter_config.json, else path itself."""
-    path = Path(path)
-    config = path / "adapter_config.json"
-    if config.is_file():
-        try:
-            base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ConfigError(f"{config} is not a valid adapter config: {e}") from None
-        if not base or not Path(base).is_dir():
-            raise ConfigError(
-                f"{config}: base_model_name_or_path {base!r} is not a model directory here; "
-                "merge the adapter with `lmforge export --merge-lora`"
-            )
-        return Path(base)
-    return path
-
-
-def load_for_inference(
-    path: str | Path, device: str | torch.device = "cpu", trainable: bool = False
-):
-    """(model, tokenizer) from a model directory, or from a LoRA adapter directory (its
-    adapter_config.json names the base model; the adapter is merged in for speed). A quantized
-    checkpoint loads for inference; trainable=True (a stage that trains the model) refuses it."""
-    from lmforge.model.checkpoint import load_model
-
-    path, base = Path(path), model_source(path)
-    if base != path:
-        from lmforge.align.lora import load_adapter, merge_lora
-
-        model = load_model(base, device=device, quantized_ok=not trainable)
-        load_adapter(model, path)
-        merged = merge_lora(model).eval()
-        if trainable:  # the adapter froze the base weights; a stage that trains needs them all
-            merged.requires_grad_(True)
-        return merged, Tokenizer.load(base)
-    return load_model(path, device=device, quantized_ok=not trainable).eval(), Tokenizer.load(path)
 
 
 def stop_ids(tok: Tokenizer) -> tuple[int, ...]:

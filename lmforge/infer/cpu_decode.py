@@ -83,7 +83,7 @@ class CpuDecoder:
 
     def _blocks(self, m: torch.nn.Module):
         """A linear layer's (out, in) weight -> (threads, in, out / threads) view; one block when
-        out does not split evenly. A quantized layer (compress.quant.QuantLinear) stays itself:
+        out does not split evenly. A quantized layer (model.quant.QuantLinear) stays itself:
         its kernel splits the work over threads and adds its own bias."""
         if type(m) is not torch.nn.Linear:
             return m

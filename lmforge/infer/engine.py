@@ -42,6 +42,7 @@ from lmforge.infer.generate import (
     sample_next,
     special_ids,
 )
+from lmforge.model.lora import LoRALinear
 from lmforge.model.transformer import GPT, KVCache, apply_rope
 
 log = logging.getLogger("lmforge.infer.engine")
@@ -375,7 +376,7 @@ class BlockedLinears:
         relayout(model)
         n = threads or torch.get_num_threads()
         for m in model.modules():
-            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "LoRALinear":
+            if isinstance(m, torch.nn.Linear | LoRALinear):
                 w = m.weight.detach()  # LoRALinear: base plus adapters, merged once here
                 if n > 1 and w.shape[0] % n == 0:
                     blocks = w.view(n, -1, w.shape[1]).transpose(1, 2)  # (n, in, out / n)

@@ -1,6 +1,9 @@
 """Model checkpoints as Hugging Face directories: config.json, model.safetensors, tokenizer files,
 generation_config.json. transformers opens them with `from_pretrained`; we open theirs.
 
+A quantized checkpoint (`model/quant.py` describes its layout) is the same directory with a
+`quantization_config` in config.json and lmforge's own tensor names.
+
 Weights are never pickled. Writing goes through `lmforge.io.atomic_dir` in the caller, so a
 checkpoint directory is either complete or absent.
 """
@@ -17,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import ConfigError, ModelConfig
 from lmforge.io import read_json, write_json
 from lmforge.model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
+from lmforge.model.quant import QuantSpec, build_quantized, quant_spec
 from lmforge.model.transformer import GPT, rope_tables
 from lmforge.tokenizer import Tokenizer
 
@@ -64,6 +68,29 @@ def save_extras(
             src = Path(tokenizer_dir) / name
             if src.exists():
                 shutil.copyfile(src, out / name)
+
+
+def save_quantized(
+    model: GPT, spec: QuantSpec, out_dir: str | Path, tokenizer_dir=None, pad_token_id=None
+) -> None:
+    """config.json (with quantization_config), model.safetensors (lmforge names), the
+    generation config and tokenizer files, into out_dir (which the caller makes atomic)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = to_hf_config(model.cfg, pad_token_id=pad_token_id, torch_dtype="float32")
+    hf["quantization_config"] = spec.to_json()
+    write_json(out / "config.json", hf)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings and "tok_emb.weight" in sd:
+        sd.pop("lm_head.weight", None)  # a float head tied to the embedding is stored once
+    if spec.bits == 4:  # int4 scales and zeros are float16-exact by construction: store them so
+        sd = {k: v.half() if k in _int4_keys(spec) else v for k, v in sd.items()}
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "lmforge-quantized"})
+    save_extras(model.cfg, out, tokenizer_dir, pad_token_id)
+
+
+def _int4_keys(spec: QuantSpec) -> set[str]:
+    return {f"{name}.{t}" for name in spec.modules for t in ("scales", "zeros")}
 
 
 def stop_token_ids(cfg: ModelConfig, tokenizer_dir: str | Path | None) -> int | list[int]:
@@ -118,8 +145,6 @@ def load_model(
     A quantized lmforge checkpoint (`lmforge quantize`) opens with its QuantLinear layers, for
     inference; a caller that trains or rewrites weights passes quantized_ok=False and gets a
     clear error instead."""
-    from lmforge.compress.quant import load_quantized, quant_spec
-
     ckpt = Path(ckpt)
     cfg = load_config(ckpt)
     q = read_json(ckpt / "config.json", "checkpoint config").get("quantization_config")
@@ -163,3 +188,37 @@ def model_from_tensors(
     if rope:
         model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     return model.eval()
+
+
+def load_quantized(cfg, spec: QuantSpec, tensors: dict, ckpt: Path, device="cpu") -> GPT:
+    """A quantized GPT from its checkpoint tensors (lmforge names), shapes checked."""
+    with torch.device("meta"):
+        model = build_quantized(GPT(cfg), spec)
+    expected = model.state_dict()
+    if cfg.tie_embeddings and spec.head_bits == 8:
+        expected.pop("tok_emb.weight", None)
+    if cfg.tie_embeddings and spec.head_bits != 8:
+        expected.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ConfigError(
+            f"quantized checkpoint {ckpt}: missing tensors {missing[:5]}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    sd = {}
+    for k, ref in expected.items():
+        t = tensors[k]
+        if t.shape != ref.shape:
+            raise ConfigError(
+                f"quantized checkpoint {ckpt}: tensor {k} has shape {tuple(t.shape)}, "
+                f"expected {tuple(ref.shape)}"
+            )
+        sd[k] = t.to(ref.dtype)
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_embeddings and spec.head_bits != 8:
+        model.lm_head.weight = model.tok_emb.weight
+    if cfg.pos == "rope":
+        model.rope_cos, model.rope_sin = rope_tables(
+            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling
+        )
+    return model.to(device).eval()

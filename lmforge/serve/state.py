@@ -20,8 +20,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from lmforge.config import ConfigError
-from lmforge.infer.chat import load_for_inference, stop_ids
+from lmforge.infer.chat import stop_ids
 from lmforge.infer.engine import Engine, QueueFull, SamplingParams
+from lmforge.model.load import load
 from lmforge.perf import pick_device
 from lmforge.serve import guards
 from lmforge.serve.guards import RenderBusy, RenderTimeout, TemplateRenderer
@@ -41,12 +42,12 @@ def model_loader(model, device: str) -> tuple[Callable[[], tuple], str | None, s
         if not path.is_dir():
             raise ConfigError(f"{path} is not a model or adapter directory")
 
-        def load():
-            return load_for_inference(path, pick_device(device))
+        def load_dir():
+            return load(path, device=pick_device(device))
 
         # the directory's name, not its path: /v1/models must not tell clients our file layout;
         # clients configured with the path keep working
-        return load, path.resolve().name, {str(model), str(path)}
+        return load_dir, path.resolve().name, {str(model), str(path)}
     if isinstance(model, tuple | list):
         pair = tuple(model)
         return (lambda: pair), None, set()

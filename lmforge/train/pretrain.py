@@ -24,7 +24,8 @@ from lmforge.data.loader import (
     replay_rows,
 )
 from lmforge.io import read_json, write_json
-from lmforge.model.checkpoint import load_config, load_model
+from lmforge.model.checkpoint import load_config
+from lmforge.model.load import load
 from lmforge.model.transformer import GPT, flops_per_token, num_params
 from lmforge.perf import autocast, matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
@@ -173,14 +174,14 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         with torch.device("meta"):
             model = GPT(model_cfg)
     elif init_dir:
-        model = load_model(init_dir, device=device, quantized_ok=False).train()
+        model = load(init_dir, device=device, trainable=True)[0].train()
     else:
         model = GPT(model_cfg).to(device)
     n_params = num_params(model)
     # FSDP2 and tensor parallelism turn the parameters into DTensors: the optimizer comes after
     train_model = dist.parallelize(model, dist_cfg, info, device)
     if info.sharded and init_dir:
-        load_sharded(model, load_model(init_dir, quantized_ok=False), device, info.tp)
+        load_sharded(model, load(init_dir, trainable=True)[0], device, info.tp)
     elif info.sharded:
         dist.materialize(model, device, info.tp)
     # a fresh optimizer even with init_from: the schedule starts at step 0, so the learning rate

@@ -231,8 +231,8 @@ def _losses(path) -> list[float]:
 
 
 def test_lora_sft_resumes_exactly_and_exports_a_merged_model(micro_pretrained, tmp_path):
-    from lmforge.align.lora import load_adapter
-    from lmforge.infer.chat import load_for_inference
+    from lmforge.model.load import load
+    from lmforge.model.lora import load_adapter
 
     recipe, model_dir = micro_pretrained
     lora = LoRAConfig(r=4, alpha=8, targets=["q", "v", "down"])
@@ -258,13 +258,13 @@ def test_lora_sft_resumes_exactly_and_exports_a_merged_model(micro_pretrained, t
     with torch.no_grad():
         adapted = load_adapter(load_model(model_dir), adapter)(x)
         merged = load_model(tmp_path / "merged")(x)
-        served, _ = load_for_inference(adapter)
+        served, _ = load(adapter)
         assert (adapted - merged).abs().max().item() < 1e-5
         assert (served(x) - adapted).abs().max().item() < 1e-5
         assert (load_model(model_dir)(x) - adapted).abs().max().item() > 1e-3  # it did train
     # a stage that trains on from the adapter (full DPO, reward) gets every weight trainable
     # (it got the base's frozen ones, and full DPO after LoRA SFT had nothing to train)
-    trainable, _ = load_for_inference(adapter, trainable=True)
+    trainable, _ = load(adapter, trainable=True)
     assert all(p.requires_grad for p in trainable.parameters())
 
 

@@ -12,9 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.compress import kernels
 from lmforge.compress.gptq import Hessian, gptq_quantize
-from lmforge.compress.quant import (
+from lmforge.compress.quantize import quantize_model
+from lmforge.compress.quantize import run as quantize_run
+from lmforge.config import ConfigError, ModelConfig, QuantizeConfig
+from lmforge.infer.cpu_decode import CpuDecoder
+from lmforge.model import kernels
+from lmforge.model.checkpoint import load_model, save_model, save_quantized
+from lmforge.model.load import load
+from lmforge.model.quant import (
     QuantLinear,
     dequantize_int4,
     int4_params,
@@ -23,11 +29,6 @@ from lmforge.compress.quant import (
     quantize_int8,
     unpack_int4,
 )
-from lmforge.compress.quantize import quantize_model
-from lmforge.compress.quantize import run as quantize_run
-from lmforge.config import ConfigError, ModelConfig, QuantizeConfig
-from lmforge.infer.cpu_decode import CpuDecoder
-from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.transformer import GPT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,8 +166,6 @@ def _model(**kw) -> GPT:
 @pytest.mark.parametrize("method", ["int8", "int4", "gptq"])
 @pytest.mark.parametrize("tie", [True, False])
 def test_quantized_model_saves_loads_and_decodes_like_its_forward(tmp_path, method, tie):
-    from lmforge.compress.quant import save_quantized
-
     model = _model(tie_embeddings=tie)
     ids = torch.randint(0, 96, (1, 20))
     with torch.no_grad():
@@ -195,8 +194,6 @@ def test_quantized_model_saves_loads_and_decodes_like_its_forward(tmp_path, meth
 
 
 def test_quantized_file_is_smaller(tmp_path):
-    from lmforge.compress.quant import save_quantized
-
     model = _model(vocab_size=512, dim=128)
     save_model(model, tmp_path / "f")
     size = {"f": (tmp_path / "f" / "model.safetensors").stat().st_size}
@@ -265,13 +262,10 @@ def test_quantize_run_reports_perplexity_before_and_after(
 
 
 def test_training_stages_refuse_a_quantized_checkpoint(tmp_path):
-    from lmforge.compress.quant import save_quantized
-    from lmforge.infer.chat import load_for_inference
-
     model = _model()
     spec = quantize_model(model, QuantizeConfig(method="int8"))
     save_quantized(model, spec, tmp_path / "q")
     with pytest.raises(ConfigError, match="is a quantized \\(int8\\) checkpoint"):
         load_model(tmp_path / "q", quantized_ok=False)
     with pytest.raises(ConfigError, match="inference only"):
-        load_for_inference(tmp_path / "q", trainable=True)
+        load(tmp_path / "q", trainable=True)

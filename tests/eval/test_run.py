@@ -114,14 +114,14 @@ def test_log_samples_rebuild_the_scores(micro_pretrained, tmp_path):
     from lmforge.eval import generative, truthfulqa
     from lmforge.eval import run as evaluation
     from lmforge.eval.scoring import loglikelihood
-    from lmforge.infer.chat import load_for_inference
+    from lmforge.model.load import load
     from lmforge.tasks.gsm8k import extract_answer
     from lmforge.tasks.multiple_choice import build_context, load_rows, load_task, target
 
     model_dir = micro_pretrained[1]
     tasks = ["mmlu", "truthfulqa", "gsm8k"]
     evaluation.run(model_dir, tasks, tmp_path, limit=3, log_samples=True)
-    model, tok = load_for_inference(model_dir)
+    model, tok = load(model_dir)
     bos = [tok.bos_id] if tok.prepend_bos else []
 
     mmlu = json.loads((tmp_path / "mmlu.json").read_text())

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from lmforge.infer.chat import answer, load_for_inference
+from lmforge.infer.chat import answer
+from lmforge.model.load import load
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -28,7 +29,7 @@ def test_chat_answers_resets_and_saves(micro_pretrained, tmp_path):
     child.expect("assistant> ")
     child.expect("you> ")
     shown = child.before.strip()
-    model, tok = load_for_inference(model_dir)
+    model, tok = load(model_dir)
     expected = "".join(
         answer(model, tok, [{"role": "user", "content": "Hello"}], max_new_tokens=6, temperature=0)
     )

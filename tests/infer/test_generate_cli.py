@@ -1,5 +1,6 @@
 """`lmforge generate` as a user runs it (a subprocess): it opens LoRA adapter directories like
-chat, serve and eval, and `--temperature 0` is plain greedy decoding, with no hidden penalty."""
+chat, serve and eval (one loader, `model.load`), and `--temperature 0` is plain greedy decoding,
+with no hidden penalty."""
 
 import subprocess
 import sys
@@ -7,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from lmforge.align.lora import apply_lora, merge_lora, save_adapter
 from lmforge.config import LoRAConfig
 from lmforge.model.checkpoint import load_model
+from lmforge.model.lora import apply_lora, merge_lora, save_adapter
 from lmforge.tokenizer import Tokenizer
 
 PROMPT = "Once upon a time"
@@ -61,3 +62,10 @@ def test_generate_opens_adapters_and_greedy_is_argmax(which, adapter, micro_pret
                 "--max-new-tokens", 24, "--device", "cpu")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout == prompt + tok.decode(new) + "\n"
+
+
+def test_generate_names_what_a_directory_lacks(tmp_path):
+    """The shared loader's error, as one line: not a traceback from whichever reader ran."""
+    r = lmforge("generate", tmp_path, "--prompt", PROMPT, "--device", "cpu")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{tmp_path} is not a model directory: it has neither config.json" in r.stderr

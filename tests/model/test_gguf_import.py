@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from lmforge.compress import gguf as export_mod
 from lmforge.compress.gguf import export_gguf
 from lmforge.config import ConfigError
-from lmforge.infer.chat import load_for_inference
 from lmforge.model.checkpoint import load_model
 from lmforge.model.gguf_import import TENSOR_TYPES, import_gguf, read_tensor
+from lmforge.model.load import load
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer_train import train_tokenizer
 
@@ -58,7 +58,7 @@ def test_f32_export_round_trips_bit_identical(made, arch):
     assert sorted(got) == sorted(want)
     for name, t in want.items():
         assert torch.equal(got[name], t), name
-    model, tok = load_for_inference(imported)  # lmforge opens it, tokenizer and all
+    model, tok = load(imported)  # lmforge opens it, tokenizer and all
     assert model.cfg.arch == arch and not model.cfg.tie_embeddings
     assert tok.chat_template == Tokenizer.load(ckpt).chat_template
 

@@ -295,9 +295,9 @@ def test_gguf_export_refuses_a_scaled_model_rather_than_drop_the_scaling(tmp_pat
 
 def test_quantized_scaled_model_reloads_with_its_scaled_tables(tmp_path):
     """A quantized checkpoint rebuilds its rotary tables on load: with the scaling."""
-    from lmforge.compress.quant import save_quantized
     from lmforge.compress.quantize import quantize_model
     from lmforge.config import QuantizeConfig
+    from lmforge.model.checkpoint import save_quantized
     from lmforge.model.transformer import GPT
 
     torch.manual_seed(0)

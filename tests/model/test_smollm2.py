@@ -19,9 +19,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def ours(smollm2_dir):
-    from lmforge.infer.chat import load_for_inference
+    from lmforge.model.load import load
 
-    return load_for_inference(smollm2_dir, "cpu")
+    return load(smollm2_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

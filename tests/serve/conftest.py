@@ -16,9 +16,9 @@ uvicorn = pytest.importorskip("uvicorn")
 def load_micro(model_dir):
     """A fresh (model, tokenizer): each server gets its own model object, so one test's forward
     hook never slows another server down."""
-    from lmforge.infer.chat import load_for_inference
+    from lmforge.model.load import load
 
-    return load_for_inference(model_dir, "cpu")
+    return load(model_dir, device="cpu")
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from lmforge.infer.chat import load_for_inference  # noqa: E402
+from lmforge.model.load import load  # noqa: E402
 from lmforge.serve.app import create_app  # noqa: E402
 from lmforge.serve.protocol import MAX_STOP_CHARS  # noqa: E402
 
@@ -35,7 +35,7 @@ BAD = [  # (field, value): each is outside the API's range (or not a number at a
 @pytest.fixture(scope="module")
 def hostile_server(micro, live_server):
     """Its own server over a fresh copy of the micro model: 2 slots, max_tokens up to 16."""
-    model, tok = load_for_inference(micro[2], "cpu")
+    model, tok = load(micro[2], device="cpu")
     app = create_app((model, tok), "micro", max_batch=2, max_tokens=16)
     with live_server(app) as url:
         yield url

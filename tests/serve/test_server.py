@@ -19,8 +19,9 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from lmforge.infer.chat import chat_prompt_ids, load_for_inference, stop_ids  # noqa: E402
+from lmforge.infer.chat import chat_prompt_ids, stop_ids  # noqa: E402
 from lmforge.infer.engine import Engine, SamplingParams  # noqa: E402
+from lmforge.model.load import load  # noqa: E402
 from lmforge.serve.app import create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -306,7 +307,7 @@ def test_health_is_503_while_the_model_loads(micro, live_server):
 
 
 def test_shutdown_lets_running_requests_finish_then_stops_the_engine(micro, live_server):
-    model, tok = load_for_inference(micro[2], "cpu")  # its own copy: the hook slows it
+    model, tok = load(micro[2], device="cpu")  # its own copy: the hook slows it
     model.norm.register_forward_hook(lambda *_: time.sleep(0.03))
     app = create_app((model, tok), "micro", max_batch=1, max_tokens=64)
     lines = []
@@ -387,12 +388,13 @@ def test_cli_reports_a_bad_checkpoint(tmp_path):
 def test_serves_a_quantized_checkpoint(micro, live_server, tmp_path):
     """`lmforge quantize` output, opened by path like any model directory: the openai client
     gets the engine's own greedy answer from the int8 model."""
-    from lmforge.compress.quant import QuantLinear, save_quantized
     from lmforge.compress.quantize import quantize_model
     from lmforge.config import QuantizeConfig
+    from lmforge.model.checkpoint import save_quantized
+    from lmforge.model.quant import QuantLinear
 
     model, tok, model_dir = micro
-    qmodel, _ = load_for_inference(model_dir, "cpu")
+    qmodel, _ = load(model_dir, device="cpu")
     spec = quantize_model(qmodel, QuantizeConfig(method="int8"))
     save_quantized(qmodel, spec, tmp_path / "int8", model_dir, tok.pad_id)
     app = create_app(str(tmp_path / "int8"), "micro-int8", max_batch=4, max_tokens=64)
@@ -400,7 +402,7 @@ def test_serves_a_quantized_checkpoint(micro, live_server, tmp_path):
         r = _client(url).chat.completions.create(
             model="micro-int8", messages=HELLO, max_tokens=12, temperature=0
         )
-    served, _ = load_for_inference(tmp_path / "int8", "cpu")
+    served, _ = load(tmp_path / "int8", device="cpu")
     assert isinstance(served.lm_head, QuantLinear)
     want = _alone((served, tok, None), chat_prompt_ids(tok, HELLO), 12, stop_ids(tok))
     assert r.choices[0].message.content == want.text and want.output_ids

@@ -19,8 +19,8 @@ from lmforge.config import ConfigError, DataConfig, ModelConfig
 from lmforge.data import prepare
 from lmforge.data.loader import PackedLoader, replay_rows
 from lmforge.data.readers import DataError
-from lmforge.infer.chat import load_for_inference
 from lmforge.model.checkpoint import load_model, save_model
+from lmforge.model.load import load
 from lmforge.model.transformer import GPT
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer_train import train_tokenizer
@@ -108,7 +108,7 @@ def test_learning_rate_warms_up_again_from_zero(continued):
 
 def test_result_opens_with_the_original_tokenizer_and_template(continued, base_dir):
     _, out, _ = continued
-    model, tok = load_for_inference(out / "model")
+    model, tok = load(out / "model")
     base_tok = Tokenizer.load(base_dir)
     assert tok.fingerprint() == base_tok.fingerprint()
     assert tok.chat_template == base_tok.chat_template and tok.chat_template
@@ -239,7 +239,7 @@ eval: {{tasks: []}}
     )
     res = pipeline.run(load_recipe(recipe), tmp_path / "out", log=lambda *a: None)
     assert res["pretrain"]["step"] == 2 and res["pretrain"]["init_from"] == str(base_dir)
-    _, tok = load_for_inference(tmp_path / "out" / "pretrain" / "model")
+    _, tok = load(tmp_path / "out" / "pretrain" / "model")
     assert tok.fingerprint() == Tokenizer.load(base_dir).fingerprint()
 
 
@@ -277,7 +277,7 @@ def test_smollm2_continues_on_chinese_lines(smollm2_dir, tmp_path):
     pretrain.run(cfg, ModelConfig(), tmp_path / "data", None, tmp_path / "run")
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 2 and losses[0] < 6.0
-    model, tok = load_for_inference(tmp_path / "run" / "model")
+    model, tok = load(tmp_path / "run" / "model")
     assert tok.fingerprint() == Tokenizer.load(smollm2_dir).fingerprint()
     assert tok.render_chat([{"role": "user", "content": "hi"}], True).endswith(
         "<|im_start|>assistant\n"

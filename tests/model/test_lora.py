@@ -9,7 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.align.lora import (
+from lmforge.config import ARCH_FEATURES, ConfigError, LoRAConfig, ModelConfig
+from lmforge.infer.cpu_decode import CpuDecoder
+from lmforge.io import atomic_dir
+from lmforge.model.checkpoint import load_model, save_model
+from lmforge.model.lora import (
     LoRALinear,
     apply_lora,
     base_state_dict,
@@ -19,10 +23,6 @@ from lmforge.align.lora import (
     merge_lora,
     save_adapter,
 )
-from lmforge.config import ARCH_FEATURES, ConfigError, LoRAConfig, ModelConfig
-from lmforge.infer.cpu_decode import CpuDecoder
-from lmforge.io import atomic_dir
-from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.transformer import GPT
 
 # grouped-query attention (q, k, v slices of different sizes) and an ffn_dim unlike dim

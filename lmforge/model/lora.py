@@ -30,6 +30,8 @@ from torch import nn
 
 from lmforge.config import LORA_TARGETS, ConfigError, LoRAConfig
 from lmforge.io import atomic_dir, read_json, write_json
+from lmforge.model.checkpoint import load_model, save_model
+from lmforge.tokenizer import Tokenizer
 
 
 class Family(NamedTuple):
@@ -501,9 +503,6 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> nn.Module
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
     """Base model + adapter -> a plain HF checkpoint in out_dir (which must not exist)."""
-    from lmforge.model.checkpoint import load_model, save_model
-    from lmforge.tokenizer import Tokenizer
-
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if out_dir.exists():
         raise ConfigError(f"{out_dir} already exists; choose a new output directory")

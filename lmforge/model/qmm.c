@@ -11,7 +11,7 @@
    first (see to_int16) so the inner loop is integer multiply-adds; the weights are exactly
    the stored ones. Rows of W are split over OpenMP threads; the
    library links libgomp by its soname, so inside a PyTorch process it joins torch's own pool.
-   Built and loaded by lmforge/compress/kernels.py; tests/compress/test_quant.py holds it to the
+   Built and loaded by lmforge/model/kernels.py; tests/compress/test_quant.py holds it to the
    dequantised product. Requirements (checked by the caller): K % 32 == 0, group % 32 == 0,
    M <= MAX_ROWS, contiguous float32 x. */
 

@@ -20,8 +20,9 @@ A quantized checkpoint is a model directory whose config.json has the family's H
 `quantization_config` ({"quant_method": "lmforge", ...}); its model.safetensors holds lmforge's
 own module names (q/k/v fused as `wqkv`, gate/up as `w13`), with `<module>.qweight`, `.scales`,
 `.zeros` (int4), `.outlier_idx`, `.outlier_weight` for each quantized linear, and ordinary
-tensors for the rest. docs/compression.md documents it. transformers does not open it (no
-quantization backend of theirs has this layout): export the float model to GGUF for llama.cpp.
+tensors for the rest; `model/checkpoint.py` writes and reads it, docs/compression.md documents
+it. transformers does not open it (no quantization backend of theirs has this layout): export
+the float model to GGUF for llama.cpp.
 """
 
 from __future__ import annotations
@@ -31,14 +32,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from lmforge.compress import kernels
 from lmforge.config import GROUP_SIZES, ConfigError
-from lmforge.io import read_json, write_json
-from lmforge.model.hf import to_hf_config
-from lmforge.model.transformer import GPT, rope_tables
+from lmforge.io import read_json
+from lmforge.model import kernels
+from lmforge.model.transformer import GPT
 
 FORMAT_VERSION = 1
 BLOCK = 32  # int4 packing block: the unit of the nibble order, and the smallest group size
@@ -334,67 +333,8 @@ def build_quantized(model: GPT, spec: QuantSpec) -> GPT:
     return model
 
 
-def save_quantized(
-    model: GPT, spec: QuantSpec, out_dir: str | Path, tokenizer_dir=None, pad_token_id=None
-) -> None:
-    """config.json (with quantization_config), model.safetensors (lmforge names), the
-    generation config and tokenizer files, into out_dir (which the caller makes atomic)."""
-    from lmforge.model.checkpoint import save_extras
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf = to_hf_config(model.cfg, pad_token_id=pad_token_id, torch_dtype="float32")
-    hf["quantization_config"] = spec.to_json()
-    write_json(out / "config.json", hf)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.cfg.tie_embeddings and "tok_emb.weight" in sd:
-        sd.pop("lm_head.weight", None)  # a float head tied to the embedding is stored once
-    if spec.bits == 4:  # int4 scales and zeros are float16-exact by construction: store them so
-        sd = {k: v.half() if k in _int4_keys(spec) else v for k, v in sd.items()}
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "lmforge-quantized"})
-    save_extras(model.cfg, out, tokenizer_dir, pad_token_id)
-
-
-def _int4_keys(spec: QuantSpec) -> set[str]:
-    return {f"{name}.{t}" for name in spec.modules for t in ("scales", "zeros")}
-
-
 def quant_spec(ckpt: Path) -> QuantSpec | None:
     """The QuantSpec of a checkpoint directory, or None for a float checkpoint."""
     cfg = read_json(ckpt / "config.json", "checkpoint config")
     q = cfg.get("quantization_config")
     return None if q is None else QuantSpec.from_json(q, str(ckpt / "config.json"))
-
-
-def load_quantized(cfg, spec: QuantSpec, tensors: dict, ckpt: Path, device="cpu") -> GPT:
-    """A quantized GPT from its checkpoint tensors (lmforge names), shapes checked."""
-    with torch.device("meta"):
-        model = build_quantized(GPT(cfg), spec)
-    expected = model.state_dict()
-    if cfg.tie_embeddings and spec.head_bits == 8:
-        expected.pop("tok_emb.weight", None)
-    if cfg.tie_embeddings and spec.head_bits != 8:
-        expected.pop("lm_head.weight", None)
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise ConfigError(
-            f"quantized checkpoint {ckpt}: missing tensors {missing[:5]}"
-            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        )
-    sd = {}
-    for k, ref in expected.items():
-        t = tensors[k]
-        if t.shape != ref.shape:
-            raise ConfigError(
-                f"quantized checkpoint {ckpt}: tensor {k} has shape {tuple(t.shape)}, "
-                f"expected {tuple(ref.shape)}"
-            )
-        sd[k] = t.to(ref.dtype)
-    model.load_state_dict(sd, strict=False, assign=True)
-    if cfg.tie_embeddings and spec.head_bits != 8:
-        model.lm_head.weight = model.tok_emb.weight
-    if cfg.pos == "rope":
-        model.rope_cos, model.rope_sin = rope_tables(
-            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling
-        )
-    return model.to(device).eval()
