@@ -6,4 +6,5 @@ bash scripts/setup.sh test
 . .venv/bin/activate
 ruff check .
 ruff format --check .
+lint-imports  # the layer contract in pyproject.toml
 python -m pytest -q "$@"
