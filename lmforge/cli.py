@@ -1,7 +1,7 @@
 """`lmforge <command>`: the whole pipeline (`run`) and each stage on its own.
 
 Options are generated from the config dataclasses, so `--help` always lists every key with the
-comment written next to it in `config.py`. Any recipe value can be overridden: `lmforge run`
+comment written next to it in `lmforge/config/`. Any recipe value can be overridden: `lmforge run`
 takes `--section.key VALUE`; a stage command takes `--key VALUE` for its own section and
 `--section.key VALUE` for the others. Unknown keys are errors naming the closest valid key.
 """
