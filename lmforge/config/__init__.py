@@ -22,6 +22,7 @@ from lmforge.config.align import (
     RolloutConfig,
     SFTConfig,
     SFTSourceConfig,
+    as_lora,
 )
 from lmforge.config.base import (
     ConfigError,
@@ -36,6 +37,7 @@ from lmforge.config.base import (
     section_name,
     to_dict,
     unknown_key_error,
+    warn_deprecated,
 )
 from lmforge.config.compress import (
     GROUP_SIZES,
@@ -64,7 +66,7 @@ from lmforge.config.model import (
     model_memory,
     physical_memory,
 )
-from lmforge.config.recipe import RUNTIME_FIELDS, SECTIONS, Recipe, load_recipe
+from lmforge.config.recipe import OLD_SECTIONS, RUNTIME_FIELDS, SECTIONS, Recipe, load_recipe
 from lmforge.config.train import (
     PRETRAIN_ONLY,
     DistConfig,
@@ -88,6 +90,7 @@ __all__ = [
     "RUN_MODELS",
     "RUNTIME_FIELDS",
     "SECTIONS",
+    "OLD_SECTIONS",
     "BaseConfig",
     "CleanConfig",
     "ConfigError",
@@ -115,6 +118,7 @@ __all__ = [
     "SourceConfig",
     "TokenizerConfig",
     "TrainLoopConfig",
+    "as_lora",
     "build",
     "check_choice",
     "check_model_fits",
@@ -130,4 +134,5 @@ __all__ = [
     "section_name",
     "to_dict",
     "unknown_key_error",
+    "warn_deprecated",
 ]

@@ -3,11 +3,49 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.config.base import ConfigError, build, check_choice, check_positive, section_name
+from lmforge.config.base import (
+    ConfigError,
+    build,
+    check_choice,
+    check_positive,
+    section_name,
+    warn_deprecated,
+)
 from lmforge.config.train import TrainLoopConfig
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LoRAConfig:  # `sft.lora`, `dpo.lora`: low-rank adapters (r = 0: train every weight)
+    r: int = 0  # adapter rank (0 = no LoRA: full fine-tuning)
+    alpha: float = 16.0  # scaling numerator: adapter output is multiplied by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input during training
+    targets: list[str] = field(
+        default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"]
+    )  # projections that get adapters: q k v o gate up down
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise ConfigError(f"lora.r must be >= 0, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad:
+            raise ConfigError(
+                f"lora.targets: unknown projection {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}"
+            )
+        if self.r and not self.targets:
+            raise ConfigError("lora.targets is empty; name at least one projection")
+
+
+def as_lora(value, where: str) -> LoRAConfig:
+    """A stage's `lora:` sub-section as given (a LoRAConfig, or a mapping from YAML)."""
+    return value if isinstance(value, LoRAConfig) else build(LoRAConfig, value, where)
 
 
 @dataclass
@@ -51,9 +89,11 @@ class SFTConfig(TrainLoopConfig):  # `sft:` supervised fine-tuning on instructio
     val_fraction: float = 0.05  # share of conversations held out, by text hash
     overflow: str = "truncate"  # a conversation longer than seq_len: truncate | drop
     skip_bad_rows: bool = False  # count and skip malformed rows instead of stopping at the first
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters (lora.r 0 = full fine-tuning)
 
     def __post_init__(self):
         super().__post_init__()
+        self.lora = as_lora(self.lora, "sft.lora")
         self.sources = [
             s if isinstance(s, SFTSourceConfig) else build(SFTSourceConfig, s, "sft.sources")
             for s in self.sources
@@ -64,32 +104,6 @@ class SFTConfig(TrainLoopConfig):  # `sft:` supervised fine-tuning on instructio
         check_choice(self, "overflow", ("truncate", "drop"))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"sft.val_fraction must be in [0, 1), got {self.val_fraction}")
-
-
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-@dataclass
-class LoRAConfig:  # `lora:` low-rank adapters for fine-tuning (r = 0: train every weight)
-    r: int = 0  # adapter rank (0 = no LoRA: full fine-tuning)
-    alpha: float = 16.0  # scaling numerator: adapter output is multiplied by alpha / r
-    dropout: float = 0.0  # dropout on the adapter's input during training
-    targets: list[str] = field(
-        default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"]
-    )  # projections that get adapters: q k v o gate up down
-
-    def __post_init__(self):
-        if self.r < 0:
-            raise ConfigError(f"lora.r must be >= 0, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        bad = [t for t in self.targets if t not in LORA_TARGETS]
-        if bad:
-            raise ConfigError(
-                f"lora.targets: unknown projection {bad[0]!r}; choose from {', '.join(LORA_TARGETS)}"
-            )
-        if self.r and not self.targets:
-            raise ConfigError("lora.targets is empty; name at least one projection")
 
 
 @dataclass
@@ -151,7 +165,8 @@ class DPOConfig(PreferenceDataConfig):  # `dpo:` direct preference optimisation 
     sft_weight: float = (
         0.0  # add this times the chosen answers' per-token NLL (RPO); keeps answers well formed
     )
-    lora_r: int = 0  # LoRA rank (0 = full fine-tuning); alpha, dropout, targets from `lora:`
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters (lora.r 0 = full fine-tuning)
+    lora_r: int = 0  # deprecated spelling of lora.r (--lora.r N), read for one more release
     judge: str = ""  # reward-model directory: score policy vs reference answers on held-out prompts
     judge_prompts: int = 64  # held-out prompts answered by both models for the judge's win rate
     judge_max_new_tokens: int = 64  # answer length for the win rate (greedy)
@@ -167,6 +182,16 @@ class DPOConfig(PreferenceDataConfig):  # `dpo:` direct preference optimisation 
             )
         if self.lora_r < 0 or self.judge_prompts < 0 or self.sft_weight < 0:
             raise ConfigError("dpo.lora_r, dpo.judge_prompts and dpo.sft_weight must be >= 0")
+        self.lora = as_lora(self.lora, "dpo.lora")
+        if self.lora_r:  # the old spelling: moved into lora.r, so that only one is read
+            if self.lora.r not in (0, self.lora_r):
+                raise ConfigError(
+                    f"dpo.lora_r ({self.lora_r}) and dpo.lora.r ({self.lora.r}) disagree; "
+                    "dpo.lora_r is the old spelling: give dpo.lora.r only"
+                )
+            warn_deprecated("dpo.lora_r (--lora_r)", "dpo.lora.r (lmforge dpo --lora.r N)")
+            self.lora = dataclasses.replace(self.lora, r=self.lora_r)
+            self.lora_r = 0
 
 
 @dataclass

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import numbers
+import sys
 import textwrap
 import tokenize
 import typing
@@ -78,6 +79,11 @@ SECTION_NAMES: dict[type, str] = {}
 
 def section_name(cls) -> str:
     return SECTION_NAMES.get(cls, cls.__name__)
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """Say on stderr that a spelling still works for this release and which one replaces it."""
+    print(f"lmforge: {old} is deprecated and goes in the next release; use {new}", file=sys.stderr)
 
 
 def did_you_mean(key: str, valid) -> str:

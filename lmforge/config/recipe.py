@@ -6,6 +6,8 @@ The one idea: a recipe is plain data; SECTIONS maps each top-level key to its da
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,14 @@ from lmforge.config.align import (
     SFTConfig,
     SFTSourceConfig,
 )
-from lmforge.config.base import SECTION_NAMES, ConfigError, build, unknown_key_error
+from lmforge.config.base import (
+    SECTION_NAMES,
+    ConfigError,
+    build,
+    coerce,
+    unknown_key_error,
+    warn_deprecated,
+)
 from lmforge.config.compress import DistillConfig, PruneConfig, QuantizeConfig
 from lmforge.config.data import CleanConfig, DataConfig, SourceConfig, TokenizerConfig
 from lmforge.config.eval import EvalConfig
@@ -39,7 +48,6 @@ SECTIONS: dict[str, type] = {
     "dist": DistConfig,
     "sample": SampleConfig,
     "sft": SFTConfig,
-    "lora": LoRAConfig,
     "eval": EvalConfig,
     "reward": RewardConfig,
     "dpo": DPOConfig,
@@ -49,6 +57,10 @@ SECTIONS: dict[str, type] = {
     "distill": DistillConfig,
     "prune": PruneConfig,
 }
+# the top-level `lora:` of before each adapting stage had its own (sft.lora, dpo.lora): read
+# for one more release, as it applied then: every key to sft, all but the rank to dpo
+OLD_SECTIONS: dict[str, type] = {"lora": LoRAConfig}
+OLD_LORA_TO = {"sft": ("r", "alpha", "dropout", "targets"), "dpo": ("alpha", "dropout", "targets")}
 SECTION_NAMES.update({cls: name for name, cls in SECTIONS.items()})
 SECTION_NAMES.update(
     {
@@ -72,7 +84,6 @@ class Recipe:
     dist: DistConfig = field(default_factory=DistConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -120,16 +131,58 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None
         base_dir = str(p.resolve().parent)
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
-        if section not in SECTIONS:
+        if section not in SECTIONS and section not in OLD_SECTIONS:
             raise unknown_key_error(section, list(SECTIONS), "the recipe's sections")
         if not name:
             raise ConfigError(f"override {key!r} must look like section.key")
-        sec = raw.setdefault(section, {}) or {}
-        raw[section] = sec
-        sec[name] = value
+        sec = _mapping(raw, section)
+        sub, _, subname = name.partition(".")  # a sub-section's key: sft.lora.r
+        if subname:
+            sec = _mapping(sec, sub)
+        sec[subname or name] = value
+    _fold_old_lora(raw)
     kwargs = {}
     for section, values in raw.items():
         if section not in SECTIONS:
             raise unknown_key_error(section, list(SECTIONS), "the recipe's sections")
         kwargs[section] = build(SECTIONS[section], values, section)
     return Recipe(**kwargs, base_dir=base_dir)
+
+
+def _mapping(parent: dict, key: str) -> dict:
+    """parent[key] as a dict to add keys to (created when absent or empty)."""
+    if not parent.get(key):
+        parent[key] = {}
+    if not isinstance(parent[key], dict):
+        raise ConfigError(f"{key} must be a mapping of keys to values, got {parent[key]!r}")
+    return parent[key]
+
+
+def _fold_old_lora(raw: dict) -> None:
+    """Move the old top-level `lora:` into sft.lora and dpo.lora (see OLD_LORA_TO), with a
+    deprecation message; a key the new spelling also sets must agree with it."""
+    if "lora" not in raw:
+        return
+    old = raw.pop("lora") or {}
+    warn_deprecated(
+        "the top-level `lora:` section (--lora.KEY in lmforge run)",
+        "sft.lora / dpo.lora in a recipe, --sft.lora.KEY in lmforge run, "
+        "--lora.KEY in lmforge sft and lmforge dpo",
+    )
+    if not isinstance(old, dict):
+        raise ConfigError(f"lora must be a mapping of keys to values, got {old!r}")
+    names = [f.name for f in dataclasses.fields(LoRAConfig)]
+    hints = typing.get_type_hints(LoRAConfig)
+    for key in old:
+        if key not in names:
+            raise unknown_key_error(key, names, "section 'lora'")
+    for stage, keys in OLD_LORA_TO.items():
+        new = _mapping(_mapping(raw, stage), "lora")
+        for key in (k for k in keys if k in old):
+            value = coerce(old[key], hints[key], f"lora.{key}")
+            if key in new and coerce(new[key], hints[key], f"{stage}.lora.{key}") != value:
+                raise ConfigError(
+                    f"lora.{key} ({old[key]!r}, the old spelling) and {stage}.lora.{key} "
+                    f"({new[key]!r}) disagree: give {stage}.lora.{key} only"
+                )
+            new[key] = value
