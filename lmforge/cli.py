@@ -667,7 +667,7 @@ def _cmd_align(st, recipe, out: Path, model_dir: str | None) -> int:
     cfg = getattr(recipe, st.section)
     model_dir = model_dir or output_dir(out, st.model_from)  # OUT/sft/adapter after LoRA SFT
     if name == "ppo" and cfg.reward == "model" and not cfg.reward_model:
-        cfg.reward_model = str(output_dir(out, "reward"))
+        cfg.reward_model = str(output_dir(out, "reward", lora_r=0))
     extra = (cfg.lora,) if st.adapts else ()
     dist_kw = {"dist_cfg": recipe.dist} if st.dist else {}
     s = driver.run(

@@ -273,7 +273,9 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
 
             dpo_cfg = recipe.dpo
             if not dpo_cfg.judge and recipe.reward.sources:  # the run's own reward model judges
-                dpo_cfg = dataclasses.replace(dpo_cfg, judge=str(out / "reward" / "model"))
+                dpo_cfg = dataclasses.replace(
+                    dpo_cfg, judge=str(output_dir(out, "reward", lora_r=0))
+                )
             stage("dpo", lambda d: dpo.run(dpo_cfg, dpo_cfg.lora, tuned, d, recipe.base_dir))
         if recipe.quantize.methods:
             final = models.get("dpo", tuned)
@@ -358,7 +360,7 @@ def _start(recipe: Recipe, out: Path, stage, log) -> Path:
         "pretrain",
         lambda d: pretrain.run(recipe.pretrain, recipe.model, out / "data", out / "tokenizer", d),
     )
-    return out / "pretrain" / "model"
+    return output_dir(out, "pretrain", lora_r=0)
 
 
 def _quantize_all(recipe: Recipe, model_dir: Path, data_dir: Path, d: Path, log) -> dict:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of a run: where its config, command, input and output are."""
+
     name: str  # its folder OUT/<name>, its key in the stage hashes and in `lmforge run --force`
     section: str = ""  # the recipe section it reads ("" = none)
     command: str = ""  # its `lmforge` subcommand ("" = it runs only inside `lmforge run`)
