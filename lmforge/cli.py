@@ -1,7 +1,7 @@
 """`lmforge <command>`: the whole pipeline (`run`) and each stage on its own.
 
 Options are generated from the config dataclasses, so `--help` always lists every key with the
-comment written next to it in `config.py`. Any recipe value can be overridden: `lmforge run`
+comment written next to it in `lmforge/config/`. Any recipe value can be overridden: `lmforge run`
 takes `--section.key VALUE`; a stage command takes `--key VALUE` for its own section and
 `--section.key VALUE` for the others. Unknown keys are errors naming the closest valid key.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lmforge import commands, pipeline
 from lmforge.config import (
+    OLD_SECTIONS,
     PRETRAIN_ONLY,
     SECTIONS,
     ConfigError,
@@ -24,69 +25,62 @@ from lmforge.config import (
     load_recipe,
     unknown_key_error,
 )
-from lmforge.pipeline import STAGES
+from lmforge.stages import BY_COMMAND, BY_NAME, RUN_ORDER, output_dir
 
-STAGE_SECTION = {
-    "clean": "clean",
-    "tokenizer": "tokenizer",
-    "prepare": "data",
-    "pretrain": "pretrain",
-    "sft": "sft",
-    "reward": "reward",
-    "dpo": "dpo",
-    "ppo": "ppo",
-    "grpo": "grpo",
-    "quantize": "quantize",
-    "distill": "distill",
-    "prune": "prune",
-}
-# the alignment stages: module lmforge.align.<name>, run(cfg, model_dir, out_dir, base_dir, ...)
-ALIGN_STAGES = {
-    "reward": "train a reward model on preference pairs (Bradley-Terry); writes OUT/reward/model "
-    "(a LlamaForSequenceClassification-style checkpoint)",
-    "dpo": "align a chat model to preference pairs with DPO against a frozen reference; writes "
-    "OUT/dpo/model (OUT/dpo/adapter with --lora_r)",
-    "ppo": "RLHF: PPO against a reward model (or the qa checker), KL-penalised to the reference; "
-    "writes OUT/ppo/model",
-    "grpo": "GRPO with a verifiable reward (built-in arithmetic, or GSM8K); writes OUT/grpo/model",
-}
-# the compression stages: module lmforge.compress.<name>, run(cfg, model_dir, data_dir, out_dir, ...)
-COMPRESS_STAGES = {
-    "quantize": "weight-only quantization (int8, int4 round-to-nearest, or GPTQ int4) of a "
-    "model; writes OUT/quantize/<method> (generate, chat, serve and eval load it)",
-    "distill": "train a smaller student on a teacher's logits (and the same student without the "
-    "teacher, for comparison); writes OUT/distill/model",
-    "prune": "prune a model (magnitude, 2:4 or structured heads/channels), then optionally "
-    "recover with a short fine-tune; writes OUT/prune/<method>",
-}
-# the stages that torchrun can run over several processes (--dist.*)
-DIST_STAGES = ("pretrain", "sft", "reward", "dpo", "distill", "prune")
 DEFAULT_RECIPE = "recipes/tiny-cpu.yaml"
 
 
 def _section_keys(section: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(SECTIONS[section]) if f.name != "sources"]
+    """The keys a section takes on the command line; a sub-section's as `lora.r`."""
+    cls = SECTIONS.get(section) or OLD_SECTIONS[section]
+    return [f"{f.name}.{k}" if k else f.name for f in _fields(cls) for k in _sub(cls, f)]
+
+
+def _key_type(section: str, name: str):
+    """The type of `section.name`; a sub-section's key is `lora.r`."""
+    tp = SECTIONS.get(section) or OLD_SECTIONS[section]
+    for part in name.split("."):
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name != "sources"]
+
+
+def _sub(cls, f: dataclasses.Field) -> list[str]:
+    """The keys of field `f` if it is a sub-section (sft.lora), else [""]."""
+    tp = typing.get_type_hints(cls)[f.name]
+    return [g.name for g in dataclasses.fields(tp)] if dataclasses.is_dataclass(tp) else [""]
 
 
 def _add_section_options(p: argparse.ArgumentParser, section: str, prefix: str = "") -> None:
-    cls = SECTIONS[section]
+    _add_options(p, SECTIONS[section], section, prefix, own=not prefix)
+
+
+def _add_options(p, cls, dest: str, prefix: str, own: bool = False) -> None:
+    """One option per field of `cls`: --{prefix}NAME, stored as `{dest}.NAME`; a sub-section
+    (sft.lora) gets its own group, --{prefix}lora.KEY."""
     helps = field_help(cls)
     hints = typing.get_type_hints(cls)
     group = p.add_argument_group(
-        f"{section} options" + (" (the recipe's `" + section + ":` section)" if not prefix else "")
+        f"{dest} options" + (" (the recipe's `" + dest + ":` section)" if own else "")
     )
-    for f in dataclasses.fields(cls):
-        if f.name == "sources" or (section != "pretrain" and f.name in PRETRAIN_ONLY):
+    for f in _fields(cls):
+        if dest != "pretrain" and f.name in PRETRAIN_ONLY:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            _add_options(p, tp, f"{dest}.{f.name}", f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tp = hints[f.name]
         metavar = {int: "N", float: "X", bool: "BOOL", str: "STR"}.get(tp, "LIST")
         names = [f"--{prefix}{f.name}"]
         if f.name in PRETRAIN_ONLY and "_" in f.name:  # as the docs spell them: --init-from
             names.append(f"--{prefix}{f.name.replace('_', '-')}")
         group.add_argument(
             *names,
-            dest=f"{section}.{f.name}",
+            dest=f"{dest}.{f.name}",
             metavar=metavar,
             # a switch alone means true: `--overwrite` as well as `--overwrite true`
             **({"nargs": "?", "const": "true"} if tp is bool else {}),
@@ -110,7 +104,7 @@ def _split_overrides(rest: list[str], own_section: str | None) -> dict[str, str]
                 raise ConfigError(f"option --{key} must name its section, like --pretrain.{key}")
             key = f"{own_section}.{key}"
         section, _, name = key.partition(".")
-        if section not in SECTIONS:
+        if section not in SECTIONS and section not in OLD_SECTIONS:  # lora: the old spelling
             raise unknown_key_error(section, list(SECTIONS), "the recipe's sections")
         valid = _section_keys(section)
         if name not in valid:
@@ -119,13 +113,45 @@ def _split_overrides(rest: list[str], own_section: str | None) -> dict[str, str]
             if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
                 value = rest[i + 1]
                 i += 1
-            elif typing.get_type_hints(SECTIONS[section])[name] is bool:
+            elif _key_type(section, name) is bool:
                 value = "true"  # a switch alone: --pretrain.overwrite
             else:
                 raise ConfigError(f"option --{key} needs a value")
         i += 1
         out[key] = value
     return out
+
+
+def _add_input_options(p: argparse.ArgumentParser, st) -> None:
+    """--model-dir, --data-dir, --tokenizer-dir: where a stage command reads its inputs, by
+    default what the stage it follows wrote in the run directory."""
+    if st.model_from:
+        src = BY_NAME[st.model_from]
+        default = f"OUT/{src.name}/model" + (
+            f", or OUT/{src.name}/adapter after a LoRA {src.name.upper()}" if src.adapts else ""
+        )
+        what = {"sft": "model to fine-tune", "distill": "model to distill (the teacher)"}.get(
+            st.name, f"model to {st.name}" if st.family == "compress" else "model to start from"
+        )
+        adapter = ", or a LoRA adapter" if st.family == "align" else ""
+        p.add_argument(
+            "--model-dir",
+            help=f"{what}: ours or any supported HF directory{adapter} (default: {default})",
+        )
+    if st.data:
+        use = " for calibration, training and validation perplexity" if st.family else ""
+        p.add_argument("--data-dir", help=f"prepared shards{use} (default: OUT/data)")
+    if st.name == "data":  # lmforge prepare
+        p.add_argument(
+            "--tokenizer-dir",
+            help="tokenizer directory: ours, or a model's (a Hugging Face tokenizer.json "
+            "directory, e.g. the model --init-from continues) (default: OUT/tokenizer)",
+        )
+    if st.name == "pretrain":
+        p.add_argument(
+            "--tokenizer-dir",
+            help="tokenizer directory (default: OUT/tokenizer; with --init-from, the model's)",
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,46 +183,15 @@ def _parser() -> argparse.ArgumentParser:
         "--force",
         default="",
         metavar="STAGES",
-        help="comma-separated stages to redo even if up to date (" + ",".join(STAGES) + ")",
+        help="comma-separated stages to redo even if up to date (" + ",".join(RUN_ORDER) + ")",
     )
 
-    for cmd, section, text in (
-        (
-            "clean",
-            "clean",
-            "clean the recipe's data: normalize, language, quality, toxicity, pii, exact and "
-            "near-duplicate removal, in parallel over shards (writes OUT/clean with report.md; "
-            "tokenizer and prepare then read it)",
-        ),
-        (
-            "tokenizer",
-            "tokenizer",
-            "train the byte-level BPE tokenizer on the recipe's data (writes OUT/tokenizer)",
-        ),
-        (
-            "prepare",
-            "data",
-            "tokenize the recipe's data into shards (writes OUT/data; needs OUT/tokenizer)",
-        ),
-        (
-            "pretrain",
-            "pretrain",
-            "pretrain the model on prepared shards (writes OUT/pretrain; needs OUT/data, OUT/tokenizer)",
-        ),
-        (
-            "sft",
-            "sft",
-            "instruction-tune a model on chat data, fully or with LoRA (--lora.r 8); writes "
-            "OUT/sft/model, or OUT/sft/adapter with LoRA",
-        ),
-        *((cmd, cmd, text) for cmd, text in ALIGN_STAGES.items()),
-        *((cmd, cmd, text) for cmd, text in COMPRESS_STAGES.items()),
-    ):
+    for st in BY_COMMAND.values():
         p = sub.add_parser(
-            cmd,
+            st.command,
             allow_abbrev=False,
-            help=text,
-            description=text[0].upper() + text[1:] + ". Values come from "
+            help=st.help,
+            description=st.help[0].upper() + st.help[1:] + ". Values come from "
             "the recipe, then from --key VALUE for this stage's section, or --section.key VALUE for any other.",
         )
         p.add_argument(
@@ -206,50 +201,12 @@ def _parser() -> argparse.ArgumentParser:
             help=f"YAML recipe (default: {DEFAULT_RECIPE})",
         )
         p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
-        if cmd == "prepare":
-            p.add_argument(
-                "--tokenizer-dir",
-                help="tokenizer directory: ours, or a model's (a Hugging Face tokenizer.json "
-                "directory, e.g. the model --init-from continues) (default: OUT/tokenizer)",
-            )
-        if cmd == "pretrain":
-            p.add_argument("--data-dir", help="prepared shards (default: OUT/data)")
-            p.add_argument(
-                "--tokenizer-dir",
-                help="tokenizer directory (default: OUT/tokenizer; with --init-from, the model's)",
-            )
-        _add_section_options(p, section)
-        if cmd == "pretrain":
+        _add_input_options(p, st)
+        _add_section_options(p, st.section)
+        if st.name == "pretrain":
             _add_section_options(p, "model", prefix="model.")
-        if cmd in DIST_STAGES:
+        if st.dist:
             _add_section_options(p, "dist", prefix="dist.")
-        if cmd in ALIGN_STAGES:
-            p.add_argument(
-                "--model-dir",
-                help="model to start from: ours or any supported HF directory, or a LoRA adapter "
-                "(default: OUT/sft/model, or OUT/sft/adapter after a LoRA SFT)",
-            )
-        if cmd in COMPRESS_STAGES:
-            p.add_argument(
-                "--model-dir",
-                help=f"model to {cmd}"
-                + (" (the teacher)" if cmd == "distill" else "")
-                + ": ours or any supported HF directory (default: OUT/pretrain/model)",
-            )
-            p.add_argument(
-                "--data-dir",
-                help="prepared shards for calibration, training and validation perplexity "
-                "(default: OUT/data)",
-            )
-        if cmd == "dpo":
-            _add_section_options(p, "lora", prefix="lora.")
-        if cmd == "sft":
-            p.add_argument(
-                "--model-dir",
-                help="model to fine-tune: ours or any supported HF directory "
-                "(default: OUT/pretrain/model)",
-            )
-            _add_section_options(p, "lora", prefix="lora.")
 
     p = sub.add_parser(
         "generate",
@@ -551,11 +508,9 @@ def _cmd_run(args, rest) -> int:
     recipe = load_recipe(args.recipe, _split_overrides(rest, None))
     out = _out_dir(args, args.recipe)
     force = tuple(s for s in args.force.split(",") if s)
-    bad = [s for s in force if s not in pipeline.STAGES]
+    bad = [s for s in force if s not in RUN_ORDER]
     if bad:
-        raise ConfigError(
-            f"--force: unknown stage(s) {bad}; stages are {', '.join(pipeline.STAGES)}"
-        )
+        raise ConfigError(f"--force: unknown stage(s) {bad}; stages are {', '.join(RUN_ORDER)}")
     try:
         res = pipeline.run(recipe, out, force=force)
     except pipeline.Interrupted as e:
@@ -590,12 +545,16 @@ def _cmd_clean(recipe, out: Path) -> int:
     return 0
 
 
-def _cmd_stage(args, rest) -> int:
-    section = STAGE_SECTION[args.command]
+def _stage_recipe(args, rest):
+    """(stage, recipe, run directory) of a stage command: the recipe file, then its options."""
+    st = BY_COMMAND[args.command]
     overrides = {k: v for k, v in vars(args).items() if "." in k}
-    overrides.update(_split_overrides(rest, section))
-    recipe = load_recipe(args.config, overrides)
-    out = _out_dir(args, args.config)
+    overrides.update(_split_overrides(rest, st.section))
+    return st, load_recipe(args.config, overrides), _out_dir(args, args.config)
+
+
+def _cmd_stage(args, rest) -> int:
+    st, recipe, out = _stage_recipe(args, rest)
     if args.command == "clean":
         return _cmd_clean(recipe, out)
     if args.command == "tokenizer":
@@ -618,17 +577,17 @@ def _cmd_stage(args, rest) -> int:
                 f"  {r['name']:<20} {r['tokens']:>12,} tokens  {r['share']:6.1%} of training  "
                 f"{r['epochs']:.2f} epochs of {r['unique']:,} unique"
             )
-    elif args.command in ALIGN_STAGES:
-        return _cmd_align(args.command, recipe, out, args.model_dir)
-    elif args.command in COMPRESS_STAGES:
-        return _cmd_compress(args.command, recipe, out, args.model_dir, args.data_dir)
+    elif st.family == "align":
+        return _cmd_align(st, recipe, out, args.model_dir)
+    elif st.family == "compress":
+        return _cmd_compress(st, recipe, out, args.model_dir, args.data_dir)
     elif args.command == "sft":
         from lmforge.align.sft import run
 
         s = run(
             recipe.sft,
-            recipe.lora,
-            args.model_dir or out / "pretrain" / "model",
+            recipe.sft.lora,
+            args.model_dir or output_dir(out, st.model_from),
             out / "sft",
             recipe.base_dir,
             recipe.dist,
@@ -642,9 +601,9 @@ def _cmd_stage(args, rest) -> int:
                 file=sys.stderr,
             )
             return 130
-        where = out / "sft" / ("adapter" if s["lora"] else "model")
+        where = output_dir(out, "sft", recipe.sft.lora.r)
         print(
-            f"{'adapter' if s['lora'] else 'model'} written to {where} "
+            f"{where.name} written to {where} "
             f"(held-out reply loss {s['val_loss']:.3f}, {s['trainable_params']:,} trainable "
             f"parameters of {s['params']:,})"
         )
@@ -674,16 +633,17 @@ def _cmd_stage(args, rest) -> int:
     return 0
 
 
-def _cmd_compress(name: str, recipe, out: Path, model_dir: str | None, data_dir: str | None) -> int:
+def _cmd_compress(st, recipe, out: Path, model_dir: str | None, data_dir: str | None) -> int:
     """quantize, distill, prune: each driver returns a summary with `interrupted`, `step` and
     a one-line `headline`."""
     import importlib
 
+    name = st.name
     driver = importlib.import_module(f"lmforge.compress.{name}")
-    dist_kw = {"dist_cfg": recipe.dist} if name in DIST_STAGES else {}
+    dist_kw = {"dist_cfg": recipe.dist} if st.dist else {}
     s = driver.run(
-        getattr(recipe, name),
-        model_dir=model_dir or out / "pretrain" / "model",
+        getattr(recipe, st.section),
+        model_dir=model_dir or output_dir(out, st.model_from),
         data_dir=data_dir or out / "data",
         out_dir=out / name,
         **dist_kw,
@@ -701,20 +661,19 @@ def _cmd_compress(name: str, recipe, out: Path, model_dir: str | None, data_dir:
     return 0
 
 
-def _cmd_align(name: str, recipe, out: Path, model_dir: str | None) -> int:
+def _cmd_align(st, recipe, out: Path, model_dir: str | None) -> int:
     """reward, dpo, ppo, grpo: each driver returns a summary with `interrupted` and a
     one-line `headline` of its result."""
     import importlib
 
+    name = st.name
     driver = importlib.import_module(f"lmforge.align.{name}")
-    cfg = getattr(recipe, name)
-    from lmforge.pipeline import sft_output
-
-    model_dir = model_dir or sft_output(out)
+    cfg = getattr(recipe, st.section)
+    model_dir = model_dir or output_dir(out, st.model_from)  # OUT/sft/adapter after LoRA SFT
     if name == "ppo" and cfg.reward == "model" and not cfg.reward_model:
-        cfg.reward_model = str(out / "reward" / "model")
-    extra = (recipe.lora,) if name == "dpo" else ()
-    dist_kw = {"dist_cfg": recipe.dist} if name in DIST_STAGES else {}
+        cfg.reward_model = str(output_dir(out, "reward", lora_r=0))
+    extra = (cfg.lora,) if st.adapts else ()
+    dist_kw = {"dist_cfg": recipe.dist} if st.dist else {}
     s = driver.run(
         cfg, *extra, model_dir=model_dir, out_dir=out / name, base_dir=recipe.base_dir, **dist_kw
     )
@@ -768,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             cmds = ("generate", "report", "chat", "export", "import", "eval", "fetch")
             if args.command in cmds:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        if args.command in STAGE_SECTION:
+        if args.command in BY_COMMAND:
             return _cmd_stage(args, rest)
         if args.command == "generate":
             return commands.cmd_generate(args)

@@ -19,27 +19,16 @@ from pathlib import Path
 
 from lmforge.config import RUNTIME_FIELDS, Recipe, config_hash, resolve_path
 from lmforge.io import move_aside, read_json, write_json
-
-STAGES = (
-    "base",
-    "clean",
-    "tokenizer",
-    "data",
-    "pretrain",
-    "sft",
-    "reward",
-    "dpo",
-    "quantize",
-    "sample",
-    "eval",
-)
+from lmforge.stages import BY_NAME, MODEL_STAGES, RUN_ORDER, output_dir
 
 
 class Interrupted(Exception):
     """A stage stopped early on the user's request, after saving what it had."""
 
 
-def stage_hashes(recipe: Recipe) -> dict[str, str]:
+def stage_hashes(recipe: Recipe) -> dict[str, str | None]:
+    """Each stage of RUN_ORDER -> the hash of what determines its output (None: not in this
+    recipe's start). A stage's hash includes the hashes of the stages it reads."""
     sources = [
         dict(dataclasses.asdict(s), path=str(resolve_path(s.path, recipe.base_dir)))
         for s in recipe.data.sources
@@ -69,12 +58,15 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
         for s in recipe.sft.sources
     ]
     sft_cfg = {k: v for k, v in dataclasses.asdict(recipe.sft).items() if k not in RUNTIME_FIELDS}
-    sft = config_hash(sft_cfg | {"sources": sft_sources}, recipe.lora, pretrain)
+    del sft_cfg["lora"]  # hashed on its own, as when it was a section of the recipe
+    sft = config_hash(sft_cfg | {"sources": sft_sources}, recipe.sft.lora, pretrain)
     tuned = sft if recipe.sft.sources else None
     reward = config_hash(_train_cfg(recipe.reward, recipe.base_dir), tuned or pretrain)
+    dpo_cfg = _train_cfg(recipe.dpo, recipe.base_dir)
+    dpo_lora = dpo_cfg.pop("lora")  # hashed as when the rank was dpo.lora_r
     dpo = config_hash(
-        _train_cfg(recipe.dpo, recipe.base_dir),
-        recipe.lora if recipe.dpo.lora_r else None,
+        dpo_cfg | {"lora_r": dpo_lora["r"]},
+        dpo_lora if dpo_lora["r"] else None,
         tuned or pretrain,
         reward if recipe.reward.sources and not recipe.dpo.judge else None,
     )
@@ -84,19 +76,9 @@ def stage_hashes(recipe: Recipe) -> dict[str, str]:
         quantize = config_hash(recipe.quantize, aligned or tuned or pretrain, prep)
     sample = config_hash(recipe.sample, pretrain, tuned, aligned, quantize)
     ev = config_hash(recipe.eval, pretrain, tuned, aligned, quantize, prep)
-    return {
-        "base": base,
-        "clean": clean,
-        "tokenizer": tok,
-        "data": prep,
-        "pretrain": pretrain,
-        "sft": sft,
-        "reward": reward,
-        "dpo": dpo,
-        "quantize": quantize,
-        "sample": sample,
-        "eval": ev,
-    }
+    hashes = dict(base=base, clean=clean, tokenizer=tok, data=prep, pretrain=pretrain, sft=sft)
+    hashes |= dict(reward=reward, dpo=dpo, quantize=quantize, sample=sample, eval=ev)
+    return {name: hashes[name] for name in RUN_ORDER}
 
 
 def _train_cfg(cfg, base_dir: str) -> dict:
@@ -149,10 +131,10 @@ def model_dirs(recipe: Recipe, out: Path, root: Path) -> dict[str, Path]:
     from lmforge.compress.quantize import output_name
 
     dirs = {"base" if recipe.base.model else "pretrain": root}
-    if recipe.sft.sources:
-        dirs["sft"] = out / "sft" / ("adapter" if recipe.lora.r else "model")
-    if recipe.dpo.sources:
-        dirs["dpo"] = out / "dpo" / ("adapter" if recipe.dpo.lora_r else "model")
+    for st in (BY_NAME[n] for n in MODEL_STAGES if BY_NAME[n].model_from):  # the tuned ones
+        cfg = getattr(recipe, st.section)
+        if cfg.sources:  # the recipe gives it data
+            dirs[st.name] = output_dir(out, st.name, cfg.lora.r if st.adapts else 0)
     for method in recipe.quantize.methods:
         name = output_name(dataclasses.replace(recipe.quantize, method=method))
         dirs[name] = out / "quantize" / name
@@ -281,7 +263,7 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
         root = _start(recipe, out, stage, log)
         models = model_dirs(recipe, out, root)
         if recipe.sft.sources:
-            stage("sft", lambda d: sft.run(recipe.sft, recipe.lora, root, d, recipe.base_dir))
+            stage("sft", lambda d: sft.run(recipe.sft, recipe.sft.lora, root, d, recipe.base_dir))
         tuned = models.get("sft", root)
         if recipe.reward.sources:
             from lmforge.align import reward
@@ -292,8 +274,10 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
 
             dpo_cfg = recipe.dpo
             if not dpo_cfg.judge and recipe.reward.sources:  # the run's own reward model judges
-                dpo_cfg = dataclasses.replace(dpo_cfg, judge=str(out / "reward" / "model"))
-            stage("dpo", lambda d: dpo.run(dpo_cfg, recipe.lora, tuned, d, recipe.base_dir))
+                dpo_cfg = dataclasses.replace(
+                    dpo_cfg, judge=str(output_dir(out, "reward", lora_r=0))
+                )
+            stage("dpo", lambda d: dpo.run(dpo_cfg, dpo_cfg.lora, tuned, d, recipe.base_dir))
         if recipe.quantize.methods:
             final = models.get("dpo", tuned)
             stage("quantize", lambda d: _quantize_all(recipe, final, out / "data", d, log))
@@ -377,7 +361,7 @@ def _start(recipe: Recipe, out: Path, stage, log) -> Path:
         "pretrain",
         lambda d: pretrain.run(recipe.pretrain, recipe.model, out / "data", out / "tokenizer", d),
     )
-    return out / "pretrain" / "model"
+    return output_dir(out, "pretrain", lora_r=0)
 
 
 def _quantize_all(recipe: Recipe, model_dir: Path, data_dir: Path, d: Path, log) -> dict:
@@ -404,10 +388,3 @@ def _quantize_all(recipe: Recipe, model_dir: Path, data_dir: Path, d: Path, log)
             log(f"[quantize] {name}: {summary['headline']}")
         done[summary["name"]] = {k: summary[k] for k in ("file_bytes", "val_before", "val_after")}
     return {"models": done}
-
-
-def sft_output(out: Path) -> Path:
-    """What the SFT stage of run directory `out` wrote: OUT/sft/model after full SFT,
-    OUT/sft/adapter after LoRA SFT (OUT/sft/model when neither exists yet: the error names it)."""
-    model, adapter = out / "sft" / "model", out / "sft" / "adapter"
-    return adapter if adapter.is_dir() and not model.is_dir() else model

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmforge.stages import BY_NAME, MODEL_STAGES, RUN_ORDER
+
 
 def _load(path: Path) -> dict | list | None:
     try:
@@ -42,7 +44,7 @@ def _report_card(run: Path) -> list[str]:
     metric of each task, from the eval stage's result files."""
     st = _load(run / "eval" / "stage.json") or {}
     models = (st.get("result") or {}).get("models") or [
-        d for d in ("pretrain", "base", "sft", "dpo") if (run / "eval" / d).is_dir()
+        d for d in MODEL_STAGES if (run / "eval" / d).is_dir()
     ]  # an unfinished stage has no list yet: the usual names, in order
     models = [m for m in models if (run / "eval" / m).is_dir()]
     if not models:
@@ -195,9 +197,7 @@ def write_report(run_dir: str | Path) -> Path:
     # --- stages
     rows = []
     total = 0.0
-    from lmforge.pipeline import STAGES
-
-    for stage in STAGES:
+    for stage in RUN_ORDER:
         st = _load(run / stage / "stage.json") or {}
         if st:
             secs = st.get("seconds", 0.0)
@@ -374,8 +374,7 @@ def write_report(run_dir: str | Path) -> Path:
     chat = _load(run / "sample" / "chat.json")
     if chat and "answers" in chat[0]:
         names = list(chat[0]["answers"])
-        heads = {"pretrain": "pretrained model", "base": "base model", "sft": "after SFT"}
-        heads["dpo"] = "after DPO"
+        heads = {n: BY_NAME[n].title for n in MODEL_STAGES}
         lines += ["## Chat answers, model by model (greedy)", ""]
         lines += ["| prompt | " + " | ".join(heads.get(n, n) for n in names) + " |"]
         lines += ["|---" * (len(names) + 1) + "|"]

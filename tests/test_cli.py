@@ -191,10 +191,67 @@ def test_rerun_with_other_settings_or_without_resume_is_refused(
 def test_align_stages_start_from_what_sft_wrote(tmp_path):
     """After a LoRA SFT a bare `lmforge dpo` (reward, ppo, grpo) starts from OUT/sft/adapter;
     after full SFT from OUT/sft/model; before either, the missing OUT/sft/model is named."""
-    from lmforge.pipeline import sft_output
+    from lmforge.stages import output_dir
 
-    assert sft_output(tmp_path) == tmp_path / "sft" / "model"
+    assert output_dir(tmp_path, "sft") == tmp_path / "sft" / "model"
     (tmp_path / "sft" / "adapter").mkdir(parents=True)
-    assert sft_output(tmp_path) == tmp_path / "sft" / "adapter"
+    assert output_dir(tmp_path, "sft") == tmp_path / "sft" / "adapter"
     (tmp_path / "sft" / "model").mkdir()
-    assert sft_output(tmp_path) == tmp_path / "sft" / "model"
+    assert output_dir(tmp_path, "sft") == tmp_path / "sft" / "model"
+    # from the config, before the stage has run: LoRA (r > 0) writes the adapter
+    assert output_dir(tmp_path, "dpo", 8) == tmp_path / "dpo" / "adapter"
+    assert output_dir(tmp_path, "dpo", 0) == tmp_path / "dpo" / "model"
+
+
+def test_one_lora_knob_for_sft_and_dpo(micro_recipe_path):
+    """`--lora.KEY` sets the adapters of the stage the command runs (sft.lora, dpo.lora);
+    `lmforge run` spells them --sft.lora.KEY. The old --lora_r (dpo) and --lora.KEY of
+    `lmforge run` (the top-level section) give the same config."""
+    from lmforge import cli
+    from lmforge.config import LoRAConfig, load_recipe
+
+    def stage(cmd, *options):
+        argv = [cmd, "--config", str(micro_recipe_path), *map(str, options)]
+        return cli._stage_recipe(*cli._parser().parse_known_args(argv))[1]
+
+    sft = stage("sft", "--lora.r", 8, "--lora.targets", "q,v")
+    assert sft.sft.lora == LoRAConfig(r=8, targets=["q", "v"]) and sft.dpo.lora.r == 0
+    dpo = stage("dpo", "--lora.r", 4, "--lora.alpha", 8)
+    assert dpo.dpo.lora == LoRAConfig(r=4, alpha=8) and dpo.sft.lora.r == 0
+    assert stage("dpo", "--lora_r", 4, "--lora.alpha", 8) == dpo
+    assert stage("sft", "--dpo.lora.r", 4, "--dpo.lora.alpha", 8) == dpo
+
+    def run(*options):
+        return load_recipe(micro_recipe_path, cli._split_overrides(list(options), None))
+
+    assert run("--lora.r", "8", "--lora.alpha", "8") == run(
+        "--sft.lora.r", "8", "--sft.lora.alpha", "8", "--dpo.lora.alpha", "8"
+    )
+
+
+@pytest.mark.slow  # four runs of the command: about 90 s with the micro fixtures
+def test_lora_sft_then_a_bare_dpo_and_lora_dpo_in_both_spellings(
+    micro_recipe_path, micro_pretrained, tmp_path
+):
+    out = tmp_path / "run"
+    (out / "pretrain").mkdir(parents=True)
+    os.symlink(micro_pretrained[1], out / "pretrain" / "model")
+    base = ["--config", micro_recipe_path, "--out", out, "--max_steps", 1]
+    r = lmforge("sft", *base, "--lora.r", 4)
+    assert r.returncode == 0, r.stderr
+    assert f"adapter written to {out / 'sft' / 'adapter'}" in r.stdout, r.stdout
+    assert "deprecated" not in r.stderr
+    r = lmforge("dpo", *base)  # no --model-dir: the adapter SFT wrote (full DPO on it)
+    assert r.returncode == 0, r.stderr
+    assert (out / "dpo" / "model" / "model.safetensors").is_file()
+
+    # LoRA DPO starts from a plain model (on an adapter it is refused: merge first)
+    other = ["--config", micro_recipe_path, "--max_steps", 1, "--model-dir", micro_pretrained[1]]
+    r = lmforge("dpo", *other, "--out", tmp_path / "new", "--lora.r", 4)
+    assert r.returncode == 0 and "deprecated" not in r.stderr, r.stderr
+    r = lmforge("dpo", *other, "--out", tmp_path / "old", "--lora_r", 4)
+    assert r.returncode == 0, r.stderr
+    assert "dpo.lora_r (--lora_r) is deprecated" in r.stderr and "use dpo.lora.r" in r.stderr
+    for d in ("new", "old"):
+        assert (tmp_path / d / "dpo" / "adapter" / "adapter_config.json").is_file()
+        assert not (tmp_path / d / "dpo" / "model").exists()

@@ -4,6 +4,7 @@ import pytest
 
 from lmforge.config import (
     ConfigError,
+    DPOConfig,
     ModelConfig,
     PretrainConfig,
     build,
@@ -107,4 +108,47 @@ def test_a_recipe_model_section_that_is_a_list_is_an_error(tmp_path):
     r = tmp_path / "r.yaml"
     r.write_text("model: [1, 2]\n")
     with pytest.raises(ConfigError, match="model must be a mapping"):
+        load_recipe(r)
+
+
+def test_the_old_lora_spellings_give_the_same_config_with_a_deprecation(tmp_path, capsys):
+    # made-up recipes: the old top-level `lora:` (all of it to sft; alpha, dropout and targets
+    # to dpo) with dpo.lora_r, and the same written with each stage's own `lora:`
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text("lora: {r: 8, alpha: 32, targets: [q, v]}\ndpo: {lora_r: 4}\n")
+    new.write_text(
+        "sft: {lora: {r: 8, alpha: 32, targets: [q, v]}}\n"
+        "dpo: {lora: {r: 4, alpha: 32, targets: [q, v]}}\n"
+    )
+    assert load_recipe(new) == load_recipe(old)
+    err = capsys.readouterr().err
+    assert "the top-level `lora:` section (--lora.KEY in lmforge run) is deprecated" in err
+    assert "use sft.lora / dpo.lora in a recipe" in err
+    assert "dpo.lora_r (--lora_r) is deprecated" in err and "use dpo.lora.r" in err
+    r = load_recipe(new, {"sft.lora.r": 16, "dpo.lora.dropout": 0.1})
+    assert r.sft.lora.r == 16 and r.dpo.lora.dropout == 0.1
+    assert load_recipe(None, {"lora.r": 8}) == load_recipe(None, {"sft.lora.r": 8})
+    assert load_recipe(None, {"dpo.lora_r": 4}) == load_recipe(None, {"dpo.lora.r": 4})
+    assert DPOConfig(lora_r=4).lora.r == 4  # a driver given the old field trains rank 4
+    capsys.readouterr()
+    load_recipe(new)
+    assert capsys.readouterr().err == ""  # the new spelling says nothing
+
+
+def test_the_lora_spellings_must_agree_and_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"lora.r \(8, the old spelling\) and sft.lora.r"):
+        load_recipe(None, {"lora.r": 8, "sft.lora.r": 4})
+    with pytest.raises(ConfigError, match=r"dpo.lora_r \(4\) and dpo.lora.r \(8\) disagree"):
+        load_recipe(None, {"dpo.lora_r": 4, "dpo.lora.r": 8})
+    with pytest.raises(
+        ConfigError, match="unknown key 'rank' in sft.lora; valid keys: alpha, dropout, r, targets"
+    ):
+        load_recipe(None, {"sft.lora.rank": 8})
+    with pytest.raises(ConfigError, match="unknown key 'alfa' in section 'lora'"):
+        load_recipe(None, {"lora.alfa": 8})
+    with pytest.raises(ConfigError, match="lora.targets: unknown projection 'qq'"):
+        load_recipe(None, {"dpo.lora.targets": "qq"})
+    r = tmp_path / "r.yaml"
+    r.write_text("sft: {lora: 8}\n")
+    with pytest.raises(ConfigError, match="sft.lora must be a mapping"):
         load_recipe(r)

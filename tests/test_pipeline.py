@@ -52,7 +52,7 @@ def _base_recipe(micro_recipe_path, model_dir, tmp_path, **extra):
     for section in ("tokenizer", "model", "pretrain"):
         raw.pop(section)
     raw["base"] = {"model": str(model_dir)}
-    raw["lora"] = {"r": 4}
+    raw["sft"]["lora"] = {"r": 4}
     raw["quantize"] = {"methods": ["int8", "gptq"], "group_size": 32, "calib_samples": 4}
     raw["quantize"] |= {"calib_seq_len": 32, "eval_tokens": 512}
     raw["eval"] = {"tasks": ["mmlu", "lm:data"], "limit": 2, "limits": {"lm:data": 300}}
@@ -125,9 +125,9 @@ def test_dpo_lora_on_an_adapter_is_refused(micro_recipe_path, tmp_path):
     (adapter / "adapter_config.json").write_text(
         json.dumps({"base_model_name_or_path": str(tmp_path), "r": 4})
     )
-    recipe = load_recipe(micro_recipe_path, {"dpo.lora_r": 4})
+    recipe = load_recipe(micro_recipe_path, {"dpo.lora.r": 4})
     with pytest.raises(ConfigError, match="merge it first"):
-        dpo.run(recipe.dpo, recipe.lora, adapter, tmp_path / "out", recipe.base_dir)
+        dpo.run(recipe.dpo, recipe.dpo.lora, adapter, tmp_path / "out", recipe.base_dir)
 
 
 def test_eval_limits_and_quantize_methods_are_checked(micro_recipe_path):
@@ -147,3 +147,24 @@ def test_eval_limits_and_quantize_methods_are_checked(micro_recipe_path):
     assert recipe.eval.limits == {"gsm8k": 3}
     recipe = load_recipe(micro_recipe_path, {"eval.models": ["base", "int8", "gptq-g64"]})
     assert recipe.eval.models == ["base", "int8", "gptq-g64"]
+
+
+def test_the_stage_table_is_what_the_run_and_its_config_use(micro_recipe_path, tmp_path):
+    from lmforge.config import RUN_MODELS, SECTIONS, load_recipe
+    from lmforge.pipeline import model_dirs, stage_hashes
+    from lmforge.stages import BY_NAME, MODEL_STAGES, RUN_ORDER, TABLE, output_dir
+
+    recipe = load_recipe(micro_recipe_path, {"sft.lora.r": 4, "dpo.lora.r": 2})
+    assert tuple(stage_hashes(recipe)) == RUN_ORDER
+    assert set(MODEL_STAGES) == set(RUN_MODELS)  # what eval.models accepts
+    assert all(s.section in SECTIONS for s in TABLE)
+    assert all(BY_NAME[s.model_from].title for s in TABLE if s.model_from)  # starts from a model
+    root = tmp_path / "pretrain" / "model"
+    dirs = model_dirs(recipe, tmp_path, root)  # LoRA SFT, LoRA DPO: both write adapters
+    assert dirs == {
+        "pretrain": root,
+        "sft": output_dir(tmp_path, "sft", 4),
+        "dpo": tmp_path / "dpo" / "adapter",
+    }
+    full = model_dirs(load_recipe(micro_recipe_path), tmp_path, root)
+    assert full["sft"] == tmp_path / "sft" / "model" and full["dpo"] == tmp_path / "dpo" / "model"

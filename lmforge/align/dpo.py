@@ -152,25 +152,26 @@ def run(
     dist_cfg: DistConfig | None = None,
 ) -> dict:
     """Align the model in model_dir (usually the SFT model) to preference pairs; writes
-    out_dir/model (out_dir/adapter with lora_r), metrics.jsonl, curves.png, summary.json.
+    out_dir/model (out_dir/adapter with lora.r), metrics.jsonl, curves.png, summary.json.
     Under torchrun (dist.strategy ddp, or fsdp without LoRA) every rank calls this; rank 0
     writes the files and runs the judge."""
-    if cfg.lora_r and model_source(model_dir) != Path(model_dir):
+    # the adapters: lora_cfg (callers pass cfg.lora) with the rank cfg.lora.r
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(lora_cfg, r=cfg.lora.r))
+    if cfg.lora.r and model_source(model_dir) != Path(model_dir):
         # the new adapter would be saved against the plain base model, so loading it would
         # silently drop the adapter it started from
         raise ConfigError(
-            f"dpo.lora_r with a LoRA adapter to start from ({model_dir}): merge it first "
-            "(lmforge export ADAPTER OUT) and start from OUT, or use full DPO (dpo.lora_r 0)"
+            f"dpo.lora.r with a LoRA adapter to start from ({model_dir}): merge it first "
+            "(lmforge export ADAPTER OUT) and start from OUT, or use full DPO (dpo.lora.r 0)"
         )
-    return dist.launch(dist_cfg, _run, cfg, lora_cfg, model_dir, Path(out_dir), base_dir)
+    return dist.launch(dist_cfg, _run, cfg, model_dir, Path(out_dir), base_dir)
 
 
-def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> dict:
+def _run(cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> dict:
     # --- setup
-    dist.data_parallel_only(info, "dpo", bool(cfg.lora_r))
-    lora_sections = (lora_cfg,) if cfg.lora_r else ()
+    dist.data_parallel_only(info, "dpo", bool(cfg.lora.r))
     device, policy, tok, tok_dir, train, val, stats = setup(
-        cfg, model_dir, out_dir, base_dir, "dpo", lora_sections, info
+        cfg, model_dir, out_dir, base_dir, "dpo", (), info
     )
     train_enc, val_enc = [e for e, _ in train], [e for e, _ in val]
     if not info.sharded:  # before the optimizer: the judge's engine would relayout it later
@@ -179,9 +180,9 @@ def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> d
     if info.sharded:  # the frozen reference is sharded like the policy (forward passes only)
         dist.parallelize(reference, dist_cfg, info, device)
     torch.manual_seed(cfg.seed)
-    use_lora = bool(cfg.lora_r)
+    use_lora = bool(cfg.lora.r)
     if use_lora:
-        apply_lora(policy, dataclasses.replace(lora_cfg, r=cfg.lora_r), seed=cfg.seed)
+        apply_lora(policy, cfg.lora, seed=cfg.seed)
     mean = cfg.loss == "ipo"
 
     def logps(model, pairs):
@@ -255,7 +256,7 @@ def _run(cfg, lora_cfg, model_dir, out_dir: Path, base_dir, dist_cfg, info) -> d
         "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
         "beta": cfg.beta,
         "loss_type": cfg.loss,
-        "lora_r": cfg.lora_r,
+        "lora_r": cfg.lora.r,
         "pairs": {"train": len(train_enc), "val": len(val_enc)},
         "data": stats["sources"],
         "bad_rows": len(stats["problems"]),

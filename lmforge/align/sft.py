@@ -275,8 +275,10 @@ def run(
 def _train(cfg, lora_cfg, model_dir: Path, out_dir: Path, base_dir, dist_cfg, info) -> dict:
     # --- setup
     dist.data_parallel_only(info, "sft", bool(lora_cfg.r))
-    lora_section = lora_cfg if lora_cfg.r else None
-    config = run_config(cfg, lora_section, dp_size=info.dp_size, model_dir=model_dir)
+    # the adapters trained are lora_cfg: recorded inside the sft section, where a recipe gives them
+    config = run_config(
+        dataclasses.replace(cfg, lora=lora_cfg), dp_size=info.dp_size, model_dir=model_dir
+    )
     start_run(out_dir, "sft", config, cfg.resume, cfg.overwrite, info)
     device = dist.device_for(info, pick_device(cfg.device))
     if cfg.threads:
