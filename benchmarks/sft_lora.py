@@ -73,8 +73,9 @@ def run_side(args) -> dict:
     """Train one side; returns its figures. Runs in its own process (see main)."""
     import torch.nn.functional as F  # noqa: F401  (imported before the RSS baseline)
 
-    from lmforge.align.sft import BatchPlan, build_examples, masked_nll, pad_batch
+    from lmforge.align.sft import build_examples, masked_nll, pad_batch
     from lmforge.config import LoRAConfig, load_recipe
+    from lmforge.data.batches import BatchPlan
     from lmforge.model.checkpoint import load_model
     from lmforge.tokenizer import Tokenizer
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from lmforge.config import ConfigError
 
+ROLES = ("system", "user", "assistant")  # the chat roles a conversation may hold
 SPECIAL_TOKENS = [
     "<|pad|>",
     "<|bos|>",

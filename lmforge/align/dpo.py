@@ -31,6 +31,7 @@ from lmforge.align.preference import (
     setup,
     train_pairs,
 )
+from lmforge.align.reward import load_reward_model, score_ids
 from lmforge.align.rollout import sample_answers, token_logprobs
 from lmforge.config import ConfigError, DistConfig, DPOConfig, LoRAConfig
 from lmforge.infer.chat import stop_ids
@@ -95,8 +96,6 @@ def judge_win_rate(
 ) -> dict:
     """Greedy answers of both models to held-out prompts, scored by the reward model cfg.judge:
     the share of prompts where the policy's answer scores higher (ties count half)."""
-    from lmforge.align.reward import load_reward_model, score_ids
-
     rm, _ = load_reward_model(cfg.judge, device=device)
     ids = [prompt_ids(tok, p)[-cfg.max_prompt_len :] for p in prompts]
     kw = dict(max_new_tokens=cfg.judge_max_new_tokens, temperature=0.0, stop_ids=stop_ids(tok))

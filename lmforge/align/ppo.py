@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.align.preference import answer_ids, parse_message, plot_curves, prompt_ids, row_to_pair
+from lmforge.align.reward import load_reward_model, score_ids
 from lmforge.align.rollout import kl_k3, masked_mean, pad_rollouts, sample_answers, token_logprobs
 from lmforge.config import ConfigError, PPOConfig, PreferenceSourceConfig, resolve_path
 from lmforge.data.readers import DataError, is_val, read_jsonl
@@ -314,6 +315,58 @@ def logprobs_and_values(
 EVAL_SEED = 1_000_000_007  # held-out sampling seeds start here, far from the rollouts' seed + step
 
 
+@torch.no_grad()
+def forward_chunks(policy, value_head, ref, ids: torch.Tensor, cfg: PPOConfig, device):
+    """Policy log-probs, values and reference log-probs of a padded batch, (N, T-1) each, on
+    the CPU, computed cfg.batch_size rows at a time."""
+    parts = []
+    for i in range(0, ids.shape[0], cfg.batch_size):
+        x = ids[i : i + cfg.batch_size].to(device)
+        with autocast(device):
+            logp, values = logprobs_and_values(policy, value_head, x, cfg.temperature)
+            ref_logp = token_logprobs(ref, x, cfg.temperature)
+        parts.append((logp.float(), values.float(), ref_logp.float()))
+    return tuple(torch.cat(p).cpu() for p in zip(*parts))
+
+
+def ppo_update(policy, value_head, optimizer, ro: dict, cfg: PPOConfig, step: int, device) -> dict:
+    """ppo_epochs shuffled passes over the rollout batch `ro` in minibatches; stops early when
+    the policy has moved more than early_stop_kl from the one that sampled the batch. Returns
+    the updates' mean losses and statistics, and the epochs run."""
+    params = [p for m in (policy, value_head) for p in m.parameters() if p.requires_grad]
+    n = ro["ids"].shape[0]
+    rng = np.random.default_rng([cfg.seed, step])
+    sums, updates, epochs = {}, 0, 0
+    for _ in range(cfg.ppo_epochs):
+        epochs += 1
+        order = torch.from_numpy(rng.permutation(n))
+        for start in range(0, n, cfg.minibatch_size):
+            mb = order[start : start + cfg.minibatch_size]
+            T = int(ro["lengths"][mb].max())  # trim the minibatch's own padding
+            x = ro["ids"][mb, :T].to(device)
+            old = {k: ro[k][mb, : T - 1].to(device) for k in ro if k not in ("ids", "lengths")}
+            with autocast(device):
+                logp, values = logprobs_and_values(policy, value_head, x, cfg.temperature)
+            pg_loss, vf_loss, st = ppo_losses(
+                logp, old["logp"], values, old["values"], old["advantages"], old["returns"],
+                old["mask"], cfg.clip_range, cfg.value_clip,
+            )  # fmt: skip
+            (pg_loss + cfg.vf_coef * vf_loss).backward()
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            row = {"pg_loss": pg_loss, "vf_loss": vf_loss, "grad_norm": grad_norm, **st}
+            for k, v in row.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            updates += 1
+            if cfg.early_stop_kl and st["approx_kl"].item() > cfg.early_stop_kl:
+                break
+        else:
+            continue
+        break  # the inner loop stopped early: skip the remaining epochs too
+    return {**{k: v / updates for k, v in sums.items()}, "epochs": epochs}
+
+
 def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     """PPO from the model in model_dir (usually the SFT model, or a LoRA adapter, merged);
     writes out_dir/model, metrics.jsonl, samples.jsonl, curves.png and summary.json, with step
@@ -336,8 +389,6 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     end_of_turn, suffix = turn_suffix(tok, stops)
     rm = rm_path = None
     if cfg.reward == "model":
-        from lmforge.align.reward import load_reward_model
-
         if not cfg.reward_model:
             raise ConfigError("ppo.reward is 'model' but ppo.reward_model names no directory")
         rm_path = resolve_path(cfg.reward_model, base_dir)
@@ -368,7 +419,6 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
     relayout(policy)
     relayout(ref)
     trainable = nn.ModuleDict({"policy": policy, "value_head": value_head})
-    params = [p for p in trainable.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, cfg, device)
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     ckpt_root = out_dir / "checkpoints"
@@ -407,8 +457,6 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
             texts = [tok.decode(t for t in a if t not in stops) for a in answers]
             outcomes = [qa_check(t, p.answer) for t, (_, p) in zip(texts, batch)]
             return torch.tensor([qa_reward(o, cfg) for o in outcomes]), outcomes
-        from lmforge.align.reward import score_ids
-
         tails = [a + suffix if a and a[-1] == end_of_turn else a for a in answers]
         out = []
         for i in range(0, len(batch), cfg.batch_size):
@@ -416,18 +464,6 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
             with autocast(device):
                 out += score_ids(rm, prompts, tails[i : i + cfg.batch_size], tok.pad_id, device)
         return torch.tensor(out), []
-
-    @torch.no_grad()
-    def forward_chunks(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Policy log-probs, values and reference log-probs of a padded batch, (N, T-1) each."""
-        parts = []
-        for i in range(0, ids.shape[0], cfg.batch_size):
-            x = ids[i : i + cfg.batch_size].to(device)
-            with autocast(device):
-                logp, values = logprobs_and_values(policy, value_head, x, cfg.temperature)
-                ref_logp = token_logprobs(ref, x, cfg.temperature)
-            parts.append((logp.float(), values.float(), ref_logp.float()))
-        return tuple(torch.cat(p).cpu() for p in zip(*parts))
 
     def evaluate(at_step: int) -> dict:
         """Greedy answers to the held-out prompts: mean reward (qa: the share correct, abstained
@@ -444,54 +480,12 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
             result[f"val_{name}"] = sum(o == name for o in outcomes) / len(outcomes)
         drawn = sample(prompts, EVAL_SEED + cfg.seed)  # the same draws at every evaluation
         ids, mask = pad_rollouts(prompts, drawn, tok.pad_id)
-        logp, _, ref_logp = forward_chunks(ids)
+        logp, _, ref_logp = forward_chunks(policy, value_head, ref, ids, cfg, device)
         result["val_kl"] = ((logp - ref_logp) * mask).sum(1).mean().item()
         for (_, p), a, s in list(zip(evals, answers, scores.tolist()))[:4]:
             prompt = p.messages[-1]["content"]
             samples_log.write(step=at_step, prompt=prompt, answer=tok.decode(a), reward=s)
         return result
-
-    def train_on(ro: dict, at_step: int) -> dict:
-        """ppo_epochs shuffled passes over the rollout batch in minibatches; stops early when
-        the policy has moved more than early_stop_kl from the one that sampled the batch."""
-        n = ro["ids"].shape[0]
-        rng = np.random.default_rng([cfg.seed, at_step])
-        sums, updates, epochs = {}, 0, 0
-        for _ in range(cfg.ppo_epochs):
-            epochs += 1
-            order = torch.from_numpy(rng.permutation(n))
-            for start in range(0, n, cfg.minibatch_size):
-                mb = order[start : start + cfg.minibatch_size]
-                T = int(ro["lengths"][mb].max())  # trim the minibatch's own padding
-                x = ro["ids"][mb, :T].to(device)
-                old = {k: ro[k][mb, : T - 1].to(device) for k in ro if k not in ("ids", "lengths")}
-                with autocast(device):
-                    logp, values = logprobs_and_values(policy, value_head, x, cfg.temperature)
-                pg_loss, vf_loss, st = ppo_losses(
-                    logp,
-                    old["logp"],
-                    values,
-                    old["values"],
-                    old["advantages"],
-                    old["returns"],
-                    old["mask"],
-                    cfg.clip_range,
-                    cfg.value_clip,
-                )
-                (pg_loss + cfg.vf_coef * vf_loss).backward()
-                grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                row = {"pg_loss": pg_loss, "vf_loss": vf_loss, "grad_norm": grad_norm, **st}
-                for k, v in row.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                updates += 1
-                if cfg.early_stop_kl and st["approx_kl"].item() > cfg.early_stop_kl:
-                    break
-            else:
-                continue
-            break  # the inner loop stopped early: skip the remaining epochs too
-        return {**{k: v / updates for k, v in sums.items()}, "epochs": epochs}
 
     def train_step(step: int) -> dict:
         """Rollout (sample, score, the per-token numbers the update starts from), then the
@@ -501,7 +495,7 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
         answers = sample(prompts, cfg.seed + step * cfg.prompts_per_step)
         scores, outcomes = score(batch, answers)
         ids, mask = pad_rollouts(prompts, answers, tok.pad_id)
-        logp, values, ref_logp = forward_chunks(ids)
+        logp, values, ref_logp = forward_chunks(policy, value_head, ref, ids, cfg, device)
         if cfg.whiten_rewards:  # the batch's scores to mean 0, std 1: a scale-free reward
             shaped = whiten(scores, torch.ones_like(scores, dtype=torch.bool))
         else:
@@ -517,7 +511,7 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
             "advantages": whiten(advantages, mask),
             "returns": returns,
         }
-        update = train_on(rollout, step)
+        update = ppo_update(policy, value_head, optimizer, rollout, cfg, step, device)
         kl_per_answer = kl.sum(1).mean().item()
         row = {
             "reward": scores.mean().item(),

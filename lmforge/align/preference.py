@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from lmforge.align.rollout import pad_rollouts
-from lmforge.align.sft import ROLES, BatchPlan
 from lmforge.config import (
     ConfigError,
     DistConfig,
@@ -36,10 +35,11 @@ from lmforge.config import (
     PreferenceSourceConfig,
     resolve_path,
 )
+from lmforge.data.batches import BatchPlan
 from lmforge.data.readers import DataError, is_val, read_jsonl
 from lmforge.model.load import load, model_source
-from lmforge.perf import autocast
-from lmforge.tokenizer import Tokenizer
+from lmforge.perf import autocast, pick_device
+from lmforge.tokenizer import ROLES, Tokenizer
 from lmforge.train import dist
 from lmforge.train.checkpoint import resume_latest, save_step
 from lmforge.train.loop import fit
@@ -268,8 +268,6 @@ def setup(
     pairs, held-out pairs, data stats), out_dir ready for the run (state.start_run; `sections`:
     other configs that define it). The model is loaded as for inference (an adapter is merged)
     and must hold seq_len tokens."""
-    from lmforge.perf import pick_device
-
     dp_size = info.dp_size if info else 1
     config = run_config(cfg, *sections, dp_size=dp_size, model_dir=model_dir)
     start_run(out_dir, stage, config, cfg.resume, cfg.overwrite, info)

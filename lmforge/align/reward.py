@@ -31,9 +31,10 @@ from lmforge.align.preference import (
     setup,
     train_pairs,
 )
+from lmforge.align.rollout import pad_rollouts
 from lmforge.config import ConfigError, DistConfig, RewardConfig
 from lmforge.io import atomic_dir, read_json, write_json
-from lmforge.model.checkpoint import TOKENIZER_FILES, _read_tensors, load_config, model_from_tensors
+from lmforge.model.checkpoint import TOKENIZER_FILES, load_config, model_from_tensors, read_tensors
 from lmforge.model.hf import ARCHITECTURES, to_hf_config, to_hf_state_dict
 from lmforge.model.transformer import GPT, num_params
 from lmforge.tokenizer import Tokenizer
@@ -108,7 +109,7 @@ def _reward_tensors(path: Path) -> tuple[dict, torch.Tensor]:
             f"num_labels {hf.get('num_labels')} (want *ForSequenceClassification, 1 label; "
             "train one with `lmforge reward`)"
         )
-    tensors = _read_tensors(path)
+    tensors = read_tensors(path)
     if "score.weight" not in tensors:
         raise ConfigError(f"{path}: model.safetensors has no score.weight")
     return tensors, tensors.pop("score.weight")
@@ -159,8 +160,6 @@ def score_answers(
 
 def score_ids(rm: RewardModel, prompts, answers, pad_id: int, device) -> list[float]:
     """Rewards of prompt + answer token lists (no batching limit: the caller batches)."""
-    from lmforge.align.rollout import pad_rollouts
-
     ids, _ = pad_rollouts(prompts, answers, pad_id)
     lengths = torch.tensor([len(p) + len(a) for p, a in zip(prompts, answers)])
     return rm(ids.to(device), lengths).tolist()

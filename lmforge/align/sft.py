@@ -30,13 +30,14 @@ from lmforge.config import (
     SFTSourceConfig,
     resolve_path,
 )
+from lmforge.data.batches import BatchPlan
 from lmforge.data.readers import DataError, is_val, read_jsonl
 from lmforge.io import atomic_dir, read_json, write_json
 from lmforge.model.load import load
 from lmforge.model.lora import apply_lora, load_adapter_weights, save_adapter
 from lmforge.model.transformer import flops_per_token, num_params
 from lmforge.perf import autocast, pick_device
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import ROLES, Tokenizer
 from lmforge.train import dist
 from lmforge.train.checkpoint import resume_latest, save_final, save_step
 from lmforge.train.loop import fit
@@ -45,7 +46,6 @@ from lmforge.train.optim import make_optimizer
 from lmforge.train.run_dir import run_config, start_run
 
 IGNORE = -100  # label of a position that is not a target (F.cross_entropy's ignore_index)
-ROLES = ("system", "user", "assistant")
 
 # --------------------------------------------------------------------------- rows
 
@@ -145,37 +145,6 @@ def pad_batch(examples: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, to
     for i, e in enumerate(examples):
         x[i, : e.shape[1]], y[i, : e.shape[1]] = e
     return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch's micro-batches of example indices. A seeded shuffle, then each window of 64
-    batches is sorted by length and cut into batches (so a batch pads to a similar length: on
-    the bundled data this halves the padding), then the batches are shuffled."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    window = 64 * batch_size
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = order[w : w + window]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-class BatchPlan:
-    """Micro-batch `index` of the whole run -> example indices, a pure function of the index
-    (epochs follow one another), so resuming at a step needs nothing but the step."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed = np.asarray(lengths), batch_size, seed
-        self.per_epoch = len(epoch_batches(self.lengths, batch_size, seed, 0))
-        self._cache: dict[int, list[list[int]]] = {}
-
-    def __call__(self, index: int) -> list[int]:
-        epoch, i = divmod(index, self.per_epoch)
-        if epoch not in self._cache:
-            self._cache = {epoch: epoch_batches(self.lengths, self.batch_size, self.seed, epoch)}
-        return self._cache[epoch][i]
 
 
 def masked_nll(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -32,7 +32,7 @@ def read_manifest(data_dir: str | Path) -> dict:
         raise DataError(f"{path} is not valid JSON: {e}") from None
 
 
-def _memmap(data_dir: Path, file: str, dtype: np.dtype) -> np.ndarray:
+def memmap_tokens(data_dir: Path, file: str, dtype: np.dtype) -> np.ndarray:
     path = data_dir / file
     if not path.is_file():
         raise DataError(f"{path} is listed in manifest.json but missing")
@@ -52,7 +52,7 @@ class PackedLoader:
         data_dir = Path(data_dir)
         manifest = read_manifest(data_dir)
         dtype = np.dtype(manifest["dtype"])
-        self.shards = [_memmap(data_dir, e["file"], dtype) for e in manifest["train_shards"]]
+        self.shards = [memmap_tokens(data_dir, e["file"], dtype) for e in manifest["train_shards"]]
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.position = 0  # global samples consumed (all ranks)
@@ -182,7 +182,7 @@ def val_batches(
         raise DataError(
             f"{data_dir}: no validation file for language {lang!r} (have: {', '.join(sorted(val))})"
         )
-    tokens = _memmap(data_dir, val[lang]["file"], np.dtype(manifest["dtype"]))
+    tokens = memmap_tokens(data_dir, val[lang]["file"], np.dtype(manifest["dtype"]))
     n_windows = max(len(tokens) - 1, 0) // seq_len
     if max_tokens > 0:
         n_windows = min(n_windows, max(1, max_tokens // seq_len))

@@ -26,12 +26,23 @@ builders (`tasks.multiple_choice.build_context`, `truthfulqa.build_context`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from lmforge.config import ConfigError
+from lmforge.data.loader import memmap_tokens, read_manifest
+from lmforge.eval import generative, truthfulqa
+from lmforge.eval.multiple_choice import evaluate_mc
+from lmforge.eval.sandbox import check_isolation
+from lmforge.eval.scoring import perplexity
+from lmforge.eval.similarity import evaluate_similarity
 from lmforge.io import write_json
+from lmforge.model.load import load
 from lmforge.tasks.gsm8k import GSM8K_SHOT_POOL
 from lmforge.tasks.multiple_choice import TASK_DIR, load_task, splits
 
@@ -112,25 +123,17 @@ def run_task(
     """(result rows, settings) of one task. split and num_fewshot override the task's own;
     settings record the split, the few-shot split and k, how rows were chosen (`sample`) and,
     with log_samples, one record per scored question (`samples`)."""
-    import torch
-
     check_options(name, split, num_fewshot)
     torch.manual_seed(seed)
     if name.startswith("lm:"):
-        from lmforge.eval.scoring import perplexity
-
         path = Path(name[3:])
         keys = ["loss", "perplexity", "bits_per_byte"]
         stride = max(1, model.cfg.max_seq_len // 2)  # every token after the first is scored,
         # with at least half a context of history once past the first window
         if (path / "manifest.json").is_file():  # a prepared data folder: its validation shards
-            import numpy as np
-
-            from lmforge.data.loader import _memmap, read_manifest
-
             manifest, rows = read_manifest(path), []
             for lang, val in sorted(manifest.get("val", {}).items()):
-                ids = _memmap(path, val["file"], np.dtype(manifest["dtype"]))[: limit or None]
+                ids = memmap_tokens(path, val["file"], np.dtype(manifest["dtype"]))[: limit or None]
                 m = perplexity(model, tok, ids.astype(np.int64).tolist(), stride)
                 rows += _rows(f"{name}:{lang}", m, keys)
             if not rows:
@@ -142,8 +145,6 @@ def run_task(
         m = perplexity(model, tok, path.read_text(encoding="utf-8"), stride)
         return _rows(name, m, keys), {"path": str(path), "stride": stride}
     if name.startswith("sim:"):
-        from lmforge.eval.similarity import evaluate_similarity
-
         m = evaluate_similarity(model, tok, name[4:], limit=limit)
         return _rows(name, m, ["bleu", "rouge1", "rouge2", "rougeL"]), {
             "path": name[4:],
@@ -152,16 +153,12 @@ def run_task(
     if name == "gsm8k":
         return _gsm8k(model, tok, limit, split or "test", num_fewshot, log_samples)
     if name == "truthfulqa":
-        from lmforge.eval import truthfulqa
-
         path = REPO / "datasets" / "eval" / "truthfulqa" / "TruthfulQA.csv.gz"
         m = truthfulqa.evaluate_truthfulqa(model, tok, path, limit, log_samples=log_samples)
         settings = {"path": str(path), "split": truthfulqa.SPLIT, "fewshot_split": None,
                     "num_fewshot": 0, "primer": "lm-eval's 6 question/answer pairs"}  # fmt: skip
         return _rows(name, m, ["mc1", "mc2"]), settings | _picked(m)
     if name == "humaneval":
-        from lmforge.eval import generative
-
         m = generative.evaluate_humaneval(
             model, tok, _bundled("humaneval"), limit=limit, unsafe_exec=unsafe_exec
         )
@@ -180,8 +177,6 @@ def _picked(m: dict) -> dict:
 def _gsm8k(model, tok, limit, split: str, num_fewshot, log_samples) -> tuple[list[dict], dict]:
     """GSM8K on the test split (or train: the rows after the exemplar pool), k-shot from the
     first 8 rows of train."""
-    from lmforge.eval import generative
-
     folder = REPO / "datasets" / "eval" / "gsm8k"
     files = {"test": folder / "test.jsonl.gz", "train": folder / "train_head300.jsonl.gz"}
     k = GSM8K_SHOT_POOL if num_fewshot is None else num_fewshot
@@ -199,10 +194,6 @@ def _gsm8k(model, tok, limit, split: str, num_fewshot, log_samples) -> tuple[lis
 def _multiple_choice(
     model, tok, name, limit, seed, split, num_fewshot, log_samples
 ) -> tuple[list[dict], dict]:
-    import dataclasses
-
-    from lmforge.eval.multiple_choice import evaluate_mc
-
     task = _load_mc_task(name)
     overrides = {"split": split, "num_fewshot": num_fewshot}
     task = dataclasses.replace(task, **{k: v for k, v in overrides.items() if v is not None})
@@ -232,8 +223,6 @@ def run(
     log_samples: bool = False,
 ) -> list[dict]:
     """Evaluate the checkpoint on each task; writes out_dir/<task>.json; returns all rows."""
-    from lmforge.model.load import load
-
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
     if num_fewshot is not None and num_fewshot < 0:
@@ -241,8 +230,6 @@ def run(
     for name in tasks:
         check_options(name, split, num_fewshot)
     if "humaneval" in tasks:  # refuse before the model loads, not after the other tasks
-        from lmforge.eval.sandbox import check_isolation
-
         check_isolation(unsafe_exec)
     model, tok = load(ckpt)
     out_dir = Path(out_dir)

@@ -427,7 +427,9 @@ def check_isolation(unsafe_exec: bool = False, minimum: str = MIN_LEVEL) -> Isol
     """The isolation in force; refuses (ConfigError) below `minimum` unless unsafe_exec."""
     iso = isolation()
     if LEVELS.index(iso.level) < LEVELS.index(minimum) and not unsafe_exec:
-        from lmforge.config import ConfigError
+        from lmforge.config import (
+            ConfigError,  # not at the top: this file also runs as a script (-I -S)
+        )
 
         raise ConfigError(
             f"refusing to run model-written code: the sandbox here is only {iso.level!r} "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 from lmforge.data.readers import read_jsonl
+from lmforge.infer.generate import fit_prompt, stream_text
 
 
 def _pair_row(row) -> dict:
@@ -89,8 +90,6 @@ def evaluate_similarity(
     tokenize: str | None = None,
 ) -> dict:
     """Greedy outputs for each source, scored with BLEU and ROUGE against the references."""
-    from lmforge.infer.generate import fit_prompt, stream_text
-
     rows = read_pairs(path, limit)
     hyps = []
     for row in rows:

@@ -104,7 +104,7 @@ def stop_token_ids(cfg: ModelConfig, tokenizer_dir: str | Path | None) -> int | 
     return ids if len(ids) > 1 else ids[0]
 
 
-def _read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     files = [ckpt / "model.safetensors"]
     index = ckpt / "model.safetensors.index.json"
     if not files[0].exists() and index.exists():
@@ -149,14 +149,14 @@ def load_model(
     cfg = load_config(ckpt)
     q = read_json(ckpt / "config.json", "checkpoint config").get("quantization_config")
     if q is None:
-        return model_from_tensors(cfg, _read_tensors(ckpt), ckpt, device, dtype)
+        return model_from_tensors(cfg, read_tensors(ckpt), ckpt, device, dtype)
     if not quantized_ok:  # refused before its quantization_config is even validated
         method = q.get("method") or q.get("quant_method") if isinstance(q, dict) else "?"
         raise ConfigError(
             f"{ckpt} is a quantized ({method}) checkpoint: it is for inference only; "
             "train, prune, quantize or export from the float model it was made from"
         )
-    return load_quantized(cfg, quant_spec(ckpt), _read_tensors(ckpt), ckpt, device)
+    return load_quantized(cfg, quant_spec(ckpt), read_tensors(ckpt), ckpt, device)
 
 
 def model_from_tensors(

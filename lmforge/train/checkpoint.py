@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmforge.config import ConfigError
 from lmforge.io import atomic_dir, read_json, remove_dir, replace_dir, write_json
-from lmforge.model.checkpoint import _read_tensors, load_config, save_extras, save_model
+from lmforge.model.checkpoint import load_config, read_tensors, save_extras, save_model
 from lmforge.model.hf import from_hf_state_dict, to_hf_config
 from lmforge.model.transformer import GPT
 from lmforge.train import dist
@@ -150,7 +150,7 @@ def load_checkpoint(
     `modules` are loaded from the files save_checkpoint wrote for them."""
     ckpt_dir = Path(ckpt_dir)
     if read_weights is None:
-        sd = from_hf_state_dict(_read_tensors(ckpt_dir), model.cfg)
+        sd = from_hf_state_dict(read_tensors(ckpt_dir), model.cfg)
         model.load_state_dict(sd, strict=True)
     else:
         read_weights(ckpt_dir)
@@ -270,7 +270,7 @@ def load_whole_into_sharded(ckpt_dir: str | Path, model, optimizer, info: dist.D
     """Load a single-process (or DDP) checkpoint into a sharded model and its optimizer: every
     rank reads the whole file and keeps its own slices."""
     ckpt_dir = Path(ckpt_dir)
-    full = from_hf_state_dict(_read_tensors(ckpt_dir), model.cfg)
+    full = from_hf_state_dict(read_tensors(ckpt_dir), model.cfg)
     params = dict(model.named_parameters())
     for name, p in params.items():
         index = dist.relayout_index(model.cfg, name, 1, info.tp)

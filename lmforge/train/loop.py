@@ -168,6 +168,7 @@ def fit(
     step = resumed.get("step", 0)
     metrics = None
     if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=step or None)
     peak_flops = matmul_flops(device) if flops_per_token else None
 

@@ -9,7 +9,6 @@ import torch
 
 from lmforge.align.sft import (
     IGNORE,
-    BatchPlan,
     encode_example,
     masked_nll,
     pad_batch,
@@ -18,6 +17,7 @@ from lmforge.align.sft import (
     run,
 )
 from lmforge.config import ConfigError, LoRAConfig, SFTSourceConfig, build
+from lmforge.data.batches import BatchPlan
 from lmforge.data.readers import DataError
 from lmforge.infer.chat import fit_history
 from lmforge.model.checkpoint import load_model
