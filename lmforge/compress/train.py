@@ -24,7 +24,7 @@ from lmforge.perf import autocast, pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
 from lmforge.train.checkpoint import resume_latest, save_final, save_step
-from lmforge.train.heldout import evaluate
+from lmforge.train.heldout import evaluate, val_row
 from lmforge.train.loop import fit
 from lmforge.train.metrics import plot_losses
 from lmforge.train.optim import make_optimizer
@@ -166,9 +166,7 @@ def train(
         if not info.is_main:
             return {}
         val = validate(model, cfg, data_dir, token_bytes)
-        return {
-            f"val_{lang}_{k}": v for lang, r in val.items() for k, v in r.items() if k != "tokens"
-        }
+        return val_row(val)
 
     def save(step: int, loop_state: dict) -> None:
         save_step(

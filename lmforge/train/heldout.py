@@ -52,3 +52,8 @@ def evaluate(
             }
     model.train(was_training)
     return out
+
+
+def val_row(res: dict) -> dict:
+    """evaluate's {lang: {loss, bpb, tokens}} as a metrics row: val_en_loss, val_en_bpb, ..."""
+    return {f"val_{lang}_{k}": v for lang, r in res.items() for k, v in r.items() if k != "tokens"}

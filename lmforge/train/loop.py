@@ -79,7 +79,8 @@ class _Sums:
 
     def __init__(self, saved: dict | None, device):
         self.device = device
-        saved = saved or {}
+        if not saved or "sums" not in saved:  # a fresh start, or a checkpoint from before the clock
+            saved = {}
         self.values = {
             k: tuple(v) if isinstance(v, list) else v for k, v in saved.get("sums", {}).items()
         }

@@ -31,7 +31,7 @@ from lmforge.perf import autocast, matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
 from lmforge.train.checkpoint import resume_latest, save_final, save_step
-from lmforge.train.heldout import evaluate
+from lmforge.train.heldout import evaluate, val_row
 from lmforge.train.loop import fit
 from lmforge.train.metrics import plot_losses
 from lmforge.train.optim import make_optimizer
@@ -231,9 +231,7 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         if not info.is_main:
             return {}
         evals[step] = res
-        return {
-            f"val_{lang}_{k}": v for lang, r in res.items() for k, v in r.items() if k != "tokens"
-        }
+        return val_row(res)
 
     def save(step: int, loop_state: dict) -> None:
         save_step(
