@@ -23,7 +23,8 @@ from lmforge.compress.gptq import gptq_model
 from lmforge.config import ConfigError, QuantizeConfig
 from lmforge.data.loader import PackedLoader, read_manifest
 from lmforge.io import atomic_dir, write_json
-from lmforge.model.checkpoint import load_model, save_quantized
+from lmforge.model.checkpoint import save_quantized
+from lmforge.model.load import load, model_source
 from lmforge.model.quant import (
     QuantLinear,
     QuantSpec,
@@ -135,8 +136,9 @@ def run(cfg: QuantizeConfig, model_dir, data_dir, out_dir) -> dict:
     t0 = time.perf_counter()
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     device = pick_device(cfg.device)
-    model = load_model(model_dir, device=device, quantized_ok=False)
-    tok = Tokenizer.load(model_dir)
+    # a float model (a LoRA adapter is merged into its base); a quantized one is refused
+    model, tok = load(model_dir, device=device, float_only=True)
+    source = model_source(model_dir)  # the files behind an adapter: its base's
     need_calib = cfg.method == "gptq" or (cfg.method == "int8" and cfg.outlier_threshold > 0)
     need_data = need_calib or cfg.eval_tokens > 0
     if need_data:
@@ -167,9 +169,9 @@ def run(cfg: QuantizeConfig, model_dir, data_dir, out_dir) -> dict:
     name = output_name(cfg)
     final = Path(out_dir) / name
     with atomic_dir(final) as tmp:
-        save_quantized(model, spec, tmp, model_dir, tok.pad_id)
+        save_quantized(model, spec, tmp, source, tok.pad_id)
     file_bytes = (final / "model.safetensors").stat().st_size
-    float_bytes = (model_dir / "model.safetensors").stat().st_size
+    float_bytes = (source / "model.safetensors").stat().st_size
     summary = {
         "method": cfg.method,
         "name": name,

@@ -64,17 +64,23 @@ def _adapter_base(config: Path) -> Path:
 
 
 def load(
-    path: str | Path, *, device: str | torch.device = "cpu", trainable: bool = False
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    trainable: bool = False,
+    float_only: bool | None = None,
 ) -> tuple[GPT, Tokenizer]:
     """(model, tokenizer) from a model, quantized model or LoRA adapter directory.
 
     trainable=False: for inference, gradients off. trainable=True: for a stage that trains
     the weights, so every parameter requires grad (an adapter froze its base: merged, it is
-    all trainable again), and a quantized checkpoint is refused. Either way the model is in
-    eval mode; a training stage switches it to train mode itself."""
+    all trainable again). A quantized checkpoint is refused when float_only (default: when
+    trainable), e.g. by a stage that rewrites the weights. Either way the model is in eval
+    mode; a training stage switches it to train mode itself."""
     path = Path(path)
     base = model_source(path)
-    model = load_model(base, device=device, quantized_ok=not trainable)
+    float_only = trainable if float_only is None else float_only
+    model = load_model(base, device=device, quantized_ok=not float_only)
     if base != path:
         model = merge_lora(load_adapter(model, path))
     model.eval().requires_grad_(trainable)
