@@ -115,6 +115,28 @@ def micro_pretrained(micro_prepared, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def micro_adapter(micro_pretrained, tmp_path_factory):
+    """A LoRA adapter (r 4) on the micro model, its B matrices made up for the tests (nonzero,
+    so that merging it changes the weights)."""
+    import torch
+
+    from lmforge.config import LoRAConfig
+    from lmforge.model.load import load
+    from lmforge.model.lora import apply_lora, save_adapter
+
+    _, model_dir = micro_pretrained
+    model, _ = load(model_dir)
+    apply_lora(model, LoRAConfig(r=4), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(1))
+    out = tmp_path_factory.mktemp("micro_adapter") / "adapter"
+    save_adapter(model, out, str(model_dir))
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir():
     """The imported SmolLM2-135M-Instruct directory, fetched beforehand (`.ci/run` does); the
     tests that need real weights skip without it: nothing downloads during the tests."""

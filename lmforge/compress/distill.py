@@ -28,7 +28,6 @@ from lmforge.compress.train import (
 from lmforge.config import ConfigError, DistConfig, DistillConfig, ModelConfig
 from lmforge.io import write_json
 from lmforge.model.transformer import GPT, num_params
-from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
 from lmforge.train.run_dir import run_config, start_run
 
@@ -104,9 +103,8 @@ def _run(cfg, model_dir: Path, data_dir: Path, out_dir: Path, dist_cfg, info) ->
     # --- setup
     dist.ddp_only(info, "distill")
     device = setup_device(cfg, info)
-    teacher = load_float_model(model_dir, device, "distill")
+    teacher, tokenizer, source = load_float_model(model_dir, device, "distill")
     teacher.requires_grad_(False)
-    tokenizer = Tokenizer.load(model_dir)
     check_data(data_dir, tokenizer, teacher, cfg.seq_len, "distill")
     student_cfg = student_config(teacher.cfg, cfg)
     token_bytes = byte_table(tokenizer, teacher.cfg.vocab_size, device)
@@ -126,11 +124,11 @@ def _run(cfg, model_dir: Path, data_dir: Path, out_dir: Path, dist_cfg, info) ->
     # --- train
     teacher_val = validate(teacher, cfg, data_dir, token_bytes) if info.is_main else {}
     on = {"dist_cfg": dist_cfg, "info": info}
-    student = train(new_student(), cfg, data_dir, out_dir, model_dir, kd_loss, desc="distill", **on)
+    student = train(new_student(), cfg, data_dir, out_dir, source, kd_loss, desc="distill", **on)
     baseline = None
     if cfg.baseline and not student["interrupted"]:
         baseline = train(
-            new_student(), cfg, data_dir, out_dir / "baseline", model_dir, desc="baseline", **on
+            new_student(), cfg, data_dir, out_dir / "baseline", source, desc="baseline", **on
         )
     if not info.is_main:
         return {"step": student["step"], "interrupted": student["interrupted"], "rank": info.rank}

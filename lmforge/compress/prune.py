@@ -43,7 +43,6 @@ from lmforge.model.checkpoint import model_from_tensors
 from lmforge.model.hf import to_hf_state_dict
 from lmforge.model.quant import block_linears
 from lmforge.model.transformer import GPT, num_params
-from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist
 from lmforge.train.checkpoint import save_final
 from lmforge.train.run_dir import run_config, start_run
@@ -263,8 +262,7 @@ def _run(cfg, model_dir: Path, data_dir: Path, out: Path, dist_cfg, info) -> dic
     # --- setup
     dist.ddp_only(info, "prune")
     device = setup_device(cfg, info)
-    model = load_float_model(model_dir, device, "prune")
-    tokenizer = Tokenizer.load(model_dir)
+    model, tokenizer, source = load_float_model(model_dir, device, "prune")
     check_data(data_dir, tokenizer, model, cfg.seq_len, "prune")
     token_bytes = byte_table(tokenizer, model.cfg.vocab_size, device)
     start_run(
@@ -315,7 +313,7 @@ def _run(cfg, model_dir: Path, data_dir: Path, out: Path, dist_cfg, info) -> dic
             cfg,
             data_dir,
             out,
-            model_dir,
+            source,
             after_step=after_step,
             desc=f"recover {cfg.method}",
             dist_cfg=dist_cfg,
@@ -329,9 +327,7 @@ def _run(cfg, model_dir: Path, data_dir: Path, out: Path, dist_cfg, info) -> dic
         summary["val_recovered"] = rec["val"]
         summary["nonzero_after"] = count_nonzero(pruned)
     else:
-        save_final(
-            pruned, out / "model", info, tokenizer_dir=model_dir, pad_token_id=tokenizer.pad_id
-        )
+        save_final(pruned, out / "model", info, tokenizer_dir=source, pad_token_id=tokenizer.pad_id)
         if not info.is_main:
             return {"step": 0, "interrupted": False, "rank": info.rank}
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lmforge.config import ConfigError, DistConfig, PretrainConfig
 from lmforge.data.loader import PackedLoader, read_manifest
-from lmforge.model.load import load
+from lmforge.model.load import load, model_source
 from lmforge.model.transformer import GPT, num_params
 from lmforge.perf import autocast, pick_device
 from lmforge.tokenizer import Tokenizer
@@ -42,14 +42,14 @@ def setup_device(cfg: PretrainConfig, info: dist.DistInfo | None = None) -> torc
     return dist.device_for(info or dist.DistInfo(), pick_device(cfg.device))
 
 
-def load_float_model(model_dir, device, stage: str) -> GPT:
-    """A float checkpoint, or a ConfigError saying why model_dir cannot be one."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"{stage}: {model_dir} is not a model directory (no config.json in it)")
+def load_float_model(model_dir, device, stage: str) -> tuple[GPT, Tokenizer, Path]:
+    """(model, tokenizer, the folder with its tokenizer files) for a stage that trains a float
+    model: a model directory, or a LoRA adapter merged into its base; a ConfigError naming the
+    stage says why model_dir is neither (a quantized checkpoint is refused)."""
     try:
-        return load(model_dir, device=device, trainable=True)[0]
-    except ConfigError as e:  # a broken config.json, or a quantized checkpoint
+        model, tokenizer = load(model_dir, device=device, trainable=True)
+        return model, tokenizer, model_source(model_dir)
+    except ConfigError as e:  # no model there, a broken config.json, a quantized checkpoint
         raise ConfigError(f"{stage}: {e}") from None
 
 

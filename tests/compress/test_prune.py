@@ -27,6 +27,7 @@ from lmforge.model.checkpoint import load_model, save_model
 from lmforge.model.transformer import GPT, num_params
 
 LOOP = dict(batch_size=4, seq_len=32, eval_tokens=1024, log_every=1, device="cpu")
+LOOP_NO_EVAL = dict(batch_size=4, seq_len=32, log_every=1, device="cpu")
 
 
 def _model(arch="llama", **kw) -> GPT:
@@ -265,3 +266,21 @@ def test_apply_masks_keeps_zeros_zero():
     assert all(
         int((model.get_parameter(n) == 0).sum()) == int((~m).sum()) for n, m in masks.items()
     )
+
+
+def test_prune_starts_from_a_lora_adapter_merged(micro_prepared, micro_adapter, tmp_path):
+    """An adapter directory is pruned as the model merged with it, and the pruned model gets
+    the base's tokenizer files."""
+    from lmforge.model.load import load
+
+    _, run_dir = micro_prepared
+    cfg = PruneConfig(
+        method="magnitude", sparsity=0.5, max_steps=0, eval_tokens=512, **LOOP_NO_EVAL
+    )
+    s = prune.run(cfg, micro_adapter, run_dir / "data", tmp_path)
+    assert s["step"] == 0 and (tmp_path / "magnitude" / "model" / "tokenizer.json").exists()
+    merged, _ = load(micro_adapter)
+    pruned, _ = load(tmp_path / "magnitude" / "model")
+    w, p = merged.layers[0].attn.wqkv.weight, pruned.layers[0].attn.wqkv.weight
+    kept = p != 0
+    assert 0.4 < kept.float().mean() < 0.6 and torch.equal(p[kept], w[kept])

@@ -263,28 +263,19 @@ def test_quantize_run_reports_perplexity_before_and_after(
 
 
 def test_quantize_opens_a_lora_adapter_as_its_merged_model(
-    micro_prepared, micro_pretrained, tmp_path
+    micro_prepared, micro_pretrained, micro_adapter, tmp_path
 ):
     """`lmforge quantize --model-dir OUT/sft/adapter` quantizes the merged model: the same
     tensors as quantizing the adapter merged and saved by hand."""
-    from lmforge.config import LoRAConfig
-    from lmforge.model.lora import apply_lora, save_adapter
     from lmforge.tokenizer import Tokenizer
 
     model_dir, data_dir = micro_pretrained[1], micro_prepared[1] / "data"
-    model, _ = load(model_dir)
-    apply_lora(model, LoRAConfig(r=4), seed=0)
-    with torch.no_grad():  # made up for the test: a nonzero adapter, so merging changes weights
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    save_adapter(model, tmp_path / "adapter", str(model_dir))
-    merged, _ = load(tmp_path / "adapter")
+    merged, _ = load(micro_adapter)
     save_model(
         merged, tmp_path / "merged", model_dir, pad_token_id=Tokenizer.load(model_dir).pad_id
     )
     cfg = dataclasses.replace(QuantizeConfig(), method="int8", eval_tokens=0, outlier_threshold=0)
-    quantize_run(cfg, tmp_path / "adapter", data_dir, tmp_path / "qa")
+    quantize_run(cfg, micro_adapter, data_dir, tmp_path / "qa")
     quantize_run(cfg, tmp_path / "merged", data_dir, tmp_path / "qb")
     a = load_file(tmp_path / "qa" / "int8" / "model.safetensors")
     b = load_file(tmp_path / "qb" / "int8" / "model.safetensors")
