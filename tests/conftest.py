@@ -149,3 +149,18 @@ def smollm2_dir():
             "`lmforge fetch smollm2-135m-instruct` first (CI does)"
         )
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """The all-MiniLM-L6-v2 sentence-embedding directory (a BERT encoder), fetched beforehand
+    (`.ci/run` does); the tests that need it skip without it."""
+    from lmforge.fetch import cache_dir, cached_model
+
+    model_dir = cached_model("all-minilm-l6-v2")
+    if model_dir is None:
+        pytest.skip(
+            f"all-MiniLM-L6-v2 is not in {cache_dir()}: run `lmforge fetch all-minilm-l6-v2` "
+            "first (CI does)"
+        )
+    return model_dir

