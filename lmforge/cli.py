@@ -417,6 +417,41 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds for a request's header, and again for its body, to arrive; slower "
         "connections are dropped (default: 30)",
     )
+    p.add_argument(
+        "--embedding-model",
+        default=None,
+        metavar="DIR",
+        help="answer /v1/embeddings with this model (an encoder such as `lmforge fetch "
+        "all-minilm-l6-v2`, or a causal model, mean-pooled); without it /v1/embeddings is 404",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+
+    p = sub.add_parser(
+        "embed",
+        help="embed each row of a JSONL file: vectors as .npy, ids as JSONL",
+        description="Sentence embeddings of a JSONL file's rows with an encoder (a "
+        "sentence-transformers directory, e.g. `lmforge fetch all-minilm-l6-v2`: its pooling and "
+        "normalisation) or a causal model (--pooling, L2-normalised). Writes OUT.npy, float32 "
+        "(N, dim), row i the vector of the file's i-th row, and OUT.ids.jsonl, row i's id.",
+    )
+    p.add_argument("model", help="model directory")
+    p.add_argument("file", help="JSONL file, one object per line")
+    p.add_argument("--out", required=True, help="output stem: writes OUT.npy and OUT.ids.jsonl")
+    p.add_argument("--field", default="text", help="the field holding the text (default: text)")
+    p.add_argument(
+        "--id-field",
+        default="id",
+        help="the field holding a row's id (default: id; rows without one get their line number)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="texts per forward pass (default: 32)"
+    )
+    p.add_argument(
+        "--pooling",
+        default=None,
+        choices=("mean", "last", "cls"),
+        help="override the pooling (default: the directory's, else mean)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument(
         "--no-batch-invariance",
@@ -724,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args, rest)
         if rest:
-            cmds = ("generate", "report", "chat", "export", "import", "eval", "fetch")
+            cmds = ("generate", "report", "chat", "export", "import", "eval", "fetch", "embed")
             if args.command in cmds:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command in BY_COMMAND:
@@ -743,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_serve(args, rest)
         if args.command == "fetch":
             return commands.cmd_fetch(args)
+        if args.command == "embed":
+            return commands.cmd_embed(args)
         if args.command == "report":
             from lmforge.report import write_report
 

@@ -1,5 +1,5 @@
 """The commands that act on one model or model file: `generate`, `chat`, `export`, `import`,
-`serve`, `eval` and `fetch`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
+`serve`, `eval`, `fetch` and `embed`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
 code and raises ConfigError for bad input (printed by `cli.main` as one line).
 """
 
@@ -148,6 +148,7 @@ def cmd_serve(args, rest) -> int:
         batch_invariant=not args.no_batch_invariance,
         allowed_hosts=hosts.split(",") if hosts is not None else None,
         request_timeout=args.request_timeout,
+        embedding_model=args.embedding_model,
     )
     return serve(
         app, args.host, args.port, max_connections=args.max_connections, log_level=args.log_level
@@ -184,4 +185,23 @@ def cmd_fetch(args) -> int:
     from lmforge.fetch import fetch
 
     print(fetch(args.name, args.out, args.cache))
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from tqdm import tqdm
+
+    from lmforge.infer.embed import Embedder, read_rows, write_vectors
+    from lmforge.perf import pick_device
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    texts, ids = read_rows(args.file, args.field, args.id_field)
+    embedder = Embedder(args.model, device=str(pick_device(args.device)), pooling=args.pooling)
+    with tqdm(total=len(texts), unit="row", desc="embed", file=sys.stderr) as bar:
+        vectors = embedder.embed(texts, args.batch_size, progress=bar.update)
+    npy, id_file = write_vectors(args.out, vectors, ids)
+    print(
+        f"{len(texts)} vectors of {embedder.dim} ({embedder.pooling} pooling) -> {npy}, {id_file}"
+    )
     return 0

@@ -119,6 +119,10 @@ class Embedder:
     def dim(self) -> int:
         return self.model.cfg.dim
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
+
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """The ids the model reads for each text (truncated to max_len): an encoder's with its
         [CLS] ... [SEP], a causal model's after its BOS."""
@@ -167,3 +171,50 @@ class Embedder:
         if self.normalize:
             vec = F.normalize(vec, p=2, dim=1)
         return vec.cpu().numpy()
+
+
+# --- files: `lmforge embed`
+
+
+def read_rows(path: str | Path, field: str = "text", id_field: str = "id"):
+    """(texts, ids) of a JSONL file; a row without `id_field` gets its line number as id. A bad
+    line is a ConfigError naming the file and the line."""
+    path = Path(path)
+    texts, ids = [], []
+    try:
+        f = path.open(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            text = row.get(field) if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text:
+                raise ConfigError(f"{path}:{n}: no non-empty string field {field!r}")
+            texts.append(text)
+            ids.append(row.get(id_field, n))
+    if not texts:
+        raise ConfigError(f"{path}: no rows")
+    return texts, ids
+
+
+def write_vectors(out: str | Path, vectors: np.ndarray, ids: list) -> tuple[Path, Path]:
+    """OUT.npy (float32, row i = vector i) and OUT.ids.jsonl (line i = id i), each written to a
+    temporary file and renamed, so a crash leaves the old pair or none."""
+    import os
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    npy, id_file = out.with_name(out.name + ".npy"), out.with_name(out.name + ".ids.jsonl")
+    tmp_npy, tmp_ids = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (npy, id_file))
+    with tmp_npy.open("wb") as f:
+        np.save(f, vectors.astype(np.float32))
+    tmp_ids.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in ids), "utf-8")
+    os.replace(tmp_npy, npy)
+    os.replace(tmp_ids, id_file)
+    return npy, id_file

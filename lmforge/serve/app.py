@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP server (`lmforge serve`): the routes /v1/chat/completions,
-/v1/completions, /v1/models, /health and the web chat page under / and /static, and `serve()`.
+/v1/completions, /v1/models, /health and the web chat page under / and /static, and `serve()`;
+/v1/embeddings (embeddings.py) when an embedding model is given.
 
 Around it, as vLLM separates its protocol from its routes: protocol.py holds the request shapes
 and the checks on a body, responses.py the response bodies and the SSE stream, state.py the
@@ -23,7 +24,10 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 from lmforge.infer.chat import chat_prompt_ids
+from lmforge.infer.embed import Embedder
+from lmforge.perf import pick_device
 from lmforge.serve import guards
+from lmforge.serve.embeddings import add_embedding_routes
 from lmforge.serve.guards import HostCheck, TemplateRenderer
 from lmforge.serve.protocol import (
     CHAT_NOT_IMPLEMENTED,
@@ -80,6 +84,7 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     request_timeout: float = 30.0,
     template_timeout: float = 10.0,
+    embedding_model=None,
 ) -> FastAPI:
     """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
     pair, or a function returning one; it is loaded in the background at startup, and /health
@@ -89,7 +94,8 @@ def create_app(
     on /v1/*. `batch_invariant=False` lets the engine run only its busy rows (see
     infer/engine.py). `allowed_hosts`: the Host names answered (see guards.allowed_hosts; "*" =
     any); `request_timeout`: seconds for a request's body to arrive; `template_timeout`:
-    seconds for the chat template to render."""
+    seconds for the chat template to render. `embedding_model`: a directory (or an Embedder)
+    that /v1/embeddings answers with; loaded here, so a bad one fails at start."""
     if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
         raise ConfigError(
             "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
@@ -97,6 +103,9 @@ def create_app(
     if not (request_timeout > 0 and template_timeout > 0):
         raise ConfigError("request_timeout and template_timeout must be > 0 seconds")
     load, default_name, aliases = model_loader(model, device)
+    embedder = embedding_model
+    if isinstance(embedding_model, (str, Path)):
+        embedder = Embedder(embedding_model, device=str(pick_device(device)))
     srv = Server(
         load,
         model_name or default_name or "lmforge",
@@ -194,6 +203,15 @@ def create_app(
     async def model_info(name: str):
         srv.check_model(name)
         return model_card(srv)
+
+    if embedder is not None:
+        add_embedding_routes(app, srv, embedder, authorize)
+    else:
+
+        @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
+        async def no_embeddings():
+            raise APIError(404, "this server has no embedding model: start it with "
+                           "--embedding-model DIR", code="not_found")  # fmt: skip
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(http: Request):
