@@ -12,8 +12,6 @@ lists (ids are read as given: no [CLS]/[SEP] added); `encoding_format` "float" o
 the model's own width (400 otherwise: these models are not trained to be truncated).
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 from pathlib import Path
@@ -59,7 +57,9 @@ def _encode(vec, fmt: str):
 
 def add_embedding_routes(app, srv, embedder, authorize) -> None:
     """Register POST /v1/embeddings on `app` (authorize: the app's API-key dependency)."""
-    from fastapi import Depends, Request  # the app exists: the web stack is installed
+    # the app exists, so the web stack is installed; no `from __future__ import annotations`
+    # in this module, so FastAPI sees `Request` itself in the route's signature
+    from fastapi import Depends, Request
 
     name = Path(embedder.path).name
     lock = asyncio.Lock()
