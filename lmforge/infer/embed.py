@@ -72,7 +72,7 @@ class Embedder:
     """Embeds texts with the model in `path`: `embed(texts) -> (N, dim) float32`."""
 
     def __init__(self, path: str | Path, device: str = "cpu", pooling: str | None = None):
-        path = Path(path)
+        path = Path(path).expanduser()
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path} is not a model directory: config.json is missing")
         if pooling is not None and pooling not in POOLINGS:
