@@ -425,6 +425,18 @@ def _parser() -> argparse.ArgumentParser:
         "all-minilm-l6-v2`, or a causal model, mean-pooled); without it /v1/embeddings is 404",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    p.add_argument(
+        "--no-batch-invariance",
+        action="store_true",
+        help="decode only the busy slots: 2-3x faster for a lone request on a CPU, but a greedy "
+        "answer may then differ on a near-tie depending on what else is running",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="info logs one line per request (default: info)",
+    )
 
     p = sub.add_parser(
         "embed",
@@ -453,18 +465,6 @@ def _parser() -> argparse.ArgumentParser:
         help="override the pooling (default: the directory's, else mean)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
-    p.add_argument(
-        "--no-batch-invariance",
-        action="store_true",
-        help="decode only the busy slots: 2-3x faster for a lone request on a CPU, but a greedy "
-        "answer may then differ on a near-tie depending on what else is running",
-    )
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=("debug", "info", "warning", "error"),
-        help="info logs one line per request (default: info)",
-    )
 
     p = sub.add_parser(
         "eval",
