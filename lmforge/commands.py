@@ -1,5 +1,5 @@
 """The commands that act on one model or model file: `generate`, `chat`, `export`, `import`,
-`serve`, `eval` and `fetch`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
+`serve`, `eval`, `fetch` and `rag`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
 code and raises ConfigError for bad input (printed by `cli.main` as one line).
 """
 
@@ -185,3 +185,9 @@ def cmd_fetch(args) -> int:
 
     print(fetch(args.name, args.out, args.cache))
     return 0
+
+
+def cmd_rag(args) -> int:
+    from lmforge.rag import run
+
+    return getattr(run, f"cmd_{args.rag_command}")(args)
