@@ -21,7 +21,8 @@ CITE = re.compile(r"\[(\d+)\]")
 # how small instruction models phrase "not in the sources"
 ABSTAIN = re.compile(
     r"do(es)? not (contain|mention|provide|say|include)|not (contain|mention)ed|no information|"
-    r"(cannot|can't|unable to) (be )?(answer|determine|find)|not (specified|stated|provided)",
+    r"(cannot|can't|unable to) (be )?(answer|determine|find)|not (specified|stated|provided)|"
+    r"(do not|don't) know",
     re.IGNORECASE,
 )
 
