@@ -165,6 +165,24 @@ def run_answers(index, qa, embedder, model_dir, ask_k, max_new_tokens, log_path)
     return {"rag": score_answers(rag_rows), "no_retrieval": score_answers(bare_rows)}
 
 
+def time_exact_search(sizes=(4_000, 100_000, 500_000), dim=384, repeats=20) -> dict:
+    """Milliseconds per query of exact dense search (matrix-vector product, top-100 selection)
+    on random unit vectors: where exact search stops being good enough."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(dim).astype(np.float32)
+    out = {}
+    for n in sizes:
+        m = rng.standard_normal((n, dim)).astype(np.float32)
+        m @ q  # warm up
+        t = time.perf_counter()
+        for _ in range(repeats):
+            s = m @ q
+            np.argpartition(-s, 100)[:100]
+        out[n] = 1000 * (time.perf_counter() - t) / repeats
+        print(f"exact search, {n:,} x {dim} float32 ({m.nbytes / 2**20:.0f} MiB): {out[n]:.1f} ms")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--docs", default=str(ROOT / "datasets/rag/docs"))
@@ -181,7 +199,12 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-tokens", type=int, default=200, help="chunk size")
     p.add_argument("--overlap", type=int, default=40)
+    p.add_argument("--exact-timing", action="store_true", help="only time exact dense search")
     args = p.parse_args()
+    if args.exact_timing:
+        env = environment(torch.device("cpu"), torch.float32)
+        print_json("rag_exact_search", env, ms_per_query=time_exact_search())
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     qa = [json.loads(line) for line in gzip.open(args.qa, "rt", encoding="utf-8")]
     embedder = load_embedder(args.encoder)

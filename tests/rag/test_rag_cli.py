@@ -41,3 +41,33 @@ def test_errors_are_one_line(doc_dir, tmp_path):
     assert r.stderr.strip() == f"lmforge rag: error: {doc_dir / 'empty.md'}: the document is empty"
     r = lmforge("query", tmp_path / "idx", "anything")
     assert r.returncode == 2 and "not a rag index" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_encoder_missing_is_named(monkeypatch, tmp_path, capsys):
+    from lmforge.cli import main
+
+    monkeypatch.setitem(sys.modules, "lmforge.infer.embed", None)  # as if it were not installed
+    assert main(["rag", "query", str(tmp_path), "q", "--encoder", str(tmp_path)]) == 2
+    assert "--encoder needs lmforge.infer.embed" in capsys.readouterr().err
+
+
+def test_encoder_flag_builds_and_queries_dense(monkeypatch, doc_dir, tmp_path, capsys, embedder):
+    """--encoder DIR goes through lmforge.infer.embed.Embedder(DIR); a stand-in module made up
+    for the test supplies the trigram embedder."""
+    import types
+
+    from lmforge.cli import main
+
+    fake = types.ModuleType("lmforge.infer.embed")
+    fake.Embedder = lambda path: embedder
+    monkeypatch.setitem(sys.modules, "lmforge.infer.embed", fake)
+    idx, enc = tmp_path / "idx", tmp_path
+    assert main(["rag", "index", str(doc_dir), "--out", str(idx), "--encoder", str(enc)]) == 0
+    capsys.readouterr()
+    assert (
+        main(["rag", "query", str(idx), "ferry passengers", "--json", "--encoder", str(enc)]) == 0
+    )
+    first = json.loads(capsys.readouterr().out)["chunks"][0]
+    assert first["doc_id"] == "ship-1" and first["dense"] > 0.3
+    assert first["fused"] == round(2 / 61, 6)  # first in both rankings
+    assert main(["rag", "query", str(idx), "ferry"]) == 0  # BM25 alone still works
