@@ -13,6 +13,7 @@ transaction) and renamed into place: an error or Ctrl-C midway leaves the old in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -110,6 +111,10 @@ def build_index(
     batch_size: int = 64,
 ) -> IndexStats:
     """Index the documents in `paths` into folder `out`, reusing what an index there already has."""
+    if max_tokens < 1 or not 0 <= overlap < max_tokens:
+        raise ConfigError(
+            f"--max-tokens must be >= 1 and 0 <= --overlap < --max-tokens, got {max_tokens}, {overlap}"
+        )
     docs = read_docs(paths)  # every document checked before anything is written
     out = Path(out)
     if out.exists() and not (out / DB).is_file():
@@ -145,6 +150,8 @@ def _update(
     for doc_id in gone + [d.doc_id for d in todo if d.doc_id in old]:
         con.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
         con.execute("DELETE FROM docs WHERE doc_id = ?", (doc_id,))
+    for d in docs:  # a document moved to another file keeps its chunks; its source follows
+        con.execute("UPDATE docs SET source = ? WHERE doc_id = ?", (d.source, d.doc_id))
     count = getattr(embedder, "count_tokens", count_words)
     rows = []
     for d in todo:
@@ -167,8 +174,6 @@ def _update(
 
 
 def _sha(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -177,7 +182,12 @@ def _embed(texts: list[str], embedder, batch_size: int) -> np.ndarray | None:
         return None
     parts = [np.asarray(embedder.embed(texts[i : i + batch_size]), dtype=np.float32)
              for i in range(0, len(texts), batch_size)]  # fmt: skip
-    return np.concatenate(parts)
+    vectors = np.concatenate(parts)
+    if vectors.ndim != 2 or len(vectors) != len(texts):
+        raise ConfigError(
+            f"encoder {embedder.name!r} returned shape {vectors.shape} for {len(texts)} texts"
+        )
+    return vectors
 
 
 def _write_derived(con, folder: Path) -> None:

@@ -29,12 +29,14 @@ def test_reindex_changed_folder_equals_fresh(doc_dir, tmp_path, embedder):
     idx = tmp_path / "idx"
     first = build_index([str(doc_dir)], idx, embedder, max_tokens=12, overlap=4)
     assert (first.docs, first.added) == (5, 5)
-    # change one file, delete one, add one
+    # change one file, delete one, add one, move one
     (doc_dir / "bakery.txt").write_text(
         "The bakery on Mill Street now opens at seven.", encoding="utf-8"
     )
     (doc_dir / "zh.txt").unlink()
     (doc_dir / "new.md").write_text("# New\n\nThe museum shows old clocks.", encoding="utf-8")
+    (doc_dir / "sub").mkdir()  # moved, unchanged: kept, with its new source
+    (doc_dir / "ships.jsonl").rename(doc_dir / "sub" / "ships.jsonl")
     calls = []
     embed = embedder.embed
     embedder.embed = lambda texts: calls.append(list(texts)) or embed(texts)
