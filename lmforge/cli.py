@@ -518,6 +518,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write REPORT.md for a run directory")
     p.add_argument("run_dir", help="run directory")
 
+    _add_rag_parser(sub)
+
     from lmforge.fetch import MODELS
 
     p = sub.add_parser(
@@ -533,6 +535,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory to import into (default: CACHE/models/NAME)")
     p.add_argument("--cache", help="cache folder (default: $LMFORGE_CACHE or ~/.cache/lmforge)")
     return top
+
+
+def _add_rag_parser(sub) -> None:
+    """`lmforge rag index | query | ask` (lmforge/rag)."""
+    rag = sub.add_parser(
+        "rag",
+        help="retrieval: index documents, query them, answer with citations",
+        description="Index .txt/.md/.jsonl(.gz) documents (chunks in SQLite, BM25, and dense "
+        "vectors with --encoder), query them (BM25 and dense fused by reciprocal rank fusion), "
+        "and answer questions with numbered citations. See docs/rag.md.",
+    )
+    rsub = rag.add_subparsers(dest="rag_command", required=True)
+    p = rsub.add_parser("index", help="index (or re-index: only what changed) documents")
+    p.add_argument("docs", nargs="+", help="files or folders (.txt, .md, .jsonl, .jsonl.gz)")
+    p.add_argument("--out", required=True, help="index folder (updated in place if it exists)")
+    p.add_argument("--max-tokens", type=int, default=200, help="chunk size in tokens")
+    p.add_argument("--overlap", type=int, default=40, help="tokens repeated between chunks")
+    p.add_argument("--encoder", help="encoder directory for dense vectors (default: BM25 only)")
+    for name in ("query", "ask"):
+        p = rsub.add_parser(
+            name, help="ranked chunks" if name == "query" else "an answer with citations"
+        )
+        p.add_argument("index", help="index folder made by `lmforge rag index`")
+        p.add_argument("query", help="the question")
+        p.add_argument("--k", type=int, default=5, help="chunks to return (to put in the prompt)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--encoder", help="the encoder the index was built with (dense + fused)")
+        p.add_argument("--min-bm25", type=float, default=0.0, help="BM25 score threshold")
+        p.add_argument("--min-dense", type=float, default=0.3, help="cosine threshold")
+        if name == "ask":
+            p.add_argument("--model", required=True, help="chat model directory")
+            p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit")
+            p.add_argument(
+                "--device", default="auto", help="auto | cpu | cuda | mps (default: auto)"
+            )
 
 
 def _out_dir(args, recipe_path: str) -> Path:
@@ -759,7 +796,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args, rest)
         if rest:
-            cmds = ("generate", "report", "chat", "export", "import", "eval", "fetch", "embed")
+            cmds = (
+                "generate",
+                "report",
+                "chat",
+                "export",
+                "import",
+                "eval",
+                "fetch",
+                "embed",
+                "rag",
+            )
             if args.command in cmds:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command in BY_COMMAND:
@@ -780,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_fetch(args)
         if args.command == "embed":
             return commands.cmd_embed(args)
+        if args.command == "rag":
+            return commands.cmd_rag(args)
         if args.command == "report":
             from lmforge.report import write_report
 

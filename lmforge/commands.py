@@ -1,5 +1,5 @@
 """The commands that act on one model or model file: `generate`, `chat`, `export`, `import`,
-`serve`, `eval`, `fetch` and `embed`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
+`serve`, `eval`, `fetch`, `embed` and `rag`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
 code and raises ConfigError for bad input (printed by `cli.main` as one line).
 """
 
@@ -205,3 +205,9 @@ def cmd_embed(args) -> int:
         f"{len(texts)} vectors of {embedder.dim} ({embedder.pooling} pooling) -> {npy}, {id_file}"
     )
     return 0
+
+
+def cmd_rag(args) -> int:
+    from lmforge.rag import run
+
+    return getattr(run, f"cmd_{args.rag_command}")(args)

@@ -1,0 +1,91 @@
+"""`lmforge rag ask`: retrieved chunks numbered in the prompt, the answer cites them as [n].
+
+Citations are parsed back out of the answer: `[n]` maps to the n-th chunk of the prompt, so a
+reader can follow it to the document id and character offsets. With no chunk above the
+thresholds the model is not asked at all; when its answer says the sources do not hold the
+answer, the reply is the fixed NO_ANSWER sentence (the model's own words kept beside it)."""
+
+from __future__ import annotations
+
+import re
+
+from lmforge.rag.search import Hit
+
+NO_ANSWER = "The documents do not contain the answer."
+SYSTEM = (
+    "Answer the question using only the numbered sources. Give a short answer and cite the "
+    "sources you used, like [1] or [2]. If the sources do not contain the answer, reply "
+    f"exactly: {NO_ANSWER}"
+)
+CITE = re.compile(r"\[(\d+)\]")
+# how small instruction models phrase "not in the sources"
+ABSTAIN = re.compile(
+    r"do(es)? not (contain|mention|provide|say|include)|not (contain|mention)ed|no information|"
+    r"(cannot|can't|unable to) (be )?(answer|determine|find)|not (specified|stated|provided)|"
+    r"(do not|don't) know",
+    re.IGNORECASE,
+)
+
+
+def build_messages(question: str, hits: list[Hit]) -> list[dict]:
+    """A chat: the instructions as the system message, the numbered sources and the question."""
+    sources = "\n\n".join(
+        f"[{n}] {h.title}: {h.text}" if h.title else f"[{n}] {h.text}"
+        for n, h in enumerate(hits, 1)
+    )
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"Sources:\n{sources}\n\nQuestion: {question}"},
+    ]
+
+
+def citations(answer: str, hits: list[Hit]) -> tuple[list[dict], list[int]]:
+    """([{n, doc_id, title, start, end, scores}] for each source cited, in order of first
+    citation], [numbers cited that match no source])."""
+    cited, bad = [], []
+    for n in dict.fromkeys(int(m) for m in CITE.findall(answer)):
+        if 1 <= n <= len(hits):
+            h = hits[n - 1]
+            cited.append({"n": n, **{k: v for k, v in h.as_dict().items() if k != "rank"}})
+        else:
+            bad.append(n)
+    return cited, bad
+
+
+def abstains(answer: str) -> bool:
+    return NO_ANSWER.lower().rstrip(".") in answer.lower() or bool(ABSTAIN.search(answer))
+
+
+def fit_hits(tok, question: str, hits: list[Hit], max_prompt_tokens: int) -> list[Hit]:
+    """The best-ranked hits whose prompt fits the context (the lowest-ranked dropped first)."""
+    from lmforge.infer.chat import chat_prompt_ids
+
+    hits = list(hits)
+    while hits and len(chat_prompt_ids(tok, build_messages(question, hits))) > max_prompt_tokens:
+        hits.pop()
+    return hits
+
+
+def ask(model, tok, question: str, hits: list[Hit], max_new_tokens: int = 96) -> dict:
+    """The answer to `question` from the retrieved `hits`: {answer, model_answer (None when
+    nothing was retrieved), abstained, citations, unknown_citations, sources}; greedy decoding, so the same index and model always answer
+    alike."""
+    from lmforge.infer.chat import answer
+
+    if hits:
+        hits = fit_hits(tok, question, hits, model.cfg.max_seq_len - max_new_tokens)
+    if not hits:
+        return {"answer": NO_ANSWER, "model_answer": None, "abstained": True, "citations": [],
+                "unknown_citations": [], "sources": []}  # fmt: skip
+    text = "".join(answer(model, tok, build_messages(question, hits), max_new_tokens=max_new_tokens,
+                          temperature=0.0)).strip()  # fmt: skip
+    cited, bad = citations(text, hits)
+    abstained = abstains(text)
+    return {
+        "answer": NO_ANSWER if abstained else text,
+        "model_answer": text,
+        "abstained": abstained,
+        "citations": [] if abstained else cited,
+        "unknown_citations": bad,
+        "sources": [h.as_dict() for h in hits],
+    }
