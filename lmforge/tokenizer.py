@@ -134,6 +134,71 @@ def render_chat(
         raise ConfigError(f"chat template: {e}") from None
 
 
+# --------------------------------------------------------------------------- tools in a chat
+# Function calling follows the Hermes / Qwen2.5 convention: the signatures go into the system
+# prompt inside <tools></tools>, the model calls with <tool_call>{"name", "arguments"}</tool_call>
+# and results come back inside <tool_response></tool_response> in a user turn. A template that
+# takes a `tools` variable (Qwen2.5, Hermes, Llama 3.1) renders all of that itself; for one
+# that does not (lmforge's ChatML, SmolLM2) `hermes_messages` writes it into plain messages.
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def template_takes_tools(template: str | None) -> bool:
+    """Whether a Jinja chat template reads a `tools` variable (it renders tools itself)."""
+    return bool(template) and re.search(r"\btools\b", template) is not None
+
+
+def tool_call_text(name: str, arguments) -> str:
+    """One call as the model writes it; `arguments` a dict (or a string that is not JSON)."""
+    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}"
+
+
+def tools_system_text(tools: list[dict]) -> str:
+    """The system-prompt block that lists the functions (OpenAI's `tools` entries)."""
+    lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return (
+        "# Tools\n\nYou may call functions to help answer. Their signatures, one JSON object a "
+        f"line, are inside <tools></tools>:\n<tools>\n{lines}\n</tools>\n\n"
+        "To call one, reply with a JSON object inside <tool_call></tool_call> tags, one per "
+        'call:\n<tool_call>\n{"name": <function name>, "arguments": <arguments object>}\n'
+        "</tool_call>"
+    )
+
+
+def hermes_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """Plain {"role", "content"} messages carrying tools the Hermes way, for a template that
+    has no `tools` variable: the tool list appended to the system prompt (one is added if
+    there is none), an assistant's `tool_calls` written as <tool_call> blocks after its text,
+    and each run of `tool` messages merged into one user turn of <tool_response> blocks.
+    Tool calls' "arguments" are JSON objects here (OpenAI sends them as strings)."""
+    out: list[dict] = []
+    for i, m in enumerate(messages):
+        role, content = m["role"], m.get("content") or ""
+        if role == "tool":
+            block = f"<tool_response>\n{content}\n</tool_response>"
+            if i and messages[i - 1]["role"] == "tool":  # consecutive results share one turn
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block})
+            continue
+        if role == "assistant" and m.get("tool_calls"):
+            calls = [
+                tool_call_text(c["function"]["name"], c["function"]["arguments"])
+                for c in m["tool_calls"]
+            ]
+            content = "\n".join(([content] if content else []) + calls)
+        out.append({"role": role, "content": content})
+    if tools:
+        block = tools_system_text(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{block}".lstrip()}
+        else:
+            out.insert(0, {"role": "system", "content": block})
+    return out
+
+
 def _hide_specials(message: dict, hidden: dict[str, str]) -> dict:
     """A copy of the message whose text has each special-token string replaced by its sentinel."""
     content = message.get("content")
@@ -281,8 +346,12 @@ class Tokenizer:
                 ids.extend(self.encode(piece))
         return ids
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The conversation as text through this tokenizer's chat template (see `render_chat`)."""
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False, tools=None
+    ) -> str:
+        """The conversation as text through this tokenizer's chat template (see `render_chat`);
+        `tools` (OpenAI's tool list) is passed to a template that takes them (see
+        `template_takes_tools`), else None."""
         if not self.chat_template:
             raise ConfigError(
                 "this tokenizer has no chat_template (a base model): use plain completion, or add "
@@ -292,6 +361,8 @@ class Tokenizer:
         # transformers does, never as the EOS stand-in
         bos = self.bos_token if self.prepend_bos else ""
         special = {"bos_token": bos, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        if tools:
+            special["tools"] = tools
         return render_chat(self.chat_template, messages, add_generation_prompt, **special)
 
     def chat_prefix(self, messages: list[dict]) -> list[int]:
@@ -301,15 +372,16 @@ class Tokenizer:
             return []
         return [] if self.render_chat(messages).startswith(self.bos_token) else [self.bos_id]
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False, tools=None
+    ) -> list[int]:
         """Token ids of a conversation. Special-token strings typed inside a message stay plain
         text: only the template's own markers become special ids."""
-        return [
-            i for ids, _ in self.encode_chat_segments(messages, add_generation_prompt) for i in ids
-        ]
+        segments = self.encode_chat_segments(messages, add_generation_prompt, tools)
+        return [i for ids, _ in segments for i in ids]
 
     def encode_chat_segments(
-        self, messages: list[dict], add_generation_prompt: bool = False
+        self, messages: list[dict], add_generation_prompt: bool = False, tools=None
     ) -> list[tuple[list[int], bool]]:
         """The conversation as (ids, is_assistant_reply) pieces, in order. A reply is what the
         template adds for an assistant message after its generation prompt (the content and
@@ -323,8 +395,8 @@ class Tokenizer:
         for i, m in enumerate(safe):
             if m.get("role") != "assistant":
                 continue
-            prompt = self.render_chat(safe[:i], add_generation_prompt=True)
-            full = self.render_chat(safe[: i + 1])
+            prompt = self.render_chat(safe[:i], add_generation_prompt=True, tools=tools)
+            full = self.render_chat(safe[: i + 1], tools=tools)
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise ConfigError(
                     "the chat template does not render conversations incrementally (a prefix of "
@@ -333,7 +405,7 @@ class Tokenizer:
                 )
             pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
             done = full
-        rest = self.render_chat(safe, add_generation_prompt)
+        rest = self.render_chat(safe, add_generation_prompt, tools=tools)
         if not rest.startswith(done):
             raise ConfigError("the chat template does not render conversations incrementally")
         pieces.append((rest[len(done) :], False))
