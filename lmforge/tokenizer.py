@@ -57,10 +57,65 @@ SPLIT_PATTERN = (
 
 END_OF_TURN = "<|im_end|>"  # ChatML's end of a turn: a chat model stops there, as at EOS
 
+# The words around the tool list in a system prompt (the Hermes / Qwen2.5 convention, see
+# "tools in a chat" below): the same in CHAT_TEMPLATE and in `tools_system_text`
+TOOLS_INTRO = (
+    "# Tools\n\nYou may call functions to help answer. Their signatures, one JSON object a "
+    "line, are inside <tools></tools>:\n<tools>\n"
+)
+TOOLS_HOWTO = (
+    "\n</tools>\n\nTo call one, reply with a JSON object inside <tool_call></tool_call> tags, "
+    'one per call:\n<tool_call>\n{"name": <function name>, "arguments": <arguments object>}\n'
+    "</tool_call>"
+)
+
+
+def _jinja_str(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid Jinja string literal
+
+
 # ChatML, opened by BOS: the template writes the BOS the model was trained with, so every tool
 # that renders it (transformers' apply_chat_template, llama.cpp, vLLM) encodes what SFT trained
-# on; add_generation_prompt opens the assistant turn so the model writes the reply
+# on; add_generation_prompt opens the assistant turn so the model writes the reply. Tool-aware:
+# without tools, tool calls or tool messages it renders plain ChatML; with them, what
+# `hermes_messages` writes (the tool list in the system turn, calls as <tool_call> blocks,
+# a run of tool results as one user turn of <tool_response> blocks).
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set first = 0 %}"
+    "{%- if tools %}"
+    "{%- set block = " + _jinja_str(TOOLS_INTRO) + " + (tools | map('tojson') | join('\\n'))"
+    " + " + _jinja_str(TOOLS_HOWTO) + " %}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set block = ((messages[0]['content'] or '') + '\\n\\n' + block) | trim %}"
+    "{%- set first = 1 %}"
+    "{%- endif %}"
+    "{{ '<|im_start|>system\\n' + block + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages[first:] %}"
+    "{%- if message['role'] == 'tool' %}"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' %}{{ '<|im_start|>user\\n' }}"
+    "{%- else %}{{ '\\n' }}{%- endif %}"
+    "{{ '<tool_response>\\n' + (message['content'] or '') + '\\n</tool_response>' }}"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\\n' + (message['content'] or '') }}"
+    "{%- for c in message['tool_calls'] %}"
+    "{%- set f = c['function'] if c['function'] is defined else c %}"
+    "{%- if message['content'] or not loop.first %}{{ '\\n' }}{%- endif %}"
+    "{{ '<tool_call>\\n' + ({'name': f['name'], 'arguments': f['arguments']} | tojson) }}"
+    "{{ '\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# the template lmforge's chat models were trained with before it took tools: the same text for
+# conversations without them (tests compare the two)
+PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -158,13 +213,7 @@ def tool_call_text(name: str, arguments) -> str:
 def tools_system_text(tools: list[dict]) -> str:
     """The system-prompt block that lists the functions (OpenAI's `tools` entries)."""
     lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return (
-        "# Tools\n\nYou may call functions to help answer. Their signatures, one JSON object a "
-        f"line, are inside <tools></tools>:\n<tools>\n{lines}\n</tools>\n\n"
-        "To call one, reply with a JSON object inside <tool_call></tool_call> tags, one per "
-        'call:\n<tool_call>\n{"name": <function name>, "arguments": <arguments object>}\n'
-        "</tool_call>"
-    )
+    return f"{TOOLS_INTRO}{lines}{TOOLS_HOWTO}"
 
 
 def hermes_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:

@@ -145,6 +145,33 @@ def test_tools_and_results_are_written_the_hermes_way():
     assert out[-1]["content"].count("<tool_response>") == 2
 
 
+@pytest.mark.parametrize("tools", [None, [WEATHER], [WEATHER, TIME]])
+def test_lmforge_chatml_takes_tools_and_writes_what_hermes_messages_writes(micro, tools):
+    from lmforge.tokenizer import CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE, template_takes_tools
+
+    tok = copy.copy(micro[1])
+    assert tok.chat_template == CHAT_TEMPLATE and template_takes_tools(CHAT_TEMPLATE)
+    system = {"role": "system", "content": "Be brief."}
+    result2 = {**CALLED[2], "content": "2"}
+    for conv in (ASK, CALLED, [system, *CALLED, result2]):
+        msgs = _as_rendered(conv)
+        ours = tok.render_chat(msgs, add_generation_prompt=True, tools=tools)
+        tok.chat_template = PLAIN_CHAT_TEMPLATE  # the template before tools, on Hermes messages
+        assert ours == tok.render_chat(hermes_messages(msgs, tools), add_generation_prompt=True)
+        tok.chat_template = CHAT_TEMPLATE
+
+
+def test_transformers_renders_tools_with_lmforge_chatml_as_we_do(micro):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(micro[2]))
+    msgs = _as_rendered(CALLED)
+    theirs = hf.apply_chat_template(
+        msgs, tools=[WEATHER], tokenize=False, add_generation_prompt=True
+    )
+    assert theirs == micro[1].render_chat(msgs, add_generation_prompt=True, tools=[WEATHER])
+    assert "<tool_response>" in theirs and "<tools>" in theirs
+
+
 def test_a_template_that_takes_tools_renders_them_itself(micro):
     tok = copy.copy(micro[1])
     # made up: a template that lists the tools' names and each call's arguments
