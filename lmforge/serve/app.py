@@ -237,8 +237,8 @@ def create_app(
                 "finish_reason": finish,
             }
 
-        chunks = functools.partial(chat_chunks, parser=ToolCallParser() if tools else None)
-        chunks = functools.partial(chunks, prefill=prefill)
+        parser = ToolCallParser() if tools else None
+        chunks = functools.partial(chat_chunks, parser=parser, prefill=prefill)
         return await reply(http, srv, body, req, events, chunks, "chat.completion", choice)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])

@@ -325,8 +325,10 @@ def test_smollm2_calls_a_tool_streamed_or_not_and_answers_its_result(smollm2_dir
             finish = chunk.choices[0].finish_reason or finish
         assert (name, arguments, finish) == ("get_weather", call.function.arguments, "tool_calls")
         # the round trip: the call and its result in the history, and the model answers
+        result = {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 18}'}
+        history = [*ASK, choice.message, result]  # the client's own message object goes back
         back = client.chat.completions.create(
-            model="smol", messages=CALLED, tools=[WEATHER], temperature=0, max_tokens=48
+            model="smol", messages=history, tools=[WEATHER], temperature=0, max_tokens=48
         )
         assert back.choices[0].finish_reason in ("stop", "length", "tool_calls")
         assert back.usage.prompt_tokens > r.usage.prompt_tokens  # the result was rendered
