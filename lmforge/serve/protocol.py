@@ -274,6 +274,7 @@ CHAT_NOT_IMPLEMENTED: dict[str, Callable[[object], bool]] = {
 COMPLETIONS_NOT_IMPLEMENTED: dict[str, Callable[[object], bool]] = {
     "logit_bias": lambda v: v != {},
 }
+COMPLETIONS_IGNORED = {"user"}  # the other fields are CompletionRequest's (some default-only)
 
 
 def refuse_not_implemented(obj: dict, fields: dict) -> None:

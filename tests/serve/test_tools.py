@@ -219,6 +219,20 @@ def test_every_openai_chat_field_is_read_ignored_or_refused():
     assert not (CHAT_FIELDS & CHAT_IGNORED) and not (CHAT_FIELDS & set(CHAT_NOT_IMPLEMENTED))
 
 
+def test_every_openai_completions_field_is_read_ignored_or_refused():
+    from openai.types.completion_create_params import CompletionCreateParamsBase
+
+    from lmforge.serve.protocol import (
+        COMPLETIONS_IGNORED,
+        COMPLETIONS_NOT_IMPLEMENTED,
+        CompletionRequest,
+    )
+
+    theirs = set(CompletionCreateParamsBase.__annotations__)
+    ours = set(CompletionRequest.model_fields) | COMPLETIONS_IGNORED
+    assert not (theirs - ours - set(COMPLETIONS_NOT_IMPLEMENTED)), theirs - ours
+
+
 # a value of each field that asks for an answer this server does not give (made up)
 REFUSED = {
     "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
