@@ -308,6 +308,39 @@ def test_tool_choice_none_answers_as_without_tools(server):
     assert none.usage.prompt_tokens == plain.usage.prompt_tokens  # no tool list rendered
 
 
+def test_a_forced_call_streams_as_it_answers_whole(micro, live_server):
+    """The HTTP path of a call on the micro model: its template (made up for this test) takes
+    tools but does not print them, so the prompt fits its context; the prefill names the
+    function and the model's greedy tokens are the arguments, the same streamed or not."""
+    from lmforge.model.load import load
+
+    from lmforge.tokenizer import PLAIN_CHAT_TEMPLATE
+
+    model, tok = load(micro[2], device="cpu")  # its own copy: the tokenizer is changed
+    tok.chat_template = "{% if tools %}{% endif %}" + PLAIN_CHAT_TEMPLATE
+    app = create_app((model, tok), "micro", max_batch=2, max_tokens=8)
+    f = {"type": "function", "function": {"name": "f"}}  # short: the context is 64 tokens
+    hi = [{"role": "user", "content": "Hi"}]
+    ask = dict(model="micro", messages=hi, tools=[f], tool_choice=f, temperature=0)
+    with live_server(app) as url:
+        client = _client(url)
+        r = client.chat.completions.create(**ask, max_tokens=8)
+        [call] = r.choices[0].message.tool_calls
+        assert call.function.name == "f" and call.id.startswith("call_")
+        assert r.choices[0].finish_reason in ("length", "tool_calls")
+        ids, name, arguments, finish = set(), None, "", None
+        for chunk in client.chat.completions.create(**ask, max_tokens=8, stream=True):
+            for tc in chunk.choices[0].delta.tool_calls or []:
+                if tc.id:
+                    ids.add(tc.id)
+                name = tc.function.name or name
+                arguments += tc.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        assert len(ids) == 1 and ids != {call.id}  # one call, a fresh id per answer
+        whole = ("f", call.function.arguments, r.choices[0].finish_reason)
+        assert (name, arguments, finish) == whole
+
+
 # --------------------------------------------------------------------------- SmolLM2
 
 
