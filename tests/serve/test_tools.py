@@ -15,6 +15,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from lmforge.infer.chat import chat_prompt_ids  # noqa: E402
+from lmforge.model.load import load  # noqa: E402
 from lmforge.serve.app import create_app  # noqa: E402
 from lmforge.serve.protocol import (  # noqa: E402
     CHAT_FIELDS,
@@ -28,7 +29,12 @@ from lmforge.serve.tools import (  # noqa: E402
     parse_tool_calls,
     request_tools,
 )
-from lmforge.tokenizer import hermes_messages  # noqa: E402
+from lmforge.tokenizer import (  # noqa: E402
+    CHAT_TEMPLATE,
+    PLAIN_CHAT_TEMPLATE,
+    hermes_messages,
+    template_takes_tools,
+)
 
 # made up for these tests: one function and a conversation that uses it
 WEATHER = {
@@ -147,8 +153,6 @@ def test_tools_and_results_are_written_the_hermes_way():
 
 @pytest.mark.parametrize("tools", [None, [WEATHER], [WEATHER, TIME]])
 def test_lmforge_chatml_takes_tools_and_writes_what_hermes_messages_writes(micro, tools):
-    from lmforge.tokenizer import CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE, template_takes_tools
-
     tok = copy.copy(micro[1])
     assert tok.chat_template == CHAT_TEMPLATE and template_takes_tools(CHAT_TEMPLATE)
     system = {"role": "system", "content": "Be brief."}
@@ -312,10 +316,6 @@ def test_a_forced_call_streams_as_it_answers_whole(micro, live_server):
     """The HTTP path of a call on the micro model: its template (made up for this test) takes
     tools but does not print them, so the prompt fits its context; the prefill names the
     function and the model's greedy tokens are the arguments, the same streamed or not."""
-    from lmforge.model.load import load
-
-    from lmforge.tokenizer import PLAIN_CHAT_TEMPLATE
-
     model, tok = load(micro[2], device="cpu")  # its own copy: the tokenizer is changed
     tok.chat_template = "{% if tools %}{% endif %}" + PLAIN_CHAT_TEMPLATE
     app = create_app((model, tok), "micro", max_batch=2, max_tokens=8)
