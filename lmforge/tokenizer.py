@@ -248,14 +248,18 @@ def hermes_messages(messages: list[dict], tools: list[dict] | None) -> list[dict
     return out
 
 
-def _hide_specials(message: dict, hidden: dict[str, str]) -> dict:
-    """A copy of the message whose text has each special-token string replaced by its sentinel."""
-    content = message.get("content")
-    if not isinstance(content, str):
-        return dict(message)
-    for sentinel, special in hidden.items():
-        content = content.replace(special, sentinel)
-    return {**message, "content": content}
+def _hide_specials(value, hidden: dict[str, str]):
+    """A copy of a message (or a tool list) whose strings, content, tool calls' arguments and
+    tool descriptions alike, have each special-token string replaced by its sentinel."""
+    if isinstance(value, str):
+        for sentinel, special in hidden.items():
+            value = value.replace(special, sentinel)
+        return value
+    if isinstance(value, dict):
+        return {k: _hide_specials(v, hidden) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hide_specials(v, hidden) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------- the wrapper
@@ -439,6 +443,7 @@ class Tokenizer:
         nonce = f"\ue000{os.urandom(6).hex()}"  # hides special strings inside message text
         hidden = {f"{nonce}{i}\ue000": s for i, s in enumerate(self.special_tokens())}
         safe = [_hide_specials(m, hidden) for m in messages]
+        tools = _hide_specials(tools, hidden)
         pieces: list[tuple[str, bool]] = []
         done = ""
         for i, m in enumerate(safe):
