@@ -57,10 +57,65 @@ SPLIT_PATTERN = (
 
 END_OF_TURN = "<|im_end|>"  # ChatML's end of a turn: a chat model stops there, as at EOS
 
+# The words around the tool list in a system prompt (the Hermes / Qwen2.5 convention, see
+# "tools in a chat" below): the same in CHAT_TEMPLATE and in `tools_system_text`
+TOOLS_INTRO = (
+    "# Tools\n\nYou may call functions to help answer. Their signatures, one JSON object a "
+    "line, are inside <tools></tools>:\n<tools>\n"
+)
+TOOLS_HOWTO = (
+    "\n</tools>\n\nTo call one, reply with a JSON object inside <tool_call></tool_call> tags, "
+    'one per call:\n<tool_call>\n{"name": <function name>, "arguments": <arguments object>}\n'
+    "</tool_call>"
+)
+
+
+def _jinja_str(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid Jinja string literal
+
+
 # ChatML, opened by BOS: the template writes the BOS the model was trained with, so every tool
 # that renders it (transformers' apply_chat_template, llama.cpp, vLLM) encodes what SFT trained
-# on; add_generation_prompt opens the assistant turn so the model writes the reply
+# on; add_generation_prompt opens the assistant turn so the model writes the reply. Tool-aware:
+# without tools, tool calls or tool messages it renders plain ChatML; with them, what
+# `hermes_messages` writes (the tool list in the system turn, calls as <tool_call> blocks,
+# a run of tool results as one user turn of <tool_response> blocks).
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set first = 0 %}"
+    "{%- if tools %}"
+    "{%- set block = " + _jinja_str(TOOLS_INTRO) + " + (tools | map('tojson') | join('\\n'))"
+    " + " + _jinja_str(TOOLS_HOWTO) + " %}"
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set block = ((messages[0]['content'] or '') + '\\n\\n' + block) | trim %}"
+    "{%- set first = 1 %}"
+    "{%- endif %}"
+    "{{ '<|im_start|>system\\n' + block + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages[first:] %}"
+    "{%- if message['role'] == 'tool' %}"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' %}{{ '<|im_start|>user\\n' }}"
+    "{%- else %}{{ '\\n' }}{%- endif %}"
+    "{{ '<tool_response>\\n' + (message['content'] or '') + '\\n</tool_response>' }}"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' %}{{ '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\\n' + (message['content'] or '') }}"
+    "{%- for c in message['tool_calls'] %}"
+    "{%- set f = c['function'] if c['function'] is defined else c %}"
+    "{%- if message['content'] or not loop.first %}{{ '\\n' }}{%- endif %}"
+    "{{ '<tool_call>\\n' + ({'name': f['name'], 'arguments': f['arguments']} | tojson) }}"
+    "{{ '\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# the template lmforge's chat models were trained with before it took tools: the same text for
+# conversations without them (tests compare the two)
+PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -134,14 +189,77 @@ def render_chat(
         raise ConfigError(f"chat template: {e}") from None
 
 
-def _hide_specials(message: dict, hidden: dict[str, str]) -> dict:
-    """A copy of the message whose text has each special-token string replaced by its sentinel."""
-    content = message.get("content")
-    if not isinstance(content, str):
-        return dict(message)
-    for sentinel, special in hidden.items():
-        content = content.replace(special, sentinel)
-    return {**message, "content": content}
+# --------------------------------------------------------------------------- tools in a chat
+# Function calling follows the Hermes / Qwen2.5 convention: the signatures go into the system
+# prompt inside <tools></tools>, the model calls with <tool_call>{"name", "arguments"}</tool_call>
+# and results come back inside <tool_response></tool_response> in a user turn. A template that
+# takes a `tools` variable (Qwen2.5, Hermes, Llama 3.1) renders all of that itself; for one
+# that does not (lmforge's ChatML, SmolLM2) `hermes_messages` writes it into plain messages.
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def template_takes_tools(template: str | None) -> bool:
+    """Whether a Jinja chat template reads a `tools` variable (it renders tools itself)."""
+    return bool(template) and re.search(r"\btools\b", template) is not None
+
+
+def tool_call_text(name: str, arguments) -> str:
+    """One call as the model writes it; `arguments` a dict (or a string that is not JSON)."""
+    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}"
+
+
+def tools_system_text(tools: list[dict]) -> str:
+    """The system-prompt block that lists the functions (OpenAI's `tools` entries)."""
+    lines = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return f"{TOOLS_INTRO}{lines}{TOOLS_HOWTO}"
+
+
+def hermes_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """Plain {"role", "content"} messages carrying tools the Hermes way, for a template that
+    has no `tools` variable: the tool list appended to the system prompt (one is added if
+    there is none), an assistant's `tool_calls` written as <tool_call> blocks after its text,
+    and each run of `tool` messages merged into one user turn of <tool_response> blocks.
+    Tool calls' "arguments" are JSON objects here (OpenAI sends them as strings)."""
+    out: list[dict] = []
+    for i, m in enumerate(messages):
+        role, content = m["role"], m.get("content") or ""
+        if role == "tool":
+            block = f"<tool_response>\n{content}\n</tool_response>"
+            if i and messages[i - 1]["role"] == "tool":  # consecutive results share one turn
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block})
+            continue
+        if role == "assistant" and m.get("tool_calls"):
+            calls = [
+                tool_call_text(c["function"]["name"], c["function"]["arguments"])
+                for c in m["tool_calls"]
+            ]
+            content = "\n".join(([content] if content else []) + calls)
+        out.append({"role": role, "content": content})
+    if tools:
+        block = tools_system_text(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{block}".lstrip()}
+        else:
+            out.insert(0, {"role": "system", "content": block})
+    return out
+
+
+def _hide_specials(value, hidden: dict[str, str]):
+    """A copy of a message (or a tool list) whose strings, content, tool calls' arguments and
+    tool descriptions alike, have each special-token string replaced by its sentinel."""
+    if isinstance(value, str):
+        for sentinel, special in hidden.items():
+            value = value.replace(special, sentinel)
+        return value
+    if isinstance(value, dict):
+        return {k: _hide_specials(v, hidden) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hide_specials(v, hidden) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------- the wrapper
@@ -281,8 +399,12 @@ class Tokenizer:
                 ids.extend(self.encode(piece))
         return ids
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """The conversation as text through this tokenizer's chat template (see `render_chat`)."""
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False, tools=None
+    ) -> str:
+        """The conversation as text through this tokenizer's chat template (see `render_chat`);
+        `tools` (OpenAI's tool list) is passed to a template that takes them (see
+        `template_takes_tools`), else None."""
         if not self.chat_template:
             raise ConfigError(
                 "this tokenizer has no chat_template (a base model): use plain completion, or add "
@@ -292,6 +414,8 @@ class Tokenizer:
         # transformers does, never as the EOS stand-in
         bos = self.bos_token if self.prepend_bos else ""
         special = {"bos_token": bos, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        if tools:
+            special["tools"] = tools
         return render_chat(self.chat_template, messages, add_generation_prompt, **special)
 
     def chat_prefix(self, messages: list[dict]) -> list[int]:
@@ -301,15 +425,16 @@ class Tokenizer:
             return []
         return [] if self.render_chat(messages).startswith(self.bos_token) else [self.bos_id]
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = False, tools=None
+    ) -> list[int]:
         """Token ids of a conversation. Special-token strings typed inside a message stay plain
         text: only the template's own markers become special ids."""
-        return [
-            i for ids, _ in self.encode_chat_segments(messages, add_generation_prompt) for i in ids
-        ]
+        segments = self.encode_chat_segments(messages, add_generation_prompt, tools)
+        return [i for ids, _ in segments for i in ids]
 
     def encode_chat_segments(
-        self, messages: list[dict], add_generation_prompt: bool = False
+        self, messages: list[dict], add_generation_prompt: bool = False, tools=None
     ) -> list[tuple[list[int], bool]]:
         """The conversation as (ids, is_assistant_reply) pieces, in order. A reply is what the
         template adds for an assistant message after its generation prompt (the content and
@@ -318,13 +443,14 @@ class Tokenizer:
         nonce = f"\ue000{os.urandom(6).hex()}"  # hides special strings inside message text
         hidden = {f"{nonce}{i}\ue000": s for i, s in enumerate(self.special_tokens())}
         safe = [_hide_specials(m, hidden) for m in messages]
+        tools = _hide_specials(tools, hidden)
         pieces: list[tuple[str, bool]] = []
         done = ""
         for i, m in enumerate(safe):
             if m.get("role") != "assistant":
                 continue
-            prompt = self.render_chat(safe[:i], add_generation_prompt=True)
-            full = self.render_chat(safe[: i + 1])
+            prompt = self.render_chat(safe[:i], add_generation_prompt=True, tools=tools)
+            full = self.render_chat(safe[: i + 1], tools=tools)
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise ConfigError(
                     "the chat template does not render conversations incrementally (a prefix of "
@@ -333,7 +459,7 @@ class Tokenizer:
                 )
             pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
             done = full
-        rest = self.render_chat(safe, add_generation_prompt)
+        rest = self.render_chat(safe, add_generation_prompt, tools=tools)
         if not rest.startswith(done):
             raise ConfigError("the chat template does not render conversations incrementally")
         pieces.append((rest[len(done) :], False))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 from lmforge.infer.generate import fit_prompt, stream_text
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import Tokenizer, hermes_messages, template_takes_tools
 
 
 def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
@@ -24,9 +24,15 @@ def stop_ids(tok: Tokenizer) -> tuple[int, ...]:
     return tok.stop_ids()
 
 
-def chat_prompt_ids(tok: Tokenizer, messages: list[dict]) -> list[int]:
-    """BOS, then the conversation rendered with the generation prompt (as SFT encodes it)."""
-    return tok.chat_prefix(messages) + tok.encode_chat(messages, add_generation_prompt=True)
+def chat_prompt_ids(tok: Tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
+    """BOS, then the conversation rendered with the generation prompt (as SFT encodes it).
+    `tools` (OpenAI's list) and messages with `tool_calls` or the `tool` role go through the
+    template itself when it takes `tools`, else the Hermes way (`hermes_messages`)."""
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        if not template_takes_tools(tok.chat_template):
+            messages, tools = hermes_messages(messages, tools), None
+    prefix = tok.chat_prefix(messages)
+    return prefix + tok.encode_chat(messages, add_generation_prompt=True, tools=tools or None)
 
 
 def fit_history(

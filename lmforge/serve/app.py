@@ -16,6 +16,7 @@ chat template failed or timed out, 503 model still loading.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import uuid
@@ -35,6 +36,7 @@ from lmforge.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    check_tool_choice,
     plain_message,
     read_json,
     refuse_not_implemented,
@@ -52,6 +54,8 @@ from lmforge.serve.responses import (
     text_logprobs,
 )
 from lmforge.serve.state import Server, model_loader
+from lmforge.serve.tools import ToolCallParser, forced_tool_call, parse_tool_calls, request_tools
+from lmforge.tokenizer import TOOL_CALL_CLOSE
 
 try:
     import uvicorn
@@ -219,22 +223,41 @@ def create_app(
         obj = await read_json(http, srv.max_bytes, srv.request_timeout)
         body = validate(ChatRequest, obj)
         refuse_not_implemented(obj, CHAT_NOT_IMPLEMENTED)
+        check_tool_choice(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = srv.params(body, max_tokens, body.logprobs)
         messages = [plain_message(m) for m in body.messages]
-        prompt_ids = await srv.render_prompt(lambda: chat_prompt_ids(srv.tok, messages))
+        # tools: rendered unless tool_choice is "none"; a forced call is prefilled (its text
+        # is the start of the answer the parser reads); one call at most: stop at its end
+        tools, force = request_tools(body), forced_tool_call(body)
+        prefill = force.prefill if force else ""
+        if tools and not body.parallel_tool_calls:
+            params.stop = [*params.stop, TOOL_CALL_CLOSE]
+
+        def render() -> list[int]:
+            return chat_prompt_ids(srv.tok, messages, tools) + srv.tok.encode(prefill)
+
+        prompt_ids = await srv.render_prompt(render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         req, events = srv.submit(prompt_ids, params, rid, "messages")
 
         def choice(text: str) -> dict:
+            message, finish = {"role": "assistant", "content": text}, req.finish_reason
+            if tools:
+                message["content"], calls = parse_tool_calls(prefill + text)
+                if calls:
+                    message["tool_calls"] = calls
+                    finish = "tool_calls" if finish == "stop" else finish
             return {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": chat_logprobs(srv.tok, req, 0, len(req.output_ids)),
-                "finish_reason": req.finish_reason,
+                "finish_reason": finish,
             }
 
-        return await reply(http, srv, body, req, events, chat_chunks, "chat.completion", choice)
+        parser = ToolCallParser() if tools else None
+        chunks = functools.partial(chat_chunks, parser=parser, prefill=prefill)
+        return await reply(http, srv, body, req, events, chunks, "chat.completion", choice)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(http: Request):

@@ -103,9 +103,52 @@ class TextPart(Strict):
     text: str
 
 
+class CalledFunction(Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message may carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
+
+class FunctionDef(Strict):
+    # OpenAI's rule for a function name: what a model can write back without escaping
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(Sampling):
@@ -113,7 +156,9 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(Sampling):
@@ -124,11 +169,52 @@ class CompletionRequest(Sampling):
     suffix: str | None = None
 
 
+def check_tool_choice(body: ChatRequest) -> None:
+    """400 naming tool_choice when it asks for a call the tools cannot make."""
+    choice, names = body.tool_choice, [t.function.name for t in body.tools or []]
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if forced and not names:
+        raise APIError(
+            400, "tool_choice asks for a tool call but tools is empty", param="tool_choice"
+        )
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise APIError(
+            400,
+            f"tool_choice names the function {choice.function.name!r}, which is not in tools "
+            f"({', '.join(names)})",
+            param="tool_choice",
+        )
+
+
 def plain_message(m: Message) -> dict:
-    """{"role", "content": str}: text parts joined; OpenAI's "developer" is the system role."""
+    """{"role", "content": str}: text parts joined; OpenAI's "developer" is the system role.
+    An assistant's tool_calls and a tool result's tool_call_id come along, with each call's
+    arguments as a JSON object when they are one (chat templates write them with tojson)."""
     parts = m.content if isinstance(m.content, list) else []
     content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in parts)
-    return {"role": "system" if m.role == "developer" else m.role, "content": content}
+    out = {"role": "system" if m.role == "developer" else m.role, "content": content}
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {
+                    "name": c.function.name,
+                    "arguments": _json_or_text(c.function.arguments),
+                },
+            }
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _json_or_text(arguments: str):
+    try:
+        return json.loads(arguments)
+    except ValueError:  # a model's malformed call sent back as it was: render it as written
+        return arguments
 
 
 def refuse_unsupported(body: Sampling) -> None:
@@ -137,7 +223,6 @@ def refuse_unsupported(body: Sampling) -> None:
         "presence_penalty": body.presence_penalty != 0,
         "frequency_penalty": body.frequency_penalty != 0,
         "top_logprobs": bool(getattr(body, "top_logprobs", None)),
-        "tools": bool(getattr(body, "tools", None)),
         "logprobs": bool(getattr(body, "logprobs", 0)) and isinstance(body, CompletionRequest),
         "echo": getattr(body, "echo", False),
         "best_of": getattr(body, "best_of", None) not in (None, 1),
@@ -159,15 +244,27 @@ def refuse_unsupported(body: Sampling) -> None:
 # OpenAI request fields this server does not implement, with the test "does this value ask for
 # a different answer than we give?". Such a value is refused (400 naming the field) rather than
 # ignored: the client would silently get something other than it asked for. Null is the default.
-# Fields that do not change the answer are ignored: user, metadata, store, service_tier,
-# prompt_cache_key, safety_identifier, prediction (a latency hint) and parallel_tool_calls
-# (tools are refused); so are keys OpenAI does not have (other servers' extras).
+# Fields that do not change the answer are ignored (CHAT_IGNORED); so are keys OpenAI does not
+# have (other servers' extras). Every field of OpenAI's chat request is in one of CHAT_FIELDS,
+# CHAT_NOT_IMPLEMENTED and CHAT_IGNORED (tests/serve/test_tools.py checks this against the
+# openai client's own list).
+CHAT_FIELDS = {  # implemented: ChatRequest reads them
+    *("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p"),
+    *("n", "stop", "seed", "stream", "stream_options", "presence_penalty"),
+    *("frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice"),
+    "parallel_tool_calls",
+}
+CHAT_IGNORED = {  # who asks, caching and latency hints: the answer is the same without them
+    *("user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_options"),
+    *("prompt_cache_retention", "safety_identifier", "prediction"),
+}
 CHAT_NOT_IMPLEMENTED: dict[str, Callable[[object], bool]] = {
+    # constrained decoding is not here yet: plain text only
     "response_format": lambda v: v != {"type": "text"},
     "logit_bias": lambda v: v != {},
-    "tool_choice": lambda v: v not in ("none", "auto"),  # without tools, both mean "no call"
-    "functions": lambda v: v != [],
+    "functions": lambda v: v != [],  # the deprecated form of tools: send `tools`
     "function_call": lambda v: v not in ("none", "auto"),
+    "moderation": lambda v: True,  # scoring or blocking the text would change the answer
     "modalities": lambda v: v != ["text"],
     "audio": lambda v: True,
     "web_search_options": lambda v: True,  # {} turns web search on with its defaults
@@ -177,6 +274,7 @@ CHAT_NOT_IMPLEMENTED: dict[str, Callable[[object], bool]] = {
 COMPLETIONS_NOT_IMPLEMENTED: dict[str, Callable[[object], bool]] = {
     "logit_bias": lambda v: v != {},
 }
+COMPLETIONS_IGNORED = {"user"}  # the other fields are CompletionRequest's (some default-only)
 
 
 def refuse_not_implemented(obj: dict, fields: dict) -> None:

@@ -121,7 +121,11 @@ def _stream(chunks: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
 
 
-async def chat_chunks(http, srv: Server, req, events, include_usage: bool):
+async def chat_chunks(
+    http, srv: Server, req, events, include_usage: bool, parser=None, prefill: str = ""
+):
+    """The chat stream; with a ToolCallParser (the request has tools) the text goes through
+    it, `prefill` first (a forced call's opening), so calls arrive as `tool_calls` deltas."""
     created = int(time.time())
 
     def chunk(delta: dict, finish=None, logprobs=None) -> str:
@@ -131,12 +135,20 @@ async def chat_chunks(http, srv: Server, req, events, include_usage: bool):
         return _sse({**obj, "usage": None} if include_usage else obj)
 
     yield chunk({"role": "assistant", "content": ""})
+    parse = parser.feed if parser else lambda piece: [{"content": piece}] if piece else []
+    for delta in parse(prefill):
+        yield chunk(delta)
     seen = 0
     async for piece, _, n in request_events(http, req, events):
-        if piece:
-            yield chunk({"content": piece}, logprobs=chat_logprobs(srv.tok, req, seen, n))
+        for i, delta in enumerate(parse(piece)):  # logprobs go with the first delta they made
+            yield chunk(delta, logprobs=None if i else chat_logprobs(srv.tok, req, seen, n))
             seen = n
-    async for tail in _stream_end(req, srv, include_usage, chunk({}, req.finish_reason)):
+    for delta in parser.finish() if parser and req.done else []:
+        yield chunk(delta)
+    finish = req.finish_reason
+    if parser and parser.calls and finish == "stop":
+        finish = "tool_calls"
+    async for tail in _stream_end(req, srv, include_usage, chunk({}, finish)):
         yield tail
 
 

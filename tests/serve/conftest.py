@@ -21,6 +21,14 @@ def load_micro(model_dir):
     return load(model_dir, device="cpu")
 
 
+def _health(url: str) -> int | None:
+    """/health's status, or None when it did not answer in time (the loop is busy loading)."""
+    try:
+        return httpx.get(f"{url}/health", timeout=10).status_code
+    except httpx.TimeoutException:
+        return None
+
+
 @contextmanager
 def _live_server(app, wait_ready: bool = True, **config):
     """Serve `app` on a free port; yields the base URL. Stopping it runs the app's shutdown.
@@ -38,7 +46,8 @@ def _live_server(app, wait_ready: bool = True, **config):
         while not server.started:
             assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
             time.sleep(0.02)
-        while wait_ready and httpx.get(f"{url}/health").status_code != 200:
+        deadline = time.monotonic() + 120  # a real model loads slowly on a busy machine
+        while wait_ready and _health(url) != 200:
             assert time.monotonic() < deadline, "the model did not load"
             time.sleep(0.05)
         yield url

@@ -351,7 +351,6 @@ def test_models_show_the_served_name_not_the_path(micro, live_server):
     [
         ("/v1/chat/completions", "response_format", {"type": "json_object"}),
         ("/v1/chat/completions", "logit_bias", {"50": 100}),
-        ("/v1/chat/completions", "tool_choice", "required"),
         ("/v1/chat/completions", "functions", [{"name": "f", "parameters": {}}]),
         ("/v1/chat/completions", "function_call", {"name": "f"}),
         ("/v1/chat/completions", "modalities", ["text", "audio"]),
