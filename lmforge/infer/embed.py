@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ConfigError
+from lmforge.model.bert import load_bert
+from lmforge.model.load import load
 
 POOLINGS = ("mean", "last", "cls")
 
@@ -87,8 +89,6 @@ class Embedder:
     def _open_encoder(self, path: Path, device: str, pooling: str | None) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        from lmforge.model.bert import load_bert
-
         self.model = load_bert(path, device)
         self.kind = "encoder"
         stated, self.normalize = sentence_transformers_pooling(path)
@@ -106,8 +106,6 @@ class Embedder:
         self.pad_id = self.model.cfg.pad_token_id
 
     def _open_causal(self, path: Path, device: str, pooling: str | None) -> None:
-        from lmforge.model.load import load
-
         self.model, self.tokenizer = load(path, device=device)
         self.kind = "causal"
         self.pooling = pooling or "mean"
@@ -122,6 +120,13 @@ class Embedder:
     @property
     def vocab_size(self) -> int:
         return self.model.cfg.vocab_size
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` alone, no [CLS]/[SEP] or BOS (what retrieval chunks by); capped at
+        max_len for an encoder, which truncates."""
+        if self.kind == "encoder":
+            return len(self._tok.encode(text, add_special_tokens=False).ids)
+        return len(self.tokenizer.encode(text))
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """The ids the model reads for each text (truncated to max_len): an encoder's with its

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config import ConfigError
+from lmforge.infer.embed import Embedder
 
 
 class NamedEmbedder:
@@ -25,15 +26,9 @@ class NamedEmbedder:
 
 
 def load_embedder(path: str | None):
-    """The encoder in `path` (lmforge.infer.embed, imported only when asked for), or None."""
+    """The sentence encoder in `path` (lmforge.infer.embed.Embedder), or None."""
     if path is None:
         return None
-    try:
-        from lmforge.infer.embed import Embedder
-    except ImportError:
-        raise ConfigError(
-            "--encoder needs lmforge.infer.embed (the sentence encoder), which this install lacks"
-        ) from None
     if not Path(path).is_dir():
         raise ConfigError(f"--encoder {path}: not a directory")
     return NamedEmbedder(Embedder(path), str(Path(path).resolve()))

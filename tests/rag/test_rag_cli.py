@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def lmforge(*args, cwd=None):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -43,25 +45,12 @@ def test_errors_are_one_line(doc_dir, tmp_path):
     assert r.returncode == 2 and "not a rag index" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_encoder_missing_is_named(monkeypatch, tmp_path, capsys):
+@pytest.mark.slow
+def test_encoder_flag_builds_and_queries_dense(doc_dir, tmp_path, capsys, minilm_dir):
+    """--encoder DIR: the real all-MiniLM-L6-v2 through lmforge.infer.embed.Embedder."""
     from lmforge.cli import main
 
-    monkeypatch.setitem(sys.modules, "lmforge.infer.embed", None)  # as if it were not installed
-    assert main(["rag", "query", str(tmp_path), "q", "--encoder", str(tmp_path)]) == 2
-    assert "--encoder needs lmforge.infer.embed" in capsys.readouterr().err
-
-
-def test_encoder_flag_builds_and_queries_dense(monkeypatch, doc_dir, tmp_path, capsys, embedder):
-    """--encoder DIR goes through lmforge.infer.embed.Embedder(DIR); a stand-in module made up
-    for the test supplies the trigram embedder."""
-    import types
-
-    from lmforge.cli import main
-
-    fake = types.ModuleType("lmforge.infer.embed")
-    fake.Embedder = lambda path: embedder
-    monkeypatch.setitem(sys.modules, "lmforge.infer.embed", fake)
-    idx, enc = tmp_path / "idx", tmp_path
+    idx, enc = tmp_path / "idx", minilm_dir
     assert main(["rag", "index", str(doc_dir), "--out", str(idx), "--encoder", str(enc)]) == 0
     capsys.readouterr()
     assert (
