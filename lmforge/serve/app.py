@@ -34,6 +34,7 @@ from lmforge.serve.protocol import (
     plain_message,
     read_json,
     refuse_not_implemented,
+    response_grammar,
     validate,
     validation_error,
     web_stack_error,
@@ -203,6 +204,7 @@ def create_app(
         refuse_not_implemented(obj, CHAT_NOT_IMPLEMENTED)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = srv.params(body, max_tokens, body.logprobs)
+        params.grammar = response_grammar(body.response_format)
         messages = [plain_message(m) for m in body.messages]
         prompt_ids = await srv.render_prompt(lambda: chat_prompt_ids(srv.tok, messages))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
