@@ -5,7 +5,9 @@ Why: a 135M model rarely writes JSON that validates on its own; the grammar shou
 finished answer valid, at a per-token price small next to the forward pass. The schemas are
 made up (seeded): nested objects, enums, arrays, numbers with ranges, required and optional
 fields. Greedy decoding, the schema in the user message; "valid" means the whole reply parses
-and validates (jsonschema), "valid (extracted)" the first {...} span in it.
+and validates (jsonschema), "valid (extracted)" the first {...} span in it; "cut": replies
+that reached --max_tokens before ending (a constrained reply is then valid so far but unclosed,
+e.g. a number with no digit limit that the model keeps extending).
 
     OMP_NUM_THREADS=2 python benchmarks/constrained.py --schemas 100 [--model DIR]
 """
@@ -88,9 +90,13 @@ def run_one(model, tok, schema: dict, constrained: bool, max_tokens: int):
 
 def print_table(stats: dict, n: int) -> None:
     print(f"\nafter {n} schemas")
-    print(f"{'mode':12} {'valid':>8} {'valid (extracted)':>18} {'tokens':>7} {'tokens/s':>9}")
-    for mode, (valid, ext, tokens, seconds) in stats.items():
-        print(f"{mode:12} {valid / n:8.0%} {ext / n:18.0%} {tokens:7} {tokens / seconds:9.1f}")
+    print(
+        f"{'mode':12} {'valid':>6} {'valid (extracted)':>18} {'cut':>4} {'tokens':>7} {'tokens/s':>9}"
+    )
+    for mode, (valid, ext, tokens, seconds, cut) in stats.items():
+        print(
+            f"{mode:12} {valid / n:6.0%} {ext / n:18.0%} {cut:4} {tokens:7} {tokens / seconds:9.1f}"
+        )
     print(flush=True)
 
 
@@ -108,13 +114,14 @@ def main() -> None:
     schemas = [random_schema(rng) for _ in range(args.schemas)]
     Constraint(tok, json_grammar(None), model.cfg.vocab_size, tok.stop_ids())  # build once
     # both modes per schema, a running table every 5: a run stopped early still has figures
-    stats = {mode: [0, 0, 0, 0.0] for mode in ("free", "constrained")}
+    stats = {mode: [0, 0, 0, 0.0, 0] for mode in ("free", "constrained")}
     for n, schema in enumerate(schemas):
         for mode, row in stats.items():
             text, k, s = run_one(model, tok, schema, mode == "constrained", args.max_tokens)
             row[0] += check_json(text, schema) is None
             row[1] += check_json(extracted(text), schema) is None
             row[2], row[3] = row[2] + k, row[3] + s
+            row[4] += k >= args.max_tokens  # cut by max_tokens before the reply ended
             if n < 2:
                 print(f"{mode} example: {text[:160]!r}", flush=True)
         if n % 5 == 4 or n == len(schemas) - 1:
