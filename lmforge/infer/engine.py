@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ConfigError
+from lmforge.infer.constrain import Constraint
 from lmforge.infer.cpu_decode import CpuDecoder, relayout
 from lmforge.infer.generate import (
     TextStream,
@@ -63,6 +64,7 @@ class SamplingParams:
     stop: Sequence[str] = ()  # stop strings (not included in the output)
     stop_ids: Sequence[int] = ()  # stop tokens (not included in the output)
     logprobs: bool = False  # record the model's log-probability of each chosen token
+    grammar: str | None = None  # constrained decoding: infer/constrain.py's json_grammar(schema)
 
 
 @dataclass
@@ -113,6 +115,8 @@ class _Slot:
         self.seen[0, req.prompt_ids] = True
         # special tokens are not text: never sampled, except the stop ids that end the reply
         self.banned = banned_mask(specials, req.params.stop_ids, vocab, device)
+        grammar, stop_ids = req.params.grammar, req.params.stop_ids
+        self.constraint = Constraint(tokenizer, grammar, vocab, stop_ids) if grammar else None
 
 
 class Engine:
@@ -308,6 +312,8 @@ class Engine:
         raw = logits
         logits = apply_repetition_penalty(logits, slot.seen, p.repetition_penalty)
         logits = ban_tokens(logits, slot.banned)
+        if slot.constraint is not None:  # only tokens that keep the output inside the grammar
+            logits = ban_tokens(logits, slot.constraint.banned(logits.device))
         nxt = sample_next(logits, p.temperature, p.top_k, p.top_p, slot.gen)
         tok = int(nxt.item())
         if req.first_token_at is None:
@@ -318,6 +324,8 @@ class Engine:
             return
         req.output_ids.append(tok)
         slot.seen[0, tok] = True
+        if slot.constraint is not None:
+            slot.constraint.advance(tok)
         if p.logprobs:  # the model's own distribution, as vLLM and OpenAI report it: before
             # the repetition penalty, the ban of special tokens and the temperature
             req.logprobs.append(F.log_softmax(raw.float(), dim=-1)[0, tok].item())
@@ -326,6 +334,8 @@ class Engine:
             req.on_event(req, piece, False)
         if slot.stream and slot.stream.stopped:
             self._finish(i, "stop")
+        elif slot.constraint is not None and slot.constraint.finished:
+            self._finish(i, "stop")  # the JSON is complete: nothing but a stop token may follow
         elif len(req.output_ids) >= min(p.max_tokens, self.cfg.max_seq_len - slot.prompt_len):
             self._finish(i, "length")  # the context rule is generate()'s: the same outputs
 

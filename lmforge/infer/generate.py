@@ -120,11 +120,13 @@ def generate(
     stop_ids: Sequence[int] = (),
     seed: int | None = None,
     banned: Sequence[int] = (),
+    constraint=None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (batch 1) until max_new_tokens, a stop id or the end
     of the context. A stop id is yielded last so callers can tell why generation ended.
     `banned` ids are never sampled, greedy included (`stream_text` bans the tokenizer's special
-    tokens other than the stop ids).
+    tokens other than the stop ids). A `constraint` (infer/constrain.py) masks every token its
+    grammar does not allow and is advanced by each token; generation ends when it is finished.
     A `GPT` on a CPU decodes through `CpuDecoder` (same logits, a fraction of the per-token
     overhead); anything else, e.g. a model on CUDA, through its own cached forward."""
     cfg = model.cfg
@@ -154,11 +156,17 @@ def generate(
         logits = model(ids, cache, 0, last_only=True)[:, -1]  # prefill
     for i in range(steps):
         logits = ban_tokens(apply_repetition_penalty(logits, seen, repetition_penalty), ban)
+        if constraint is not None:
+            logits = ban_tokens(logits, constraint.banned(device))
         nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (1,)
         tok = int(nxt.item())  # the one host sync per token: the caller needs the id
         yield tok
         if tok in stop or i == steps - 1:
             return
+        if constraint is not None:
+            constraint.advance(tok)
+            if constraint.finished:
+                return
         if repetition_penalty != 1.0:
             seen[0, tok] = True
         if decoder is not None:

@@ -40,6 +40,7 @@ from lmforge.serve.protocol import (
     plain_message,
     read_json,
     refuse_not_implemented,
+    response_grammar,
     validate,
     validation_error,
     web_stack_error,
@@ -226,6 +227,7 @@ def create_app(
         check_tool_choice(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = srv.params(body, max_tokens, body.logprobs)
+        params.grammar = response_grammar(body.response_format)
         messages = [plain_message(m) for m in body.messages]
         # tools: rendered unless tool_choice is "none"; a forced call is prefilled (its text
         # is the start of the answer the parser reads); one call at most: stop at its end

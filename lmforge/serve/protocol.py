@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from lmforge.config import ConfigError
+from lmforge.infer.constrain import json_grammar
 
 
 def web_stack_error(e: ImportError) -> ConfigError:
@@ -151,6 +152,37 @@ class NamedToolChoice(Strict):
     function: NamedFunction
 
 
+class JSONSchemaFormat(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for the name
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # the grammar always holds the output to the schema
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object')
+        return self
+
+
+def response_grammar(fmt: ResponseFormat | None) -> str | None:
+    """The grammar that holds a reply to `response_format` (None: free text); a schema the
+    grammar compiler refuses is a 400 naming the field."""
+    if fmt is None or fmt.type == "text":
+        return None
+    schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+    try:
+        return json_grammar(schema)
+    except ConfigError as e:
+        param = "response_format.json_schema.schema" if schema is not None else "response_format"
+        raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
@@ -159,6 +191,7 @@ class ChatRequest(Sampling):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None  # json_object / json_schema: constrained
 
 
 class CompletionRequest(Sampling):
@@ -252,15 +285,13 @@ CHAT_FIELDS = {  # implemented: ChatRequest reads them
     *("messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p"),
     *("n", "stop", "seed", "stream", "stream_options", "presence_penalty"),
     *("frequency_penalty", "logprobs", "top_logprobs", "tools", "tool_choice"),
-    "parallel_tool_calls",
+    *("parallel_tool_calls", "response_format"),
 }
 CHAT_IGNORED = {  # who asks, caching and latency hints: the answer is the same without them
     *("user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_options"),
     *("prompt_cache_retention", "safety_identifier", "prediction"),
 }
 CHAT_NOT_IMPLEMENTED: dict[str, Callable[[object], bool]] = {
-    # constrained decoding is not here yet: plain text only
-    "response_format": lambda v: v != {"type": "text"},
     "logit_bias": lambda v: v != {},
     "functions": lambda v: v != [],  # the deprecated form of tools: send `tools`
     "function_call": lambda v: v not in ("none", "auto"),
