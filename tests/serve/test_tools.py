@@ -253,7 +253,6 @@ def test_every_openai_completions_field_is_read_ignored_or_refused():
 
 # a value of each field that asks for an answer this server does not give (made up)
 REFUSED = {
-    "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
     "logit_bias": {"50": 100},
     "functions": [{"name": "f", "parameters": {}}],
     "function_call": {"name": "f"},
