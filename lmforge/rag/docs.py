@@ -6,13 +6,13 @@ with its name and nothing already indexed is lost."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import ConfigError
+from lmforge.data.readers import DataError, iter_lines
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -90,14 +90,10 @@ def _read_text(path: Path) -> Doc:
 
 
 def _read_jsonl(path: Path) -> list[Doc]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    docs = []
+    """Every row of a JSONL(.gz) file; data.readers names a bad byte or a cut .gz by line."""
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    docs.append(_row_doc(path, n, line))
-    except (OSError, UnicodeDecodeError, EOFError) as e:
+        docs = [_row_doc(path, n, line) for n, line in iter_lines(path) if line.strip()]
+    except DataError as e:
         raise ConfigError(f"{path}: cannot read this document file ({e})") from None
     if not docs:
         raise ConfigError(f"{path}: the file holds no documents (it is empty)")
