@@ -26,6 +26,7 @@ from pathlib import Path
 from lmforge.config import ConfigError
 from lmforge.infer.chat import chat_prompt_ids
 from lmforge.infer.embed import Embedder
+from lmforge.infer.toolcall import ToolCallParser, parse_tool_calls
 from lmforge.perf import pick_device
 from lmforge.serve import guards
 from lmforge.serve.embeddings import add_embedding_routes
@@ -55,7 +56,7 @@ from lmforge.serve.responses import (
     text_logprobs,
 )
 from lmforge.serve.state import Server, model_loader
-from lmforge.serve.tools import ToolCallParser, forced_tool_call, parse_tool_calls, request_tools
+from lmforge.serve.tools import forced_tool_call, request_tools
 from lmforge.tokenizer import TOOL_CALL_CLOSE
 
 try:

@@ -15,6 +15,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from lmforge.infer.chat import chat_prompt_ids  # noqa: E402
+from lmforge.infer.toolcall import ToolCallParser, parse_tool_calls  # noqa: E402
 from lmforge.model.load import load  # noqa: E402
 from lmforge.serve.app import create_app  # noqa: E402
 from lmforge.serve.protocol import (  # noqa: E402
@@ -23,12 +24,7 @@ from lmforge.serve.protocol import (  # noqa: E402
     CHAT_NOT_IMPLEMENTED,
     ChatRequest,
 )
-from lmforge.serve.tools import (  # noqa: E402
-    ToolCallParser,
-    forced_tool_call,
-    parse_tool_calls,
-    request_tools,
-)
+from lmforge.serve.tools import forced_tool_call, request_tools  # noqa: E402
 from lmforge.tokenizer import (  # noqa: E402
     CHAT_TEMPLATE,
     PLAIN_CHAT_TEMPLATE,
