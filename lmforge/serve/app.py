@@ -234,6 +234,8 @@ def create_app(
         # is the start of the answer the parser reads); one call at most: stop at its end
         tools, force = request_tools(body), forced_tool_call(body)
         prefill = force.prefill if force else ""
+        if force and force.grammar:  # the call's grammar, not response_format's, holds it
+            params.grammar = force.grammar
         if tools and not body.parallel_tool_calls:
             params.stop = [*params.stop, TOOL_CALL_CLOSE]
 
