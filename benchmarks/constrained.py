@@ -117,16 +117,18 @@ def run_call(model, tok, n: int, schema: dict, mode: str, max_tokens: int):
         grammar = tool_call_grammar({name: schema}, True, f"\n{TOOL_CALL_CLOSE}")
         constraint = Constraint(tok, grammar, V, tok.stop_ids())
     t = time.perf_counter()
-    ids = list(
-        generate(
-            model,
-            prompt,
-            max_new_tokens=max_tokens,
-            stop_ids=tok.stop_ids(),
-            banned=special_ids(tok, V),
-            constraint=constraint,
-        )
-    )
+    ids = []
+    for i in generate(
+        model,
+        prompt,
+        max_new_tokens=max_tokens,
+        stop_ids=tok.stop_ids(),
+        banned=special_ids(tok, V),
+        constraint=constraint,
+    ):
+        ids.append(i)
+        if TOOL_CALL_CLOSE in tok.decode(ids[-8:]):  # the server's stop with one call
+            break
     seconds = time.perf_counter() - t
     text = prefill + tok.decode([i for i in ids if i not in tok.stop_ids()])
     _, calls = parse_tool_calls(text)

@@ -132,6 +132,7 @@ def cmd_serve(args, rest) -> int:
             file=sys.stderr,
         )
     from lmforge.serve.app import create_app, serve
+    from lmforge.serve.retrieval import parse_specs
 
     level = args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
@@ -149,6 +150,7 @@ def cmd_serve(args, rest) -> int:
         allowed_hosts=hosts.split(",") if hosts is not None else None,
         request_timeout=args.request_timeout,
         embedding_model=args.embedding_model,
+        rag_indexes=parse_specs(args.rag),
     )
     return serve(
         app, args.host, args.port, max_connections=args.max_connections, log_level=args.log_level
@@ -434,6 +436,14 @@ def add_parsers(sub) -> None:
         metavar="DIR",
         help="answer /v1/embeddings with this model (an encoder such as `lmforge fetch "
         "all-minilm-l6-v2`, or a causal model, mean-pooled); without it /v1/embeddings is 404",
+    )
+    p.add_argument(
+        "--rag",
+        action="append",
+        metavar="NAME=INDEX",
+        help="an `lmforge rag index` folder a chat request may name as "
+        '`"retrieval": {"index": NAME}` to be answered from its chunks, with the sources in '
+        "the response (repeatable; the index's encoder is loaded at start)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument(

@@ -28,7 +28,7 @@ from lmforge.infer.chat import chat_prompt_ids
 from lmforge.infer.embed import Embedder
 from lmforge.infer.toolcall import ToolCallParser, parse_tool_calls
 from lmforge.perf import pick_device
-from lmforge.serve import guards
+from lmforge.serve import guards, retrieval
 from lmforge.serve.embeddings import add_embedding_routes
 from lmforge.serve.guards import HostCheck, TemplateRenderer
 from lmforge.serve.protocol import (
@@ -91,6 +91,7 @@ def create_app(
     request_timeout: float = 30.0,
     template_timeout: float = 10.0,
     embedding_model=None,
+    rag_indexes: dict[str, str] | None = None,
 ) -> FastAPI:
     """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
     pair, or a function returning one; it is loaded in the background at startup, and /health
@@ -101,7 +102,8 @@ def create_app(
     infer/engine.py). `allowed_hosts`: the Host names answered (see guards.allowed_hosts; "*" =
     any); `request_timeout`: seconds for a request's body to arrive; `template_timeout`:
     seconds for the chat template to render. `embedding_model`: a directory (or an Embedder)
-    that /v1/embeddings answers with; loaded here, so a bad one fails at start."""
+    that /v1/embeddings answers with; loaded here, so a bad one fails at start. `rag_indexes`:
+    {name: index dir} a request's `retrieval` may name (serve/retrieval.py), opened here too."""
     if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
         raise ConfigError(
             "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
@@ -123,6 +125,7 @@ def create_app(
         batch_invariant,
     )
     srv.aliases = aliases
+    srv.rag = retrieval.open_indexes(rag_indexes or {}, str(pick_device(device)), embedder)
     srv.request_timeout = request_timeout
     srv.render = TemplateRenderer(slots=2, timeout=template_timeout)
     srv.allowed_hosts_arg = allowed_hosts
@@ -239,12 +242,25 @@ def create_app(
         if tools and not body.parallel_tool_calls:
             params.stop = [*params.stop, TOOL_CALL_CLOSE]
 
+        rag, hits = None, []
+        if body.retrieval is not None:  # search off the event loop: it embeds the question
+            rag, hits = await asyncio.to_thread(retrieval.search, srv.rag, body.retrieval, messages)
+
         def render() -> list[int]:
-            return chat_prompt_ids(srv.tok, messages, tools) + srv.tok.encode(prefill)
+            def ids(msgs: list[dict]) -> list[int]:
+                return chat_prompt_ids(srv.tok, msgs, tools) + srv.tok.encode(prefill)
+
+            if rag is None:
+                return ids(messages)
+            n_ctx = srv.ready().cfg.max_seq_len  # the sources may take half the context at least
+            budget = n_ctx - min(params.max_tokens, n_ctx // 2)
+            hits[:] = retrieval.fit(ids, messages, hits, budget)
+            return ids(retrieval.ground(messages, hits))
 
         prompt_ids = await srv.render_prompt(render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         req, events = srv.submit(prompt_ids, params, rid, "messages")
+        extra = {"retrieval": retrieval.retrieval_field(rag, hits)} if rag else None
 
         def choice(text: str) -> dict:
             message, finish = {"role": "assistant", "content": text}, req.finish_reason
@@ -260,9 +276,16 @@ def create_app(
                 "finish_reason": finish,
             }
 
+        def answered(text: str) -> dict:  # the response's extra fields once the answer is known
+            return {"retrieval": retrieval.retrieval_field(rag, hits, text)} if rag else {}
+
         parser = ToolCallParser() if tools else None
-        chunks = functools.partial(chat_chunks, parser=parser, prefill=prefill)
-        return await reply(http, srv, body, req, events, chunks, "chat.completion", choice)
+        chunks = functools.partial(
+            chat_chunks, parser=parser, prefill=prefill, first=extra, last=answered
+        )
+        return await reply(
+            http, srv, body, req, events, chunks, "chat.completion", choice, answered
+        )
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(http: Request):
