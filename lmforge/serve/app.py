@@ -204,12 +204,20 @@ def create_app(
 
     # --- the OpenAI API
 
+    def cards() -> list[dict]:  # the chat model, then the embedding model when there is one
+        if embedder is None:
+            return [model_card(srv)]
+        embed = {"id": Path(embedder.path).name, "object": "model", "created": srv.created}
+        return [model_card(srv), {**embed, "owned_by": "lmforge"}]
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
-        return {"object": "list", "data": [model_card(srv)]}
+        return {"object": "list", "data": cards()}
 
     @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
     async def model_info(name: str):
+        if embedder is not None and name == Path(embedder.path).name:
+            return cards()[1]
         srv.check_model(name)
         return model_card(srv)
 
