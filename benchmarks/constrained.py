@@ -138,6 +138,49 @@ def run_call(model, tok, n: int, schema: dict, mode: str, max_tokens: int):
     return text, valid, len(ids), seconds
 
 
+def tool_prompt(tok, n: int, schema: dict, mode: str) -> tuple[list[int], str, str]:
+    """(prompt ids with the forced call's prefill, the prefill, the tool's name)."""
+    name = f"record_{n}"
+    tool = {
+        "type": "function",
+        "function": {"name": name, "description": "Store one record", "parameters": schema},
+    }
+    ask = [{"role": "user", "content": f"Store a record with {name}, any sensible values."}]
+    prefill = "" if mode == "auto" else f'{TOOL_CALL_OPEN}\n{{"name": "{name}", "arguments": '
+    return chat_prompt_ids(tok, ask, [tool]) + tok.encode(prefill), prefill, name
+
+
+def tool_engine(model, tok, schemas: list[dict], max_tokens: int, modes: list[str], batch: int):
+    """The server's path: all schemas of a mode through the batched engine (as concurrent
+    requests would be), `</tool_call>` as a stop string as with parallel_tool_calls=false."""
+    from lmforge.infer.engine import Engine, SamplingParams
+
+    for mode in modes:
+        engine = Engine(model, tok, max_batch=batch)
+        reqs = []
+        for n, schema in enumerate(schemas):
+            prompt, prefill, name = tool_prompt(tok, n, schema, mode)
+            grammar = None
+            if mode == "constrained":
+                grammar = tool_call_grammar({name: schema}, True, f"\n{TOOL_CALL_CLOSE}")
+            params = SamplingParams(max_tokens=max_tokens, stop_ids=tok.stop_ids(),
+                                    stop=[TOOL_CALL_CLOSE], grammar=grammar)  # fmt: skip
+            reqs.append((engine.submit(prompt, params), prefill, name, schema))
+        t = time.perf_counter()
+        engine.run_until_done()
+        seconds = time.perf_counter() - t
+        valid = tokens = cut = 0
+        for req, prefill, name, schema in reqs:
+            _, calls = parse_tool_calls(prefill + req.text)
+            ok = len(calls) == 1 and calls[0]["function"]["name"] == name
+            valid += ok and check_json(calls[0]["function"]["arguments"], schema) is None
+            tokens += len(req.output_ids)
+            cut += req.finish_reason == "length"
+        print(f"{mode} example: {prefill + reqs[0][0].text!r}")
+        print(f"{mode:12} valid {valid}/{len(reqs)}  cut {cut}  tokens {tokens}  "
+              f"{tokens / seconds:.1f} tokens/s (batch {batch}, prefill included)", flush=True)  # fmt: skip
+
+
 def tool_main(model, tok, schemas: list[dict], max_tokens: int, modes: list[str]) -> None:
     """Tool-call arguments: valid share, tokens, tokens/s per mode, a table every 5."""
     stats = {mode: [0, 0, 0.0, 0] for mode in modes}
@@ -180,11 +223,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tools", action="store_true", help="tool-call arguments instead")
     p.add_argument("--modes", default="auto,forced,constrained", help="with --tools")
+    p.add_argument("--batch", type=int, default=0, help="with --tools: the batched engine")
     args = p.parse_args()
     model, tok = load(args.model, device="cpu")
     rng = random.Random(args.seed)
     schemas = [random_schema(rng) for _ in range(args.schemas)]
     Constraint(tok, json_grammar(None), model.cfg.vocab_size, tok.stop_ids())  # build once
+    if args.tools and args.batch:
+        tool_engine(model, tok, schemas, args.max_tokens, args.modes.split(","), args.batch)
+        print(json.dumps({"threads": torch.get_num_threads(), "schemas": len(schemas)}))
+        return
     if args.tools:
         tool_main(model, tok, schemas, args.max_tokens, args.modes.split(","))
         print(json.dumps({"threads": torch.get_num_threads(), "schemas": len(schemas)}))
