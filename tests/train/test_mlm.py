@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.config import ConfigError, ModelConfig, PretrainConfig
+from lmforge.config import ConfigError, ModelConfig, PretrainConfig, load_recipe, model_family
 from lmforge.data.loader import PackedLoader
 from lmforge.model.bert import Bert, BertConfig, from_hf_state_dict, load_bert, to_hf_config
 from lmforge.tokenizer import Tokenizer
@@ -23,6 +23,7 @@ from lmforge.train.loop import fit
 from lmforge.train.metrics import read_metrics
 from lmforge.train.mlm import IGNORE, mask_tokens, mlm_loss, mlm_train_step
 
+REPO = Path(__file__).resolve().parents[2]
 MASK = 3  # made up: a tiny vocabulary where 0 is padding and 3 is [MASK]
 
 
@@ -223,3 +224,20 @@ def test_cli_errors_name_the_problem_without_a_traceback(
         res = subprocess.run([*cli, *extra], capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
         assert message in res.stderr
+
+
+def test_lmforge_run_refuses_an_encoder_before_any_stage(micro_recipe_path, tmp_path):
+    from lmforge import pipeline
+
+    recipe = dataclasses.replace(load_recipe(micro_recipe_path), model=_encoder_cfg())
+    with pytest.raises(ConfigError, match="is an encoder: `lmforge run` chains decoder stages"):
+        pipeline.run(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_encoder_recipe_builds_the_measured_model():
+    recipe = load_recipe(REPO / "recipes" / "encoder-mlm.yaml")
+    assert model_family(recipe.model) == "encoder" and recipe.pretrain.mask_fraction == 0.15
+    cfg = dataclasses.replace(recipe.model, vocab_size=8193)  # the tiny tokenizer + <|mask|>
+    model = Bert(mlm.bert_config(cfg, pad_token_id=0), mlm_head=True)
+    assert sum(p.numel() for p in model.parameters()) == 3_448_065  # docs/embeddings.md
