@@ -130,11 +130,7 @@ def run(
 def _train_encoder(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, _, info) -> dict:
     """Masked-LM pretraining of an encoder from scratch (train/mlm.py), on the same shards and
     with the same data checks as the decoder's; the decoder-only options are refused by name."""
-    given = [
-        name
-        for name, on in (("init_from", cfg.init_from), ("replay_fraction", cfg.replay_fraction))
-        if on
-    ]
+    given = [k for k in ("init_from", "replay_fraction") if getattr(cfg, k)]
     if given:
         raise ConfigError(
             f"pretrain.{', pretrain.'.join(given)}: not supported for an encoder (model.arch "
