@@ -100,17 +100,21 @@ def run_one(model, tok, schema: dict, constrained: bool, max_tokens: int):
     return text, len(ids), seconds
 
 
-def run_call(model, tok, n: int, schema: dict, mode: str, max_tokens: int):
-    """(arguments text or None, valid, new tokens, seconds) for one greedy tool call."""
+def tool_prompt(tok, n: int, schema: dict, mode: str) -> tuple[list[int], str, str]:
+    """(prompt ids with the forced call's prefill, the prefill, the tool's name)."""
     name = f"record_{n}"
     tool = {
         "type": "function",
         "function": {"name": name, "description": "Store one record", "parameters": schema},
     }
     ask = [{"role": "user", "content": f"Store a record with {name}, any sensible values."}]
-    prompt = chat_prompt_ids(tok, ask, [tool])
     prefill = "" if mode == "auto" else f'{TOOL_CALL_OPEN}\n{{"name": "{name}", "arguments": '
-    prompt += tok.encode(prefill)
+    return chat_prompt_ids(tok, ask, [tool]) + tok.encode(prefill), prefill, name
+
+
+def run_call(model, tok, n: int, schema: dict, mode: str, max_tokens: int):
+    """(arguments text or None, valid, new tokens, seconds) for one greedy tool call."""
+    prompt, prefill, name = tool_prompt(tok, n, schema, mode)
     V = model.cfg.vocab_size
     constraint = None
     if mode == "constrained":
@@ -136,18 +140,6 @@ def run_call(model, tok, n: int, schema: dict, mode: str, max_tokens: int):
     arguments = ok[0]["function"]["arguments"] if len(calls) == 1 and ok else None
     valid = arguments is not None and check_json(arguments, schema) is None
     return text, valid, len(ids), seconds
-
-
-def tool_prompt(tok, n: int, schema: dict, mode: str) -> tuple[list[int], str, str]:
-    """(prompt ids with the forced call's prefill, the prefill, the tool's name)."""
-    name = f"record_{n}"
-    tool = {
-        "type": "function",
-        "function": {"name": name, "description": "Store one record", "parameters": schema},
-    }
-    ask = [{"role": "user", "content": f"Store a record with {name}, any sensible values."}]
-    prefill = "" if mode == "auto" else f'{TOOL_CALL_OPEN}\n{{"name": "{name}", "arguments": '
-    return chat_prompt_ids(tok, ask, [tool]) + tok.encode(prefill), prefill, name
 
 
 def tool_engine(model, tok, schemas: list[dict], max_tokens: int, modes: list[str], batch: int):
