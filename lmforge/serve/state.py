@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 from lmforge.infer.chat import stop_ids
+from lmforge.infer.constrain import prepare
 from lmforge.infer.engine import Engine, QueueFull, SamplingParams
 from lmforge.model.load import load
 from lmforge.perf import pick_device
@@ -90,6 +91,8 @@ class Server:
     async def load(self) -> None:
         try:
             model, tok = await asyncio.to_thread(self._load)
+            # grammars (response_format, forced tool calls) then cost nothing extra at first use
+            await asyncio.to_thread(prepare, tok, model.cfg.vocab_size, stop_ids(tok))
             engine = Engine(model, tok, self.max_batch, self.max_queue, self.batch_invariant)
         except Exception as e:
             self.load_error = f"{e}" if isinstance(e, ConfigError | OSError) else repr(e)

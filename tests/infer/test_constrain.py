@@ -208,3 +208,13 @@ def test_a_bad_tool_schema_is_a_clear_error():
 def test_a_bad_schema_is_a_clear_error(schema, words):
     with pytest.raises(ConfigError, match=words):
         json_grammar(schema)
+
+
+def test_prepare_builds_the_tokenizer_view_once_for_later_requests(micro):
+    """The server calls prepare() at load, so the first constrained request finds the view."""
+    from lmforge.infer.constrain import _ll_tokenizer, prepare
+
+    model, tok = micro
+    assert prepare(tok, model.cfg.vocab_size, tok.stop_ids())
+    view = _ll_tokenizer(tok, model.cfg.vocab_size, tok.stop_ids())
+    assert _ll_tokenizer(tok, model.cfg.vocab_size, tuple(tok.stop_ids())) is view
