@@ -11,6 +11,8 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 
+MEMORY = ("drop", "summary", "retrieve")  # infer/memory.py's STRATEGIES (not imported at start-up)
+
 
 def _sampling(args) -> dict:
     """The sampling flags `generate` and `chat` share, as keyword arguments of `generate`."""
@@ -49,17 +51,23 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from lmforge.infer.chat import run_chat
+    from lmforge.infer.memory import make_memory, model_summariser
     from lmforge.model.load import load
     from lmforge.perf import pick_device
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.context is not None and args.context < 2:
+        raise ConfigError(f"--context must be >= 2 tokens, got {args.context}")
     model, tok = load(args.checkpoint, device=pick_device(args.device))
+    memory = make_memory(args.memory, model_summariser(model, tok))
     run_chat(
         model,
         tok,
         system=args.system,
         reserve=args.max_new_tokens,
+        memory=memory,
+        context=args.context,
         max_new_tokens=args.max_new_tokens,
         **_sampling(args),
     )
@@ -149,6 +157,7 @@ def cmd_serve(args, rest) -> int:
         allowed_hosts=hosts.split(",") if hosts is not None else None,
         request_timeout=args.request_timeout,
         embedding_model=args.embedding_model,
+        memory=args.memory,
     )
     return serve(
         app, args.host, args.port, max_connections=args.max_connections, log_level=args.log_level
@@ -274,8 +283,8 @@ def add_parsers(sub) -> None:
         "chat",
         help="chat with a model in the terminal (streaming, multi-turn)",
         description="Interactive chat using the model's chat template. The conversation is kept "
-        "within the context: when it outgrows it, the oldest turns are dropped (never the system "
-        "prompt) and you are told. A model without a chat template continues plain text instead. "
+        "within the context: when it outgrows it, the oldest turns fall out (never the system "
+        "prompt) and you are told; --memory decides what becomes of them. A model without a chat template continues plain text instead. "
         "Commands: /reset, /system TEXT, /save FILE, /help, /quit.",
     )
     p.add_argument("checkpoint", help="model directory, or a LoRA adapter directory")
@@ -293,6 +302,21 @@ def add_parsers(sub) -> None:
         help="> 1 discourages repeats (default: 1 = off)",
     )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument(
+        "--memory",
+        default="drop",
+        choices=MEMORY,
+        help="what becomes of the turns that fall out of the context: drop them; summary: the "
+        "model summarises them into a note; retrieve: the turns matching each new message are "
+        "brought back as a note (default: drop; docs/memory.md)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use at most N tokens of context, prompt and answer (default: the model's)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
 
     p = sub.add_parser(
@@ -434,6 +458,15 @@ def add_parsers(sub) -> None:
         metavar="DIR",
         help="answer /v1/embeddings with this model (an encoder such as `lmforge fetch "
         "all-minilm-l6-v2`, or a causal model, mean-pooled); without it /v1/embeddings is 404",
+    )
+    p.add_argument(
+        "--memory",
+        default=None,
+        choices=MEMORY,
+        help="a chat request too long for the context (its answer's room included): drop its "
+        "oldest turns; summary: the model summarises them (one more generation); retrieve: the "
+        "old turns matching the last user message come back as a note. The response's "
+        "x-lmforge-memory header says what happened (default: none, such a request is an error)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument(

@@ -26,6 +26,7 @@ from pathlib import Path
 from lmforge.config import ConfigError
 from lmforge.infer.chat import chat_prompt_ids
 from lmforge.infer.embed import Embedder
+from lmforge.infer.memory import check_strategy, fit_request
 from lmforge.infer.toolcall import ToolCallParser, parse_tool_calls
 from lmforge.perf import pick_device
 from lmforge.serve import guards
@@ -63,7 +64,7 @@ try:
     import uvicorn
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # the core install has no web stack
@@ -91,6 +92,7 @@ def create_app(
     request_timeout: float = 30.0,
     template_timeout: float = 10.0,
     embedding_model=None,
+    memory: str | None = None,
 ) -> FastAPI:
     """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
     pair, or a function returning one; it is loaded in the background at startup, and /health
@@ -101,7 +103,8 @@ def create_app(
     infer/engine.py). `allowed_hosts`: the Host names answered (see guards.allowed_hosts; "*" =
     any); `request_timeout`: seconds for a request's body to arrive; `template_timeout`:
     seconds for the chat template to render. `embedding_model`: a directory (or an Embedder)
-    that /v1/embeddings answers with; loaded here, so a bad one fails at start."""
+    that /v1/embeddings answers with; loaded here, so a bad one fails at start. `memory`: drop,
+    summary or retrieve, for a chat longer than the context (infer/memory.py; None: an error)."""
     if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
         raise ConfigError(
             "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
@@ -123,6 +126,7 @@ def create_app(
         batch_invariant,
     )
     srv.aliases = aliases
+    srv.memory = memory and check_strategy(memory, "memory")
     srv.request_timeout = request_timeout
     srv.render = TemplateRenderer(slots=2, timeout=template_timeout)
     srv.allowed_hosts_arg = allowed_hosts
@@ -241,6 +245,13 @@ def create_app(
             return chat_prompt_ids(srv.tok, messages, tools) + srv.tok.encode(prefill)
 
         prompt_ids = await srv.render_prompt(render)
+        fitted = srv.memory and await asyncio.to_thread(  # --memory: a too long conversation
+            fit_request, srv.tok, srv.engine, messages, tools, len(prompt_ids), params.max_tokens,
+            srv.memory,
+        )  # fmt: skip
+        if fitted:  # rendered again, under the template guard
+            messages = fitted.messages
+            prompt_ids = await srv.render_prompt(render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         req, events = srv.submit(prompt_ids, params, rid, "messages")
 
@@ -260,7 +271,11 @@ def create_app(
 
         parser = ToolCallParser() if tools else None
         chunks = functools.partial(chat_chunks, parser=parser, prefill=prefill)
-        return await reply(http, srv, body, req, events, chunks, "chat.completion", choice)
+        out = await reply(http, srv, body, req, events, chunks, "chat.completion", choice)
+        if fitted:  # what became of the turns that fell out (docs/memory.md)
+            out = out if isinstance(out, Response) else JSONResponse(out)
+            out.headers["x-lmforge-memory"] = f"{srv.memory}; {fitted.describe()}"
+        return out
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(http: Request):
