@@ -89,7 +89,7 @@ def conversation(i: int) -> tuple[list[dict], str]:
     return msgs + [{"role": "user", "content": question}], fact
 
 
-def run_script(model, tok, strategy: str, msgs: list[dict], budget: int, summarise) -> dict:
+def run_script(model, tok, strategy: str, msgs: list[dict], fact: str, budget: int, summarise):
     """Play the conversation turn by turn through one memory, as `lmforge chat` does (history
     keeps only the turns not yet fallen out); answer the last user message."""
     t0 = time.perf_counter()
@@ -108,6 +108,9 @@ def run_script(model, tok, strategy: str, msgs: list[dict], budget: int, summari
     reply = "".join(answer(model, tok, prompt, max_new_tokens=48, temperature=0)).strip()
     return {
         "prompt_tokens": len(chat_prompt_ids(tok, prompt)),
+        # was the fact still in the prompt (window or note)? tells the memory's part from the
+        # model's: a fact in the prompt can still be answered wrong
+        "in_prompt": any(fact.lower() in str(m["content"]).lower() for m in prompt),
         "note": note,
         "summary_calls": calls,
         "answer": reply,
@@ -128,19 +131,20 @@ def main() -> int:
     strategies = args.strategies.split(",")
     full_len = len(chat_prompt_ids(tok, conversation(0)[0]))
     print(f"threads={torch.get_num_threads()} budget={args.budget} full prompt≈{full_len} tokens")
-    rows, recalled = [], {s: 0 for s in strategies}
+    rows, recalled, in_prompt = [], dict.fromkeys(strategies, 0), dict.fromkeys(strategies, 0)
     for i in range(args.scripts):
         msgs, fact = conversation(i)
         for s in strategies:
-            r = run_script(model, tok, s, msgs, args.budget, summarise)
+            r = run_script(model, tok, s, msgs, fact, args.budget, summarise)
             r.update(script=i, strategy=s, fact=fact, recalled=fact.lower() in r["answer"].lower())
             recalled[s] += r["recalled"]
+            in_prompt[s] += r["in_prompt"]
             rows.append(r)
             print(json.dumps(r, ensure_ascii=False), flush=True)
     print(f"\nfact from turn 2 recalled at turn 30 (n={args.scripts}, budget {args.budget} tokens)")
-    print("| strategy | recalled |\n|---|---|")
+    print("| strategy | fact still in the prompt | fact in the answer |\n|---|---|---|")
     for s in strategies:
-        print(f"| {s} | {recalled[s]}/{args.scripts} |")
+        print(f"| {s} | {in_prompt[s]}/{args.scripts} | {recalled[s]}/{args.scripts} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, ensure_ascii=False, indent=1))

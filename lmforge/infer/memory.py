@@ -150,15 +150,16 @@ class Memory:
         """Fit `messages` (the system prompt and the turns not yet fallen out) into `budget`
         prompt tokens: the newest turns verbatim, the older ones through this memory's note.
         The system prompt and the newest user message are always kept (an error if they alone
-        do not fit, from `fit_history`)."""
-        if self.name == "drop" or (not self.has_state() and prompt_len(tok, messages) <= budget):
-            kept, n = fit_history(tok, messages, budget)
+        do not fit, from `fit_history`). `tools`: a request's tools, which take room too."""
+        fits = prompt_len(tok, messages, tools) <= budget
+        if self.name == "drop" or (fits and not self.has_state()):
+            kept, n = fit_history(tok, messages, budget, tools)
             return Fitted(kept, kept, dropped=n)
         reserve = min(self.note_tokens, budget // 2)
         try:
-            kept, n = fit_history(tok, messages, budget - reserve)
+            kept, n = fit_history(tok, messages, budget - reserve, tools)
         except ConfigError:  # no room for a note beside the newest message: plain drop
-            kept, n = fit_history(tok, messages, budget)
+            kept, n = fit_history(tok, messages, budget, tools)
             reserve = 0
         first = 1 if messages and messages[0]["role"] == "system" else 0
         summarised = self.absorb(tok, messages[first : first + n], self.seen + first)
@@ -167,9 +168,8 @@ class Memory:
         note, retrieved = self.note(tok, str(query or ""))
         note = clip(tok, note, reserve)
         out = with_note(kept, note)
-        while (
-            note and (over := prompt_len(tok, out, tools) - budget) > 0
-        ):  # the template's own tokens
+        # the template's own tokens around the note can still overflow: trim the note by that
+        while note and (over := prompt_len(tok, out, tools) - budget) > 0:
             note = clip(tok, note, len(tok.encode(note)) - over - 1)
             note = note if len(note) > len(NOTE_HEAD) else ""
             out = with_note(kept, note)
