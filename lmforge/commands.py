@@ -466,7 +466,8 @@ def add_parsers(sub) -> None:
         help="a chat request too long for the context (its answer's room included): drop its "
         "oldest turns; summary: the model summarises them (one more generation); retrieve: the "
         "old turns matching the last user message come back as a note. The response's "
-        "x-lmforge-memory header says what happened (default: none, such a request is an error)",
+        "x-lmforge-memory header says what happened (default: none: such a request is served "
+        "as before, a 400 context_length_exceeded when its prompt does not fit at all)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument(

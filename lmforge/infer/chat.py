@@ -157,19 +157,25 @@ def run_chat(
         write("\n")
 
 
+FELL_OUT = {
+    "drop": "dropped the {n} oldest messages",
+    "summary": "summarised the {n} oldest messages into a note",
+    "retrieve": "set the {n} oldest messages aside for retrieval",
+}
+
+
 def _fit(tok, system_msgs, history, budget, memory, write) -> tuple[list[dict], list[dict]]:
     """(the prompt's messages, the history still in the window), telling the user what fell
     out. The history keeps only the window: what fell out lives on in the memory."""
     if memory is None:
         kept, dropped = fit_history(tok, system_msgs + history, budget)
         if dropped:
-            write(f"(context full: dropped the {dropped} oldest messages)\n")
+            write(f"(context full: {FELL_OUT['drop'].format(n=dropped)})\n")
         return kept, kept[len(system_msgs) :]
     fitted = memory.fit(tok, system_msgs + history, budget)
     if fitted.dropped:
-        where = {"summary": "summarised into a note", "retrieve": "kept aside for retrieval"}
-        done = where.get(memory.name, "dropped")
-        write(f"(context full: the {fitted.dropped} oldest messages {done})\n")
+        done = FELL_OUT.get(memory.name, FELL_OUT["drop"]).format(n=fitted.dropped)
+        write(f"(context full: {done})\n")
     if fitted.retrieved:
         write(f"(brought back earlier messages {', '.join(map(str, fitted.retrieved))})\n")
     return fitted.messages, fitted.kept[len(system_msgs) :]

@@ -2,6 +2,7 @@
 `lmforge chat --memory`. The summariser here is a made-up fake (no model), so every test is
 deterministic and fast; the real model's summaries are measured in benchmarks/memory.py."""
 
+import re
 import subprocess
 import sys
 
@@ -159,6 +160,6 @@ def test_chat_loop_tells_what_fell_out_and_brings_it_back(micro_pretrained):
         max_new_tokens=4, temperature=0,
     )  # fmt: skip
     out = "".join(shown)
-    assert "oldest messages kept aside for retrieval" in out
+    assert re.search(r"context full: set the \d+ oldest messages aside for retrieval", out)
     assert "(brought back earlier messages 0)" in out  # the fact, message 0 (no system prompt)
     assert memory.docs[0][0] == 0 and memory.docs[0][1].startswith(f"User: {FACT}\nAssistant:")
