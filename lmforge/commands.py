@@ -284,7 +284,8 @@ def add_parsers(sub) -> None:
         help="chat with a model in the terminal (streaming, multi-turn)",
         description="Interactive chat using the model's chat template. The conversation is kept "
         "within the context: when it outgrows it, the oldest turns fall out (never the system "
-        "prompt) and you are told; --memory decides what becomes of them. A model without a chat template continues plain text instead. "
+        "prompt) and you are told; --memory decides what becomes of them (by default they come "
+        "back as a note when a new message matches them). A model without a chat template continues plain text instead. "
         "Commands: /reset, /system TEXT, /save FILE, /help, /quit.",
     )
     p.add_argument("checkpoint", help="model directory, or a LoRA adapter directory")
@@ -304,11 +305,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument(
         "--memory",
-        default="drop",
+        default="retrieve",
         choices=MEMORY,
-        help="what becomes of the turns that fall out of the context: drop them; summary: the "
-        "model summarises them into a note; retrieve: the turns matching each new message are "
-        "brought back as a note (default: drop; docs/memory.md)",
+        help="what becomes of the turns that fall out of the context: retrieve: the old turns "
+        "matching each new message come back as a note; summary: the model summarises them "
+        "into a note; drop: they are lost (default: retrieve, measured in docs/memory.md)",
     )
     p.add_argument(
         "--context",
