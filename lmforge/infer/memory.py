@@ -36,7 +36,6 @@ SUMMARY_PROMPT = "Here is a conversation:\n\n{transcript}\n\n" + (
     "Summarise it in two sentences. Keep every name, number and place."
 )
 TERM = re.compile(r"\w+")
-# when bm25s is absent: the commonest English words, which would match every turn
 # the commonest English words (bm25s's own list, 33 words, keeps "what" and "my"): they match
 # every turn of a chat
 STOPWORDS = frozenset(
@@ -146,6 +145,11 @@ class Memory:
         """The note for this turn (text, the positions it brings back)."""
         return "", []
 
+    def would_note(self, fallen: list[dict], start: int, query: str) -> bool:
+        """Would there be a note if `fallen` fell out now? (Changes nothing.) When not, the
+        window gets the whole budget."""
+        return False
+
     def fit(self, tok: Tokenizer, messages: list[dict], budget: int, tools=None) -> Fitted:
         """Fit `messages` (the system prompt and the turns not yet fallen out) into `budget`
         prompt tokens: the newest turns verbatim, the older ones through this memory's note.
@@ -162,10 +166,12 @@ class Memory:
             kept, n = fit_history(tok, messages, budget, tools)
             reserve = 0
         first = 1 if messages and messages[0]["role"] == "system" else 0
+        query = str(next((m["content"] for m in reversed(kept) if m["role"] == "user"), "") or "")
+        if reserve and not self.would_note(messages[first : first + n], self.seen + first, query):
+            kept, n = fit_history(tok, messages, budget, tools)  # no note: no room kept for one
         summarised = self.absorb(tok, messages[first : first + n], self.seen + first)
         self.seen += n
-        query = next((m["content"] for m in reversed(kept) if m["role"] == "user"), "")
-        note, retrieved = self.note(tok, str(query or ""))
+        note, retrieved = self.note(tok, query)
         note = clip(tok, note, reserve)
         out = with_note(kept, note)
         # the template's own tokens around the note can still overflow: trim the note by that
@@ -222,6 +228,9 @@ class SummaryMemory(Memory):
     def note(self, tok: Tokenizer, query: str) -> tuple[str, list[int]]:
         return (f"{NOTE_HEAD} {self.summary}" if self.summary else ""), []
 
+    def would_note(self, fallen: list[dict], start: int, query: str) -> bool:
+        return bool(self.summary or fallen)
+
 
 def model_summariser(model, tok: Tokenizer, max_new_tokens: int = 96) -> Summarise:
     """A summariser that runs the model itself, greedy, at most max_new_tokens (batch 1)."""
@@ -263,48 +272,57 @@ class RetrieveMemory(Memory):
         self.k = k
         self.docs: list[tuple[int, str]] = []  # (position of the turn's first message, text)
         self.bm25s = bm25s_or_none()
-        self.index = None
 
     def has_state(self) -> bool:
         return bool(self.docs)
 
     def reset(self) -> None:
         super().reset()
-        self.docs, self.index = [], None
+        self.docs = []
 
     def absorb(self, tok: Tokenizer, fallen: list[dict], start: int) -> int:
-        """Store the fallen-out messages one turn a document (a user message with the replies
-        after it), and rebuild the index (a conversation's store is small)."""
-        for i, m in enumerate(fallen, start):
-            if m["role"] == "user" or not self.docs:
-                self.docs.append((i, turn_text(m)))
-            else:
-                self.docs[-1] = (self.docs[-1][0], f"{self.docs[-1][1]}\n{turn_text(m)}")
-        if fallen and self.bm25s is not None:
-            self.index = self.bm25s.BM25()
-            self.index.index([terms(t) or ["_"] for _, t in self.docs], show_progress=False)
+        self.docs = with_turns(self.docs, fallen, start)
         return 0
 
-    def search(self, query: str) -> list[int]:
-        """Indices into self.docs of the best matches, best first: at most k, each scoring at
-        least half the best (a weak second match only distracts a small model)."""
+    def would_note(self, fallen: list[dict], start: int, query: str) -> bool:
+        return bool(self.search(with_turns(self.docs, fallen, start), query))
+
+    def search(self, docs: list[tuple[int, str]], query: str) -> list[int]:
+        """Indices into docs of the best matches, best first: at most k, each scoring at least
+        half the best (a weak second match only distracts a small model). The index is built
+        per search: a conversation's store is small."""
         q = terms(query)
-        if not q or not self.docs:
+        if not q or not docs:
             return []
-        if self.index is not None:
-            k = min(self.k, len(self.docs))
-            hits, scores = self.index.retrieve([q], k=k, show_progress=False)
-            return [int(d) for d, s in zip(hits[0], scores[0]) if s > 0]
-        overlap = [(len(set(q) & set(terms(t))), -i) for i, (_, t) in enumerate(self.docs)]
-        best = sorted(((o, i) for o, i in overlap if o > 0), reverse=True)[: self.k]
-        return [-i for _, i in best]
+        if self.bm25s is not None:
+            index = self.bm25s.BM25()
+            index.index([terms(t) or ["_"] for _, t in docs], show_progress=False)
+            hits, scores = index.retrieve([q], k=min(self.k, len(docs)), show_progress=False)
+            ranked = [(float(s), int(d)) for d, s in zip(hits[0], scores[0])]
+        else:
+            ranked = [(len(set(q) & set(terms(t))), i) for i, (_, t) in enumerate(docs)]
+            ranked = sorted(ranked, key=lambda r: (-r[0], r[1]))[: self.k]
+        top = max((s for s, _ in ranked), default=0)
+        return [i for s, i in ranked if s > 0 and s >= top / 2]
 
     def note(self, tok: Tokenizer, query: str) -> tuple[str, list[int]]:
-        hits = sorted(self.search(query))  # in conversation order
+        hits = sorted(self.search(self.docs, query))  # in conversation order
         if not hits:
             return "", []
         lines = [self.docs[i][1] for i in hits]
         return f"{NOTE_HEAD}\n" + "\n".join(lines), [self.docs[i][0] for i in hits]
+
+
+def with_turns(docs: list[tuple[int, str]], fallen: list[dict], start: int) -> list:
+    """The store with the fallen-out messages added, one turn a document (a user message with
+    the replies after it); `start` is the first one's index in the conversation."""
+    docs = list(docs)
+    for i, m in enumerate(fallen, start):
+        if m["role"] == "user" or not docs:
+            docs.append((i, turn_text(m)))
+        else:
+            docs[-1] = (docs[-1][0], f"{docs[-1][1]}\n{turn_text(m)}")
+    return docs
 
 
 # --------------------------------------------------------------------------- the server

@@ -92,10 +92,18 @@ def test_retrieve_brings_back_the_turn_holding_the_fact(tok, monkeypatch, bm25s)
 
 
 def test_retrieve_brings_nothing_back_for_an_unrelated_question(tok):
-    msgs = conversation()[:-1] + [{"role": "user", "content": "Tell me about volcanoes."}]
-    fitted = make_memory("retrieve").fit(tok, msgs, 160)
+    """...and then keeps no room for a note: the window is drop's, store or no store."""
+    volcanoes = {"role": "user", "content": "Tell me about volcanoes."}
+    msgs = conversation()[:-1] + [volcanoes]
+    memory = make_memory("retrieve")
+    fitted = memory.fit(tok, msgs, 160)
     assert fitted.dropped and fitted.retrieved == [] and fitted.note == ""
-    assert fitted.messages[0] == SYSTEM
+    assert fitted.messages == fitted.kept == fit_history(tok, msgs, 160)[0]
+    glaciers = {"role": "user", "content": "And glaciers?"}
+    later = fitted.kept + [{"role": "assistant", "content": "Hot rock."}, glaciers]
+    again = memory.fit(tok, later, 160)  # the store is not empty now
+    assert memory.docs and again.note == ""
+    assert again.messages == fit_history(tok, later, 160)[0]
 
 
 def test_summary_is_cached_and_updated_turn_by_turn(tok):
