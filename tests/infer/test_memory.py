@@ -171,3 +171,22 @@ def test_chat_loop_tells_what_fell_out_and_brings_it_back(micro_pretrained):
     assert re.search(r"context full: set the \d+ oldest messages aside for retrieval", out)
     assert "(brought back earlier messages 0)" in out  # the fact, message 0 (no system prompt)
     assert memory.docs[0][0] == 0 and memory.docs[0][1].startswith(f"User: {FACT}\nAssistant:")
+
+
+@pytest.mark.slow
+def test_smollm2_summariser_is_greedy_and_bounded(smollm2_dir):
+    """The real summariser on two made-up turns: a non-empty summary within the note's tokens,
+    the same twice (greedy). Its quality is benchmarks/memory.py's business (SmolLM2-135M
+    often loses the fact)."""
+    from lmforge.model.load import load
+
+    model, tok = load(smollm2_dir, device="cpu")
+    summaries = []
+    for _ in range(2):
+        memory = make_memory("summary", mem.model_summariser(model, tok, max_new_tokens=40))
+        memory.note_tokens = 24
+        memory.absorb(tok, conversation()[1:5], 1)
+        summaries.append(memory.summary)
+        assert memory.calls == 1 and memory.summary
+        assert len(tok.encode(memory.summary)) <= 24
+    assert summaries[0] == summaries[1]
