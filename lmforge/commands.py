@@ -140,6 +140,7 @@ def cmd_serve(args, rest) -> int:
             file=sys.stderr,
         )
     from lmforge.serve.app import create_app, serve
+    from lmforge.serve.retrieval import parse_specs
 
     level = args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
@@ -157,6 +158,7 @@ def cmd_serve(args, rest) -> int:
         allowed_hosts=hosts.split(",") if hosts is not None else None,
         request_timeout=args.request_timeout,
         embedding_model=args.embedding_model,
+        rag_indexes=parse_specs(args.rag),
         memory=args.memory,
     )
     return serve(
@@ -285,8 +287,8 @@ def add_parsers(sub) -> None:
         description="Interactive chat using the model's chat template. The conversation is kept "
         "within the context: when it outgrows it, the oldest turns fall out (never the system "
         "prompt) and you are told; --memory decides what becomes of them (by default they come "
-        "back as a note when a new message matches them). A model without a chat template continues plain text instead. "
-        "Commands: /reset, /system TEXT, /save FILE, /help, /quit.",
+        "back as a note when a new message matches them). A model without a chat template "
+        "continues plain text instead. Commands: /reset, /system TEXT, /save FILE, /help, /quit.",
     )
     p.add_argument("checkpoint", help="model directory, or a LoRA adapter directory")
     p.add_argument("--system", default="", help="system prompt (default: none)")
@@ -459,6 +461,14 @@ def add_parsers(sub) -> None:
         metavar="DIR",
         help="answer /v1/embeddings with this model (an encoder such as `lmforge fetch "
         "all-minilm-l6-v2`, or a causal model, mean-pooled); without it /v1/embeddings is 404",
+    )
+    p.add_argument(
+        "--rag",
+        action="append",
+        metavar="NAME=INDEX",
+        help="an `lmforge rag index` folder a chat request may name as "
+        '`"retrieval": {"index": NAME}` to be answered from its chunks, with the sources in '
+        "the response (repeatable; the index's encoder is loaded at start)",
     )
     p.add_argument(
         "--memory",

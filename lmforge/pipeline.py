@@ -17,7 +17,14 @@ import dataclasses
 import time
 from pathlib import Path
 
-from lmforge.config import RUNTIME_FIELDS, Recipe, config_hash, resolve_path
+from lmforge.config import (
+    RUNTIME_FIELDS,
+    ConfigError,
+    Recipe,
+    config_hash,
+    model_family,
+    resolve_path,
+)
 from lmforge.io import move_aside, read_json, write_json
 from lmforge.stages import BY_NAME, MODEL_STAGES, RUN_ORDER, output_dir
 
@@ -248,6 +255,11 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
     from lmforge.align import sft
     from lmforge.report import write_report
 
+    if not recipe.base.model and model_family(recipe.model) == "encoder":
+        raise ConfigError(
+            f"model.arch {recipe.model.arch!r} is an encoder: `lmforge run` chains decoder stages "
+            "(sft, sample, eval); pretrain it with `lmforge pretrain` (docs/embeddings.md)"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "recipe.json", dataclasses.asdict(recipe))

@@ -58,11 +58,13 @@ from lmforge.config.data import (
 from lmforge.config.eval import QUANTIZED_NAME, RUN_MODELS, EvalConfig
 from lmforge.config.model import (
     ARCH_FEATURES,
+    ENCODERS,
     MAX_LAYERS,
     ROPE_SCALING,
     BaseConfig,
     ModelConfig,
     check_model_fits,
+    model_family,
     model_memory,
     physical_memory,
 )
@@ -78,6 +80,7 @@ from lmforge.config.train import (
 __all__ = [
     "ARCH_FEATURES",
     "CLEAN_STEPS",
+    "ENCODERS",
     "GROUP_SIZES",
     "LORA_TARGETS",
     "MAX_LAYERS",
@@ -128,6 +131,7 @@ __all__ = [
     "config_hash",
     "field_help",
     "load_recipe",
+    "model_family",
     "model_memory",
     "physical_memory",
     "resolve_path",

@@ -15,7 +15,16 @@ ARCH_FEATURES = {
     "qwen2": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=True, bias=False),
     "mistral": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, bias=False),
     "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, bias=True),
+    # an encoder (model/bert.py, not GPT): `lmforge pretrain` trains it with masked-LM
+    # (train/mlm.py); its GELU is BERT's exact one
+    "bert": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, bias=True),
 }
+ENCODERS = ("bert",)  # the archs that are encoders; every other arch is a decoder (GPT)
+
+
+def model_family(cfg: ModelConfig) -> str:
+    """ "encoder" or "decoder": which model and which training objective the config asks for."""
+    return "encoder" if cfg.arch in ENCODERS else "decoder"
 
 
 # building a model module by module takes about a millisecond a layer: a million layers (a typo)
@@ -39,7 +48,7 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
     init_std: float = 0.02  # initializer_range
     bos_token_id: int = 1  # set from the tokenizer by the pipeline
     eos_token_id: int = 2  # set from the tokenizer by the pipeline
-    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | gpt2
+    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | gpt2 | bert (an encoder, pretrained with masked-LM)
     norm: str = "rmsnorm"  # rmsnorm | layernorm (gpt2)
     mlp: str = "swiglu"  # swiglu (gated) | gelu (gpt2: tanh-approximate GELU, not gated)
     pos: str = "rope"  # positions: rope | learned (gpt2: a table added to the token embeddings)
@@ -61,6 +70,8 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
         if wrong:
             need = ", ".join(f"{k}: {str(v).lower()}" for k, v in wrong.items())
             raise ConfigError(f"model.arch {self.arch!r} computes with {need}; set those too")
+        if self.arch in ENCODERS:
+            _check_encoder(self)
         if self.sliding_window and self.arch != "mistral":
             raise ConfigError(f"model.sliding_window needs arch 'mistral', not {self.arch!r}")
         check_positive(self, "dim", "n_layer", "n_head", "max_seq_len")
@@ -108,6 +119,16 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
         plain_mha = self.head_dim * self.n_head == self.dim and self.n_kv_head == self.n_head
         if self.arch == "gpt2" and not plain_mha:  # HF's c_attn is three dim x dim blocks
             raise ConfigError("gpt2 needs model.head_dim = dim / n_head and n_kv_head = n_head")
+
+
+def _check_encoder(cfg: ModelConfig) -> None:
+    """An encoder (BERT) has none of the decoder's options: refuse them rather than ignore them."""
+    unused = {"n_kv_head": cfg.n_head, "head_dim": cfg.dim // cfg.n_head, "sliding_window": 0}
+    bad = [k for k, ok in unused.items() if getattr(cfg, k) not in (0, ok)]
+    bad += ["rope_scaling"] if cfg.rope_scaling else []
+    bad += [] if cfg.tie_embeddings else ["tie_embeddings"]  # BERT's MLM decoder is tied
+    if bad:
+        raise ConfigError(f"model.arch {cfg.arch!r} is an encoder: {', '.join(bad)} do not apply")
 
 
 # rope_scaling kinds we compute -> the numbers each needs (transformers' names)

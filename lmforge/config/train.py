@@ -53,7 +53,7 @@ class TrainLoopConfig:  # optimizer and loop settings every training stage share
 
 
 # fields of the pretrain section that its subclasses (distill, prune) do not take
-PRETRAIN_ONLY = ("init_from", "replay", "replay_fraction")
+PRETRAIN_ONLY = ("init_from", "replay", "replay_fraction", "mask_fraction")
 
 
 @dataclass
@@ -74,12 +74,13 @@ class PretrainConfig(
     init_from: str = ""  # continue pretraining this model directory (its architecture, weights and tokenizer; the model section is ignored) with a fresh optimizer and a new warmup; "" = train from scratch
     replay: str = ""  # prepared data folder of general text mixed into every batch (with replay_fraction), against forgetting
     replay_fraction: float = 0.0  # share of each batch's rows taken from the replay data (0 = off)
+    mask_fraction: float = 0.15  # encoders (model.arch bert): share of the real tokens that are masked-LM targets (of those 80% become the mask token, 10% a random token, 10% stay)
 
     def __post_init__(self):
         super().__post_init__()
         check_positive(self, "eval_tokens")
         if type(self) is not PretrainConfig:  # distill and prune share the loop fields only
-            given = [k for k in PRETRAIN_ONLY if getattr(self, k)]
+            given = [k for k in PRETRAIN_ONLY if getattr(self, k) != getattr(PretrainConfig, k)]
             if given:
                 raise ConfigError(
                     f"{section_name(type(self))}: {', '.join(given)} apply to pretrain only"
@@ -87,6 +88,10 @@ class PretrainConfig(
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ConfigError(
                 f"pretrain.replay_fraction must be in [0, 1), got {self.replay_fraction}"
+            )
+        if not 0.0 < self.mask_fraction < 1.0:
+            raise ConfigError(
+                f"pretrain.mask_fraction must be in (0, 1) (BERT's is 0.15), got {self.mask_fraction}"
             )
         if self.replay_fraction > 0 and not self.replay:
             raise ConfigError(

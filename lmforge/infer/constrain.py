@@ -35,6 +35,15 @@ def _llguidance():
     return llguidance
 
 
+def has_llguidance() -> bool:
+    """Whether the grammar library is installed (the `grammar` extra)."""
+    try:
+        _llguidance()
+        return True
+    except ConfigError:
+        return False
+
+
 def json_grammar(schema: dict | bool | None = None) -> str:
     """The grammar (llguidance's serialized form) for JSON valid against `schema`; None is any
     JSON object (OpenAI's json_object). A schema the compiler cannot use raises ConfigError
@@ -50,6 +59,38 @@ def json_grammar(schema: dict | bool | None = None) -> str:
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
         raise ConfigError(f"unsupported JSON schema: {messages[0]}")
+    return grammar
+
+
+def _literal(text: str) -> str:
+    """A Lark string literal for `text` (JSON's escaping is Lark's)."""
+    return json.dumps(text)
+
+
+def tool_call_grammar(tools: dict[str, dict | None], name_given: bool, close: str) -> str:
+    """The grammar for the rest of a forced tool call, written after a prefill that ends at
+    `"arguments": ` (`name_given`, one tool) or at `{"name": "` (the model picks one of
+    `tools`, name -> JSON schema of its arguments, None: any object): the name, the arguments
+    valid against that tool's schema, then `}` and `close` (e.g. a newline and </tool_call>),
+    after which nothing may follow. A schema the compiler cannot use raises ConfigError naming
+    the tool."""
+    llg = _llguidance()
+    if name_given and len(tools) != 1:
+        raise ValueError("a call whose name is given has exactly one tool")
+    rules, alternatives = [], []
+    for i, (name, schema) in enumerate(tools.items()):
+        schema = ANY_OBJECT if schema is None else schema
+        if not isinstance(schema, dict):
+            raise ConfigError(f"tool {name!r}: parameters must be a JSON schema object")
+        body = {**schema, "x-guidance": JSON_OPTIONS}  # the same JSON layout as json_grammar
+        rules.append(f"args{i}: %json {json.dumps(body)}")
+        head = "" if name_given else _literal(f'{name}", "arguments": ') + " "
+        alternatives.append(f"{head}args{i}")
+    start = f"start: ({' | '.join(alternatives)}) {_literal('}' + close)}"
+    grammar = llg.LLMatcher.grammar_from_lark("\n".join([start, *rules]))
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
+    if is_error:
+        raise ConfigError(f"unsupported tool parameters schema: {messages[0]}")
     return grammar
 
 

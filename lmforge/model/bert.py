@@ -7,9 +7,10 @@ learned position and a token-type ("segment") vector to the word embedding, then
 The masked-LM head (dense + GELU + LayerNorm, then a decoder tied to the word embeddings) is
 optional: sentence-embedding checkpoints such as all-MiniLM-L6-v2 ship the bare encoder.
 
-The config is a dataclass of its own, not a `ModelConfig` with `arch: bert`: an encoder shares
-few of GPT's knobs (no RoPE, no KV heads, no SwiGLU, no chat template) and every consumer of
-ModelConfig (training stages, the engine, quantization) would otherwise have to refuse it.
+The config is a dataclass of its own: an encoder shares few of GPT's knobs (no RoPE, no KV
+heads, no SwiGLU, no chat template) and every consumer of a GPT (training stages, the engine,
+quantization) would otherwise have to refuse it. A recipe's `model:` names the family with
+`arch: bert` only for `lmforge pretrain`, which builds a BertConfig from it (train/mlm.py).
 
 HF names: `BertModel` (`embeddings.*`, `encoder.layer.N.*`) and `BertForMaskedLM` (the same
 under `bert.`, plus `cls.predictions.*`). q, k and v are fused on import, as in GPT. The pooler

@@ -39,6 +39,18 @@ def build_messages(question: str, hits: list[Hit]) -> list[dict]:
     ]
 
 
+def ground(messages: list[dict], hits: list[Hit]) -> list[dict]:
+    """A conversation grounded in `hits`: the last user message becomes the numbered sources and
+    its question (`build_messages`' form), the rag instructions lead the system message (the
+    conversation's own system prompt follows them), earlier turns stay as they were."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    system, grounded = build_messages(messages[last]["content"], hits)
+    own = [m["content"] for m in messages if m["role"] in ("system", "developer") and m["content"]]
+    system = {**system, "content": "\n\n".join([system["content"], *own])}
+    rest = [m for m in messages[:last] if m["role"] not in ("system", "developer")]
+    return [system, *rest, grounded, *messages[last + 1 :]]
+
+
 def citations(answer: str, hits: list[Hit]) -> tuple[list[dict], list[int]]:
     """([{n, doc_id, title, start, end, scores}] for each source cited, in order of first
     citation], [numbers cited that match no source])."""

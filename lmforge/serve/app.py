@@ -29,7 +29,7 @@ from lmforge.infer.embed import Embedder
 from lmforge.infer.memory import check_strategy, fit_request
 from lmforge.infer.toolcall import ToolCallParser, parse_tool_calls
 from lmforge.perf import pick_device
-from lmforge.serve import guards
+from lmforge.serve import guards, retrieval
 from lmforge.serve.embeddings import add_embedding_routes
 from lmforge.serve.guards import HostCheck, TemplateRenderer
 from lmforge.serve.protocol import (
@@ -92,6 +92,7 @@ def create_app(
     request_timeout: float = 30.0,
     template_timeout: float = 10.0,
     embedding_model=None,
+    rag_indexes: dict[str, str] | None = None,
     memory: str | None = None,
 ) -> FastAPI:
     """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
@@ -103,8 +104,10 @@ def create_app(
     infer/engine.py). `allowed_hosts`: the Host names answered (see guards.allowed_hosts; "*" =
     any); `request_timeout`: seconds for a request's body to arrive; `template_timeout`:
     seconds for the chat template to render. `embedding_model`: a directory (or an Embedder)
-    that /v1/embeddings answers with; loaded here, so a bad one fails at start. `memory`: drop,
-    summary or retrieve, for a chat longer than the context (infer/memory.py; None: an error)."""
+    that /v1/embeddings answers with; loaded here, so a bad one fails at start. `rag_indexes`:
+    {name: index dir} a request's `retrieval` may name (serve/retrieval.py), opened here too.
+    `memory`: drop, summary or retrieve, for a chat longer than the context (infer/memory.py;
+    None: no fitting, as before)."""
     if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
         raise ConfigError(
             "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
@@ -126,6 +129,7 @@ def create_app(
         batch_invariant,
     )
     srv.aliases = aliases
+    srv.rag = retrieval.open_indexes(rag_indexes or {}, str(pick_device(device)), embedder)
     srv.memory = memory and check_strategy(memory, "memory")
     srv.request_timeout = request_timeout
     srv.render = TemplateRenderer(slots=2, timeout=template_timeout)
@@ -205,12 +209,20 @@ def create_app(
 
     # --- the OpenAI API
 
+    def cards() -> list[dict]:  # the chat model, then the embedding model when there is one
+        if embedder is None:
+            return [model_card(srv)]
+        embed = {"id": Path(embedder.path).name, "object": "model", "created": srv.created}
+        return [model_card(srv), {**embed, "owned_by": "lmforge"}]
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
-        return {"object": "list", "data": [model_card(srv)]}
+        return {"object": "list", "data": cards()}
 
     @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
     async def model_info(name: str):
+        if embedder is not None and name == Path(embedder.path).name:
+            return cards()[1]
         srv.check_model(name)
         return model_card(srv)
 
@@ -238,11 +250,25 @@ def create_app(
         # is the start of the answer the parser reads); one call at most: stop at its end
         tools, force = request_tools(body), forced_tool_call(body)
         prefill = force.prefill if force else ""
+        if force and force.grammar:  # the call's grammar, not response_format's, holds it
+            params.grammar = force.grammar
         if tools and not body.parallel_tool_calls:
             params.stop = [*params.stop, TOOL_CALL_CLOSE]
 
+        rag, hits = None, []
+        if body.retrieval is not None:  # search off the event loop: it embeds the question
+            rag, hits = await asyncio.to_thread(retrieval.search, srv.rag, body.retrieval, messages)
+
         def render() -> list[int]:
-            return chat_prompt_ids(srv.tok, messages, tools) + srv.tok.encode(prefill)
+            def ids(msgs: list[dict]) -> list[int]:
+                return chat_prompt_ids(srv.tok, msgs, tools) + srv.tok.encode(prefill)
+
+            if rag is None:
+                return ids(messages)
+            n_ctx = srv.ready().cfg.max_seq_len  # the sources may take half the context at least
+            budget = n_ctx - min(params.max_tokens, n_ctx // 2)
+            hits[:] = retrieval.fit(ids, messages, hits, budget)
+            return ids(retrieval.ground(messages, hits))
 
         prompt_ids = await srv.render_prompt(render)
         fitted = srv.memory and await asyncio.to_thread(  # --memory: a too long conversation
@@ -254,6 +280,7 @@ def create_app(
             prompt_ids = await srv.render_prompt(render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         req, events = srv.submit(prompt_ids, params, rid, "messages")
+        extra = {"retrieval": retrieval.retrieval_field(rag, hits)} if rag else None
 
         def choice(text: str) -> dict:
             message, finish = {"role": "assistant", "content": text}, req.finish_reason
@@ -269,9 +296,14 @@ def create_app(
                 "finish_reason": finish,
             }
 
+        def answered(text: str) -> dict:  # the response's extra fields once the answer is known
+            return {"retrieval": retrieval.retrieval_field(rag, hits, text)} if rag else {}
+
         parser = ToolCallParser() if tools else None
-        chunks = functools.partial(chat_chunks, parser=parser, prefill=prefill)
-        out = await reply(http, srv, body, req, events, chunks, "chat.completion", choice)
+        chunks = functools.partial(
+            chat_chunks, parser=parser, prefill=prefill, first=extra, last=answered
+        )
+        out = await reply(http, srv, body, req, events, chunks, "chat.completion", choice, answered)
         if fitted:  # what became of the turns that fell out (docs/memory.md)
             out = out if isinstance(out, Response) else JSONResponse(out)
             out.headers["x-lmforge-memory"] = f"{srv.memory}; {fitted.describe()}"

@@ -183,6 +183,15 @@ def response_grammar(fmt: ResponseFormat | None) -> str | None:
         raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
 
 
+class RetrievalOption(Strict):
+    """`retrieval`, an lmforge extension (serve/retrieval.py): answer from an index's chunks."""
+
+    index: str  # a name given to --rag at start
+    k: int = Field(3, ge=1, le=20)  # chunks in the prompt, before fitting the context
+    min_bm25: float = 0.0  # the `rag query` thresholds
+    min_dense: float = 0.3
+
+
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
@@ -192,6 +201,7 @@ class ChatRequest(Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None  # json_object / json_schema: constrained
+    retrieval: RetrievalOption | None = None  # lmforge's: ground the answer in a --rag index
 
 
 class CompletionRequest(Sampling):

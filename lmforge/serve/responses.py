@@ -53,16 +53,19 @@ def model_card(srv: Server) -> dict:
 # --------------------------------------------------------------------------- whole responses
 
 
-async def reply(http, srv: Server, body, req, events, chunks: Callable, kind: str, choice):
+async def reply(
+    http, srv: Server, body, req, events, chunks: Callable, kind: str, choice, extra=None
+):
     """The response to a queued request: an SSE stream of `chunks`, or, once generation has
-    finished, one `kind` object whose choice is `choice(text)`."""
+    finished, one `kind` object whose choice is `choice(text)`, with the top-level fields
+    `extra(text)` adds (lmforge's extensions, e.g. retrieval's sources)."""
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(chunks(http, srv, req, events, usage))
     text = "".join([piece async for piece, _, _ in request_events(http, req, events)])
     if err := finish_error(req):
         raise err
-    return _response(req, req.id, kind, srv, choice(text))
+    return {**_response(req, req.id, kind, srv, choice(text)), **(extra(text) if extra else {})}
 
 
 def _usage(req) -> dict:
@@ -122,24 +125,35 @@ def _stream(chunks: AsyncIterator[str]) -> StreamingResponse:
 
 
 async def chat_chunks(
-    http, srv: Server, req, events, include_usage: bool, parser=None, prefill: str = ""
+    http,
+    srv: Server,
+    req,
+    events,
+    include_usage: bool,
+    parser=None,
+    prefill: str = "",
+    first: dict | None = None,
+    last: Callable | None = None,
 ):
     """The chat stream; with a ToolCallParser (the request has tools) the text goes through
-    it, `prefill` first (a forced call's opening), so calls arrive as `tool_calls` deltas."""
+    it, `prefill` first (a forced call's opening), so calls arrive as `tool_calls` deltas.
+    `first`: top-level fields of the first chunk; `last(text)`: those of the finish chunk."""
     created = int(time.time())
+    text = []
 
-    def chunk(delta: dict, finish=None, logprobs=None) -> str:
+    def chunk(delta: dict, finish=None, logprobs=None, extra=None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         obj = {"id": req.id, "object": "chat.completion.chunk", "created": created}
-        obj.update(model=srv.model_name, choices=[choice])
+        obj.update(model=srv.model_name, choices=[choice], **(extra or {}))
         return _sse({**obj, "usage": None} if include_usage else obj)
 
-    yield chunk({"role": "assistant", "content": ""})
+    yield chunk({"role": "assistant", "content": ""}, extra=first)
     parse = parser.feed if parser else lambda piece: [{"content": piece}] if piece else []
     for delta in parse(prefill):
         yield chunk(delta)
     seen = 0
     async for piece, _, n in request_events(http, req, events):
+        text.append(piece)
         for i, delta in enumerate(parse(piece)):  # logprobs go with the first delta they made
             yield chunk(delta, logprobs=None if i else chat_logprobs(srv.tok, req, seen, n))
             seen = n
@@ -148,7 +162,8 @@ async def chat_chunks(
     finish = req.finish_reason
     if parser and parser.calls and finish == "stop":
         finish = "tool_calls"
-    async for tail in _stream_end(req, srv, include_usage, chunk({}, finish)):
+    tail_fields = last("".join(text)) if last else None
+    async for tail in _stream_end(req, srv, include_usage, chunk({}, finish, extra=tail_fields)):
         yield tail
 
 

@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import ConfigError, DistConfig, ModelConfig, PretrainConfig, config_hash
+from lmforge.config import (
+    ConfigError,
+    DistConfig,
+    ModelConfig,
+    PretrainConfig,
+    config_hash,
+    model_family,
+)
 from lmforge.data.loader import (
     PackedLoader,
     ReplayLoader,
@@ -29,7 +36,7 @@ from lmforge.model.load import load
 from lmforge.model.transformer import GPT, flops_per_token, num_params
 from lmforge.perf import autocast, matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import dist
+from lmforge.train import dist, mlm
 from lmforge.train.checkpoint import resume_latest, save_final, save_step
 from lmforge.train.heldout import evaluate, val_row
 from lmforge.train.loop import fit
@@ -115,9 +122,27 @@ def run(
     """Train, evaluate, checkpoint. Returns a summary (also written to out_dir/summary.json).
     Under torchrun (dist.strategy ddp or fsdp, dist.tp) every rank calls this; rank 0 writes
     the files. With cfg.init_from, the model (architecture, weights, tokenizer) comes from that
-    directory and tokenizer_dir may be None."""
+    directory and tokenizer_dir may be None. The model family picks the objective (TRAINERS)."""
     args = (cfg, model_cfg, Path(data_dir), tokenizer_dir, Path(out_dir))
-    return dist.launch(dist_cfg, _train, *args)
+    return dist.launch(dist_cfg, TRAINERS[model_family(model_cfg)], *args)
+
+
+def _train_encoder(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, _, info) -> dict:
+    """Masked-LM pretraining of an encoder from scratch (train/mlm.py), on the same shards and
+    with the same data checks as the decoder's; the decoder-only options are refused by name."""
+    given = [k for k in ("init_from", "replay_fraction") if getattr(cfg, k)]
+    if given:
+        raise ConfigError(
+            f"pretrain.{', pretrain.'.join(given)}: not supported for an encoder (model.arch "
+            f"{model_cfg.arch}); masked-LM pretraining starts from scratch on one data folder"
+        )
+    if info.enabled:
+        raise ConfigError("masked-LM pretraining runs in one process: torchrun is for decoders")
+    manifest = read_json(data_dir / "manifest.json", "data manifest (run `lmforge prepare` first)")
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    model_cfg, mask = mlm.encoder_vocab(model_cfg, tokenizer)
+    check_tokens(data_dir, manifest, tokenizer, tokenizer_dir, model_cfg.vocab_size)
+    return mlm.train(cfg, model_cfg, mask, data_dir, tokenizer, out_dir, manifest, info)
 
 
 def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cfg, info) -> dict:
@@ -292,3 +317,8 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title="pretraining loss")
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+# model family -> its pretraining driver: next-token prediction for decoders, masked-LM for
+# encoders (both on fit, the one clock)
+TRAINERS = {"decoder": _train, "encoder": _train_encoder}

@@ -11,11 +11,17 @@ pytest.importorskip("llguidance", reason="constrained decoding needs the grammar
 pytest.importorskip("jsonschema", reason="outputs are validated with jsonschema")
 
 from lmforge.config import ConfigError  # noqa: E402
-from lmforge.infer.constrain import Constraint, check_json, json_grammar  # noqa: E402
+from lmforge.infer.constrain import (  # noqa: E402
+    Constraint,
+    check_json,
+    json_grammar,
+    tool_call_grammar,
+)
 from lmforge.infer.engine import Engine, SamplingParams  # noqa: E402
 from lmforge.infer.generate import generate, special_ids  # noqa: E402
+from lmforge.infer.toolcall import parse_tool_calls  # noqa: E402
 from lmforge.model.checkpoint import load_model  # noqa: E402
-from lmforge.tokenizer import Tokenizer  # noqa: E402
+from lmforge.tokenizer import TOOL_CALL_OPEN, Tokenizer  # noqa: E402
 
 
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
@@ -51,9 +57,10 @@ def micro(micro_pretrained):
     return load_model(model_dir), Tokenizer.load(model_dir)
 
 
-def _generate(model, tok, schema, seed):
-    constraint = Constraint(tok, json_grammar(schema), model.cfg.vocab_size, tok.stop_ids())
-    prompt = [tok.bos_id] + tok.encode("{")
+def _generate(model, tok, schema, seed, grammar=None, prefill="{"):
+    grammar = grammar or json_grammar(schema)
+    constraint = Constraint(tok, grammar, model.cfg.vocab_size, tok.stop_ids())
+    prompt = [tok.bos_id] + tok.encode(prefill)
     ids = list(
         generate(
             model,
@@ -140,6 +147,54 @@ def test_stop_token_is_allowed_only_after_the_json_closes(micro):
     constraint.advance(tok.encode("}")[0])
     allowed = (~constraint.banned()[0]).nonzero().flatten().tolist()
     assert constraint.finished and set(allowed) <= set(stops)
+
+
+def test_forced_tool_calls_parse_and_validate(micro):
+    """A call forced by name (the prefill ends at "arguments": ) and a call among three tools
+    (the model writes the name too), sampled at temperature 1 on made-up schemas: every answer
+    is one tool call whose name is a tool's and whose arguments validate against its schema."""
+    model, tok = micro
+    rng = random.Random(2)
+    close = ""  # the micro model's 64-token context has no room for the closing tag (SmolLM2's
+    # server test has it); the parser reads a call whose tag is cut off all the same
+    for n in range(8):
+        tools = {f"f{k}": random_schema(rng, depth=1) for k in range(3)}  # flat: 64-token context
+        one = {"f0": tools["f0"]}
+        cases = [
+            (one, True, f'{TOOL_CALL_OPEN}\n{{"name": "f0", "arguments": '),
+            (tools, False, f'{TOOL_CALL_OPEN}\n{{"name": "'),
+        ]
+        for schemas, named, prefill in cases:
+            grammar = tool_call_grammar(schemas, named, close)
+            ids, constraint = _generate(model, tok, None, n, grammar, prefill)
+            text = prefill + tok.decode(ids)
+            assert constraint.finished and text.endswith("}"), text
+            content, [call] = parse_tool_calls(text)
+            name = call["function"]["name"]
+            assert content is None and name in schemas, text
+            assert check_json(call["function"]["arguments"], schemas[name]) is None, text
+
+
+def test_the_call_grammar_ends_at_the_closing_tag(micro):
+    """With the real closing tag: the arguments, `}`, a newline and </tool_call> are the whole
+    rest of the call; then nothing (not even a stop token) may follow."""
+    model, tok = micro
+    schema = {"type": "object", "properties": {"k": {"type": "boolean"}}, "required": ["k"]}
+    grammar = tool_call_grammar({"f": schema}, True, "\n</tool_call>")
+    constraint = Constraint(tok, grammar, model.cfg.vocab_size, tok.stop_ids())
+    for t in tok.encode('{"k": true}}\n</tool_call'):
+        assert not constraint.banned()[0, t]
+        constraint.advance(t)
+    assert not constraint.finished
+    constraint.advance(tok.encode(">")[0])
+    assert constraint.finished
+
+
+def test_a_bad_tool_schema_is_a_clear_error():
+    with pytest.raises(ConfigError, match="objekt"):
+        tool_call_grammar({"f": {"type": "objekt"}}, True, "\n</tool_call>")
+    with pytest.raises(ConfigError, match="tool 'g'"):
+        tool_call_grammar({"g": [1]}, True, "\n</tool_call>")
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,14 @@ def test_openai_client_embeds_a_list_and_a_string(embed_server):
     np.testing.assert_allclose(one.data[0].embedding, ref[1], rtol=0, atol=1e-6)
 
 
+def test_models_lists_the_embedding_model_too(embed_server):
+    url, _ = embed_server
+    client = _client(url)
+    assert [m.id for m in client.models.list()] == ["micro", "all-minilm-l6-v2"]
+    assert client.models.retrieve("all-minilm-l6-v2").id == "all-minilm-l6-v2"
+    assert client.models.retrieve("micro").id == "micro"
+
+
 def test_base64_and_token_ids_over_plain_http(embed_server):
     url, embedder = embed_server
     ids = embedder.tokenize(TEXTS[:2])

@@ -15,6 +15,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from lmforge.infer.chat import chat_prompt_ids  # noqa: E402
+from lmforge.infer.constrain import check_json, has_llguidance  # noqa: E402
 from lmforge.infer.toolcall import ToolCallParser, parse_tool_calls  # noqa: E402
 from lmforge.model.load import load  # noqa: E402
 from lmforge.serve.app import create_app  # noqa: E402
@@ -46,6 +47,7 @@ WEATHER = {
     },
 }
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+BAD_SCHEMA = {"type": "function", "function": {"name": "bad", "parameters": {"type": "objekt"}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 CALLED = [
     *ASK,
@@ -214,7 +216,7 @@ def test_tool_choice_decides_what_is_rendered_and_prefilled():
     assert [t["function"]["name"] for t in request_tools(named)] == ["get_weather"]
     force = forced_tool_call(named)
     assert force.prefill == '<tool_call>\n{"name": "get_weather", "arguments": '
-    assert force.schema == WEATHER["function"]["parameters"]
+    assert force.name == "get_weather" and (force.grammar is not None) == has_llguidance()
     one = ChatRequest.model_validate(
         {"messages": ASK, "tools": [WEATHER], "tool_choice": "required"}
     )
@@ -293,6 +295,11 @@ def test_an_unsupported_field_is_a_400_naming_it(server, field):
         ({"messages": [{"role": "tool", "content": "18"}]}, "messages", "tool_call_id"),
         ({"messages": [{**CALLED[1], "role": "user"}]}, "messages", "only an assistant"),
         ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", "boolean"),
+        (
+            {"tools": [TIME, BAD_SCHEMA], "tool_choice": "required"},
+            "tools[1].function.parameters",
+            "objekt",
+        ),
     ],
 )
 def test_bad_tools_are_a_400_naming_the_field(server, change, param, words):
@@ -366,7 +373,10 @@ def test_smollm2_calls_a_tool_streamed_or_not_and_answers_its_result(smollm2_dir
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         [call] = choice.message.tool_calls
         assert call.id.startswith("call_") and call.function.name == "get_weather"
-        assert isinstance(json.loads(call.function.arguments), dict)
+        if has_llguidance():  # the grammar holds the arguments to the schema
+            assert check_json(call.function.arguments, WEATHER["function"]["parameters"]) is None
+        else:
+            assert isinstance(json.loads(call.function.arguments), dict)
         # streamed: OpenAI's deltas (index, id and name first, then argument fragments)
         stream = client.chat.completions.create(
             **ask, tool_choice="required", parallel_tool_calls=False, stream=True

@@ -10,6 +10,9 @@ model (itself pinned by the pretrain case).
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +44,8 @@ PINNED = {
     "grpo": ("loss", [-0.01588412366800185, -0.02085111290216446, -0.002721480504987994]),
     "distill": ("loss", [3.12752103805542, 3.126009702682495, 3.1255416870117188]),
     "prune": ("loss", [5.941220283508301, 6.0153350830078125, 5.978941440582275]),
+    # masked-LM pretraining of a micro encoder (model.arch bert), added after the migration
+    "pretrain_mlm": ("loss", [6.202660454644097, 6.253471374511719, 6.19586669921875]),
 }
 
 
@@ -69,6 +74,28 @@ def test_pretrain(micro_prepared, tmp_path):
     recipe, run_dir = micro_prepared
     pretrain.run(recipe.pretrain, recipe.model, run_dir / "data", run_dir / "tokenizer", tmp_path)
     _check("pretrain", tmp_path)
+
+
+def test_pretrain_mlm_through_the_cli(micro_recipe_path, micro_prepared, tmp_path):
+    """`lmforge pretrain` with an encoder config (the micro recipe's model as model.arch bert),
+    in a subprocess as a user runs it."""
+    _, run_dir = micro_prepared
+    encoder = dict(arch="bert", norm="layernorm", mlp="gelu", pos="learned", qkv_bias="true",
+                   bias="true")  # fmt: skip
+    cli = [sys.executable, "-m", "lmforge", "pretrain", "--config", str(micro_recipe_path)]
+    cli += ["--data-dir", str(run_dir / "data"), "--tokenizer-dir", str(run_dir / "tokenizer")]
+    cli += ["--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--max_steps", "3"]
+    cli += [
+        "--eval_every",
+        "0",
+        "--save_every",
+        "0",
+        *(f"--model.{k}={v}" for k, v in encoder.items()),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cli, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _check("pretrain_mlm", tmp_path / "pretrain")
 
 
 def test_sft(micro_pretrained, tmp_path):
