@@ -11,6 +11,8 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 
+MEMORY = ("drop", "summary", "retrieve")  # infer/memory.py's STRATEGIES (not imported at start-up)
+
 
 def _sampling(args) -> dict:
     """The sampling flags `generate` and `chat` share, as keyword arguments of `generate`."""
@@ -49,17 +51,23 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from lmforge.infer.chat import run_chat
+    from lmforge.infer.memory import make_memory, model_summariser
     from lmforge.model.load import load
     from lmforge.perf import pick_device
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.context is not None and args.context < 2:
+        raise ConfigError(f"--context must be >= 2 tokens, got {args.context}")
     model, tok = load(args.checkpoint, device=pick_device(args.device))
+    memory = make_memory(args.memory, model_summariser(model, tok))
     run_chat(
         model,
         tok,
         system=args.system,
         reserve=args.max_new_tokens,
+        memory=memory,
+        context=args.context,
         max_new_tokens=args.max_new_tokens,
         **_sampling(args),
     )
@@ -151,6 +159,7 @@ def cmd_serve(args, rest) -> int:
         request_timeout=args.request_timeout,
         embedding_model=args.embedding_model,
         rag_indexes=parse_specs(args.rag),
+        memory=args.memory,
     )
     return serve(
         app, args.host, args.port, max_connections=args.max_connections, log_level=args.log_level
@@ -276,9 +285,10 @@ def add_parsers(sub) -> None:
         "chat",
         help="chat with a model in the terminal (streaming, multi-turn)",
         description="Interactive chat using the model's chat template. The conversation is kept "
-        "within the context: when it outgrows it, the oldest turns are dropped (never the system "
-        "prompt) and you are told. A model without a chat template continues plain text instead. "
-        "Commands: /reset, /system TEXT, /save FILE, /help, /quit.",
+        "within the context: when it outgrows it, the oldest turns fall out (never the system "
+        "prompt) and you are told; --memory decides what becomes of them (by default they come "
+        "back as a note when a new message matches them). A model without a chat template "
+        "continues plain text instead. Commands: /reset, /system TEXT, /save FILE, /help, /quit.",
     )
     p.add_argument("checkpoint", help="model directory, or a LoRA adapter directory")
     p.add_argument("--system", default="", help="system prompt (default: none)")
@@ -295,6 +305,21 @@ def add_parsers(sub) -> None:
         help="> 1 discourages repeats (default: 1 = off)",
     )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument(
+        "--memory",
+        default="retrieve",
+        choices=MEMORY,
+        help="what becomes of the turns that fall out of the context: retrieve: the old turns "
+        "matching each new message come back as a note; summary: the model summarises them "
+        "into a note; drop: they are lost (default: retrieve, measured in docs/memory.md)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use at most N tokens of context, prompt and answer (default: the model's)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
 
     p = sub.add_parser(
@@ -444,6 +469,16 @@ def add_parsers(sub) -> None:
         help="an `lmforge rag index` folder a chat request may name as "
         '`"retrieval": {"index": NAME}` to be answered from its chunks, with the sources in '
         "the response (repeatable; the index's encoder is loaded at start)",
+    )
+    p.add_argument(
+        "--memory",
+        default=None,
+        choices=MEMORY,
+        help="a chat request too long for the context (its answer's room included): drop its "
+        "oldest turns; summary: the model summarises them (one more generation); retrieve: the "
+        "old turns matching the last user message come back as a note. The response's "
+        "x-lmforge-memory header says what happened (default: none: such a request is served "
+        "as before, a 400 context_length_exceeded when its prompt does not fit at all)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument(

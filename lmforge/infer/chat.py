@@ -3,7 +3,8 @@ interactive terminal chat (`lmforge chat`).
 
 The one idea: the conversation is kept as messages and re-rendered with the tokenizer's chat
 template every turn, so the prompt is exactly what SFT trained on. When it outgrows the context
-the oldest turns are dropped (never the system prompt) and the user is told.
+the oldest turns fall out (never the system prompt) and the user is told; a memory
+(infer/memory.py: `--memory summary|retrieve`) keeps them as a note instead of losing them.
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ def chat_prompt_ids(tok: Tokenizer, messages: list[dict], tools: list | None = N
 
 
 def fit_history(
-    tok: Tokenizer, messages: list[dict], max_prompt_tokens: int
+    tok: Tokenizer, messages: list[dict], max_prompt_tokens: int, tools: list | None = None
 ) -> tuple[list[dict], int]:
     """Drop the oldest non-system messages (a user turn with its reply) until the prompt fits.
     Returns the kept messages and how many were dropped. The system prompt and the newest user
-    message are never dropped; if those alone do not fit, that is an error."""
+    message are never dropped; if those alone do not fit, that is an error. `tools` are
+    rendered with the messages (they take room too)."""
     kept = list(messages)
     dropped = 0
-    while len(chat_prompt_ids(tok, kept)) > max_prompt_tokens:
+    while len(chat_prompt_ids(tok, kept, tools)) > max_prompt_tokens:
         first = 1 if kept and kept[0]["role"] == "system" else 0
         if len(kept) - first <= 1:
             raise ConfigError(
@@ -76,14 +78,19 @@ def run_chat(
     reserve: int = 128,
     read: Callable[[str], str] = input,
     write: Callable[[str], None] = lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+    memory=None,
+    context: int | None = None,
     **sampling,
 ) -> None:
     """The read-answer loop. With no chat template (a base model) each line is continued as
-    plain text instead. `reserve` tokens of the context are kept free for the answer."""
+    plain text instead. `reserve` tokens of the context are kept free for the answer.
+    `memory` (infer/memory.py's Memory; None = drop) decides what becomes of the turns that
+    fall out; `context` uses fewer tokens than the model's context (default: all of them)."""
     chat_mode = bool(tok.chat_template)
     system_msgs = [{"role": "system", "content": system}] if system else []
     history: list[dict] = []
-    budget = model.cfg.max_seq_len - min(reserve, model.cfg.max_seq_len // 2)
+    n_ctx = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    budget = n_ctx - min(reserve, n_ctx // 2)
     sampling["max_new_tokens"] = min(sampling.get("max_new_tokens", reserve), reserve)
     if not chat_mode:
         write("(no chat template: base model, plain completion mode)\n")
@@ -104,12 +111,14 @@ def run_chat(
             continue
         if text == "/reset":
             history = []
+            _forget(memory)
             write("(conversation cleared)\n")
             continue
         if text.startswith("/system"):
             system = text[len("/system") :].strip()
             system_msgs = [{"role": "system", "content": system}] if system else []
             history = []
+            _forget(memory)
             write(f"(system prompt {'set' if system else 'removed'}; conversation cleared)\n")
             continue
         if text.startswith("/save"):
@@ -130,12 +139,9 @@ def run_chat(
         try:
             if chat_mode:
                 history.append({"role": "user", "content": line})
-                kept, dropped = fit_history(tok, system_msgs + history, budget)
-                if dropped:
-                    history = kept[len(system_msgs) :]
-                    write(f"(context full: dropped the {dropped} oldest messages)\n")
+                prompt, history = _fit(tok, system_msgs, history, budget, memory, write)
                 write("assistant> ")
-                reply = "".join(_echo(answer(model, tok, kept, **sampling), write))
+                reply = "".join(_echo(answer(model, tok, prompt, **sampling), write))
                 history.append({"role": "assistant", "content": reply})
             else:
                 bos = [tok.bos_id] if tok.prepend_bos else []
@@ -149,6 +155,35 @@ def run_chat(
             write(f"(error: {e})\n")
             continue
         write("\n")
+
+
+FELL_OUT = {
+    "drop": "dropped the {n} oldest messages",
+    "summary": "summarised the {n} oldest messages into a note",
+    "retrieve": "set the {n} oldest messages aside for retrieval",
+}
+
+
+def _fit(tok, system_msgs, history, budget, memory, write) -> tuple[list[dict], list[dict]]:
+    """(the prompt's messages, the history still in the window), telling the user what fell
+    out. The history keeps only the window: what fell out lives on in the memory."""
+    if memory is None:
+        kept, dropped = fit_history(tok, system_msgs + history, budget)
+        if dropped:
+            write(f"(context full: {FELL_OUT['drop'].format(n=dropped)})\n")
+        return kept, kept[len(system_msgs) :]
+    fitted = memory.fit(tok, system_msgs + history, budget)
+    if fitted.dropped:
+        done = FELL_OUT.get(memory.name, FELL_OUT["drop"]).format(n=fitted.dropped)
+        write(f"(context full: {done})\n")
+    if fitted.retrieved:
+        write(f"(brought back earlier messages {', '.join(map(str, fitted.retrieved))})\n")
+    return fitted.messages, fitted.kept[len(system_msgs) :]
+
+
+def _forget(memory) -> None:
+    if memory is not None:
+        memory.reset()
 
 
 def save_conversation(messages: list[dict], dest: str | Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from lmforge.config import ConfigError
 from lmforge.infer.chat import chat_prompt_ids
 from lmforge.infer.embed import Embedder
+from lmforge.infer.memory import check_strategy, fit_request
 from lmforge.infer.toolcall import ToolCallParser, parse_tool_calls
 from lmforge.perf import pick_device
 from lmforge.serve import guards, retrieval
@@ -63,7 +64,7 @@ try:
     import uvicorn
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # the core install has no web stack
@@ -92,6 +93,7 @@ def create_app(
     template_timeout: float = 10.0,
     embedding_model=None,
     rag_indexes: dict[str, str] | None = None,
+    memory: str | None = None,
 ) -> FastAPI:
     """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
     pair, or a function returning one; it is loaded in the background at startup, and /health
@@ -103,7 +105,9 @@ def create_app(
     any); `request_timeout`: seconds for a request's body to arrive; `template_timeout`:
     seconds for the chat template to render. `embedding_model`: a directory (or an Embedder)
     that /v1/embeddings answers with; loaded here, so a bad one fails at start. `rag_indexes`:
-    {name: index dir} a request's `retrieval` may name (serve/retrieval.py), opened here too."""
+    {name: index dir} a request's `retrieval` may name (serve/retrieval.py), opened here too.
+    `memory`: drop, summary or retrieve, for a chat longer than the context (infer/memory.py;
+    None: no fitting, as before)."""
     if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
         raise ConfigError(
             "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
@@ -126,6 +130,7 @@ def create_app(
     )
     srv.aliases = aliases
     srv.rag = retrieval.open_indexes(rag_indexes or {}, str(pick_device(device)), embedder)
+    srv.memory = memory and check_strategy(memory, "memory")
     srv.request_timeout = request_timeout
     srv.render = TemplateRenderer(slots=2, timeout=template_timeout)
     srv.allowed_hosts_arg = allowed_hosts
@@ -266,6 +271,13 @@ def create_app(
             return ids(retrieval.ground(messages, hits))
 
         prompt_ids = await srv.render_prompt(render)
+        fitted = srv.memory and await asyncio.to_thread(  # --memory: a too long conversation
+            fit_request, srv.tok, srv.engine, messages, tools, len(prompt_ids), params.max_tokens,
+            srv.memory,
+        )  # fmt: skip
+        if fitted:  # rendered again, under the template guard
+            messages = fitted.messages
+            prompt_ids = await srv.render_prompt(render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         req, events = srv.submit(prompt_ids, params, rid, "messages")
         extra = {"retrieval": retrieval.retrieval_field(rag, hits)} if rag else None
@@ -291,9 +303,11 @@ def create_app(
         chunks = functools.partial(
             chat_chunks, parser=parser, prefill=prefill, first=extra, last=answered
         )
-        return await reply(
-            http, srv, body, req, events, chunks, "chat.completion", choice, answered
-        )
+        out = await reply(http, srv, body, req, events, chunks, "chat.completion", choice, answered)
+        if fitted:  # what became of the turns that fell out (docs/memory.md)
+            out = out if isinstance(out, Response) else JSONResponse(out)
+            out.headers["x-lmforge-memory"] = f"{srv.memory}; {fitted.describe()}"
+        return out
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(http: Request):

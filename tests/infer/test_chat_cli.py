@@ -89,7 +89,9 @@ def test_a_bad_save_path_is_reported_and_the_chat_goes_on(micro_pretrained, tmp_
 
 def test_chat_drops_old_turns_when_the_context_is_full(micro_pretrained, tmp_path):
     """The micro model has a 64-token context and 24 are kept for the answer."""
-    child = _spawn(micro_pretrained[1], "--max-new-tokens", 24, "--system", "Be kind.")
+    child = _spawn(
+        micro_pretrained[1], "--max-new-tokens", 24, "--system", "Be kind.", "--memory", "drop"
+    )
     dropped = False
     for i in range(4):
         child.sendline(f"hi {i}")
@@ -103,4 +105,18 @@ def test_chat_drops_old_turns_when_the_context_is_full(micro_pretrained, tmp_pat
     assert history[0] == {"role": "system", "content": "Be kind."}  # never dropped
     assert history[-2]["content"] == "hi 3"
     child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_chat_sets_old_turns_aside_for_retrieval_by_default(micro_pretrained):
+    """--memory retrieve is the default (docs/memory.md): the turns that fall out are kept."""
+    child = _spawn(micro_pretrained[1], "--max-new-tokens", 24, "--system", "Be kind.")
+    for i in range(4):
+        child.sendline(f"hi {i}")
+        k = child.expect([r"context full: set the \d+ oldest messages aside", "assistant> "])
+        child.expect("you> ")
+        if k == 0:
+            break
+    assert k == 0
+    child.sendline("/quit")
     child.expect(pexpect.EOF)
