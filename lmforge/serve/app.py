@@ -255,9 +255,11 @@ def create_app(
         if tools and not body.parallel_tool_calls:
             params.stop = [*params.stop, TOOL_CALL_CLOSE]
 
-        rag, hits = None, []
+        rag, found, hits = None, [], []  # hits: those of `found` the last render kept
         if body.retrieval is not None:  # search off the event loop: it embeds the question
-            rag, hits = await asyncio.to_thread(retrieval.search, srv.rag, body.retrieval, messages)
+            rag, found = await asyncio.to_thread(
+                retrieval.search, srv.rag, body.retrieval, messages
+            )
 
         def render() -> list[int]:
             def ids(msgs: list[dict]) -> list[int]:
@@ -267,7 +269,7 @@ def create_app(
                 return ids(messages)
             n_ctx = srv.ready().cfg.max_seq_len  # the sources may take half the context at least
             budget = n_ctx - min(params.max_tokens, n_ctx // 2)
-            hits[:] = retrieval.fit(ids, messages, hits, budget)
+            hits[:] = retrieval.fit(ids, messages, found, budget)  # again after --memory
             return ids(retrieval.ground(messages, hits))
 
         prompt_ids = await srv.render_prompt(render)
