@@ -201,10 +201,10 @@ def format_number(value: int | float) -> str:
 
 
 # What a call may write, enforced by the grammar of a forced call: numbers of at most 9 digits
-# joined by operators, so that a small model writes an expression rather than a sentence or an
+# joined by at most 8 operators, so that a small model writes an expression rather than a sentence or an
 # endless run of digits (both seen with SmolLM2-135M under a plain string schema).
-_NUM = r"\(*-?[0-9]{1,9}(\.[0-9]{1,6})?\)*"
-ARITHMETIC = {"pattern": rf"^{_NUM}( ?(\*\*|//|[-+*/%]) ?{_NUM}){{0,12}}$"}
+_NUM = r"\({0,3}-?[0-9]{1,9}(\.[0-9]{1,6})?\){0,3}"
+ARITHMETIC = {"pattern": rf"^{_NUM}( ?(\*\*|//|[-+*/%]) ?{_NUM}){{0,8}}$"}
 
 
 def calculator(expression: typing.Annotated[str, ARITHMETIC]) -> str:
