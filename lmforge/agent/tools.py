@@ -229,6 +229,12 @@ def calculator(expression: typing.Annotated[str, ARITHMETIC]) -> str:
 # --------------------------------------------------------------------------- python
 
 PYTHON_TIMEOUT_S = 5.0
+
+
+class ProgramError(RuntimeError):
+    """The program the python tool ran failed; the message is its traceback's tail."""
+
+
 MAX_OUTPUT = 2000  # characters of stdout the model reads back
 
 
@@ -249,10 +255,11 @@ def python(code: typing.Annotated[str, PROGRAM]) -> str:
 
     result = run_code(code, timeout_s=PYTHON_TIMEOUT_S)
     out = result.stdout_tail[-MAX_OUTPUT:]
+    # a failed program raises, so the transcript marks the call failed like any tool error
     if result.status == "timeout":
-        return f"error: the program ran past {PYTHON_TIMEOUT_S:g} s\n{out}".strip()
+        raise ProgramError(f"the program ran past {PYTHON_TIMEOUT_S:g} s\n{out}".strip())
     if not result.passed:
-        return f"error: {result.stderr_tail.strip()[-MAX_OUTPUT:]}\n{out}".strip()
+        raise ProgramError(f"{result.stderr_tail.strip()[-MAX_OUTPUT:]}\n{out}".strip())
     return out.strip() or "(the program printed nothing: print() the result)"
 
 
