@@ -166,9 +166,10 @@ def model_reply(model, tok, max_new_tokens: int = 256, **sampling) -> Reply:
             stream_text(model, tok, ids, stop=STOP, stop_ids=stops, max_new_tokens=n,
                         constraint=constraint, **sampling)
         )  # fmt: skip
+        info = {"prompt_tokens": len(ids), "new_tokens": len(tok.encode(text))}  # re-encoded
         if forced and TOOL_CALL_CLOSE not in text:
             text += f"\n{TOOL_CALL_CLOSE}"  # the grammar ends at the object's closing brace
-        return prefill + text, {"prompt_tokens": len(ids), "new_tokens": len(tok.encode(text))}
+        return prefill + text, info
 
     return reply
 
