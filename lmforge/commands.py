@@ -244,7 +244,8 @@ def cmd_agent(args) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), ensure_ascii=False))
     elif result.answer is None:
-        why = {"step_limit": f"within {args.max_steps} steps", "context": "within the context"}
+        steps = f"{args.max_steps} step{'s' * (args.max_steps != 1)}"
+        why = {"step_limit": f"within {steps}", "context": "within the context"}
         print(f"(no answer {why[result.stopped]}; see the transcript for the calls made)")
     else:
         print(result.answer)
