@@ -24,9 +24,10 @@ from lmforge.infer.toolcall import parse_tool_calls
 from lmforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 TOOL_CHOICES = ("auto", "required-first")
-# a model that starts writing a tool's response is making one up (the tool answers, not
-# the model; SmolLM2-135M loops on it): its turn ends there
-STOP = ("<tool_response>",)
+# a model that writes a tool's response tags is making one up (the tool answers, not the model;
+# SmolLM2-135M loops on the opening one and echoes a result followed by the closing one): its
+# turn ends there
+STOP = ("<tool_response>", "</tool_response>")
 MAX_RESULT = 2000  # characters of a tool's result the model reads back
 SYSTEM = (
     "You are a helpful assistant. Call a tool when it helps; when you know the answer, "
@@ -124,7 +125,7 @@ def run_agent(
         record = {"step": step, **message, "text": text, "forced": forced, "seconds": seconds}
         transcript.append({**record, **info})
         if not calls:
-            return AgentResult(content or "", step, "answer", transcript, messages)
+            return AgentResult((content or "").strip(), step, "answer", transcript, messages)
         for call in calls:
             t0 = time.perf_counter()
             result, failed = run_tool_call(call, by_name)
