@@ -274,7 +274,7 @@ def rag_tool(index: str | Path, k: int = 3) -> Tool:
         raise ConfigError(f"--index {index}: no such folder (build one with `lmforge rag index`)")
     opened = Index(index)
 
-    def search(query: str) -> str:
+    def search(query: typing.Annotated[str, {"maxLength": 200}]) -> str:
         """Search the document index and return the most relevant passages.
 
         Args:

@@ -93,8 +93,14 @@ def test_docstring_without_args_and_bad_signatures():
 
     with pytest.raises(TypeError, match="'x' needs a type hint"):
         function_schema(untyped)
+
+    def opaque(when: object) -> str:
+        return ""
+
     with pytest.raises(TypeError, match=r"\*args"):
         function_schema(star)
+    with pytest.raises(TypeError, match="cannot describe the type <class 'object'> as JSON"):
+        function_schema(opaque)
 
 
 def test_tool_call_checks_arguments():
@@ -188,6 +194,7 @@ def test_rag_tool_searches_an_index(tmp_path):
     build_index([docs], tmp_path / "idx", None, 50, 10)
     tool = rag_tool(tmp_path / "idx")
     assert tool.name == "search" and tool.parameters["required"] == ["query"]
+    assert tool.parameters["properties"]["query"]["maxLength"] == 200  # a forced call ends
     out = tool({"query": "Where was the ship Tern built?"})
     assert out.splitlines()[0] == "[1] ships: The cargo ship Tern was built in Gdynia in 1977."
     assert tool({"query": "zeppelin"}) == "no passage matches"
