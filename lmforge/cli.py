@@ -450,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                 "fetch",
                 "embed",
                 "rag",
+                "agent",
             )
             if args.command in cmds:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -473,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_embed(args)
         if args.command == "rag":
             return commands.cmd_rag(args)
+        if args.command == "agent":
+            return commands.cmd_agent(args)
         if args.command == "report":
             from lmforge.report import write_report
 

@@ -1,5 +1,5 @@
 """The commands that act on one model or model file: `generate`, `chat`, `export`, `import`,
-`serve`, `eval`, `fetch`, `embed` and `rag`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
+`serve`, `eval`, `fetch`, `embed`, `rag` and `agent`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
 code and raises ConfigError for bad input (printed by `cli.main` as one line).
 """
 
@@ -222,6 +222,45 @@ def cmd_rag(args) -> int:
     from lmforge.rag import run
 
     return getattr(run, f"cmd_{args.rag_command}")(args)
+
+
+def cmd_agent(args) -> int:
+    import json
+
+    from lmforge.agent.tools import build_tools
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {args.max_steps}")
+    names = [n.strip() for n in args.tools.split(",") if n.strip()] if args.tools else []
+    tools = build_tools(names, args.index, args.unsafe_exec)  # bad tools fail before the load
+    if args.transcript and Path(args.transcript).is_dir():
+        raise ConfigError(f"--transcript {args.transcript}: is a directory")
+    # torch only now: bad input above is reported without the import's seconds
+    from lmforge.agent.loop import model_reply, run_agent
+    from lmforge.model.load import load
+    from lmforge.perf import pick_device
+
+    model, tok = load(args.model, device=pick_device(args.device))
+    reply = model_reply(
+        model, tok, args.max_new_tokens, temperature=args.temperature, seed=args.seed
+    )
+    kwargs = {} if args.system is None else {"system": args.system}
+    result = run_agent(reply, args.question, tools, args.max_steps, args.tool_choice, **kwargs)
+    if args.transcript:
+        with open(args.transcript, "w", encoding="utf-8") as f:
+            for record in result.transcript:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False))
+    elif result.answer is None:
+        steps = f"{args.max_steps} step{'s' * (args.max_steps != 1)}"
+        why = {"step_limit": f"within {steps}", "context": "within the context"}
+        print(f"(no answer {why[result.stopped]}; see the transcript for the calls made)")
+    else:
+        print(result.answer)
+    return 0
 
 
 # --------------------------------------------------------------------------- parsers
@@ -572,6 +611,7 @@ def add_parsers(sub) -> None:
     )
 
     _add_rag_parser(sub)
+    _add_agent_parser(sub)
 
     from lmforge.fetch import MODELS
 
@@ -587,6 +627,45 @@ def add_parsers(sub) -> None:
     p.add_argument("name", help=f"model to fetch: {', '.join(MODELS)}")
     p.add_argument("--out", help="directory to import into (default: CACHE/models/NAME)")
     p.add_argument("--cache", help="cache folder (default: $LMFORGE_CACHE or ~/.cache/lmforge)")
+
+
+def _add_agent_parser(sub) -> None:
+    """`lmforge agent MODEL QUESTION` (lmforge/agent)."""
+    p = sub.add_parser(
+        "agent",
+        help="answer a question with a chat model that calls tools (calculator, python, rag)",
+        description="Run the tool-calling loop: each step renders the conversation with the "
+        "tools, generates, runs the calls it wrote and shows the model their results, until it "
+        "answers in text or the step limit is reached. See docs/agents.md.",
+    )
+    p.add_argument("model", help="chat model directory")
+    p.add_argument("question", help="the question or task")
+    p.add_argument(
+        "--tools",
+        default="calculator",
+        help="comma-separated: calculator, python, rag; empty for none (default: calculator)",
+    )
+    p.add_argument("--index", help="the `lmforge rag index` folder the rag tool searches")
+    p.add_argument("--max-steps", type=int, default=5, help="most generations (default: 5)")
+    p.add_argument(
+        "--tool-choice",
+        default="auto",
+        choices=["auto", "required-first"],
+        help="auto: the model decides; required-first: the first step must be a call, its "
+        "arguments constrained by the tool's schema (default: auto)",
+    )
+    p.add_argument("--transcript", help="write every message, call, result and timing (JSONL)")
+    p.add_argument("--json", action="store_true", help="print answer, steps and transcript")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per step (default: 256)")
+    p.add_argument("--system", help="system prompt (default: a short one about the tools)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument(
+        "--unsafe-exec",
+        action="store_true",
+        help="let the python tool run where the sandbox is below the medium level",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
 
 
 def _add_rag_parser(sub) -> None:
