@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from lmforge.agent.tools import Tool
 from lmforge.config import ConfigError
 from lmforge.infer.toolcall import parse_tool_calls
-from lmforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from lmforge.tokenizer import TOOL_CALL_CLOSE
 
 TOOL_CHOICES = ("auto", "required-first")
 # a model that writes a tool's response tags is making one up (the tool answers, not the model;
@@ -54,21 +54,6 @@ class AgentResult:
     def as_dict(self) -> dict:
         keys = ("answer", "steps", "stopped", "transcript")
         return {k: getattr(self, k) for k in keys}
-
-
-def call_schema(tools: list[Tool]) -> dict:
-    """The JSON schema of a whole call, `{"name": ..., "arguments": ...}`, to any of `tools`:
-    the name fixed per tool, so each tool's own arguments schema applies to its call."""
-    options = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
-    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 def run_tool_call(call: dict, tools: dict[str, Tool]) -> tuple[str, bool]:
@@ -176,19 +161,11 @@ def model_reply(model, tok, max_new_tokens: int = 256, **sampling) -> Reply:
 
 
 def _forced_call(tok, vocab_size: int, stops, tools: list[dict]):
-    """(prefill, constraint) that make the next text a call to one of `tools`."""
-    try:
-        from lmforge.infer.constrain import Constraint, json_grammar
+    """(prefill, constraint) that make the next text a call to one of `tools` (OpenAI entries):
+    the server's forced call (infer/toolcall.py:forced_call); no constraint without llguidance."""
+    from lmforge.infer.constrain import Constraint
+    from lmforge.infer.toolcall import forced_call
 
-        grammar = json_grammar(call_schema([_entry_tool(t) for t in tools]))
-        return f"{TOOL_CALL_OPEN}\n", Constraint(tok, grammar, vocab_size, stops)
-    except ConfigError:  # no llguidance (or a schema it cannot compile): prefill only
-        if len(tools) == 1:
-            name = json.dumps(tools[0]["function"]["name"])
-            return f'{TOOL_CALL_OPEN}\n{{"name": {name}, "arguments": ', None
-        return f'{TOOL_CALL_OPEN}\n{{"name": "', None
-
-
-def _entry_tool(entry: dict) -> Tool:
-    """A schema-only Tool for an OpenAI entry (call_schema reads names and parameters)."""
-    return Tool(entry["function"]["name"], lambda **kw: "", entry)
+    prefill, grammar = forced_call({t["function"]["name"]: t["function"].get("parameters")
+                                    for t in tools})  # fmt: skip
+    return prefill, Constraint(tok, grammar, vocab_size, stops) if grammar else None

@@ -15,7 +15,26 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from lmforge.infer.constrain import has_llguidance, tool_call_grammar
 from lmforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+
+def forced_call(schemas: dict[str, dict | None]) -> tuple[str, str | None]:
+    """(prefill, grammar) that make the next text a call to one of `schemas` (tool name ->
+    JSON schema of its arguments): the prefill opens the call, and names the tool when there is
+    one; the grammar holds the rest (the name, arguments valid for that tool, the closing tag).
+    The grammar is None without llguidance: the prefill alone still makes a call. A schema the
+    grammar compiler refuses raises ConfigError. Used by the server's tool_choice and the
+    agent's forced steps."""
+    name = next(iter(schemas)) if len(schemas) == 1 else None
+    if name is None:
+        prefill = f'{TOOL_CALL_OPEN}\n{{"name": "'
+    else:
+        prefill = f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(name)}, "arguments": '
+    if not has_llguidance():
+        return prefill, None
+    return prefill, tool_call_grammar(schemas, name is not None, f"\n{TOOL_CALL_CLOSE}")
+
 
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 

@@ -4,13 +4,12 @@ prefills. The text the model writes becomes `tool_calls` in infer/toolcall.py.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from lmforge.config import ConfigError
-from lmforge.infer.constrain import has_llguidance, json_grammar, tool_call_grammar
+from lmforge.infer.constrain import json_grammar
+from lmforge.infer.toolcall import forced_call
 from lmforge.serve.protocol import APIError, ChatRequest, NamedToolChoice
-from lmforge.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 
 def request_tools(body: ChatRequest) -> list[dict] | None:
@@ -40,34 +39,25 @@ def forced_tool_call(body: ChatRequest) -> ToolForce | None:
     """What `tool_choice` forces, or None when the model may answer in text (auto, none, no
     tools). `required` opens a call and lets the model pick the name among the tools (with one
     tool it names it); a named choice writes the name too. The arguments then follow the
-    tool's schema under a grammar. A schema the grammar compiler refuses is a 400 naming it."""
+    tool's schema under a grammar (infer/toolcall.py:forced_call). A schema the grammar
+    compiler refuses is a 400 naming it."""
     choice = body.tool_choice
     if not body.tools or choice in (None, "none", "auto"):
         return None
-    if choice == "required" and len(body.tools) > 1:
-        prefill, name = f'{TOOL_CALL_OPEN}\n{{"name": "', None
+    if choice == "required":  # with one tool, the only call there can be: it is named
         schemas = {t.function.name: t.function.parameters for t in body.tools}
-    else:  # a named choice, or "required" with one tool: the only call there can be
-        name = body.tools[0].function.name if choice == "required" else choice.function.name
-        tool = next(t for t in body.tools if t.function.name == name)
-        prefill = f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(name)}, "arguments": '
-        schemas = {name: tool.function.parameters}
-    return ToolForce(prefill=prefill, name=name, grammar=_call_grammar(body, schemas, name))
-
-
-def _call_grammar(body: ChatRequest, schemas: dict, name: str | None) -> str | None:
-    """The forced call's grammar, or None without llguidance (forcing worked before there
-    were grammars and still does, unconstrained)."""
-    if not has_llguidance():
-        return None
+    else:
+        tool = next(t for t in body.tools if t.function.name == choice.function.name)
+        schemas = {tool.function.name: tool.function.parameters}
     try:
-        return tool_call_grammar(schemas, name is not None, f"\n{TOOL_CALL_CLOSE}")
+        prefill, grammar = forced_call(schemas)
     except ConfigError as e:
         names = [t.function.name for t in body.tools]
         culprit = next((n for n in schemas if not _compiles(schemas[n])), None)
-        i = names.index(culprit) if culprit is not None else None
-        param = "tools" if i is None else f"tools[{i}].function.parameters"
+        param = "tools" if culprit is None else f"tools[{names.index(culprit)}].function.parameters"
         raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
+    name = next(iter(schemas)) if len(schemas) == 1 else None
+    return ToolForce(prefill=prefill, name=name, grammar=grammar)
 
 
 def _compiles(schema: dict | None) -> bool:

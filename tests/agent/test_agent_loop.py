@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lmforge.agent.loop import SYSTEM, call_schema, run_agent
+from lmforge.agent.loop import SYSTEM, run_agent
 from lmforge.agent.tools import Tool, calculator
 from lmforge.config import ConfigError
 from lmforge.tokenizer import tool_call_text
@@ -118,14 +118,14 @@ def test_bad_settings_are_errors():
         run_agent(Scripted("x"), "q", [CALC], tool_choice="always")
 
 
-def test_call_schema_compiles_to_a_grammar():
+def test_the_tools_compile_to_a_forced_call_grammar():
+    """A forced step is the server's forced call: with several tools the model writes the name
+    and the grammar holds each tool's own arguments; with one tool the prefill names it."""
     pytest.importorskip("llguidance", reason="constrained decoding needs llguidance")
-    from lmforge.infer.constrain import json_grammar
+    from lmforge.infer.toolcall import forced_call
 
-    schema = call_schema([CALC, Tool.of(explode)])
-    assert [o["properties"]["name"] for o in schema["anyOf"]] == [
-        {"const": "calculator"},
-        {"const": "explode"},
-    ]
-    assert call_schema([CALC])["properties"]["arguments"] == CALC.parameters
-    json_grammar(schema)
+    tools = {t.name: t.parameters for t in (CALC, Tool.of(explode))}
+    prefill, grammar = forced_call(tools)
+    assert prefill == '<tool_call>\n{"name": "' and grammar
+    prefill, grammar = forced_call({"calculator": CALC.parameters})
+    assert prefill == '<tool_call>\n{"name": "calculator", "arguments": ' and grammar
