@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from lmforge.config import ConfigError
+from lmforge.infer.untrusted import DEFENCES, Defence
 
 MEMORY = ("drop", "summary", "retrieve")  # infer/memory.py's STRATEGIES (not imported at start-up)
 
@@ -247,6 +248,7 @@ def cmd_agent(args) -> int:
         model, tok, args.max_new_tokens, temperature=args.temperature, seed=args.seed
     )
     kwargs = {} if args.system is None else {"system": args.system}
+    kwargs["defence"] = Defence.named(args.defence)
     result = run_agent(reply, args.question, tools, args.max_steps, args.tool_choice, **kwargs)
     if args.transcript:
         with open(args.transcript, "w", encoding="utf-8") as f:
@@ -654,6 +656,14 @@ def _add_agent_parser(sub) -> None:
         help="auto: the model decides; required-first: the first step must be a call, its "
         "arguments constrained by the tool's schema (default: auto)",
     )
+    p.add_argument(
+        "--defence",
+        default="both",
+        choices=DEFENCES,
+        help="untrusted text (retrieved chunks, tool results): detect holds back what the "
+        "injection rules flag, spotlight wraps it in data markers the system prompt "
+        "explains; both (default) does the two. See docs/injection.md",
+    )
     p.add_argument("--transcript", help="write every message, call, result and timing (JSONL)")
     p.add_argument("--json", action="store_true", help="print answer, steps and transcript")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per step (default: 256)")
@@ -698,6 +708,14 @@ def _add_rag_parser(sub) -> None:
         if name == "ask":
             p.add_argument("--model", required=True, help="chat model directory")
             p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit")
+            p.add_argument(
+                "--defence",
+                default="both",
+                choices=DEFENCES,
+                help="untrusted text (retrieved chunks, tool results): detect holds back what the "
+                "injection rules flag, spotlight wraps it in data markers the system prompt "
+                "explains; both (default) does the two. See docs/injection.md",
+            )
             p.add_argument(
                 "--device", default="auto", help="auto | cpu | cuda | mps (default: auto)"
             )

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from lmforge.agent.tools import Tool
 from lmforge.config import ConfigError
 from lmforge.infer.toolcall import parse_tool_calls
+from lmforge.infer.untrusted import NOTE, Defence
 from lmforge.tokenizer import TOOL_CALL_CLOSE
 
 TOOL_CHOICES = ("auto", "required-first")
@@ -81,14 +82,19 @@ def run_agent(
     max_steps: int = 5,
     tool_choice: str = "auto",
     system: str | None = SYSTEM,
+    defence: Defence = Defence(),
 ) -> AgentResult:
-    """Answer `question`, calling `tools` for at most `max_steps` generations."""
+    """Answer `question`, calling `tools` for at most `max_steps` generations. Tool results
+    are untrusted text: `defence` holds back those the injection rules flag and spotlights the
+    rest (infer/untrusted.py)."""
     if max_steps < 1:
         raise ConfigError(f"--max-steps must be >= 1, got {max_steps}")
     if tool_choice not in TOOL_CHOICES:
         raise ConfigError(f"--tool-choice must be one of {', '.join(TOOL_CHOICES)}")
     by_name = {t.name: t for t in tools}
     entries = [t.schema for t in tools]
+    if system and defence.spotlight:
+        system = f"{system} {NOTE}"
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": question}
     ]
@@ -114,6 +120,11 @@ def run_agent(
         for call in calls:
             t0 = time.perf_counter()
             result, failed = run_tool_call(call, by_name)
+            if rules := defence.flagged(result):
+                result = (
+                    f"(held back: the tool result looked like instructions: {', '.join(rules)})"
+                )
+            result = defence.wrap(result)
             messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
             transcript.append({
                 "step": step, "role": "tool", "tool_call_id": call["id"],

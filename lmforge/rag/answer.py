@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from lmforge.infer.untrusted import NOTE, Defence
 from lmforge.rag.search import Hit
 
 NO_ANSWER = "The documents do not contain the answer."
@@ -27,24 +28,37 @@ ABSTAIN = re.compile(
 )
 
 
-def build_messages(question: str, hits: list[Hit]) -> list[dict]:
-    """A chat: the instructions as the system message, the numbered sources and the question."""
+def build_messages(question: str, hits: list[Hit], defence: Defence = Defence()) -> list[dict]:
+    """A chat: the instructions as the system message, the numbered sources and the question.
+    The sources are untrusted text: with spotlighting each is wrapped in data markers, and the
+    system message says what they mean."""
     sources = "\n\n".join(
-        f"[{n}] {h.title}: {h.text}" if h.title else f"[{n}] {h.text}"
+        f"[{n}] {h.title}: {defence.wrap(h.text)}" if h.title else f"[{n}] {defence.wrap(h.text)}"
         for n, h in enumerate(hits, 1)
     )
     return [
-        {"role": "system", "content": SYSTEM},
+        {"role": "system", "content": f"{SYSTEM} {NOTE}" if defence.spotlight else SYSTEM},
         {"role": "user", "content": f"Sources:\n{sources}\n\nQuestion: {question}"},
     ]
 
 
-def ground(messages: list[dict], hits: list[Hit]) -> list[dict]:
+def hold_back(hits: list[Hit], defence: Defence) -> tuple[list[Hit], list[dict]]:
+    """(the hits to use, [{doc_id, start, end, rules}] of those the injection rules held back)."""
+    kept, held = [], []
+    for h in hits:
+        if rules := defence.flagged(h.text):
+            held.append({"doc_id": h.doc_id, "start": h.start, "end": h.end, "rules": rules})
+        else:
+            kept.append(h)
+    return kept, held
+
+
+def ground(messages: list[dict], hits: list[Hit], defence: Defence = Defence()) -> list[dict]:
     """A conversation grounded in `hits`: the last user message becomes the numbered sources and
     its question (`build_messages`' form), the rag instructions lead the system message (the
     conversation's own system prompt follows them), earlier turns stay as they were."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    system, grounded = build_messages(messages[last]["content"], hits)
+    system, grounded = build_messages(messages[last]["content"], hits, defence)
     own = [m["content"] for m in messages if m["role"] in ("system", "developer") and m["content"]]
     system = {**system, "content": "\n\n".join([system["content"], *own])}
     rest = [m for m in messages[:last] if m["role"] not in ("system", "developer")]
@@ -68,28 +82,39 @@ def abstains(answer: str) -> bool:
     return NO_ANSWER.lower().rstrip(".") in answer.lower() or bool(ABSTAIN.search(answer))
 
 
-def fit_hits(tok, question: str, hits: list[Hit], max_prompt_tokens: int) -> list[Hit]:
+def fit_hits(
+    tok, question: str, hits: list[Hit], max_prompt_tokens: int, defence: Defence = Defence()
+) -> list[Hit]:
     """The best-ranked hits whose prompt fits the context (the lowest-ranked dropped first)."""
     from lmforge.infer.chat import chat_prompt_ids
 
+    def size(hits):
+        return len(chat_prompt_ids(tok, build_messages(question, hits, defence)))
+
     hits = list(hits)
-    while hits and len(chat_prompt_ids(tok, build_messages(question, hits))) > max_prompt_tokens:
+    while hits and size(hits) > max_prompt_tokens:
         hits.pop()
     return hits
 
 
-def ask(model, tok, question: str, hits: list[Hit], max_new_tokens: int = 96) -> dict:
+def ask(
+    model, tok, question: str, hits: list[Hit], max_new_tokens: int = 96,
+    defence: Defence = Defence(),
+) -> dict:  # fmt: skip
     """The answer to `question` from the retrieved `hits`: {answer, model_answer (None when
-    nothing was retrieved), abstained, citations, unknown_citations, sources}; greedy decoding, so the same index and model always answer
-    alike."""
+    nothing was retrieved), abstained, citations, unknown_citations, sources, held_back};
+    greedy decoding, so the same index and model always answer alike. `defence`: retrieved text
+    is untrusted (hold_back, spotlighting)."""
     from lmforge.infer.chat import answer
 
+    hits, held = hold_back(hits, defence)
     if hits:
-        hits = fit_hits(tok, question, hits, model.cfg.max_seq_len - max_new_tokens)
+        hits = fit_hits(tok, question, hits, model.cfg.max_seq_len - max_new_tokens, defence)
     if not hits:
         return {"answer": NO_ANSWER, "model_answer": None, "abstained": True, "citations": [],
-                "unknown_citations": [], "sources": []}  # fmt: skip
-    text = "".join(answer(model, tok, build_messages(question, hits), max_new_tokens=max_new_tokens,
+                "unknown_citations": [], "sources": [], "held_back": held}  # fmt: skip
+    messages = build_messages(question, hits, defence)
+    text = "".join(answer(model, tok, messages, max_new_tokens=max_new_tokens,
                           temperature=0.0)).strip()  # fmt: skip
     cited, bad = citations(text, hits)
     abstained = abstains(text)
@@ -100,4 +125,5 @@ def ask(model, tok, question: str, hits: list[Hit], max_new_tokens: int = 96) ->
         "citations": [] if abstained else cited,
         "unknown_citations": bad,
         "sources": [h.as_dict() for h in hits],
+        "held_back": held,
     }

@@ -9,6 +9,7 @@ import numpy as np
 
 from lmforge.config import ConfigError
 from lmforge.infer.embed import Embedder
+from lmforge.infer.untrusted import Defence
 
 
 class NamedEmbedder:
@@ -79,11 +80,13 @@ def cmd_ask(args) -> int:
     hits = _search(args, load_embedder(args.encoder))
     # nothing retrieved: the answer is NO_ANSWER without loading the model
     model, tok = load(args.model, device=pick_device(args.device)) if hits else (None, None)
-    out = ask(model, tok, args.query, hits, args.max_new_tokens)
+    out = ask(model, tok, args.query, hits, args.max_new_tokens, Defence.named(args.defence))
     if args.json:
         print(json.dumps({"query": args.query, **out}, ensure_ascii=False))
         return 0
     print(out["answer"])
+    for h in out["held_back"]:
+        print(f"held back: {h['doc_id']} chars {h['start']}-{h['end']} ({', '.join(h['rules'])})")
     for c in out["citations"]:
         print(f"[{c['n']}] {c['doc_id']} ({c['title']}) chars {c['start']}-{c['end']}")
     return 0

@@ -28,6 +28,7 @@ from lmforge.infer.chat import chat_prompt_ids
 from lmforge.infer.embed import Embedder
 from lmforge.infer.memory import check_strategy, fit_request
 from lmforge.infer.toolcall import ToolCallParser, parse_tool_calls
+from lmforge.infer.untrusted import Defence
 from lmforge.perf import pick_device
 from lmforge.serve import guards, retrieval
 from lmforge.serve.embeddings import add_embedding_routes
@@ -255,9 +256,10 @@ def create_app(
         if tools and not body.parallel_tool_calls:
             params.stop = [*params.stop, TOOL_CALL_CLOSE]
 
-        rag, found, hits = None, [], []  # hits: those of `found` the last render kept
+        rag, found, hits, held = None, [], [], []  # hits: those of `found` the last render kept
+        defence = Defence.named(body.retrieval.defence) if body.retrieval else None
         if body.retrieval is not None:  # search off the event loop: it embeds the question
-            rag, found = await asyncio.to_thread(
+            rag, found, held = await asyncio.to_thread(
                 retrieval.search, srv.rag, body.retrieval, messages
             )
 
@@ -269,8 +271,8 @@ def create_app(
                 return ids(messages)
             n_ctx = srv.ready().cfg.max_seq_len  # the sources may take half the context at least
             budget = n_ctx - min(params.max_tokens, n_ctx // 2)
-            hits[:] = retrieval.fit(ids, messages, found, budget)  # again after --memory
-            return ids(retrieval.ground(messages, hits))
+            hits[:] = retrieval.fit(ids, messages, found, budget, defence)  # again after --memory
+            return ids(retrieval.ground(messages, hits, defence))
 
         prompt_ids = await srv.render_prompt(render)
         fitted = srv.memory and await asyncio.to_thread(  # --memory: a too long conversation
@@ -282,7 +284,7 @@ def create_app(
             prompt_ids = await srv.render_prompt(render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         req, events = srv.submit(prompt_ids, params, rid, "messages")
-        extra = {"retrieval": retrieval.retrieval_field(rag, hits)} if rag else None
+        extra = {"retrieval": retrieval.retrieval_field(rag, hits, held)} if rag else None
 
         def choice(text: str) -> dict:
             message, finish = {"role": "assistant", "content": text}, req.finish_reason
@@ -299,7 +301,7 @@ def create_app(
             }
 
         def answered(text: str) -> dict:  # the response's extra fields once the answer is known
-            return {"retrieval": retrieval.retrieval_field(rag, hits, text)} if rag else {}
+            return {"retrieval": retrieval.retrieval_field(rag, hits, held, text)} if rag else {}
 
         parser = ToolCallParser() if tools else None
         chunks = functools.partial(

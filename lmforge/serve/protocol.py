@@ -190,6 +190,8 @@ class RetrievalOption(Strict):
     k: int = Field(3, ge=1, le=20)  # chunks in the prompt, before fitting the context
     min_bm25: float = 0.0  # the `rag query` thresholds
     min_dense: float = 0.3
+    # untrusted text: rule detection holds chunks back, spotlighting marks the rest as data
+    defence: Literal["none", "detect", "spotlight", "both"] = "both"
 
 
 class ChatRequest(Sampling):

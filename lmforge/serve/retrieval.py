@@ -16,7 +16,8 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 from lmforge.infer.embed import Embedder
-from lmforge.rag.answer import abstains, citations, ground
+from lmforge.infer.untrusted import Defence
+from lmforge.rag.answer import abstains, citations, ground, hold_back
 from lmforge.rag.run import NamedEmbedder
 from lmforge.rag.search import Hit, Index
 from lmforge.serve.protocol import APIError, RetrievalOption
@@ -74,8 +75,9 @@ def _question(messages: list[dict]) -> str:
     return users[-1]["content"]
 
 
-def search(indexes: dict, option: RetrievalOption, messages: list[dict]) -> tuple[str, list[Hit]]:
-    """(the index name, its hits for the last user message)."""
+def search(indexes: dict, option: RetrievalOption, messages: list[dict]):
+    """(the index name, its hits for the last user message, those the injection rules held
+    back)."""
     rag = indexes.get(option.index)
     if rag is None:
         known = ", ".join(sorted(indexes)) or "none: start the server with --rag NAME=INDEX"
@@ -83,20 +85,22 @@ def search(indexes: dict, option: RetrievalOption, messages: list[dict]) -> tupl
                        param="retrieval.index", code="not_found")  # fmt: skip
     question = _question(messages)
     hits = rag.index.search(question, option.k, rag.embedder, option.min_bm25, option.min_dense)
-    return rag.name, hits
+    kept, held = hold_back(hits, Defence.named(option.defence))
+    return rag.name, kept, held
 
 
-def fit(render, messages: list[dict], hits: list[Hit], budget: int) -> list[Hit]:
+def fit(render, messages: list[dict], hits: list[Hit], budget: int, defence: Defence) -> list[Hit]:
     """The best-ranked hits whose grounded conversation renders within `budget` tokens."""
     hits = list(hits)
-    while hits and len(render(ground(messages, hits))) > budget:
+    while hits and len(render(ground(messages, hits, defence))) > budget:
         hits.pop()
     return hits
 
 
-def retrieval_field(name: str, hits: list[Hit], text: str | None = None) -> dict:
-    """The response's `retrieval`: the sources; with the answer's `text`, what it cites."""
-    out = {"index": name, "sources": [h.as_dict() for h in hits]}
+def retrieval_field(name: str, hits: list[Hit], held: list[dict], text: str | None = None) -> dict:
+    """The response's `retrieval`: the sources and those held back; with the answer's `text`,
+    what it cites."""
+    out = {"index": name, "sources": [h.as_dict() for h in hits], "held_back": held}
     if text is not None:
         out["abstained"] = abstains(text) or not hits
         out["citations"] = [] if out["abstained"] else citations(text, hits)[0]
