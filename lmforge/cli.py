@@ -15,7 +15,7 @@ import sys
 import typing
 from pathlib import Path
 
-from lmforge import commands, pipeline
+from lmforge import audit, commands, pipeline
 from lmforge.config import (
     OLD_SECTIONS,
     PRETRAIN_ONLY,
@@ -209,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
             _add_section_options(p, "dist", prefix="dist.")
 
     commands.add_parsers(sub)
+    audit.add_parser(sub)
 
     p = sub.add_parser("report", help="(re)write REPORT.md for a run directory")
     p.add_argument("run_dir", help="run directory")
@@ -476,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_rag(args)
         if args.command == "agent":
             return commands.cmd_agent(args)
+        if args.command == "scan-sft":
+            return audit.cmd_scan_sft(args)
         if args.command == "report":
             from lmforge.report import write_report
 
