@@ -10,6 +10,7 @@ exact deduplication misses (its key is the letters and digits) and MinHash near 
 catches. Three runs of the same chain (`lmforge clean` -> tokenizer -> prepare -> pretrain),
 same seed and steps: no cleaning, `exact_dedup`, `exact_dedup near_dedup`. For each run and
 canary: the copies left in the training split, and the exposure (lmforge/safety/canary.py).
+The table goes in docs/privacy.md (about 12 minutes on 2 shared cores).
 
     OMP_NUM_THREADS=1 python benchmarks/canary.py --out runs/canary
 """
@@ -133,9 +134,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/canary")
     ap.add_argument("--counts", default="1,4,16,64")
-    ap.add_argument("--per-count", type=int, default=2)
+    ap.add_argument("--per-count", type=int, default=3)
     ap.add_argument("--digits", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=400, help="pretraining steps per run")
+    ap.add_argument("--steps", type=int, default=500, help="pretraining steps per run")
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
