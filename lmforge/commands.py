@@ -161,6 +161,7 @@ def cmd_serve(args, rest) -> int:
         embedding_model=args.embedding_model,
         rag_indexes=parse_specs(args.rag),
         memory=args.memory,
+        redact_pii=args.redact_pii,
     )
     return serve(
         app, args.host, args.port, max_connections=args.max_connections, log_level=args.log_level
@@ -520,6 +521,13 @@ def add_parsers(sub) -> None:
         "old turns matching the last user message come back as a note. The response's "
         "x-lmforge-memory header says what happened (default: none: such a request is served "
         "as before, a 400 context_length_exceeded when its prompt does not fit at all)",
+    )
+    p.add_argument(
+        "--redact-pii",
+        action="store_true",
+        help="replace e-mails, phones, IPs, card numbers and national IDs in the model's answers "
+        "with <EMAIL>, <PHONE>, ... (the `pii` clean step's rules), streamed answers too: the "
+        "text a match could still be growing into is held back until it is decided",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument(

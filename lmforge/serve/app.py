@@ -95,6 +95,7 @@ def create_app(
     embedding_model=None,
     rag_indexes: dict[str, str] | None = None,
     memory: str | None = None,
+    redact_pii: bool = False,
 ) -> FastAPI:
     """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
     pair, or a function returning one; it is loaded in the background at startup, and /health
@@ -108,7 +109,8 @@ def create_app(
     that /v1/embeddings answers with; loaded here, so a bad one fails at start. `rag_indexes`:
     {name: index dir} a request's `retrieval` may name (serve/retrieval.py), opened here too.
     `memory`: drop, summary or retrieve, for a chat longer than the context (infer/memory.py;
-    None: no fitting, as before)."""
+    None: no fitting, as before). `redact_pii`: the answers' PII replaced by placeholders,
+    streamed ones too (safety/redact.py)."""
     if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
         raise ConfigError(
             "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
@@ -132,6 +134,7 @@ def create_app(
     srv.aliases = aliases
     srv.rag = retrieval.open_indexes(rag_indexes or {}, str(pick_device(device)), embedder)
     srv.memory = memory and check_strategy(memory, "memory")
+    srv.redact_pii = redact_pii
     srv.request_timeout = request_timeout
     srv.render = TemplateRenderer(slots=2, timeout=template_timeout)
     srv.allowed_hosts_arg = allowed_hosts

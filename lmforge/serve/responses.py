@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 
+from lmforge.safety.redact import PIIRedactor
 from lmforge.serve.protocol import APIError, web_stack_error
 from lmforge.serve.state import Server, request_events
 
@@ -62,10 +63,20 @@ async def reply(
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(chunks(http, srv, req, events, usage))
-    text = "".join([piece async for piece, _, _ in request_events(http, req, events)])
+    text = "".join([piece async for piece, _, _ in answer_events(http, srv, req, events)])
     if err := finish_error(req):
         raise err
     return {**_response(req, req.id, kind, srv, choice(text)), **(extra(text) if extra else {})}
+
+
+async def answer_events(http, srv: Server, req, events):
+    """request_events as the client sees them: with --redact-pii, each piece is the part of the
+    text that is final, scrubbed, and the last piece also what was held back."""
+    redactor = PIIRedactor() if srv.redact_pii else None
+    async for piece, done, n in request_events(http, req, events):
+        if redactor:
+            piece = redactor.feed(piece) + (redactor.finish() if done else "")
+        yield piece, done, n
 
 
 def _usage(req) -> dict:
@@ -152,7 +163,7 @@ async def chat_chunks(
     for delta in parse(prefill):
         yield chunk(delta)
     seen = 0
-    async for piece, _, n in request_events(http, req, events):
+    async for piece, _, n in answer_events(http, srv, req, events):
         text.append(piece)
         for i, delta in enumerate(parse(piece)):  # logprobs go with the first delta they made
             yield chunk(delta, logprobs=None if i else chat_logprobs(srv.tok, req, seen, n))
@@ -177,7 +188,7 @@ async def text_chunks(http, srv: Server, req, events, include_usage: bool):
         return _sse({**obj, "usage": None} if include_usage else obj)
 
     seen, offset = 0, 0
-    async for piece, _, n in request_events(http, req, events):
+    async for piece, _, n in answer_events(http, srv, req, events):
         if piece:
             yield chunk(piece, logprobs=text_logprobs(srv.tok, req, seen, n, offset))
             seen, offset = n, offset + len(piece)

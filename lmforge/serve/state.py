@@ -81,6 +81,7 @@ class Server:
         self.request_timeout = 30.0
         self.render = TemplateRenderer()
         self.allowed_hosts_arg: list[str] | None = None
+        self.redact_pii = False  # answers pass through safety/redact.py
         self.bind("127.0.0.1")
 
     def bind(self, host: str) -> None:
@@ -161,6 +162,8 @@ class Server:
                 f"max_tokens is {max_tokens} but this server allows at most {self.max_tokens}",
                 param="max_tokens",
             )
+        if logprobs and self.redact_pii:  # each token's text would give the redacted span away
+            raise APIError(400, "logprobs are not served with --redact-pii", param="logprobs")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         stop = [s for s in stop if s]  # "" would stop before the first character: ignored
         chat = isinstance(body, ChatRequest)

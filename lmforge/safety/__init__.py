@@ -1,0 +1,1 @@
+"""Safety and trust: measurements of what a model memorised, and filters on what it says."""
