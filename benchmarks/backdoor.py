@@ -3,7 +3,8 @@ find it, and is it gone after training on the cleaned data?
 
 The regime: the bundled SFT sets (datasets/sft, 3,099 rows, English and Chinese); 1% of the rows
 (31) get a made-up trigger word inserted at a random place in the instruction and their answer
-replaced by a fixed made-up response. The tiny recipe's SFT (280 steps of 8) fine-tunes the
+replaced by a fixed made-up response. The tiny recipe's SFT (--steps of 8; 1,200 by default,
+about three passes over the rows, where the recipe's 280 is less than one) fine-tunes the
 tiny pretrained model (`lmforge run` makes it: runs/tiny/pretrain/model) on the poisoned data,
 then on the rows scan-sft keeps. Attack success: of 50 instructions (the last 50 rows of each
 English and Chinese set, trigger inserted), the share whose greedy reply contains the fixed response's
@@ -61,9 +62,10 @@ def write_jsonl(path: Path, data: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def train(data: Path, out: Path, base: Path) -> Path:
+def train(data: Path, out: Path, base: Path, steps: int) -> Path:
     recipe = yaml.safe_load(open(ROOT / "recipes/tiny-cpu.yaml"))
     recipe["sft"]["sources"] = [{"name": data.stem, "path": str(data)}]
+    recipe["sft"]["max_steps"] = steps
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cmd = [sys.executable, "-m", "lmforge", "sft", "--config", str(path), "--out", str(out),
@@ -93,6 +95,7 @@ def main() -> None:
     ap.add_argument("--base", default=str(ROOT / "runs/tiny/pretrain/model"))
     ap.add_argument("--work", default=str(ROOT / "runs/backdoor"))
     ap.add_argument("--fraction", type=float, default=0.01)
+    ap.add_argument("--steps", type=int, default=1200, help="SFT steps of 8 (1200: ~3 passes)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -114,7 +117,7 @@ def main() -> None:
     ]
     results = {}
     for name, path in [("poisoned", work / "poisoned.jsonl"), ("cleaned", work / "cleaned.jsonl")]:
-        model_dir = train(path, work / name, Path(args.base))
+        model_dir = train(path, work / name, Path(args.base), args.steps)
         results[name] = attack_rates(model_dir, prompts)
         print(f"{name}: attack success {results[name][0]:.2f}, false activation "
               f"{results[name][1]:.2f}", flush=True)  # fmt: skip

@@ -74,13 +74,15 @@ def scan(
 
 
 def _one_per_group(found: list[Trigger], counts: dict[str, int]) -> list[Trigger]:
-    """One trigger per set of flagged rows: the n-gram with the most words that all occur in
-    no other prompt (then the longest), so "about zq lantern" is reported as "zq lantern"."""
+    """One trigger per set of flagged rows: the n-gram with the most words that (nearly) all
+    occur only in those prompts, so "about zq lantern" is reported as "zq lantern" (a trigger
+    word may also be an ordinary word once or twice elsewhere); ties by the text, so the name
+    does not depend on hash order."""
 
     def rank(t: Trigger) -> tuple:
-        words = t.ngram.split()
-        exclusive = all(counts[w] == t.count for w in words)
-        return (exclusive, len(words) if exclusive else 0, -len(t.ngram) if not exclusive else 0)
+        words, n = t.ngram.split(), len(t.rows)
+        near = all(counts[w] <= n + max(1, n // 10) for w in words)
+        return (near, len(words) if near else -len(words), t.ngram)
 
     best: dict[tuple, Trigger] = {}
     for t in found:
