@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 "embed",
                 "rag",
                 "agent",
+                "moderate",
             )
             if args.command in cmds:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -476,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_rag(args)
         if args.command == "agent":
             return commands.cmd_agent(args)
+        if args.command == "moderate":
+            return commands.cmd_moderate(args)
         if args.command == "report":
             from lmforge.report import write_report
 

@@ -1,0 +1,1 @@
+"""Safety tools: `moderation` flags harmful requests and offensive text (`lmforge moderate`)."""
