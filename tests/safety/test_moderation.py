@@ -91,6 +91,7 @@ def trained(micro_pretrained, tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.slow  # the micro model is pretrained first (~15 s, shared by the session)
 def test_the_head_learns_the_made_up_set_and_reloads_the_same(trained):
     out, summary, _ = trained
     assert summary["step"] == 300
@@ -100,12 +101,14 @@ def test_the_head_learns_the_made_up_set_and_reloads_the_same(trained):
     mod = m.Moderator(out)
     texts = [t for t, _, _ in MADE_UP]
     results = mod.moderate(texts)
-    flagged = [r["flagged"] for r in results]
-    # the micro encoder is nearly random: the head memorises its training texts
+    # the micro encoder is nearly random: the head memorises its training texts (their scores
+    # are on the right side of 0.5; the threshold was picked on the few made-up val texts)
     train_texts = {e.text for e in _examples() if m.split_of(e.text) == "train"}
-    for (t, f, _), got in zip(MADE_UP, flagged, strict=True):
+    assert len(train_texts) >= 8
+    for (t, f, _), got in zip(MADE_UP, results, strict=True):
+        assert got["flagged"] == (got["score"] >= saved["threshold"])
         if t in train_texts:
-            assert got == bool(f), t
+            assert (got["score"] >= 0.5) == bool(f), t
     again = m.Moderator(out).moderate(texts)
     assert [r["score"] for r in again] == [r["score"] for r in results]
     assert set(results[0]) == {"flagged", "score", "categories", "category_scores"}
