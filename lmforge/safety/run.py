@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
         "--encoder",
         help="train: encoder directory or fetched name (default: smollm2-135m-instruct)",
     )
-    p.add_argument("--steps", type=int, help="train: optimizer steps (default: 600)")
+    p.add_argument("--steps", type=int, help="train: optimizer steps (default: 3000)")
 
 
 def read_texts(path: str | Path) -> list[str]:
