@@ -452,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 "embed",
                 "rag",
                 "agent",
+                "moderate",
             )
             if args.command in cmds:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -479,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_agent(args)
         if args.command == "scan-sft":
             return audit.cmd_scan_sft(args)
+        if args.command == "moderate":
+            return commands.cmd_moderate(args)
         if args.command == "report":
             from lmforge.report import write_report
 

@@ -1,5 +1,5 @@
 """The commands that act on one model or model file: `generate`, `chat`, `export`, `import`,
-`serve`, `eval`, `fetch`, `embed`, `rag` and `agent`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
+`serve`, `eval`, `fetch`, `embed`, `rag`, `agent` and `moderate`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
 code and raises ConfigError for bad input (printed by `cli.main` as one line).
 """
 
@@ -218,6 +218,12 @@ def cmd_embed(args) -> int:
         f"{len(texts)} vectors of {embedder.dim} ({embedder.pooling} pooling) -> {npy}, {id_file}"
     )
     return 0
+
+
+def cmd_moderate(args) -> int:
+    from lmforge.safety.run import cmd_moderate
+
+    return cmd_moderate(args)
 
 
 def cmd_rag(args) -> int:
@@ -621,6 +627,9 @@ def add_parsers(sub) -> None:
     )
 
     _add_rag_parser(sub)
+    from lmforge.safety.run import add_parser as add_moderate_parser
+
+    add_moderate_parser(sub)
     _add_agent_parser(sub)
 
     from lmforge.fetch import MODELS

@@ -1,0 +1,117 @@
+"""`lmforge moderate`: train the moderation head, or flag texts with a trained one.
+
+`lmforge moderate train --out DIR` trains (safety/moderation.py); `lmforge moderate DIR TEXT`
+or `--file F.jsonl` flags texts. The parser is built here without importing torch, so
+`lmforge --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmforge.config import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "moderate",
+        help="flag harmful requests / offensive text (en, zh); `moderate train` trains the head",
+        description="`lmforge moderate train --out DIR` trains a moderation head on a frozen "
+        "encoder's sentence vectors (bundled data: datasets/safety). `lmforge moderate DIR TEXT` "
+        'or `--file F.jsonl` (rows with "text") prints per text flagged, score and categories. '
+        "See docs/safety.md.",
+    )
+    p.add_argument("model", help="`train`, or a moderation model directory made by it")
+    p.add_argument("text", nargs="?", help="the text to check (or --file)")
+    p.add_argument("--file", help='JSONL file, one object with a "text" field per line')
+    p.add_argument("--json", action="store_true", help="print one JSON object per text")
+    p.add_argument("--out", help="train: the output directory")
+    p.add_argument(
+        "--encoder",
+        help="train: encoder directory or fetched name (default: smollm2-135m-instruct)",
+    )
+    p.add_argument("--steps", type=int, help="train: optimizer steps (default: 3000)")
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The "text" of every non-blank line; a bad line is an error naming file:line."""
+    from lmforge.safety.moderation import check_text
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--file {path}: no such file")
+    texts = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            text = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                raise ConfigError(f'{path}:{n}: no string field "text"')
+            texts.append(check_text(text, f"{path}:{n}"))
+    if not texts:
+        raise ConfigError(f"{path}: no rows")
+    return texts
+
+
+def cmd_moderate(args) -> int:
+    if args.model == "train":
+        return _train(args)
+    if args.text is not None and args.file:
+        raise ConfigError("give a TEXT or --file, not both")
+    if args.text is None and not args.file:
+        raise ConfigError("nothing to check: give a TEXT or --file F.jsonl")
+    from lmforge.safety.moderation import check_text
+
+    texts = read_texts(args.file) if args.file else [check_text(args.text)]
+    from lmforge.safety.moderation import Moderator  # torch only after the input is checked
+
+    results = Moderator(args.model).moderate(texts)
+    for r in results:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False))
+        else:
+            cats = ",".join(r["categories"]) or "-"
+            print(f"{'FLAGGED' if r['flagged'] else 'ok'}\t{r['score']:.3f}\t{cats}")
+    return 0
+
+
+def _train(args) -> int:
+    if not args.out:
+        raise ConfigError("moderate train needs --out DIR")
+    if args.text or args.file:
+        raise ConfigError("moderate train takes no TEXT or --file (the data is bundled)")
+    from lmforge.safety.moderation import config_from, train
+
+    cfg = config_from(args.steps, args.encoder)
+    summary = train(cfg, args.out)
+    rep = summary["report"]
+    print(f"moderation head -> {args.out} (threshold {rep['threshold']}, picked on val)")
+    print(format_report(rep))
+    return 0
+
+
+def format_report(rep: dict) -> str:
+    """The held-out and XSTest figures as a Markdown table."""
+    lines = [
+        "| scorer | en P | en R | en F1 | zh P | zh R | zh F1 | XSTest safe flagged | XSTest unsafe flagged |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ("classifier", "wordlist"):
+        r = rep[name]
+        cells = [
+            f"{r[lang][k]:.3f}" for lang in ("en", "zh") for k in ("precision", "recall", "f1")
+        ]
+        cells += [f"{r['xstest_safe_flagged']:.3f}", f"{r['xstest_unsafe_flagged']:.3f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    n = rep["n"]
+    lines.append(
+        f"n: held-out en {n['heldout_en']}, zh {n['heldout_zh']}; XSTest safe "
+        f"{n['xstest_safe']}, unsafe {n['xstest_unsafe']}"
+    )
+    return "\n".join(lines)
