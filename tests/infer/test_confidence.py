@@ -120,3 +120,22 @@ def test_answer_with_confidence_micro(micro_pretrained):
     assert same == text and sc["samples"] == 3 and sc["score"] in (0, 1 / 3, 2 / 3, 1)
     with pytest.raises(ConfigError, match="unknown"):
         answer_with_confidence(model, tok, ids, "vibes")
+
+
+def test_generate_cli_prints_the_confidence(micro_pretrained):
+    import json
+    import subprocess
+    import sys
+
+    def run(*args):
+        cmd = [sys.executable, "-m", "lmforge", "generate", str(micro_pretrained[1]), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    r = run("--prompt", "Once upon a time", "--max-new-tokens", "5", "--confidence", "logprob")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time")
+    conf = json.loads(r.stderr.strip().splitlines()[-1])["confidence"]
+    assert conf["method"] == "logprob" and 0 < conf["score"] <= 1
+    r = run("--prompt", "Hi", "--confidence", "self_consistency", "--samples", "0")
+    assert r.returncode != 0 and "--samples must be >= 1, got 0" in r.stderr
+    assert "Traceback" not in r.stderr
