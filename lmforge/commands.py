@@ -34,6 +34,8 @@ def cmd_generate(args) -> int:
     ids = fit_prompt(
         bos + tok.encode(args.prompt), model.cfg.max_seq_len, args.max_new_tokens, args.truncate
     )
+    if args.confidence:
+        return _generate_with_confidence(args, model, tok, ids)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     for piece in stream_text(
@@ -47,6 +49,26 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _generate_with_confidence(args, model, tok, ids) -> int:
+    """`generate --confidence`: the greedy continuation, then its confidence as one JSON line
+    on stderr; self-consistency samples at --temperature (0.7 when that is 0)."""
+    import json
+
+    from lmforge.infer.confidence import answer_with_confidence
+
+    if args.stop:
+        raise ConfigError("--confidence does not take --stop (the answer ends at EOS)")
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    text, conf = answer_with_confidence(
+        model, tok, ids, args.confidence, k=args.samples, max_new_tokens=args.max_new_tokens,
+        sample_temperature=args.temperature or 0.7, seed=args.seed or 0,
+    )  # fmt: skip
+    print(args.prompt + text)
+    print(json.dumps({"confidence": conf}), file=sys.stderr)
     return 0
 
 
@@ -328,6 +350,14 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    p.add_argument(
+        "--confidence",
+        choices=("logprob", "self_consistency"),
+        help="answer greedily and print its confidence to stderr as JSON (docs/hallucination.md)",
+    )
+    p.add_argument(
+        "--samples", type=int, default=5, help="k answers sampled for self_consistency (default: 5)"
+    )
 
     p = sub.add_parser(
         "chat",

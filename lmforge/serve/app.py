@@ -30,7 +30,7 @@ from lmforge.infer.memory import check_strategy, fit_request
 from lmforge.infer.toolcall import ToolCallParser, parse_tool_calls
 from lmforge.infer.untrusted import Defence
 from lmforge.perf import pick_device
-from lmforge.serve import guards, retrieval
+from lmforge.serve import confidence, guards, retrieval
 from lmforge.serve.embeddings import add_embedding_routes
 from lmforge.serve.guards import HostCheck, TemplateRenderer
 from lmforge.serve.protocol import (
@@ -246,8 +246,9 @@ def create_app(
         body = validate(ChatRequest, obj)
         refuse_not_implemented(obj, CHAT_NOT_IMPLEMENTED)
         check_tool_choice(body)
+        confidence.check(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = srv.params(body, max_tokens, body.logprobs)
+        params = srv.params(body, max_tokens, confidence.wants_logprobs(body))
         params.grammar = response_grammar(body.response_format)
         messages = [plain_message(m) for m in body.messages]
         # tools: rendered unless tool_choice is "none"; a forced call is prefilled (its text
@@ -287,6 +288,7 @@ def create_app(
             prompt_ids = await srv.render_prompt(render)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         req, events = srv.submit(prompt_ids, params, rid, "messages")
+        samples = confidence.submit_samples(srv, body, prompt_ids, params, req)
         extra = {"retrieval": retrieval.retrieval_field(rag, hits, held)} if rag else None
 
         def choice(text: str) -> dict:
@@ -299,18 +301,29 @@ def create_app(
             return {
                 "index": 0,
                 "message": message,
-                "logprobs": chat_logprobs(srv.tok, req, 0, len(req.output_ids)),
+                "logprobs": chat_logprobs(srv.tok, req, 0, len(req.output_ids))
+                if body.logprobs
+                else None,
                 "finish_reason": finish,
             }
 
         def answered(text: str) -> dict:  # the response's extra fields once the answer is known
-            return {"retrieval": retrieval.retrieval_field(rag, hits, held, text)} if rag else {}
+            out = {"retrieval": retrieval.retrieval_field(rag, hits, held, text)} if rag else {}
+            return out | confidence.logprob_field(body, req)  # self_consistency: below
 
         parser = ToolCallParser() if tools else None
         chunks = functools.partial(
-            chat_chunks, parser=parser, prefill=prefill, first=extra, last=answered
-        )
-        out = await reply(http, srv, body, req, events, chunks, "chat.completion", choice, answered)
+            chat_chunks, parser=parser, prefill=prefill, first=extra, last=answered,
+            logprobs=body.logprobs,
+        )  # fmt: skip
+        try:
+            out = await reply(
+                http, srv, body, req, events, chunks, "chat.completion", choice, answered
+            )
+            if samples:  # never streamed (confidence.check)
+                out.update(await confidence.sampled_field(http, req, samples))
+        finally:
+            confidence.cancel(samples)  # a no-op for finished samples
         if fitted:  # what became of the turns that fell out (docs/memory.md)
             out = out if isinstance(out, Response) else JSONResponse(out)
             out.headers["x-lmforge-memory"] = f"{srv.memory}; {fitted.describe()}"

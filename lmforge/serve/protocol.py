@@ -204,6 +204,9 @@ class ChatRequest(Sampling):
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None  # json_object / json_schema: constrained
     retrieval: RetrievalOption | None = None  # lmforge's: ground the answer in a --rag index
+    # lmforge's: a top-level `confidence` object in the response (infer/confidence.py)
+    confidence: Literal["logprob", "self_consistency"] | None = None
+    confidence_samples: int = Field(5, ge=1, le=16)  # k extra answers for self_consistency
 
 
 class CompletionRequest(Sampling):

@@ -145,10 +145,12 @@ async def chat_chunks(
     prefill: str = "",
     first: dict | None = None,
     last: Callable | None = None,
+    logprobs: bool = True,
 ):
     """The chat stream; with a ToolCallParser (the request has tools) the text goes through
     it, `prefill` first (a forced call's opening), so calls arrive as `tool_calls` deltas.
-    `first`: top-level fields of the first chunk; `last(text)`: those of the finish chunk."""
+    `first`: top-level fields of the first chunk; `last(text)`: those of the finish chunk.
+    `logprobs=False` keeps recorded logprobs out of the chunks (only `confidence` wanted them)."""
     created = int(time.time())
     text = []
 
@@ -166,7 +168,8 @@ async def chat_chunks(
     async for piece, _, n in answer_events(http, srv, req, events):
         text.append(piece)
         for i, delta in enumerate(parse(piece)):  # logprobs go with the first delta they made
-            yield chunk(delta, logprobs=None if i else chat_logprobs(srv.tok, req, seen, n))
+            shown = logprobs and not i
+            yield chunk(delta, logprobs=chat_logprobs(srv.tok, req, seen, n) if shown else None)
             seen = n
     for delta in parser.finish() if parser and req.done else []:
         yield chunk(delta)
