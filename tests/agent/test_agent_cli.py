@@ -81,6 +81,7 @@ def test_smollm2_calls_the_calculator(smollm2_dir):
     parses, runs without error, and its result is what the calculator says."""
     pytest.importorskip("llguidance", reason="a forced call is constrained by llguidance")
     from lmforge.agent.tools import calculator
+    from lmforge.infer.untrusted import spotlight
 
     r = lmforge(
         smollm2_dir, "What is 123 * 45?", "--tool-choice", "required-first",
@@ -89,4 +90,5 @@ def test_smollm2_calls_the_calculator(smollm2_dir):
     assert r.returncode == 0, r.stderr
     tool = next(e for e in json.loads(r.stdout)["transcript"] if e["role"] == "tool")
     assert tool["error"] is False
-    assert tool["content"] == calculator(json.loads(tool["arguments"])["expression"])
+    # the default --defence both: the result reaches the model spotlighted as data
+    assert tool["content"] == spotlight(calculator(json.loads(tool["arguments"])["expression"]))
