@@ -678,6 +678,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--cache", help="cache folder (default: $LMFORGE_CACHE or ~/.cache/lmforge)")
 
 
+def _add_defence(p) -> None:
+    """--defence, for the commands that put untrusted text in a prompt (rag ask, agent)."""
+    p.add_argument(
+        "--defence",
+        default="both",
+        choices=DEFENCES,
+        help="untrusted text (retrieved chunks, tool results): detect holds back what the "
+        "injection rules flag, spotlight wraps it in data markers the system prompt "
+        "explains; both (default) does the two. See docs/injection.md",
+    )
+
+
 def _add_agent_parser(sub) -> None:
     """`lmforge agent MODEL QUESTION` (lmforge/agent)."""
     p = sub.add_parser(
@@ -703,14 +715,7 @@ def _add_agent_parser(sub) -> None:
         help="auto: the model decides; required-first: the first step must be a call, its "
         "arguments constrained by the tool's schema (default: auto)",
     )
-    p.add_argument(
-        "--defence",
-        default="both",
-        choices=DEFENCES,
-        help="untrusted text (retrieved chunks, tool results): detect holds back what the "
-        "injection rules flag, spotlight wraps it in data markers the system prompt "
-        "explains; both (default) does the two. See docs/injection.md",
-    )
+    _add_defence(p)
     p.add_argument("--transcript", help="write every message, call, result and timing (JSONL)")
     p.add_argument("--json", action="store_true", help="print answer, steps and transcript")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per step (default: 256)")
@@ -755,14 +760,7 @@ def _add_rag_parser(sub) -> None:
         if name == "ask":
             p.add_argument("--model", required=True, help="chat model directory")
             p.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit")
-            p.add_argument(
-                "--defence",
-                default="both",
-                choices=DEFENCES,
-                help="untrusted text (retrieved chunks, tool results): detect holds back what the "
-                "injection rules flag, spotlight wraps it in data markers the system prompt "
-                "explains; both (default) does the two. See docs/injection.md",
-            )
+            _add_defence(p)
             p.add_argument(
                 "--device", default="auto", help="auto | cpu | cuda | mps (default: auto)"
             )
