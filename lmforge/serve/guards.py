@@ -14,6 +14,7 @@ import ctypes
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger("lmforge.serve")
@@ -117,18 +118,25 @@ class TemplateRenderer:
     string repeat) only sees it when the call returns; until then it keeps its slot, so such
     templates can take at most `slots` threads, after which renders get RenderBusy (503)."""
 
-    def __init__(self, slots: int = 2, timeout: float = 10.0):
-        self.slots, self.timeout = slots, timeout
+    def __init__(self, slots: int = 2, timeout: float = 10.0, wait: float = 2.0):
+        self.slots, self.timeout, self.wait = slots, timeout, wait
         self.busy = 0
         self._lock = threading.Lock()
 
     async def __call__(self, fn: Callable[[], object]):
-        """fn() run in a render thread; RenderTimeout past the limit, RenderBusy when full."""
+        """fn() run in a render thread; RenderTimeout past the limit, RenderBusy when every slot
+        stays full for `wait` seconds (a burst of clients waits its turn; stuck templates don't
+        make requests pile up)."""
         job = _Job(fn, asyncio.get_running_loop())
-        with self._lock:
-            if self.busy >= self.slots:
+        deadline = time.monotonic() + self.wait
+        while True:
+            with self._lock:
+                if self.busy < self.slots:
+                    self.busy += 1
+                    break
+            if time.monotonic() >= deadline:
                 raise RenderBusy(f"all {self.slots} chat-template threads are busy")
-            self.busy += 1
+            await asyncio.sleep(0.005)
         thread = threading.Thread(target=self._main, args=(job,), daemon=True, name="render")
         thread.start()
         job.ident = thread.ident

@@ -205,11 +205,23 @@ def test_a_looping_chat_template_fails_its_request_only(micro, live_server, capl
     assert caplog.text.count("the chat template took over 0.5 s") == 3
 
 
+def test_a_burst_of_renders_waits_for_a_free_slot():
+    """Six quick renders through two slots at once: the later ones wait their turn (this was a
+    503 for the third concurrent client)."""
+
+    async def main():
+        render = guards.TemplateRenderer(slots=2, timeout=5)
+        got = await asyncio.gather(*[render(lambda i=i: time.sleep(0.05) or i) for i in range(6)])
+        assert got == list(range(6)) and render.busy == 0
+
+    asyncio.run(main())
+
+
 def test_a_render_that_cannot_be_stopped_keeps_its_slot_and_later_ones_get_busy():
     release = threading.Event()
 
     async def main():
-        render = guards.TemplateRenderer(slots=1, timeout=0.2)
+        render = guards.TemplateRenderer(slots=1, timeout=0.2, wait=0.3)
         with pytest.raises(guards.RenderTimeout):
             await render(lambda: release.wait(10))  # blocked in C: the kill waits for it
         assert render.busy == 1
