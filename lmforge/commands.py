@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 from lmforge.infer.untrusted import DEFENCES, Defence
+from lmforge.safety.run import add_serve_options, serve_policy
 
 MEMORY = ("drop", "summary", "retrieve")  # infer/memory.py's STRATEGIES (not imported at start-up)
 
@@ -184,6 +185,7 @@ def cmd_serve(args, rest) -> int:
         rag_indexes=parse_specs(args.rag),
         memory=args.memory,
         redact_pii=args.redact_pii,
+        moderation=serve_policy(args),
     )
     return serve(
         app, args.host, args.port, max_connections=args.max_connections, log_level=args.log_level
@@ -565,6 +567,7 @@ def add_parsers(sub) -> None:
         "with <EMAIL>, <PHONE>, ... (the `pii` clean step's rules), streamed answers too: the "
         "text a match could still be growing into is held back until it is decided",
     )
+    add_serve_options(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument(
         "--no-batch-invariance",

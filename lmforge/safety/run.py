@@ -115,3 +115,72 @@ def format_report(rep: dict) -> str:
         f"{n['xstest_safe']}, unsafe {n['xstest_unsafe']}"
     )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- lmforge serve
+
+
+def add_serve_options(p) -> None:
+    """`lmforge serve`'s moderation options (serve/moderation.py does the screening)."""
+    g = p.add_argument_group("moderation (docs/safety.md)")
+    g.add_argument(
+        "--moderation-model",
+        metavar="DIR",
+        help="a model of `lmforge moderate train`: serves /v1/moderations and screens what "
+        "--moderation names (loaded at start: a bad directory stops the server at once)",
+    )
+    g.add_argument(
+        "--moderation",
+        default="in,out",
+        metavar="in,out",
+        help="what is screened: in (the user's messages, before the model runs), out (the answer, "
+        "released in checked pieces: a flagged one is cut, finish_reason content_filter) or both "
+        "(default: in,out)",
+    )
+    g.add_argument(
+        "--moderation-action",
+        default="error",
+        choices=("error", "refuse"),
+        help="flagged input: error = HTTP 400 content_policy_violation in OpenAI's error shape; "
+        "refuse = an answer holding --moderation-message (default: error)",
+    )
+    g.add_argument(
+        "--moderation-message",
+        default="I can't help with that.",
+        help="the refusal sent for flagged input (refuse) and in place of a flagged answer",
+    )
+    g.add_argument(
+        "--moderation-categories",
+        metavar="A,B",
+        help="refuse only when one of these categories is flagged (default: whenever the text "
+        "is flagged); an unknown name is an error listing the model's categories",
+    )
+    g.add_argument(
+        "--moderation-every",
+        type=int,
+        default=100,
+        metavar="CHARS",
+        help="output: characters of the answer held back between two checks (default: 100)",
+    )
+
+
+def serve_policy(args):
+    """The serve/moderation.py Policy the options ask for, or None without --moderation-model."""
+    if not args.moderation_model:
+        for opt in ("moderation_categories",):
+            if getattr(args, opt):
+                raise ConfigError("--moderation-categories needs --moderation-model DIR")
+        return None
+    from lmforge.serve.moderation import Policy, parse_where
+
+    screen_in, screen_out = parse_where(args.moderation)
+    cats = args.moderation_categories
+    return Policy(
+        args.moderation_model,
+        screen_in=screen_in,
+        screen_out=screen_out,
+        action=args.moderation_action,
+        message=args.moderation_message,
+        categories=tuple(c.strip() for c in cats.split(",") if c.strip()) if cats else None,
+        every=args.moderation_every,
+    )

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP server (`lmforge serve`): the routes /v1/chat/completions,
 /v1/completions, /v1/models, /health and the web chat page under / and /static, and `serve()`;
-/v1/embeddings (embeddings.py) when an embedding model is given.
+/v1/embeddings (embeddings.py) when an embedding model is given, /v1/moderations and the screens
+around generation (moderation.py) when a moderation model is.
 
 Around it, as vLLM separates its protocol from its routes: protocol.py holds the request shapes
 and the checks on a body, responses.py the response bodies and the SSE stream, state.py the
@@ -9,7 +10,7 @@ guards.py what bounds hostile and slow clients.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the status
 OpenAI uses: 400 bad request (or a Host this server does not answer to), 401 API key, 404
-unknown model, 408 body too slow, 413 body too large, 415 not JSON, 429 queue full, 500 the
+unknown model (400 `content_policy_violation`: input flagged by moderation), 408 body too slow, 413 body too large, 415 not JSON, 429 queue full, 500 the
 chat template failed or timed out, 503 model still loading.
 """
 
@@ -33,6 +34,7 @@ from lmforge.perf import pick_device
 from lmforge.serve import confidence, guards, retrieval
 from lmforge.serve.embeddings import add_embedding_routes
 from lmforge.serve.guards import HostCheck, TemplateRenderer
+from lmforge.serve.moderation import Policy, add_moderation_routes, screen_input, user_texts
 from lmforge.serve.protocol import (
     CHAT_NOT_IMPLEMENTED,
     COMPLETIONS_NOT_IMPLEMENTED,
@@ -96,6 +98,7 @@ def create_app(
     rag_indexes: dict[str, str] | None = None,
     memory: str | None = None,
     redact_pii: bool = False,
+    moderation: Policy | None = None,
 ) -> FastAPI:
     """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
     pair, or a function returning one; it is loaded in the background at startup, and /health
@@ -110,7 +113,8 @@ def create_app(
     {name: index dir} a request's `retrieval` may name (serve/retrieval.py), opened here too.
     `memory`: drop, summary or retrieve, for a chat longer than the context (infer/memory.py;
     None: no fitting, as before). `redact_pii`: the answers' PII replaced by placeholders,
-    streamed ones too (safety/redact.py)."""
+    streamed ones too (safety/redact.py). `moderation`: a serve/moderation.py Policy (the
+    moderation model, what it screens, how it refuses); it also serves /v1/moderations."""
     if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
         raise ConfigError(
             "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
@@ -135,6 +139,7 @@ def create_app(
     srv.rag = retrieval.open_indexes(rag_indexes or {}, str(pick_device(device)), embedder)
     srv.memory = memory and check_strategy(memory, "memory")
     srv.redact_pii = redact_pii
+    srv.moderation = moderation
     srv.request_timeout = request_timeout
     srv.render = TemplateRenderer(slots=2, timeout=template_timeout)
     srv.allowed_hosts_arg = allowed_hosts
@@ -239,6 +244,15 @@ def create_app(
             raise APIError(404, "this server has no embedding model: start it with "
                            "--embedding-model DIR", code="not_found")  # fmt: skip
 
+    if moderation is not None:
+        add_moderation_routes(app, srv, moderation, authorize)
+    else:
+
+        @app.post("/v1/moderations", dependencies=[Depends(authorize)])
+        async def no_moderations():
+            raise APIError(404, "this server has no moderation model: start it with "
+                           "--moderation-model DIR", code="not_found")  # fmt: skip
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(http: Request):
         srv.ready()
@@ -251,6 +265,10 @@ def create_app(
         params = srv.params(body, max_tokens, confidence.wants_logprobs(body))
         params.grammar = response_grammar(body.response_format)
         messages = [plain_message(m) for m in body.messages]
+        if refused := await screen_input(
+            srv, user_texts(messages), body, "chat.completion", "messages"
+        ):
+            return refused
         # tools: rendered unless tool_choice is "none"; a forced call is prefilled (its text
         # is the start of the answer the parser reads); one call at most: stop at its end
         tools, force = request_tools(body), forced_tool_call(body)
@@ -341,6 +359,9 @@ def create_app(
             if len(prompt) != 1:
                 raise APIError(400, "a list of several prompts is not supported", param="prompt")
             prompt = prompt[0]
+        text = prompt if isinstance(prompt, str) else srv.tok.decode(prompt)
+        if refused := await screen_input(srv, [text], body, "text_completion", "prompt"):
+            return refused
         if isinstance(prompt, str):
             tok = srv.tok
             prompt = ([tok.bos_id] if tok.prepend_bos else []) + tok.encode(prompt)

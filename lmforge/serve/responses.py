@@ -63,20 +63,38 @@ async def reply(
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return _stream(chunks(http, srv, req, events, usage))
-    text = "".join([piece async for piece, _, _ in answer_events(http, srv, req, events)])
+    pieces = [piece async for piece, _, _ in answer_events(http, srv, req, events)]
     if err := finish_error(req):
         raise err
+    # output moderation tripped: the answer is the refusal alone (the last piece)
+    text = pieces[-1] if req.finish_reason == "content_filter" else "".join(pieces)
     return {**_response(req, req.id, kind, srv, choice(text)), **(extra(text) if extra else {})}
 
 
 async def answer_events(http, srv: Server, req, events):
-    """request_events as the client sees them: with --redact-pii, each piece is the part of the
-    text that is final, scrubbed, and the last piece also what was held back."""
+    """request_events as the client sees them. With output moderation (serve/moderation.py)
+    text is released once the moderator has read it; a flagged answer is cancelled, and its
+    last piece is the refusal message, with finish reason content_filter. With --redact-pii,
+    each piece is the part of the text that is final, scrubbed, and the last piece also what
+    was held back."""
     redactor = PIIRedactor() if srv.redact_pii else None
-    async for piece, done, n in request_events(http, req, events):
+    screen = srv.moderation.output_screen() if srv.moderation else None
+    stream = request_events(http, req, events)
+    async for piece, done, n in stream:
+        if screen:
+            piece = await screen.feed(piece, done)
+            if screen.tripped:
+                req.cancel()  # the engine frees the slot at its next step; drain until then
+                async for event in stream:
+                    n = event[2]
+                if not req.done:  # the client went away meanwhile
+                    return
+                req.finish_reason, piece, done = "content_filter", srv.moderation.message, True
         if redactor:
             piece = redactor.feed(piece) + (redactor.finish() if done else "")
         yield piece, done, n
+        if done:
+            return
 
 
 def _usage(req) -> dict:

@@ -82,6 +82,7 @@ class Server:
         self.render = TemplateRenderer()
         self.allowed_hosts_arg: list[str] | None = None
         self.redact_pii = False  # answers pass through safety/redact.py
+        self.moderation = None  # a serve/moderation.py Policy: screens input and output
         self.bind("127.0.0.1")
 
     def bind(self, host: str) -> None:
