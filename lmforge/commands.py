@@ -166,6 +166,9 @@ def cmd_serve(args, rest) -> int:
     from lmforge.serve.app import create_app, serve
     from lmforge.serve.retrieval import parse_specs
 
+    policy = serve_policy(args)  # its option errors first, the moderation model at create_app
+    from lmforge.serve.moderation import Policy
+
     level = args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     hosts = args.allowed_hosts
@@ -185,7 +188,7 @@ def cmd_serve(args, rest) -> int:
         rag_indexes=parse_specs(args.rag),
         memory=args.memory,
         redact_pii=args.redact_pii,
-        moderation=serve_policy(args),
+        moderation=Policy(**policy) if policy else None,
     )
     return serve(
         app, args.host, args.port, max_connections=args.max_connections, log_level=args.log_level

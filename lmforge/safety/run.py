@@ -164,23 +164,29 @@ def add_serve_options(p) -> None:
     )
 
 
-def serve_policy(args):
-    """The serve/moderation.py Policy the options ask for, or None without --moderation-model."""
-    if not args.moderation_model:
-        for opt in ("moderation_categories",):
-            if getattr(args, opt):
-                raise ConfigError("--moderation-categories needs --moderation-model DIR")
-        return None
-    from lmforge.serve.moderation import Policy, parse_where
+def parse_where(spec: str) -> tuple[bool, bool]:
+    """ "in", "out" or "in,out" -> (screen input, screen output)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts or any(p not in ("in", "out") for p in parts):
+        raise ConfigError(f"--moderation {spec!r}: give in, out or in,out")
+    return "in" in parts, "out" in parts
 
+
+def serve_policy(args) -> dict | None:
+    """serve/moderation.py Policy's arguments from the options, or None without
+    --moderation-model."""
+    if not args.moderation_model:
+        if args.moderation_categories:
+            raise ConfigError("--moderation-categories needs --moderation-model DIR")
+        return None
     screen_in, screen_out = parse_where(args.moderation)
     cats = args.moderation_categories
-    return Policy(
-        args.moderation_model,
-        screen_in=screen_in,
-        screen_out=screen_out,
-        action=args.moderation_action,
-        message=args.moderation_message,
-        categories=tuple(c.strip() for c in cats.split(",") if c.strip()) if cats else None,
-        every=args.moderation_every,
-    )
+    return {
+        "moderator": args.moderation_model,
+        "screen_in": screen_in,
+        "screen_out": screen_out,
+        "action": args.moderation_action,
+        "message": args.moderation_message,
+        "categories": tuple(c.strip() for c in cats.split(",") if c.strip()) if cats else None,
+        "every": args.moderation_every,
+    }

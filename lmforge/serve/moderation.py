@@ -32,22 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.config import ConfigError
+from lmforge.safety.run import parse_where  # noqa: F401 (the serve side names it too)
 from lmforge.serve.protocol import APIError, Strict, read_json, validate
 
-WHERE = ("in", "out")
 ACTIONS = ("error", "refuse")
 REFUSAL = "I can't help with that."
 MAX_INPUTS = 32  # texts per /v1/moderations request: each is a forward pass of the encoder
 CACHE_SIZE = 4096  # verdicts kept by text
-
-
-def parse_where(spec: str) -> tuple[bool, bool]:
-    """ "in", "out" or "in,out" -> (screen input, screen output)."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
-    bad = [p for p in parts if p not in WHERE]
-    if bad or not parts:
-        raise ConfigError(f"--moderation {spec!r}: give in, out or in,out")
-    return "in" in parts, "out" in parts
 
 
 @dataclass
