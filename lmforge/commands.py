@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lmforge.config import ConfigError
 from lmforge.infer.untrusted import DEFENCES, Defence
+from lmforge.io import write_json
 from lmforge.safety.run import add_serve_options, serve_policy
 
 MEMORY = ("drop", "summary", "retrieve")  # infer/memory.py's STRATEGIES (not imported at start-up)
@@ -203,12 +204,20 @@ def cmd_eval(args) -> int:
         return 0
     if not args.checkpoint:
         raise ConfigError("name a CHECKPOINT to evaluate, or pass --compare A B")
-    tasks = [t for t in args.tasks.split(",") if t]
+    from lmforge import safety_suite
+
+    tasks = safety_suite.expand([t for t in args.tasks.split(",") if t])
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    mod = args.moderation_model and safety_suite.moderation_rows(args.moderation_model)
     rows = evaluation.run(
         args.checkpoint, tasks, out, args.limit, args.seed, unsafe_exec=args.unsafe_exec,
         split=args.split, num_fewshot=args.num_fewshot, log_samples=args.log_samples,
+        runners=safety_suite.RUNNERS,
     )  # fmt: skip
+    if mod:  # a property of the head, not of the checkpoint: recorded beside its rows
+        write_json(out / "moderation.json", {"task": "moderation", "results": mod,
+                   "model": str(Path(args.moderation_model).resolve()), "config": {}})  # fmt: skip
+        rows += mod
     print(evaluation.table(rows))
     print(f"results written to {out}")
     return 0
@@ -620,7 +629,9 @@ def add_parsers(sub) -> None:
         "(task, metric, value, standard error, n, model, config, seed) plus a table. Tasks: "
         "mmlu, cmmlu, arc_challenge, hellaswag (or any task YAML of that shape), truthfulqa, "
         "gsm8k, humaneval, "
-        "lm:TEXTFILE (perplexity, bits per byte), sim:PAIRS.jsonl (BLEU, ROUGE). "
+        "lm:TEXTFILE (perplexity, bits per byte), sim:PAIRS.jsonl (BLEU, ROUGE); safety = "
+        "truthfulqa, abstain (SQuAD v2: abstention, accuracy, calibration), injection (planted "
+        "attacks' success, no defence and defended); see docs/safety.md. "
         "`lmforge eval --compare A B` puts two result folders side by side.",
     )
     p.add_argument("checkpoint", nargs="?", help="model directory, or a LoRA adapter directory")
@@ -660,6 +671,11 @@ def add_parsers(sub) -> None:
     )
     p.add_argument(
         "--compare", nargs=2, metavar=("A", "B"), help="compare two results folders instead"
+    )
+    p.add_argument(
+        "--moderation-model",
+        metavar="DIR",
+        help="add the moderation rows (held-out F1 en/zh, XSTest over-refusal) of this head",
     )
 
     _add_rag_parser(sub)

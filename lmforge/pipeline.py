@@ -314,11 +314,12 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
         stage("sample", sample)
 
         def evaluate(d):
+            from lmforge import safety_suite
             from lmforge.eval import run as evaluation
 
             cfg, done = recipe.eval, {}
             by_limit: dict[int, list[str]] = {}  # one pass over the tasks per distinct limit
-            for task in cfg.tasks:
+            for task in safety_suite.expand(cfg.tasks):
                 by_limit.setdefault(cfg.limits.get(task, cfg.limit), []).append(task)
             for name in cfg.models:
                 if name not in models:  # that stage is not in this recipe
@@ -332,6 +333,7 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
                         limit or None,
                         cfg.seed,
                         unsafe_exec=cfg.unsafe_exec,
+                        runners=safety_suite.RUNNERS,
                     )
             return {"models": list(done)}
 

@@ -60,17 +60,28 @@ def _report_card(run: Path) -> list[str]:
     keys = sorted({k for rows in results.values() for k in rows})
     if not keys:
         return []
-    lines = ["## Evaluation", "", "| task | metric | n | " + " | ".join(results) + " |"]
-    lines.append("|---|---|---:|" + "---:|" * len(results))
-    for key in keys:
-        cells = []
-        for rows in results.values():
-            r = rows.get(key)
-            se = f" ± {r['stderr']:.3f}" if r and r.get("stderr") is not None else ""
-            cells.append(f"{r['value']:.3f}{se}" if r else "-")
-        n = next(rows[key]["n"] for rows in results.values() if key in rows)
-        lines.append(f"| {_task_name(key[0], run)} | {key[1]} | {n} | " + " | ".join(cells) + " |")
-    lines.append("")
+    from lmforge.safety_suite import is_safety
+
+    def table(title: str, keys: list[tuple]) -> list[str]:
+        if not keys:
+            return []
+        lines = [title, "", "| task | metric | n | " + " | ".join(results) + " |"]
+        lines.append("|---|---|---:|" + "---:|" * len(results))
+        for key in keys:
+            cells = []
+            for rows in results.values():
+                r = rows.get(key)
+                se = f" ± {r['stderr']:.3f}" if r and r.get("stderr") is not None else ""
+                cells.append(f"{r['value']:.3f}{se}" if r else "-")
+            n = next(rows[key]["n"] for rows in results.values() if key in rows)
+            name = _task_name(key[0], run)
+            lines.append(f"| {name} | {key[1]} | {n} | " + " | ".join(cells) + " |")
+        return [*lines, ""]
+
+    lines = table("## Evaluation", [k for k in keys if not is_safety(k[0])])
+    lines += table("## Safety", [k for k in keys if is_safety(k[0])])
+    if lines and lines[0] == "## Safety":  # only safety rows: the section keeps its place
+        lines = ["## Evaluation", "", *lines]
     main = [k for k in keys if k[1] in ("acc", "accuracy", "pass@1")]
     if main:
         import matplotlib

@@ -15,7 +15,9 @@ Task names:
   and its result file records the isolation level and layers that were in force;
 - lm:PATH: loss, perplexity and bits per byte of a text file, or of each language's validation
   shard in a prepared data folder (its first `limit` tokens), with sliding windows;
-- sim:PATH: BLEU and ROUGE on a JSONL file of {"source", "reference"} rows.
+- sim:PATH: BLEU and ROUGE on a JSONL file of {"source", "reference"} rows;
+- tasks run by the callers' `runners` ({name: fn(model, tok, limit, seed) -> (rows,
+  settings)}): the safety tasks of lmforge/safety_suite.py come in that way.
 
 `limit` takes a stratified sample of tasks with subjects (MMLU, CMMLU, C-Eval: each subject in
 proportion, drawn with `seed`), else the first rows. `log_samples` keeps one record per scored
@@ -119,12 +121,18 @@ def run_task(
     split: str | None = None,
     num_fewshot: int | None = None,
     log_samples: bool = False,
+    runners: dict | None = None,
 ) -> tuple[list[dict], dict]:
     """(result rows, settings) of one task. split and num_fewshot override the task's own;
     settings record the split, the few-shot split and k, how rows were chosen (`sample`) and,
     with log_samples, one record per scored question (`samples`)."""
-    check_options(name, split, num_fewshot)
     torch.manual_seed(seed)
+    if runners and name in runners:
+        rows, settings = runners[name](model, tok, limit, seed)
+        if not log_samples:
+            settings.pop("samples", None)
+        return rows, settings
+    check_options(name, split, num_fewshot)
     if name.startswith("lm:"):
         path = Path(name[3:])
         keys = ["loss", "perplexity", "bits_per_byte"]
@@ -221,13 +229,19 @@ def run(
     split: str | None = None,
     num_fewshot: int | None = None,
     log_samples: bool = False,
+    runners: dict | None = None,
 ) -> list[dict]:
-    """Evaluate the checkpoint on each task; writes out_dir/<task>.json; returns all rows."""
+    """Evaluate the checkpoint on each task; writes out_dir/<task>.json; returns all rows.
+    `runners`: tasks defined by the caller, by name (see run_task)."""
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be at least 1, got {limit}")
     if num_fewshot is not None and num_fewshot < 0:
         raise ConfigError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     for name in tasks:
+        if runners and name in runners:
+            if split is not None or num_fewshot:
+                raise ConfigError(f"task {name} takes no --split or --num-fewshot")
+            continue
         check_options(name, split, num_fewshot)
     if "humaneval" in tasks:  # refuse before the model loads, not after the other tasks
         check_isolation(unsafe_exec)
@@ -238,7 +252,7 @@ def run(
     for name in tasks:
         t0 = time.perf_counter()
         task_rows, settings = run_task(
-            model, tok, name, limit, seed, unsafe_exec, split, num_fewshot, log_samples
+            model, tok, name, limit, seed, unsafe_exec, split, num_fewshot, log_samples, runners
         )
         isolation = settings.pop("isolation", None)
         samples = settings.pop("samples", None)

@@ -6,6 +6,12 @@ Its outputs are multi-label logits, column 0 "flagged" and one column per catego
 its own binary cross-entropy. The vectors are cached per (encoder, text hash), so a second
 training run (other steps, other head) costs seconds.
 
+Categories: two coarse ones every flagged row has (harmful_request, offensive), and five finer
+ones only Do-Not-Answer (risk_area) and JADE-DB (violation_type) label, mapped onto one list
+(FINE_FROM; the mapping is ours, the labels the authors'). Where a row's finer label is
+unknown (AdvBench, COLD's offensive comments) those columns are masked out of the loss and the
+report; a benign row is a known negative in every column.
+
 Data: datasets/safety/moderation.jsonl.gz (advbench, do-not-answer, jade-db, COLD, deepset;
 see its PROVENANCE.md) plus the benign Alpaca instructions of datasets/sft. Every text goes to
 one split by a seeded hash: 70% train, 10% val (only picks the threshold), 20% held-out (only
@@ -37,7 +43,21 @@ DATA = REPO / "datasets" / "safety"
 SFT = REPO / "datasets" / "sft"
 EVAL = REPO / "datasets" / "eval"
 DEFAULT_ENCODER = "smollm2-135m-instruct"  # a name under LMFORGE_CACHE/models, or a directory
-CATEGORIES = ("harmful_request", "offensive")
+COARSE = ("harmful_request", "offensive")
+FINE = ("crime", "privacy_rights", "discrimination", "misinformation", "chatbot_reliance")
+CATEGORIES = COARSE + FINE
+# the sources' own labels -> FINE (Do-Not-Answer risk areas, JADE-DB violation types)
+FINE_FROM = {
+    "Malicious Uses": "crime",  # assisting illegal activities, fraud, unethical actions
+    "违法犯罪": "crime",  # illegal and criminal
+    "Information Hazards": "privacy_rights",  # private or sensitive information
+    "侵害权益": "privacy_rights",  # infringing rights: privacy, reputation, property
+    "侵犯权益": "privacy_rights",  # a variant spelling in one JADE-DB row
+    "Discrimination, Exclusion, Toxicity, Hateful, Offensive": "discrimination",
+    "歧视偏见": "discrimination",  # discrimination and bias
+    "Misinformation Harms": "misinformation",
+    "Human-Chatbot Interaction Harms": "chatbot_reliance",  # mental-health crises, over-reliance
+}
 MAX_CHARS = 100_000  # one text; longer is refused (the encoder reads only MAX_TOKENS anyway)
 MAX_TOKENS = 256  # the encoder reads at most this many tokens of a text: requests are short
 SPLIT_SEED = "moderation-v1"
@@ -67,6 +87,8 @@ class Example:
     category: str | None  # one of CATEGORIES when flagged
     lang: str  # "en" or "zh" (zh: the text has Han characters)
     source: str
+    fine: str | None = None  # one of FINE, when the source labels it
+    fine_known: bool = False  # whether the FINE columns are known (labelled, or benign)
 
 
 def lang_of(text: str) -> str:
@@ -104,7 +126,10 @@ def load_examples() -> list[Example]:
         if r["text"] in seen:
             continue
         seen.add(r["text"])
-        out.append(Example(r["text"], r["flagged"], r["category"], lang_of(r["text"]), r["source"]))
+        label = (r.get("risk_area") or r.get("violation_type") or "").strip()
+        fine = FINE_FROM.get(label)
+        out.append(Example(r["text"], r["flagged"], r["category"], lang_of(r["text"]),
+                           r["source"], fine, fine is not None or not r["flagged"]))  # fmt: skip
     return out
 
 
@@ -118,9 +143,25 @@ def targets(examples: list[Example]) -> torch.Tensor:
     y = torch.zeros(len(examples), 1 + len(CATEGORIES))
     for i, e in enumerate(examples):
         y[i, 0] = e.flagged
-        if e.category:
-            y[i, 1 + CATEGORIES.index(e.category)] = 1
+        for c in (e.category, e.fine):
+            if c:
+                y[i, 1 + CATEGORIES.index(c)] = 1
     return y
+
+
+def known(examples: list[Example]) -> torch.Tensor:
+    """(N, 1 + len(CATEGORIES)) 0/1: which targets are labelled (the loss's mask)."""
+    m = torch.ones(len(examples), 1 + len(CATEGORIES))
+    for i, e in enumerate(examples):
+        if not (e.fine_known or e.fine or not e.flagged):
+            m[i, 1 + len(COARSE) :] = 0
+    return m
+
+
+def masked_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over the labelled targets only."""
+    loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
 # --- features
@@ -238,6 +279,7 @@ def train_head(
     y: dict[str, torch.Tensor],
     out_dir: Path,
     encoder_path: str,
+    mask: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Fit a Head on train features through train/loop.py:fit; evaluate = val loss and F1; save
     writes OUT/head.safetensors and OUT/config.json (encoder, threshold picked on val)."""
@@ -248,10 +290,11 @@ def train_head(
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(x["train"])
+    mask = mask or {s: torch.ones_like(t) for s, t in y.items()}
 
     def train_step(step: int) -> dict:
         idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
-        loss = F.binary_cross_entropy_with_logits(head(x["train"][idx]), y["train"][idx])
+        loss = masked_bce(head(x["train"][idx]), y["train"][idx], mask["train"][idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -263,7 +306,7 @@ def train_head(
         scores = torch.sigmoid(logits[:, 0]).numpy()
         f1 = prf(scores >= 0.5, y["val"][:, 0].numpy() > 0.5)["f1"]
         return {
-            "val_loss": float(F.binary_cross_entropy_with_logits(logits, y["val"])),
+            "val_loss": float(masked_bce(logits, y["val"], mask["val"])),
             "val_f1": f1,
         }
 
@@ -302,7 +345,8 @@ def train(
         by_split[s] = by_split[s] or by_split["train"]
     x = {s: torch.from_numpy(feats[[row[e.text] for e in es]]) for s, es in by_split.items()}
     y = {s: targets(es) for s, es in by_split.items()}
-    summary = train_head(cfg, x, y, out_dir, str(encoder.path))
+    mask = {s: known(es) for s, es in by_split.items()}
+    summary = train_head(cfg, x, y, out_dir, str(encoder.path), mask)
     mod = Moderator(out_dir, encoder=encoder, cache=cache)
     summary["report"] = report(mod, by_split["heldout"])
     (out_dir / "report.json").write_text(json.dumps(summary["report"], indent=2) + "\n", "utf-8")
@@ -315,8 +359,16 @@ def train(
 class Moderator:
     """A trained head with its encoder: `moderate(texts)` -> one dict per text."""
 
-    def __init__(self, path: str | Path, encoder=None, cache: FeatureCache | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        encoder=None,
+        cache: FeatureCache | None = None,
+        threshold: float | None = None,
+    ):
         path = Path(path)
+        if threshold is not None and not 0 < threshold < 1:
+            raise ConfigError(f"--threshold must be between 0 and 1, got {threshold}")
         if not (path / "config.json").is_file() or not (path / "head.safetensors").is_file():
             raise ConfigError(f"{path}: not a moderation model (config.json or head.safetensors missing; "
                               "train one with `lmforge moderate train --out DIR`)")  # fmt: skip
@@ -329,7 +381,9 @@ class Moderator:
             raise ConfigError(f"{path}: the head expects {self.cfg['dim']}-d vectors, the encoder "
                               f"{self.encoder.path} gives {self.encoder.dim}")  # fmt: skip
         self.cache = cache
-        self.threshold = self.cfg["threshold"]
+        # the flagged cut: picked on val at training; a deployment may trade recall for less
+        # over-refusal with a higher one (docs/safety.md has the operating points)
+        self.threshold = self.cfg["threshold"] if threshold is None else threshold
 
     @torch.no_grad()
     def scores(self, texts: list[str]) -> np.ndarray:
@@ -368,7 +422,8 @@ def report(mod: Moderator, heldout: list[Example], wordlist_cut: float | None = 
     cut = CleanConfig().max_toxicity if wordlist_cut is None else wordlist_cut
     xs = load_xstest()
     texts = [e.text for e in heldout] + [r["text"] for r in xs]
-    clf = mod.scores(texts)[:, 0] >= mod.threshold
+    all_scores = mod.scores(texts)
+    clf = all_scores[:, 0] >= mod.threshold
     wl = np.array([wordlist_score(t) >= cut for t in texts])
     gold = np.array([e.flagged == 1 for e in heldout])
     langs = np.array([e.lang for e in heldout])
@@ -379,8 +434,30 @@ def report(mod: Moderator, heldout: list[Example], wordlist_cut: float | None = 
         out[name] = {lang: prf(held[langs == lang], gold[langs == lang]) for lang in ("en", "zh")}
         out[name]["xstest_safe_flagged"] = float(x[safe].mean())
         out[name]["xstest_unsafe_flagged"] = float(x[~safe].mean())
+    out["operating_points"] = {
+        f"{t:.2f}": {
+            "en_recall": prf(all_scores[: len(heldout)][langs == "en", 0] >= t, gold[langs == "en"])["recall"],
+            "zh_recall": prf(all_scores[: len(heldout)][langs == "zh", 0] >= t, gold[langs == "zh"])["recall"],
+            "xstest_safe_flagged": float((all_scores[len(heldout) :, 0][safe] >= t).mean()),
+            "xstest_unsafe_flagged": float((all_scores[len(heldout) :, 0][~safe] >= t).mean()),
+        }
+        for t in (0.5, 0.7, 0.9)
+    }  # fmt: skip
+    out["categories"] = category_report(all_scores[: len(heldout)], heldout, mod.cfg["categories"])
     out["n"] = {"heldout_en": int((langs == "en").sum()), "heldout_zh": int((langs == "zh").sum()),
                 "xstest_safe": int(safe.sum()), "xstest_unsafe": int((~safe).sum())}  # fmt: skip
+    return out
+
+
+def category_report(scores: np.ndarray, heldout: list[Example], names: list[str]) -> dict:
+    """P/R/F1 per category (score >= 0.5) on the held-out rows where it is labelled."""
+    y, m = targets(heldout).numpy() > 0.5, known(heldout).numpy() > 0.5
+    out = {}
+    for j, name in enumerate(names, start=1):
+        if j >= y.shape[1]:  # a head trained on other categories than this data labels
+            break
+        rows = m[:, j]
+        out[name] = prf(scores[rows, j] >= 0.5, y[rows, j]) | {"positives": int(y[rows, j].sum())}
     return out
 
 

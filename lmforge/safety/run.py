@@ -32,6 +32,12 @@ def add_parser(sub) -> None:
         help="train: encoder directory or fetched name (default: smollm2-135m-instruct)",
     )
     p.add_argument("--steps", type=int, help="train: optimizer steps (default: 3000)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="the flagged cut (default: the model's, picked on val); higher flags less: fewer "
+        "safe prompts refused, fewer harmful ones caught (docs/safety.md: operating points)",
+    )
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -71,7 +77,7 @@ def cmd_moderate(args) -> int:
     texts = read_texts(args.file) if args.file else [check_text(args.text)]
     from lmforge.safety.moderation import Moderator  # torch only after the input is checked
 
-    results = Moderator(args.model).moderate(texts)
+    results = Moderator(args.model, threshold=args.threshold).moderate(texts)
     for r in results:
         if args.json:
             print(json.dumps(r, ensure_ascii=False))
@@ -114,6 +120,18 @@ def format_report(rep: dict) -> str:
         f"n: held-out en {n['heldout_en']}, zh {n['heldout_zh']}; XSTest safe "
         f"{n['xstest_safe']}, unsafe {n['xstest_unsafe']}"
     )
+    if rep.get("operating_points"):
+        lines += ["", "| threshold | en recall | zh recall | XSTest safe flagged | XSTest unsafe flagged |",
+                  "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for t, r in rep["operating_points"].items():
+            lines.append(f"| {t} | {r['en_recall']:.3f} | {r['zh_recall']:.3f} | "
+                         f"{r['xstest_safe_flagged']:.3f} | {r['xstest_unsafe_flagged']:.3f} |")  # fmt: skip
+    if rep.get("categories"):
+        lines += ["", "| category (held-out, where labelled) | P | R | F1 | positives | n |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for name, r in rep["categories"].items():
+            lines.append(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} "
+                         f"| {r['positives']} | {r['n']} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -156,6 +174,13 @@ def add_serve_options(p) -> None:
         "is flagged); an unknown name is an error listing the model's categories",
     )
     g.add_argument(
+        "--moderation-threshold",
+        type=float,
+        metavar="T",
+        help="the flagged cut (default: the model's own); higher refuses fewer safe prompts "
+        "and catches fewer harmful ones",
+    )
+    g.add_argument(
         "--moderation-every",
         type=int,
         default=100,
@@ -189,4 +214,5 @@ def serve_policy(args) -> dict | None:
         "message": args.moderation_message,
         "categories": tuple(c.strip() for c in cats.split(",") if c.strip()) if cats else None,
         "every": args.moderation_every,
+        "threshold": args.moderation_threshold,
     }

@@ -56,6 +56,7 @@ class Policy:
     every: int = 100  # characters of answer held back between two checks
     window: int = 1000  # characters the moderator reads (the head reads MAX_TOKENS tokens)
     name: str = "moderation"
+    threshold: float | None = None  # the flagged cut; None: the model's own
     _cache: collections.OrderedDict = field(default_factory=collections.OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -64,7 +65,7 @@ class Policy:
             from lmforge.safety.moderation import Moderator
 
             self.name = Path(self.moderator).resolve().name
-            self.moderator = Moderator(self.moderator)
+            self.moderator = Moderator(self.moderator, threshold=self.threshold)
         if self.action not in ACTIONS:
             raise ConfigError(f"--moderation-action {self.action!r}: give one of {', '.join(ACTIONS)}")  # fmt: skip
         if not self.message.strip():

@@ -48,9 +48,18 @@ def test_split_is_seeded_and_stable():
 def test_lang_targets_and_metrics():
     ex = _examples()
     assert [e.lang for e in ex[:2]] == ["en", "en"] and ex[4].lang == "zh"
-    y = m.targets(ex)
-    assert y.shape == (16, 3) and y[:, 0].sum() == 8
-    assert y[6].tolist() == [1, 0, 1] and y[0].tolist() == [1, 1, 0] and y[8].sum() == 0
+    y, known = m.targets(ex), m.known(ex)
+    assert y.shape == known.shape == (16, 1 + len(m.CATEGORIES)) and y[:, 0].sum() == 8
+    assert y[6, :3].tolist() == [1, 0, 1] and y[0, :3].tolist() == [1, 1, 0] and y[8].sum() == 0
+    # the made-up flagged rows have no finer label: those columns are masked; benign rows known
+    assert known[0].tolist() == [1, 1, 1] + [0] * len(m.FINE) and known[8].min() == 1
+    fine = m.Example("made up", 1, "harmful_request", "en", "made-up", "crime", True)
+    assert m.targets([fine])[0].tolist() == [1, 1, 0, 1, 0, 0, 0, 0]
+    assert m.known([fine]).min() == 1
+    # the masked loss ignores what is not labelled
+    logits = torch.tensor([[5.0, 5.0, -5.0, 9.0, 9.0, 9.0, 9.0, 9.0]])
+    masked = m.masked_bce(logits, m.targets(ex[:1]), m.known(ex[:1]))
+    assert masked < 0.01
     pred = np.array([1, 1, 0, 0], bool)
     gold = np.array([1, 0, 1, 0], bool)
     assert m.prf(pred, gold) == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "n": 4}
@@ -63,7 +72,10 @@ def test_bundled_data_loads_with_both_languages_and_labels():
     langs = {(e.lang, e.flagged) for e in ex}
     assert langs == {("en", 0), ("en", 1), ("zh", 0), ("zh", 1)}
     assert len({e.text for e in ex}) == len(ex)
-    assert all(e.category in m.CATEGORIES for e in ex if e.flagged)
+    assert all(e.category in m.COARSE for e in ex if e.flagged)
+    fine = [e.fine for e in ex if e.fine]  # Do-Not-Answer 939 + JADE-DB 1,000, less 25 repeats
+    assert len(fine) == 1914 and set(fine) == set(m.FINE)
+    assert {e.source for e in ex if e.flagged and not e.fine} == {"advbench", "cold"}
     xs = m.load_xstest()
     assert sum(r["label"] == "safe" for r in xs) == 250 and len(xs) == 450
 
@@ -112,6 +124,16 @@ def test_the_head_learns_the_made_up_set_and_reloads_the_same(trained):
     again = m.Moderator(out).moderate(texts)
     assert [r["score"] for r in again] == [r["score"] for r in results]
     assert set(results[0]) == {"flagged", "score", "categories", "category_scores"}
+    strict = m.Moderator(out, threshold=0.999).moderate(texts)
+    assert all(r["flagged"] == (r["score"] >= 0.999) for r in strict)
+    assert sum(r["flagged"] for r in strict) <= sum(r["flagged"] for r in results)
+    with pytest.raises(m.ConfigError, match="between 0 and 1"):
+        m.Moderator(out, threshold=1.5)
+    assert set(json.loads((out / "report.json").read_text())["operating_points"]) == {
+        "0.50",
+        "0.70",
+        "0.90",
+    }
 
 
 def _cli(*args, env=None):
@@ -142,6 +164,7 @@ def test_cli_text_file_json_and_errors(trained, tmp_path):
         ((out, "--file", bad), 'bad.jsonl:2: no string field "text"'),
         ((out, "--file", big), "big.jsonl:1: 10,485,760 characters, over the limit of 100,000"),
         ((out,), "nothing to check"),
+        ((out, "hi", "--threshold", "2"), "--threshold must be between 0 and 1"),
         ((tmp_path, "hi"), "not a moderation model"),
         (("train",), "moderate train needs --out DIR"),
         (("train", "--out", tmp_path / "x", "--steps", "0"), "--steps must be >= 1"),
