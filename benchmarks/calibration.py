@@ -23,7 +23,6 @@ scores a log again without running the model.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import sys
@@ -35,30 +34,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_json, print_table  # noqa: E402
 
-from lmforge.infer.confidence import answer_with_confidence, auroc, normalize_answer  # noqa: E402
-from lmforge.rag.answer import SYSTEM, abstains  # noqa: E402
+from lmforge.infer.confidence import answer_with_confidence, auroc  # noqa: E402
+from lmforge.rag.answer import build_messages  # noqa: E402
+from lmforge.safety_suite import passage_hit, score_squad, squad_questions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def squad_questions(n: int) -> tuple[list[dict], dict[str, dict]]:
-    """The first n answerable and the first n unanswerable questions, interleaved (so a cut
-    run has both), and the passages by id."""
-    qa = [json.loads(x) for x in gzip.open(ROOT / "datasets/rag/qa/squad_v2_dev_qa.jsonl.gz")]
-    docs = [json.loads(x) for x in gzip.open(ROOT / "datasets/rag/docs/squad_passages.jsonl.gz")]
-    ans = [r for r in qa if not r["is_impossible"]][:n]
-    una = [r for r in qa if r["is_impossible"]][:n]
-    mixed = [r for pair in zip(ans, una) for r in pair] + ans[len(una) :] + una[len(ans) :]
-    return mixed, {d["id"]: d for d in docs}
-
-
 def gold_messages(row: dict, passage: dict) -> list[dict]:
     """rag ask's prompt with the question's own passage as source [1]."""
-    source = f"[1] {passage['title']}: {passage['text']}"
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"Sources:\n{source}\n\nQuestion: {row['question']}"},
-    ]
+    return build_messages(row["question"], [passage_hit(passage)])
 
 
 def run_squad(model, tok, n, methods, k, max_new_tokens, log) -> None:
@@ -79,31 +64,6 @@ def run_squad(model, tok, n, methods, k, max_new_tokens, log) -> None:
         log.flush()
         print(f"[{i}/{len(rows)}] {time.perf_counter() - t:.1f}s {out['answer'][:60]!r} "
               f"{ {m: out[m] for m in methods} }", flush=True)  # fmt: skip
-
-
-def score_squad(lines: list[dict]) -> dict:
-    ans = [r for r in lines if not r["is_impossible"]]
-    una = [r for r in lines if r["is_impossible"]]
-    for r in ans:
-        said = normalize_answer(r["answer"])
-        r["abstained"] = abstains(r["answer"])
-        r["correct"] = not r["abstained"] and any(normalize_answer(g) in said for g in r["golds"])
-    out = {
-        "n_answerable": len(ans),
-        "accuracy": sum(r["correct"] for r in ans) / len(ans) if ans else None,
-        "abstain_answerable": sum(r["abstained"] for r in ans) / len(ans) if ans else None,
-        "n_unanswerable": len(una),
-        "abstain_unanswerable": sum(abstains(r["answer"]) for r in una) / len(una) if una else None,
-    }
-    for m in ("logprob", "self_consistency"):
-        scored = [r for r in ans if r.get(m) is not None]
-        if scored and 0 < sum(r["correct"] for r in scored) < len(scored):
-            out[f"auroc_{m}"] = auroc([r[m] for r in scored], [r["correct"] for r in scored])
-            right = [r[m] for r in scored if r["correct"]]
-            wrong = [r[m] for r in scored if not r["correct"]]
-            out[f"mean_{m}_correct"] = sum(right) / len(right)
-            out[f"mean_{m}_wrong"] = sum(wrong) / len(wrong)
-    return out
 
 
 def run_truthfulqa(model, tok, limit: int) -> dict:
