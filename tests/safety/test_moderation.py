@@ -175,3 +175,28 @@ def test_cli_text_file_json_and_errors(trained, tmp_path):
             args,
             r.stderr,
         )
+
+
+@pytest.mark.slow  # the trained fixture
+def test_a_trained_head_behind_the_servers_policy(trained):
+    """serve/moderation.py's Policy opens a trained directory, caches verdicts by text and
+    agrees with the Moderator; a long text is read by its first and last window."""
+    import asyncio
+
+    pytest.importorskip("fastapi")
+    from lmforge.serve.moderation import Policy
+
+    out, _, _ = trained
+    policy = Policy(str(out), threshold=0.5)  # every made-up text fits in one window
+    assert policy.name == out.name and policy.moderator.threshold == 0.5
+    texts = [t for t, _, _ in MADE_UP]
+    direct = m.Moderator(out, threshold=0.5).moderate(texts)
+    assert [r["score"] for r in policy.results(texts)] == [r["score"] for r in direct]
+    assert len(policy._cache) == len(texts)
+    blocked = asyncio.run(policy.first_blocked(texts))
+    first = next((r for r in direct if r["flagged"]), None)
+    assert (blocked is None) == (first is None) and (blocked or {}).get("score") == (
+        first or {}
+    ).get("score")
+    policy.window = 40
+    assert policy.windows("x" * 100) == ["x" * 40] * 2 and policy.windows("short") == ["short"]
