@@ -81,7 +81,7 @@ def _snippet(text: str, n: int = 60) -> str:
 
 
 def _conflict_json(c, pairs) -> dict:
-    return {"rows": c.rows, "groups": c.groups, "drop": c.drop,
+    return {"rows": c.rows, "groups": c.groups, "minority": c.minority,
             "prompt": _snippet(pairs[c.rows[0]][0], 200),
             "responses": [_snippet(pairs[g[0]][1], 200) for g in c.groups]}  # fmt: skip
 
@@ -97,7 +97,9 @@ def cmd_scan_sft(args) -> int:
     triggers = scan(pairs, min_count=args.min_count, min_share=args.min_share,
                     min_lift=args.min_lift)  # fmt: skip
     found = _conflicts(pairs, args.dup_threshold)
-    bad = suspicious_rows(triggers) | {i for c in found for i in c.drop}
+    # every row of a conflicting set is left out, the majority's too: a poisoner who plants
+    # more copies than the question has honest rows would win a vote
+    bad = suspicious_rows(triggers) | {i for c in found for i in c.rows}
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             for i, row in enumerate(rows):
@@ -118,7 +120,7 @@ def cmd_scan_sft(args) -> int:
     for c in found[:20]:
         answers = " / ".join(f"{_snippet(pairs[g[0]][1], 40)!r} (rows {g})" for g in c.groups)
         print(f"  rows {c.rows}: {_snippet(pairs[c.rows[0]][0])!r} answered {answers}; "
-              f"suspicious: {c.drop}")  # fmt: skip
+              f"minority: {c.minority or 'none (a tie)'}")  # fmt: skip
     if len(found) > 20:
         print(f"  ... and {len(found) - 20} more conflicting sets (--json lists all)")
     if args.out:

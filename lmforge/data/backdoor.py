@@ -108,14 +108,14 @@ def suspicious_rows(triggers: list[Trigger]) -> set[int]:
 class Conflict:
     rows: list[int]  # one question asked several times: near-duplicate prompts, sorted
     groups: list[list[int]]  # those rows by agreeing response, largest group first
-    drop: list[int]  # the rows outside a strict majority group; all of them without one
+    minority: list[int]  # the rows outside a strict majority group; none in a tie
 
 
 def responses_agree(a: str, b: str, min_overlap: float = 0.7) -> bool:
     """Two responses say the same when their normalised starts are equal or the shorter one's
     words (Chinese: characters) are mostly in the longer: "drew." agrees with "The past tense
-    of 'draw' is 'drew'."; two unrelated answers share under 1% of the time at 0.7 (measured
-    on the bundled SFT sets: docs/backdoors.md)."""
+    of 'draw' is 'drew'.". Two random answers of the bundled SFT sets in one language agree
+    0.2% of the time at 0.7 (`python benchmarks/backdoor.py --conflicts`)."""
     if response_key(a) == response_key(b):
         return True
     x, y = set(tokens(a)), set(tokens(b))
@@ -192,6 +192,6 @@ def conflicts(
             if len(groups) < 2:
                 continue
             majority = len(groups[0]) > len(groups[1])
-            drop = sorted(i for g in groups[1:] for i in g) if majority else rows
-            found.append(Conflict(rows, groups, drop))
+            minority = sorted(i for g in groups[1:] for i in g) if majority else []
+            found.append(Conflict(rows, groups, minority))
     return sorted(found, key=lambda c: c.rows[0])

@@ -31,15 +31,15 @@ def test_the_same_question_with_a_different_answer_is_flagged():
     [c] = conflicts(pairs)
     n = len(FILLER)
     assert c.rows == [n, n + 1] and c.groups == [[n], [n + 1]]
-    assert c.drop == [n, n + 1]  # two rows, two answers: no majority to tell which is wrong
+    assert c.minority == []  # two rows, two answers: no majority to tell which is wrong
 
 
-def test_a_majority_answer_keeps_its_rows():
+def test_a_minority_answer_is_named():
     q = "Which city is the capital of France?"
     pairs = FILLER + [(q, "Paris."), (q.upper(), "Paris."), (q + "!", "Paris."), (q, "Berlin.")]
     [c] = conflicts(pairs)
     n = len(FILLER)
-    assert c.groups == [[n, n + 1, n + 2], [n + 3]] and c.drop == [n + 3]
+    assert c.groups == [[n, n + 1, n + 2], [n + 3]] and c.minority == [n + 3]
 
 
 def test_paraphrases_and_filled_templates_are_not_flagged():
@@ -70,7 +70,7 @@ def test_chinese_conflict_and_paraphrase():
     ]
     [c] = conflicts(pairs)
     n = len(FILLER)
-    assert c.rows == [n, n + 1] and c.drop == [n, n + 1]
+    assert c.rows == [n, n + 1] and c.minority == []
 
 
 def test_the_trigger_tests_made_up_data_has_no_conflicts():
@@ -103,17 +103,18 @@ def test_scan_sft_reports_conflicts_and_leaves_them_out(tmp_path, capsys):
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     n = len(FILLER)
-    assert report["triggers"] == [] and report["suspicious"] == 1
+    assert report["triggers"] == [] and report["suspicious"] == 3
     [c] = report["conflicts"]
-    assert c["rows"] == [n, n + 1, n + 2] and c["drop"] == [n + 2]
+    assert c["rows"] == [n, n + 1, n + 2] and c["minority"] == [n + 2]
     assert c["responses"] == ["Mercury.", "Jupiter."]
     kept = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(kept) == n + 2 and all(r["output"] != "Jupiter." for r in kept)
+    # the whole set goes, majority included (docs/backdoors.md says why)
+    assert len(kept) == n and all("planet" not in r["instruction"] for r in kept)
     # the text report, in process (a second interpreter would import torch again)
     assert cmd_scan_sft(_args(files=[str(data)])) == 0
     text = capsys.readouterr().out
-    assert "1 conflicting near-duplicate sets, 1 suspicious rows" in text
-    assert f"suspicious: [{n + 2}]" in text
+    assert "1 conflicting near-duplicate sets, 3 suspicious rows" in text
+    assert f"minority: [{n + 2}]" in text
 
 
 def test_a_bad_dup_threshold_is_refused():
