@@ -208,6 +208,8 @@ def evaluate_truthfulqa_gen(
     TruthfulQA's fine-tuned GPT-judge, which this project does not have."""
     all_rows = load_truthfulqa(path)
     rows = all_rows[:limit]
+    if not rows:
+        raise ConfigError(f"truthfulqa_gen: no questions to score (limit {limit})")
     bos = [tok.bos_id] if tok.prepend_bos else []
     per_q: list[dict] = []
     samples = []
