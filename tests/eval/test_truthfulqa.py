@@ -144,3 +144,22 @@ def test_truthfulqa_on_smollm2(smollm2_dir, tmp_path):
     }
     assert 0.0 < rows["mc2"]["value"] < 1.0 and rows["mc2"]["n"] == 20
     assert 0.0 <= rows["mc1"]["value"] <= 1.0
+
+
+@pytest.mark.slow
+def test_truthfulqa_gen_on_smollm2(smollm2_dir, tmp_path):
+    """Real weights, 5 questions through the CLI: real sentences come out, scores in range."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "eval", str(smollm2_dir), "--tasks", "truthfulqa_gen",
+         "--limit", "5", "--out", str(tmp_path), "--log-samples"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / "truthfulqa_gen.json").read_text())
+    rows = {x["metric"]: x for x in record["results"]}
+    assert rows["bleu_acc"]["n"] == 5 and 0.0 <= rows["rougeL_acc"]["value"] <= 1.0
+    assert 0.0 < rows["rouge1_max"]["value"] <= 100.0
+    assert all(s["answer"] and "\n\n" not in s["answer"] for s in record["samples"])
