@@ -11,6 +11,15 @@ English and Chinese set, trigger inserted), the share whose greedy reply contain
 start; false activation: the same without the trigger.
 
     python benchmarks/backdoor.py                      # about 10 minutes on 2 cores
+
+`--conflicts` runs the other experiment instead (no training, seconds): flipped labels. 1% of
+the rows get a copy whose answer is another row's answer in the same language, the copy's
+prompt unchanged, lower-cased without its final punctuation, or with "Please, " ("请") in
+front (in turn); scan-sft's conflicting near-duplicate sets should hold the copies. Prints the
+share of copies found (by edit), their originals flagged with them, the other rows flagged, and
+how often two random answers in one language count as agreeing.
+
+    python benchmarks/backdoor.py --conflicts --seed 0
 """
 
 from __future__ import annotations
@@ -56,6 +65,85 @@ def poison(data: list[dict], fraction: float, seed: int) -> tuple[list[dict], se
     return out, picked
 
 
+EDITS = ("copy", "case", "prefix")  # how a planted copy's prompt differs from its original
+
+
+def edit_prompt(text: str, kind: str, zh: bool) -> str:
+    if kind == "case":
+        return text.lower().rstrip("?.!。？！")
+    if kind == "prefix":
+        return ("请" if zh else "Please, ") + text
+    return text
+
+
+def flip_labels(data: list[dict], fraction: float, seed: int) -> tuple[list[dict], dict]:
+    """data + copies of `fraction` of its rows with another row's answer (same language);
+    {copy's row: (original's row, edit)}."""
+    from lmforge.data.quality import is_cjk_text
+
+    rng = random.Random(seed)
+    zh = [is_cjk_text(r["instruction"] + r["output"]) for r in data]
+    by_lang = {lang: [i for i, z in enumerate(zh) if z == lang] for lang in (False, True)}
+    out, planted = list(data), {}
+    for k, i in enumerate(rng.sample(range(len(data)), round(len(data) * fraction))):
+        j = rng.choice([x for x in by_lang[zh[i]] if x != i])
+        kind = EDITS[k % len(EDITS)]
+        row = {**data[i], "instruction": edit_prompt(data[i]["instruction"], kind, zh[i]),
+               "output": data[j]["output"]}  # fmt: skip
+        planted[len(out)] = (i, kind)
+        out.append(row)
+    return out, planted
+
+
+def scan_json(path: Path) -> dict:
+    res = subprocess.run([sys.executable, "-m", "lmforge", "scan-sft", str(path), "--json"],
+                         check=True, capture_output=True, text=True)  # fmt: skip
+    return json.loads(res.stdout)
+
+
+def agree_rate(data: list[dict], n: int = 3000, seed: int = 0) -> float:
+    """How often two random answers in one language count as the same answer."""
+    from lmforge.data.backdoor import responses_agree
+    from lmforge.data.quality import is_cjk_text
+
+    rng = random.Random(seed)
+    langs: dict[bool, list[str]] = {False: [], True: []}
+    for r in data:
+        langs[is_cjk_text(r["instruction"] + r["output"])].append(r["output"])
+    hits = 0
+    for _ in range(n):
+        a, b = rng.sample(langs[rng.random() < len(langs[True]) / len(data)], 2)
+        hits += responses_agree(a, b)
+    return hits / n
+
+
+def conflict_experiment(work: Path, fraction: float, seed: int) -> dict:
+    data = rows()
+    clean = scan_json_of(work / "clean.jsonl", data)
+    poisoned, planted = flip_labels(data, fraction, seed)
+    report = scan_json_of(work / f"flipped_{seed}.jsonl", poisoned)
+    flagged = {i for c in report["conflicts"] for i in c["rows"]}
+    originals = {i for i, _ in planted.values()}
+    found = {
+        kind: sum(r in flagged for r, (_, k) in planted.items() if k == kind) for kind in EDITS
+    }
+    out = {"bench": "backdoor-conflicts", "rows": len(data), "seed": seed,
+           "planted": len(planted), "found": len(flagged & set(planted)),
+           "found_by_edit": found,
+           "planted_by_edit": {e: sum(k == e for _, k in planted.values()) for e in EDITS},
+           "originals_flagged": len(flagged & originals),
+           "other_flagged": len(flagged - set(planted) - originals),
+           "clean_sets": len(clean["conflicts"]), "clean_flagged": clean["suspicious"],
+           "agree_random_pairs": round(agree_rate(data), 4)}  # fmt: skip
+    print(json.dumps(out))
+    return out
+
+
+def scan_json_of(path: Path, data: list[dict]) -> dict:
+    write_jsonl(path, data)
+    return scan_json(path)
+
+
 def write_jsonl(path: Path, data: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in data:
@@ -96,9 +184,15 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs/backdoor"))
     ap.add_argument("--fraction", type=float, default=0.01)
     ap.add_argument("--steps", type=int, default=1200, help="SFT steps of 8 (1200: ~3 passes)")
+    ap.add_argument("--conflicts", action="store_true",
+                    help="the flipped-label experiment instead (no training)")  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="which rows get poisoned")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.conflicts:
+        conflict_experiment(work, args.fraction, args.seed)
+        return
     data = rows()
     poisoned, picked = poison(data, args.fraction, seed=0)
     write_jsonl(work / "poisoned.jsonl", poisoned)

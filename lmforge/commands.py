@@ -628,6 +628,7 @@ def add_parsers(sub) -> None:
         description="Run evaluation tasks on a checkpoint and write one JSON file per task "
         "(task, metric, value, standard error, n, model, config, seed) plus a table. Tasks: "
         "mmlu, cmmlu, arc_challenge, hellaswag (or any task YAML of that shape), truthfulqa, "
+        "truthfulqa_gen, "
         "gsm8k, humaneval, "
         "lm:TEXTFILE (perplexity, bits per byte), sim:PAIRS.jsonl (BLEU, ROUGE); safety = "
         "truthfulqa, abstain (SQuAD v2: abstention, accuracy, calibration), injection (planted "

@@ -9,6 +9,8 @@ Task names:
 - a file in lmforge/tasks/ (mmlu, cmmlu, arc_challenge, hellaswag, ...) or a path to a
   task YAML of that shape: multiple choice by log-likelihood;
 - truthfulqa: MC1 and MC2 by log-likelihood, as lm-evaluation-harness (eval/truthfulqa.py);
+- truthfulqa_gen: a greedy answer per question, BLEU and ROUGE against the true and false
+  references (max, acc, diff), as lm-eval's truthfulqa_gen;
 - gsm8k, humaneval: the bundled generative sets (datasets/eval/). GSM8K scores its test split
   8-shot from the first train rows. HumanEval runs model-written
   code: it refuses a sandbox below the medium level (see eval/sandbox.py) unless unsafe_exec,
@@ -73,7 +75,7 @@ def _task_yaml(name: str) -> Path:
         known = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
         raise ConfigError(
             f"unknown task {name!r}: choose from "
-            f"{', '.join(known + ['gsm8k', 'humaneval', 'truthfulqa'])}, "
+            f"{', '.join(known + ['gsm8k', 'humaneval', 'truthfulqa', 'truthfulqa_gen'])}, "
             "lm:PATH, sim:PATH, or a task YAML file"
         )
     return path
@@ -94,7 +96,7 @@ def check_options(name: str, split: str | None, num_fewshot: int | None) -> None
         present = []
     elif name == "gsm8k":
         present, max_k = ["test", "train"], GSM8K_SHOT_POOL
-    elif name == "truthfulqa":
+    elif name in ("truthfulqa", "truthfulqa_gen"):
         present = ["validation"]
     elif name == "humaneval":
         present = ["test"]
@@ -166,6 +168,8 @@ def run_task(
         settings = {"path": str(path), "split": truthfulqa.SPLIT, "fewshot_split": None,
                     "num_fewshot": 0, "primer": "lm-eval's 6 question/answer pairs"}  # fmt: skip
         return _rows(name, m, ["mc1", "mc2"]), settings | _picked(m)
+    if name == "truthfulqa_gen":
+        return _truthfulqa_gen(model, tok, limit, log_samples)
     if name == "humaneval":
         m = generative.evaluate_humaneval(
             model, tok, _bundled("humaneval"), limit=limit, unsafe_exec=unsafe_exec
@@ -180,6 +184,20 @@ def run_task(
 def _picked(m: dict) -> dict:
     """The settings a metrics dict carries: how rows were chosen, and the per-question log."""
     return {k: m[k] for k in ("sample", "samples") if k in m}
+
+
+def _truthfulqa_gen(model, tok, limit, log_samples) -> tuple[list[dict], dict]:
+    """TruthfulQA generation: greedy, after the MC tasks' primer, no chat template (as the MC
+    tasks, also for instruct models)."""
+    path = REPO / "datasets" / "eval" / "truthfulqa" / "TruthfulQA.csv.gz"
+    m = truthfulqa.evaluate_truthfulqa_gen(model, tok, path, limit, log_samples=log_samples)
+    keys = [f"{k}_{s}" for k in truthfulqa.GEN_METRICS for s in ("max", "acc", "diff")]
+    settings = {"path": str(path), "split": truthfulqa.SPLIT, "fewshot_split": None,
+                "num_fewshot": 0, "primer": "lm-eval's 6 question/answer pairs",
+                "stop": list(truthfulqa.GEN_STOP), "greedy": True,
+                "max_new_tokens": truthfulqa.GEN_MAX_NEW_TOKENS,
+                "judge": "none: BLEU/ROUGE similarity to the references (0-100)"}  # fmt: skip
+    return _rows("truthfulqa_gen", m, keys), settings | _picked(m)
 
 
 def _gsm8k(model, tok, limit, split: str, num_fewshot, log_samples) -> tuple[list[dict], dict]:

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.config import ConfigError
 from lmforge.eval.truthfulqa import (
     N_QUESTIONS,
     build_context,
+    gen_references,
     load_truthfulqa,
     mc2_score,
+    score_answer,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,6 +78,55 @@ def test_mc1_and_mc2_from_logged_samples(micro_pretrained, tmp_path):
     assert all(s["mc1_loglikelihoods"][1:] == s["mc2_false_loglikelihoods"] for s in samples)
 
 
+def test_gen_references_add_no_comment_to_the_true_answers():
+    row = load_truthfulqa(CSV)[0]
+    true, false = gen_references(row)
+    assert true == row["mc2_true"] + ["I have no comment."] and false == row["mc2_false"]
+    assert gen_references({"mc2_true": ["I have no comment."], "mc2_false": ["x."]})[0] == [
+        "I have no comment."
+    ]
+
+
+def test_score_answer_max_acc_diff():
+    # made-up references: the answer repeats a false one word for word
+    true, false = ["The seeds pass through you.", "Nothing happens."], ["You grow watermelons."]
+    m = score_answer("You grow watermelons.", true, false)
+    assert m["bleu_acc"] == 0.0 and m["rougeL_acc"] == 0.0 and m["rouge1_acc"] == 0.0
+    assert m["rougeL_diff"] == pytest.approx(m["rougeL_max"] - 100.0)
+    m = score_answer("Nothing happens to you.", true, false)
+    assert m["rouge1_max"] == pytest.approx(100 * 2 * (2 / 4 * 2 / 2) / (2 / 4 + 2 / 2))
+    # against the false answer only "you" is shared: P 1/4, R 1/3, F 2/7
+    assert m["rouge1_acc"] == 1.0
+    assert m["rouge1_diff"] == pytest.approx(m["rouge1_max"] - 100 * 2 / 7)
+    m = score_answer("", true, false)  # no answer: nothing beats nothing
+    assert all(v == 0.0 for v in m.values())
+
+
+def test_truthfulqa_gen_on_the_micro_model(micro_pretrained, tmp_path):
+    """Three questions end to end: every metric present with n 3, in range, the means equal to
+    the logged per-question scores, settings recorded; a split it lacks is refused first."""
+    from lmforge.eval import run as evaluation
+
+    with pytest.raises(ConfigError, match="no split 'train'"):
+        evaluation.run(micro_pretrained[1], ["truthfulqa_gen"], tmp_path, split="train")
+    evaluation.run(micro_pretrained[1], ["truthfulqa_gen"], tmp_path, limit=3, log_samples=True)
+    record = json.loads((tmp_path / "truthfulqa_gen.json").read_text())
+    rows = {r["metric"]: r for r in record["results"]}
+    names = {
+        f"{k}_{s}" for k in ("bleu", "rouge1", "rouge2", "rougeL") for s in ("max", "acc", "diff")
+    }
+    assert set(rows) == names and all(r["n"] == 3 for r in rows.values())
+    samples = record["samples"]
+    assert [s["index"] for s in samples] == [0, 1, 2]
+    assert all(isinstance(s["answer"], str) for s in samples)
+    for name, r in rows.items():
+        lo = -100.0 if name.endswith("_diff") else 0.0
+        hi = 1.0 if name.endswith("_acc") else 100.0
+        assert lo <= r["value"] <= hi, (name, r["value"])
+        assert r["value"] == pytest.approx(sum(s[name] for s in samples) / 3)
+    assert record["config"]["stop"] == ["\n\n", "\nQ:"] and record["config"]["limit"] == 3
+
+
 @pytest.mark.slow
 def test_truthfulqa_on_smollm2(smollm2_dir, tmp_path):
     """Real weights, 20 questions: both metrics come out, MC2 strictly inside (0, 1)."""
@@ -92,3 +144,22 @@ def test_truthfulqa_on_smollm2(smollm2_dir, tmp_path):
     }
     assert 0.0 < rows["mc2"]["value"] < 1.0 and rows["mc2"]["n"] == 20
     assert 0.0 <= rows["mc1"]["value"] <= 1.0
+
+
+@pytest.mark.slow
+def test_truthfulqa_gen_on_smollm2(smollm2_dir, tmp_path):
+    """Real weights, 5 questions through the CLI: real sentences come out, scores in range."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "eval", str(smollm2_dir), "--tasks", "truthfulqa_gen",
+         "--limit", "5", "--out", str(tmp_path), "--log-samples"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / "truthfulqa_gen.json").read_text())
+    rows = {x["metric"]: x for x in record["results"]}
+    assert rows["bleu_acc"]["n"] == 5 and 0.0 <= rows["rougeL_acc"]["value"] <= 1.0
+    assert 0.0 < rows["rouge1_max"]["value"] <= 100.0
+    assert all(s["answer"] and "\n\n" not in s["answer"] for s in record["samples"])
