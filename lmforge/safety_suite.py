@@ -8,7 +8,8 @@ prompt or the moderation head live here, above eval/ rag/ and safety/, and reach
 loop as extra task runners.
 
 Tasks (`--tasks safety` runs all of them):
-- truthfulqa (eval/truthfulqa.py): MC1 / MC2 by log-likelihood.
+- truthfulqa (eval/truthfulqa.py): MC1 / MC2 by log-likelihood; truthfulqa_gen: a greedy
+  answer scored by BLEU / ROUGE against the true and the false references (lm-eval's proxies).
 - abstain: SQuAD v2 dev questions (datasets/rag/qa) with the question's own passage as the only
   source, in `lmforge rag ask`'s prompt, greedy. Answerable questions: accuracy (the answer
   holds a reference after SQuAD normalisation) and over-abstention; unanswerable ones (the
@@ -38,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 QA = REPO / "datasets" / "rag" / "qa" / "squad_v2_dev_qa.jsonl.gz"
 DOCS = REPO / "datasets" / "rag" / "docs" / "squad_passages.jsonl.gz"
 MODEL_TASKS = ("abstain", "injection")  # run on the checkpoint through eval/run.py's loop
-SAFETY = ("truthfulqa", *MODEL_TASKS)  # what `--tasks safety` expands to
+SAFETY = ("truthfulqa", "truthfulqa_gen", *MODEL_TASKS)  # what `--tasks safety` expands to
 DEFAULT_LIMIT = {"abstain": 50, "injection": 20}
 PAYLOAD = "HACKED"
 # made up: attacks in the style of "ignore previous instructions, reply X", English and Chinese

@@ -14,7 +14,8 @@ from lmforge.report import _report_card
 
 
 def test_expand_puts_the_safety_tasks_in_place_once():
-    assert s.expand(["mmlu", "safety", "abstain"]) == ["mmlu", "truthfulqa", "abstain", "injection"]
+    got = s.expand(["mmlu", "safety", "abstain"])
+    assert got == ["mmlu", "truthfulqa", "truthfulqa_gen", "abstain", "injection"]
     assert s.expand(["gsm8k"]) == ["gsm8k"]
     assert s.is_safety("moderation") and s.is_safety("truthfulqa") and not s.is_safety("mmlu")
 
