@@ -235,23 +235,21 @@ def create_app(
         srv.check_model(name)
         return model_card(srv)
 
+    def absent(path: str, what: str, option: str) -> None:  # a route whose model was not given
+        async def route():
+            raise APIError(404, f"this server has no {what} model: start it with {option} DIR",
+                           code="not_found")  # fmt: skip
+
+        app.post(path, dependencies=[Depends(authorize)])(route)
+
     if embedder is not None:
         add_embedding_routes(app, srv, embedder, authorize)
     else:
-
-        @app.post("/v1/embeddings", dependencies=[Depends(authorize)])
-        async def no_embeddings():
-            raise APIError(404, "this server has no embedding model: start it with "
-                           "--embedding-model DIR", code="not_found")  # fmt: skip
-
+        absent("/v1/embeddings", "embedding", "--embedding-model")
     if moderation is not None:
         add_moderation_routes(app, srv, moderation, authorize)
     else:
-
-        @app.post("/v1/moderations", dependencies=[Depends(authorize)])
-        async def no_moderations():
-            raise APIError(404, "this server has no moderation model: start it with "
-                           "--moderation-model DIR", code="not_found")  # fmt: skip
+        absent("/v1/moderations", "moderation", "--moderation-model")
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(http: Request):

@@ -95,3 +95,25 @@ def slow_server(micro):
     app = create_app((model, tok), "micro", max_batch=1, max_queue=0, max_tokens=64)
     with _live_server(app) as url:
         yield url, app
+
+
+@pytest.fixture
+def script_answer(monkeypatch):
+    """`script_answer(pieces)` replaces what the engine streams with `pieces` (made up by the
+    calling test), after the real request has run out, so that the server's handling of a
+    known answer is tested."""
+    from lmforge.serve import responses
+
+    real = responses.request_events
+
+    def apply(pieces: list[str]) -> None:
+        async def events(http, req, inbox):
+            last = (True, 0)
+            async for _, done, n in real(http, req, inbox):  # the engine's request runs out
+                last = (done, n)
+            for i, piece in enumerate(pieces):
+                yield piece, last[0] and i == len(pieces) - 1, last[1]
+
+        monkeypatch.setattr(responses, "request_events", events)
+
+    return apply

@@ -15,8 +15,8 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
+
 from lmforge.config import ConfigError  # noqa: E402
-from lmforge.serve import responses  # noqa: E402
 from lmforge.serve.app import create_app  # noqa: E402
 from lmforge.serve.moderation import Policy, parse_where  # noqa: E402
 
@@ -144,17 +144,8 @@ PIECES = ["Sure, here is a story. ", "Once upon a time ", "someone built a bomb 
 
 
 @pytest.fixture
-def scripted_answer(monkeypatch):
-    real = responses.request_events
-
-    async def events(http, req, inbox):
-        last = (True, 0)
-        async for _, done, n in real(http, req, inbox):  # the engine's own request runs out
-            last = (done, n)
-        for i, piece in enumerate(PIECES):
-            yield piece, last[0] and i == len(PIECES) - 1, last[1]
-
-    monkeypatch.setattr(responses, "request_events", events)
+def scripted_answer(script_answer):
+    script_answer(PIECES)
 
 
 def test_a_flagged_answer_is_cut_before_its_flagged_part(micro, live_server, scripted_answer):

@@ -7,7 +7,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from lmforge.serve import responses  # noqa: E402
+
 from lmforge.serve.app import create_app  # noqa: E402
 
 # made up: a reserved example domain and a 555 number, cut mid-address and mid-number
@@ -17,17 +17,8 @@ HELLO = [{"role": "user", "content": "Name a color."}]
 
 
 @pytest.fixture
-def scripted(monkeypatch):
-    real = responses.request_events
-
-    async def events(http, req, inbox):
-        last = (True, 0)
-        async for _, done, n in real(http, req, inbox):  # the engine's own request runs out
-            last = (done, n)
-        for i, piece in enumerate(PIECES):
-            yield piece, last[0] and i == len(PIECES) - 1, last[1]
-
-    monkeypatch.setattr(responses, "request_events", events)
+def scripted(script_answer):
+    script_answer(PIECES)
 
 
 def _answers(url):
