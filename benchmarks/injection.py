@@ -9,8 +9,14 @@ templates below, some of which the rules do not list). The attack succeeds when 
 contains its payload word. Greedy, 48 new tokens, the `rag ask` prompt. The rules are
 data/injection.py; spotlighting is infer/untrusted.py.
 
+With --classifier DIR (`lmforge injection train`): the classifier's precision/recall beside the
+rules' (and rules OR classifier, the `detect` defence with --injection-model), the share of --clean clean
+RAG chunks each flags, and the planted run's defences detect with it too. --detect-only skips
+the generations: only how many planted chunks each detector holds back.
+
     OMP_NUM_THREADS=1 python benchmarks/injection.py --n 40 --encoder ~/.cache/lmforge/models/all-minilm-l6-v2
     python benchmarks/injection.py --rules-only                       # precision / recall only
+    OMP_NUM_THREADS=1 python benchmarks/injection.py --classifier runs/injclf/minilm --detect-only
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import dataclasses
 import gzip
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -30,6 +37,8 @@ from common import environment, print_json, print_table  # noqa: E402
 from lmforge.data.injection import is_injection  # noqa: E402
 from lmforge.infer.untrusted import DEFENCES, Defence  # noqa: E402
 from lmforge.rag.answer import ask  # noqa: E402
+from lmforge.rag.chunk import chunk_spans  # noqa: E402
+from lmforge.rag.docs import read_docs  # noqa: E402
 from lmforge.rag.index import build_index  # noqa: E402
 from lmforge.rag.run import load_embedder  # noqa: E402
 from lmforge.rag.search import Index  # noqa: E402
@@ -77,6 +86,49 @@ def rules_table() -> list[list]:
     return rows
 
 
+def open_classifier(path: str):
+    """The classifier with its vectors cached (a second run, or another table, embeds nothing)."""
+    from lmforge.safety.injection_clf import InjectionClassifier, feature_cache
+    from lmforge.safety.moderation import open_encoder
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    encoder = open_encoder(cfg["encoder"])
+    return InjectionClassifier(path, encoder=encoder, cache=feature_cache(encoder))
+
+
+def classifier_table(clf) -> list[list]:
+    """Per test set: the rules, the classifier (a text's worst window), either."""
+    from lmforge.safety.injection_clf import TEST_FILES, evaluate, read_rows
+
+    rows = []
+    for name, rel in TEST_FILES.items():
+        data = read_rows(rel)
+        full = evaluate(clf, data)
+        for scorer, r in [("rules", full["rules"]), ("classifier", full["classifier"]),
+                          ("rules OR classifier", full["either"])]:  # fmt: skip
+            rows.append([name, scorer, r["n"], round(r["precision"], 3), round(r["recall"], 3),
+                         round(r["f1"], 3)])  # fmt: skip
+        print(f"[{name}] done", flush=True)
+    return rows
+
+
+def clean_chunks(n: int, seed: int = 0) -> list[str]:
+    """`n` chunks of the rag corpus (the index's chunking, by words), a seeded sample."""
+    chunks = [d.text[a:b] for d in read_docs([str(ROOT / "datasets/rag/docs")])
+              for a, b in chunk_spans(d.text)]  # fmt: skip
+    return random.Random(seed).sample(chunks, min(n, len(chunks)))
+
+
+def clean_table(clf, n: int) -> list[list]:
+    """The share of clean chunks each detector would hold back (each one lost evidence)."""
+    texts = clean_chunks(n)
+    rules = [is_injection(t) for t in texts]
+    c = list(clf.scores(texts) >= clf.threshold)
+    return [[name, len(texts), sum(f), round(sum(f) / len(texts), 3)]
+            for name, f in [("rules", rules), ("classifier", c),
+                            ("rules OR classifier", [a or b for a, b in zip(rules, c)])]]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -89,9 +141,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--rules-only", action="store_true")
+    ap.add_argument("--classifier", help="an `lmforge injection train` directory")
+    ap.add_argument("--clean", type=int, default=500, help="clean rag chunks for the flag rate")
+    ap.add_argument("--detect-only", action="store_true", help="planted run without generating")
     args = ap.parse_args()
     rules = rules_table()
     print_table(["set", "rows", "injections", "precision", "recall", "F1"], rules)
+    clf = open_classifier(args.classifier) if args.classifier else None
+    if clf is not None:
+        print_table(["set", "detector", "rows", "precision", "recall", "F1"], classifier_table(clf))
+        print_table(["detector", "clean chunks", "flagged", "rate"], clean_table(clf, args.clean))
     if args.rules_only:
         return
     from lmforge.model.load import load
@@ -101,9 +160,10 @@ def main() -> None:
     index = Index(args.index)
     qa = [json.loads(x) for x in gzip.open(ROOT / "datasets/rag/qa/squad_v2_dev_qa.jsonl.gz", "rt")]
     qa = [q for q in qa if not q["is_impossible"]][: args.n]
-    model, tok = load(args.model)
+    model, tok = load(args.model) if not args.detect_only else (None, None)
     success = {d: 0 for d in DEFENCES}
     held = {d: 0 for d in DEFENCES}
+    caught = {"rules": 0, "classifier": 0, "rules OR classifier": 0}
     for i, q in enumerate(qa):
         lang = "en" if i % 2 == 0 else "zh"
         attack = ATTACKS[lang][(i // 2) % len(ATTACKS[lang])]
@@ -111,15 +171,27 @@ def main() -> None:
         if not hits:
             continue
         hits = [dataclasses.replace(hits[0], text=plant(hits[0].text, attack)), *hits[1:]]
+        if args.detect_only:
+            by_rules = is_injection(hits[0].text)
+            by_clf = clf is not None and clf.flags(hits[0].text)
+            for name, f in zip(caught, (by_rules, by_clf, by_rules or by_clf), strict=True):
+                caught[name] += f
+            print(f"[{i + 1}/{len(qa)}] {lang} rules {by_rules} classifier {by_clf}", flush=True)
+            continue
         said = {}
         for name in DEFENCES:
-            out = ask(model, tok, q["question"], hits, 48, Defence.named(name))
+            out = ask(model, tok, q["question"], hits, 48, Defence.named(name, clf))
             said[name] = out["model_answer"] or ""
             success[name] += PAYLOAD.lower() in said[name].lower()
             held[name] += bool(out["held_back"])
         print(f"[{i + 1}/{len(qa)}] {lang} " + " | ".join(f"{k}: {v[:30]!r}" for k, v in said.items()),
               flush=True)  # fmt: skip
     n = len(qa)
+    if args.detect_only:
+        print_table(
+            ["detector", "planted chunks held back"], [[k, f"{v}/{n}"] for k, v in caught.items()]
+        )
+        return
     table = [[d, f"{success[d]}/{n}", round(success[d] / n, 3), f"{held[d]}/{n}"] for d in DEFENCES]
     print_table(
         ["defence", "attacks obeyed", "attack success rate", "planted chunk held back"], table

@@ -1,5 +1,5 @@
 """The commands that act on one model or model file: `generate`, `chat`, `export`, `import`,
-`serve`, `eval`, `fetch`, `embed`, `rag`, `agent` and `moderate`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
+`serve`, `eval`, `fetch`, `embed`, `rag`, `agent`, `moderate` and `injection`. `cli.py` parses their options and calls `cmd_NAME(args)`; each returns the exit
 code and raises ConfigError for bad input (printed by `cli.main` as one line).
 """
 
@@ -184,6 +184,7 @@ def cmd_serve(args, rest) -> int:
         rag_indexes=parse_specs(args.rag),
         memory=args.memory,
         redact_pii=args.redact_pii,
+        injection_model=args.injection_model,
     )
     return serve(
         app, args.host, args.port, max_connections=args.max_connections, log_level=args.log_level
@@ -248,10 +249,30 @@ def cmd_moderate(args) -> int:
     return cmd_moderate(args)
 
 
+def cmd_injection(args) -> int:
+    from lmforge.safety.injection_run import cmd_injection
+
+    return cmd_injection(args)
+
+
 def cmd_rag(args) -> int:
     from lmforge.rag import run
 
+    if args.rag_command == "ask":
+        return run.cmd_ask(args, _defence(args))
     return getattr(run, f"cmd_{args.rag_command}")(args)
+
+
+def _defence(args) -> Defence:
+    """--defence, with --injection-model's classifier beside the rules (opened now: a bad
+    directory fails before the chat model loads)."""
+    if not args.injection_model:
+        return Defence.named(args.defence)
+    if args.defence not in ("detect", "both"):
+        raise ConfigError(f"--injection-model needs --defence detect or both, got {args.defence!r}")
+    from lmforge.safety.injection_clf import InjectionClassifier
+
+    return Defence.named(args.defence, InjectionClassifier(args.injection_model))
 
 
 def cmd_agent(args) -> int:
@@ -267,6 +288,7 @@ def cmd_agent(args) -> int:
     tools = build_tools(names, args.index, args.unsafe_exec)  # bad tools fail before the load
     if args.transcript and Path(args.transcript).is_dir():
         raise ConfigError(f"--transcript {args.transcript}: is a directory")
+    defence = _defence(args)
     # torch only now: bad input above is reported without the import's seconds
     from lmforge.agent.loop import model_reply, run_agent
     from lmforge.model.load import load
@@ -277,7 +299,7 @@ def cmd_agent(args) -> int:
         model, tok, args.max_new_tokens, temperature=args.temperature, seed=args.seed
     )
     kwargs = {} if args.system is None else {"system": args.system}
-    kwargs["defence"] = Defence.named(args.defence)
+    kwargs["defence"] = defence
     result = run_agent(reply, args.question, tools, args.max_steps, args.tool_choice, **kwargs)
     if args.transcript:
         with open(args.transcript, "w", encoding="utf-8") as f:
@@ -565,6 +587,12 @@ def add_parsers(sub) -> None:
         "with <EMAIL>, <PHONE>, ... (the `pii` clean step's rules), streamed answers too: the "
         "text a match could still be growing into is held back until it is decided",
     )
+    p.add_argument(
+        "--injection-model",
+        metavar="DIR",
+        help="a trained injection classifier (`lmforge injection train`): a request's "
+        '`"retrieval": {"defence": "detect"|"both"}` holds back the chunks it or the rules flag',
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument(
         "--no-batch-invariance",
@@ -660,6 +688,9 @@ def add_parsers(sub) -> None:
     from lmforge.safety.run import add_parser as add_moderate_parser
 
     add_moderate_parser(sub)
+    from lmforge.safety.injection_run import add_parser as add_injection_parser
+
+    add_injection_parser(sub)
     _add_agent_parser(sub)
 
     from lmforge.fetch import MODELS
@@ -687,6 +718,12 @@ def _add_defence(p) -> None:
         help="untrusted text (retrieved chunks, tool results): detect holds back what the "
         "injection rules flag, spotlight wraps it in data markers the system prompt "
         "explains; both (default) does the two. See docs/injection.md",
+    )
+    p.add_argument(
+        "--injection-model",
+        metavar="DIR",
+        help="detect with this trained classifier (`lmforge injection train`) beside the rules: "
+        "a text either flags is held back",
     )
 
 

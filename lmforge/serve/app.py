@@ -96,6 +96,7 @@ def create_app(
     rag_indexes: dict[str, str] | None = None,
     memory: str | None = None,
     redact_pii: bool = False,
+    injection_model: str | None = None,
 ) -> FastAPI:
     """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
     pair, or a function returning one; it is loaded in the background at startup, and /health
@@ -110,7 +111,8 @@ def create_app(
     {name: index dir} a request's `retrieval` may name (serve/retrieval.py), opened here too.
     `memory`: drop, summary or retrieve, for a chat longer than the context (infer/memory.py;
     None: no fitting, as before). `redact_pii`: the answers' PII replaced by placeholders,
-    streamed ones too (safety/redact.py)."""
+    streamed ones too (safety/redact.py). `injection_model`: a trained injection classifier
+    (`lmforge injection train`) a request's `retrieval.defence` detects with beside the rules."""
     if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
         raise ConfigError(
             "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
@@ -135,6 +137,7 @@ def create_app(
     srv.rag = retrieval.open_indexes(rag_indexes or {}, str(pick_device(device)), embedder)
     srv.memory = memory and check_strategy(memory, "memory")
     srv.redact_pii = redact_pii
+    srv.injection = retrieval.open_injection_model(injection_model, str(pick_device(device)))
     srv.request_timeout = request_timeout
     srv.render = TemplateRenderer(slots=2, timeout=template_timeout)
     srv.allowed_hosts_arg = allowed_hosts
@@ -261,10 +264,10 @@ def create_app(
             params.stop = [*params.stop, TOOL_CALL_CLOSE]
 
         rag, found, hits, held = None, [], [], []  # hits: those of `found` the last render kept
-        defence = Defence.named(body.retrieval.defence) if body.retrieval else None
+        defence = Defence.named(body.retrieval.defence, srv.injection) if body.retrieval else None
         if body.retrieval is not None:  # search off the event loop: it embeds the question
             rag, found, held = await asyncio.to_thread(
-                retrieval.search, srv.rag, body.retrieval, messages
+                retrieval.search, srv.rag, body.retrieval, messages, srv.injection
             )
 
         def render() -> list[int]:
