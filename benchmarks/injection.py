@@ -16,7 +16,8 @@ the generations: only how many planted chunks each detector holds back.
 
     OMP_NUM_THREADS=1 python benchmarks/injection.py --n 40 --encoder ~/.cache/lmforge/models/all-minilm-l6-v2
     python benchmarks/injection.py --rules-only                       # precision / recall only
-    OMP_NUM_THREADS=1 python benchmarks/injection.py --classifier runs/injclf/minilm --detect-only
+    OMP_NUM_THREADS=1 python benchmarks/injection.py --classifier runs/injection --detect-only
+    OMP_NUM_THREADS=1 python benchmarks/injection.py --encoders all-minilm-l6-v2 smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -129,6 +130,29 @@ def clean_table(clf, n: int) -> list[list]:
                             ("rules OR classifier", [a or b for a, b in zip(rules, c)])]]  # fmt: skip
 
 
+def encoder_table(encoders: list[str], out: Path) -> list[list]:
+    """Each encoder's head on deepset alone (train -> test, its short texts are cheap to embed
+    even with SmolLM2): P/R/F1 at the head's own threshold, and AUROC, which needs none."""
+    import numpy as np
+
+    from lmforge.safety import injection_clf as ic
+
+    rows = ic.read_rows("deepset-prompt-injections/train.jsonl.gz")
+    test = ic.read_rows("deepset-prompt-injections/test.jsonl.gz")
+    gold = np.array([r.label == 1 for r in test])
+    table = []
+    for enc in encoders:
+        ic.train(ic.config_from(None, enc), out / Path(enc).name, rows=rows)
+        s = open_classifier(str(out / Path(enc).name)).scores([r.text for r in test])
+        pos, neg = s[gold][:, None], s[~gold][None, :]
+        auroc = float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+        threshold = json.loads((out / Path(enc).name / "config.json").read_text())["threshold"]
+        r = ic.prf(s >= threshold, gold)
+        table.append([Path(enc).name, r["n"], threshold, round(r["precision"], 3),
+                      round(r["recall"], 3), round(r["f1"], 3), round(auroc, 3)])  # fmt: skip
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -144,12 +168,18 @@ def main() -> None:
     ap.add_argument("--classifier", help="an `lmforge injection train` directory")
     ap.add_argument("--clean", type=int, default=500, help="clean rag chunks for the flag rate")
     ap.add_argument("--detect-only", action="store_true", help="planted run without generating")
+    ap.add_argument("--encoders", nargs="+", help="compare these encoders' heads on deepset")
     args = ap.parse_args()
+    if args.encoders:
+        table = encoder_table(args.encoders, ROOT / "runs/injection-encoders")
+        print_table(["encoder", "rows", "threshold", "precision", "recall", "F1", "AUROC"], table)
+        return
     rules = rules_table()
     print_table(["set", "rows", "injections", "precision", "recall", "F1"], rules)
     clf = open_classifier(args.classifier) if args.classifier else None
     if clf is not None:
         print_table(["set", "detector", "rows", "precision", "recall", "F1"], classifier_table(clf))
+    if clf is not None and args.clean:
         print_table(["detector", "clean chunks", "flagged", "rate"], clean_table(clf, args.clean))
     if args.rules_only:
         return

@@ -2,19 +2,21 @@
 data/injection.py (infer/untrusted.py's `Defence` flags a text when either does).
 
 The one idea: the moderation machinery (safety/moderation.py: a frozen sentence encoder, cached
-vectors, a small MLP head on the common clock) trained on the bundled injection sets, and a long
-text scored by its worst window. The encoder reads only MAX_TOKENS tokens, and BIPIA plants its
-attacks at the start, middle or end of emails, tables and code of up to ~1,200 tokens: a text is
-cut into overlapping windows that each fit, and its score is the highest window's. Training sees
-windows too: in a poisoned BIPIA document only the window that holds the planted instruction is
-labelled an injection, the windows around it are clean text (docs/injection.md measures what
-this gains over reading the first MAX_TOKENS).
+vectors, a small MLP head on the common clock) trained on the bundled injection sets, with a
+text scored by its worst window. A mean-pooled vector of a whole passage barely moves when one
+sentence in it gives orders, and the encoder reads only MAX_TOKENS (BIPIA plants its attacks at
+the start, middle or end of e-mails, tables and code of up to ~1,200 tokens). So a text is cut
+into overlapping windows of WINDOW tokens, where an instruction is a large part of one, and its
+score is the highest window's. Training sees windows too: in a poisoned document only the
+windows that are mostly the planted instruction are labelled injections, the ones around it
+are clean text. The threshold keeps false alarms on clean val texts at MAX_FPR: a held-back
+clean chunk is evidence the answer loses.
 
 Data: datasets/injection, the deepset `train` split and BIPIA's `injection_pairs_train`, plus
-300 clean Wikipedia passages (datasets/enwiki) and 300 more with one of those train injections
-planted in them (`prose_rows`: prose, what a retrieved chunk looks like, on both sides); a seeded 15% of them (by BIPIA context or article, so a clean
-email and its poisoned copy stay together) is the val slice that picks the threshold. The test
-files are never read here.
+600 clean Wikipedia passages (datasets/enwiki) and 200 more with one of those train injections
+planted in them (`prose_rows`: prose, what a retrieved chunk looks like, on both sides). A
+seeded 15% (by BIPIA context or article, so a clean e-mail and its poisoned copy stay together)
+is the val slice that picks the threshold. The test files are never read here.
 """
 
 from __future__ import annotations
@@ -51,11 +53,13 @@ TEST_FILES = {
     "bipia test": "bipia/injection_pairs_test.jsonl.gz",
 }
 ENWIKI = REPO / "datasets" / "enwiki" / "enwiki_extract_train_head6000.jsonl.gz"
-N_WIKI = 300  # clean prose passages, and as many with a planted instruction (`prose_rows`)
+N_PROSE = (600, 200)  # clean prose passages, and passages with a planted instruction (`prose_rows`)
 WINDOW = 64  # tokens: an instruction of a sentence or two is a large part of a window this size
-PASSAGE_CHARS = 700  # their length: ~150 tokens, a rag chunk's size
+PASSAGE_CHARS = 1200  # their length: ~200 words, a rag chunk's (`rag index` --max-tokens 200)
 SPLIT_SEED = "injection-v1"
 VAL_PERCENT = 15
+MAX_FPR = 0.01  # the threshold: at most this share of the clean val texts flagged
+DEFAULT_ENCODER = "all-minilm-l6-v2"  # a name under LMFORGE_CACHE/models, or a directory
 KIND = "prompt-injection"  # config.json's "kind": a moderation head is not an injection head
 
 
@@ -64,6 +68,10 @@ class InjectionConfig(ModerationConfig):  # `lmforge injection train`
     max_steps: int = 2000  # optimizer steps over feature batches (seconds on a CPU)
     eval_every: int = 500
     window: int = WINDOW  # tokens per window a text is scored by (0: its first MAX_TOKENS whole)
+    # MiniLM, not moderation's SmolLM2: the detector embeds every retrieved chunk and tool result,
+    # and SmolLM2 costs ~6x the CPU time per token for a head only a little better on deepset
+    # (docs/injection.md); Chinese it maps to [UNK], which the rules cover
+    encoder: str = DEFAULT_ENCODER
 
 
 @dataclass
@@ -109,13 +117,14 @@ def plant_at_random(text: str, attack: str, rng) -> str:
     return f"{text[:cut]}{attack} {text[cut:]}".strip()
 
 
-def prose_rows(rows: list[Row], n: int = N_WIKI, seed: int = 0) -> list[Row]:
-    """`n` clean Wikipedia passages, and as many again with an instruction from `rows` (the
+def prose_rows(rows: list[Row], n: tuple[int, int] = N_PROSE, seed: int = 0) -> list[Row]:
+    """`n[0]` clean Wikipedia passages and `n[1]` more with an instruction from `rows` (the
     injections of the train files: BIPIA's planted instructions, deepset's short injections)
     planted at a random sentence boundary. The injection sets' clean side is user questions,
-    e-mails, tables and code: without prose on both sides, the head learns "long prose" as a
-    sign of injection and flags a fifth of the rag corpus's clean chunks (docs/injection.md).
-    No rag corpus article is among these (no shared titles)."""
+    e-mails, tables and code: without prose, the head flags 41% of the rag corpus's clean chunks
+    (docs/injection.md). Clean ones outnumber the rest, as in retrieval, so the threshold picked
+    on val (F1) pays for false alarms on prose. No rag corpus article is among these (no shared
+    titles)."""
     import random
 
     rng = random.Random(seed)
@@ -123,8 +132,8 @@ def prose_rows(rows: list[Row], n: int = N_WIKI, seed: int = 0) -> list[Row]:
         {r.injected or r.text for r in rows if r.label == 1 and len(r.injected or r.text) < 400}
     )
     out = []
-    for k, (group, text) in enumerate(wiki_passages(2 * n, seed=seed)):
-        if k % 2 == 0:
+    for k, (group, text) in enumerate(wiki_passages(sum(n), seed=seed)):
+        if k < n[0]:
             out.append(Row(text, 0, group))
         else:
             attack = rng.choice(attacks)
@@ -206,9 +215,9 @@ def feature_cache(encoder) -> FeatureCache:
 
 
 def train(cfg: InjectionConfig, out_dir: str | Path, encoder=None, rows: list[Row] | None = None):
-    """Embed the (windowed) training rows (cached), fit the head, write OUT (head.safetensors,
-    config.json with kind and windows, report.json with the val figures); returns fit's summary
-    with `report`."""
+    """Embed the (windowed) training rows (cached), fit the head, pick the threshold on val,
+    write OUT (head.safetensors, config.json with kind, window and threshold, report.json with
+    the val figures); returns fit's summary with `report`."""
     out_dir = Path(out_dir)
     encoder = encoder or open_encoder(cfg.encoder)
     cache = feature_cache(encoder)
@@ -222,20 +231,42 @@ def train(cfg: InjectionConfig, out_dir: str | Path, encoder=None, rows: list[Ro
         x[s] = torch.from_numpy(cache.get([t for t, _ in pairs], desc=f"embed {s}"))
         y[s] = torch.tensor([[float(label)] for _, label in pairs])
     summary = train_head(cfg, x, y, out_dir, str(encoder.path), categories=(), desc="injection")
-    config = json.loads((out_dir / "config.json").read_text("utf-8"))
-    config.update(kind=KIND, window=cfg.window,
-                  threshold_from=f"best F1 on the val slice ({VAL_PERCENT}% of the train files)")  # fmt: skip
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", "utf-8")
+    # the cut: train_head's is per window at best F1; a defence is judged per text, and a clean
+    # text held back is evidence lost, so the cut is the lowest that keeps val's false alarms
+    # at MAX_FPR, each val text scored by its worst window
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text("utf-8"))
+    config.update(kind=KIND, window=cfg.window)
+    config_path.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     clf = InjectionClassifier(out_dir, encoder=encoder, cache=cache)
     val = [r for r in rows if split_of(r) == "val"] or rows
     gold = np.array([r.label == 1 for r in val])
+    scores = clf.scores([r.text for r in val])
+    clf.threshold = config["threshold"] = threshold_at_fpr(scores, gold, MAX_FPR)
+    config["threshold_from"] = (f"the lowest cut with at most {MAX_FPR:.0%} of the clean val texts "
+                                f"flagged (val: {VAL_PERCENT}% of the training data)")  # fmt: skip
+    config_path.write_text(json.dumps(config, indent=2) + "\n", "utf-8")
     summary["report"] = {
         "threshold": clf.threshold,
-        "val": prf(clf.scores([r.text for r in val]) >= clf.threshold, gold),
+        "val": prf(scores >= clf.threshold, gold),
+        "val_false_positive_rate": float((scores[~gold] >= clf.threshold).mean())
+        if (~gold).any()
+        else 0.0,
         "n_windows": {s: len(p) for s, p in by_split.items()},
     }
     (out_dir / "report.json").write_text(json.dumps(summary["report"], indent=2) + "\n", "utf-8")
     return summary
+
+
+def threshold_at_fpr(scores: np.ndarray, gold: np.ndarray, max_fpr: float) -> float:
+    """The lowest cut (a grid of 0.01 steps, finer near 1) at which at most `max_fpr` of the
+    negatives score at or above it."""
+    neg = scores[~gold]
+    grid = [*np.round(np.arange(0.05, 0.99, 0.01), 2), 0.99, 0.995, 0.999]
+    for t in grid:
+        if neg.size == 0 or (neg >= t).mean() <= max_fpr:
+            return float(t)
+    return 0.999
 
 
 def config_from(steps: int | None, encoder: str | None, window: int | None = None):

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="train: the output directory")
     p.add_argument(
         "--encoder",
-        help="train: encoder directory or fetched name (default: smollm2-135m-instruct)",
+        help="train: encoder directory or fetched name (default: all-minilm-l6-v2)",
     )
     p.add_argument("--steps", type=int, help="train: optimizer steps (default: 2000)")
     p.add_argument(

@@ -65,7 +65,7 @@ def test_a_poisoned_document_labels_only_the_window_with_the_instruction():
 
 def test_bundled_train_files_and_the_split():
     rows = ic.load_train()
-    assert len(rows) == 546 + 300 + ic.N_WIKI and {r.label for r in rows} == {0, 1}
+    assert len(rows) == 546 + 300 + sum(ic.N_PROSE) and {r.label for r in rows} == {0, 1}
     by_group = {}
     for r in rows:
         by_group.setdefault(r.group, set()).add(ic.split_of(r))
