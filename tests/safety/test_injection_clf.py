@@ -244,3 +244,7 @@ def test_the_server_search_holds_back_what_the_classifier_flags(tmp_path):
     assert retrieval.open_injection_model(None) is None
     with pytest.raises(ConfigError, match="--injection-model: .* not an injection model"):
         retrieval.open_injection_model(str(tmp_path))
+    from lmforge.serve.app import create_app
+
+    with pytest.raises(ConfigError, match="--injection-model: .* not an injection model"):
+        create_app(lambda: None, "x", injection_model=str(tmp_path))  # fails at start
