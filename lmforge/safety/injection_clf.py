@@ -69,8 +69,8 @@ class InjectionConfig(ModerationConfig):  # `lmforge injection train`
     eval_every: int = 500
     window: int = WINDOW  # tokens per window a text is scored by (0: its first MAX_TOKENS whole)
     # MiniLM, not moderation's SmolLM2: the detector embeds every retrieved chunk and tool result,
-    # and SmolLM2 costs ~6x the CPU time per token for a head only a little better on deepset
-    # (docs/injection.md); Chinese it maps to [UNK], which the rules cover
+    # and SmolLM2 has 6x the parameters for a head only a little better on deepset
+    # (docs/injection.md); Chinese MiniLM maps to [UNK], which the rules cover
     encoder: str = DEFAULT_ENCODER
 
 
@@ -122,9 +122,8 @@ def prose_rows(rows: list[Row], n: tuple[int, int] = N_PROSE, seed: int = 0) -> 
     injections of the train files: BIPIA's planted instructions, deepset's short injections)
     planted at a random sentence boundary. The injection sets' clean side is user questions,
     e-mails, tables and code: without prose, the head flags 41% of the rag corpus's clean chunks
-    (docs/injection.md). Clean ones outnumber the rest, as in retrieval, so the threshold picked
-    on val (F1) pays for false alarms on prose. No rag corpus article is among these (no shared
-    titles)."""
+    (docs/injection.md). Clean ones outnumber the rest, as in retrieval. No rag corpus article
+    is among these (no shared titles)."""
     import random
 
     rng = random.Random(seed)
