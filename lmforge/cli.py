@@ -453,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rag",
                 "agent",
                 "moderate",
+                "injection",
             )
             if args.command in cmds:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -482,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
             return audit.cmd_scan_sft(args)
         if args.command == "moderate":
             return commands.cmd_moderate(args)
+        if args.command == "injection":
+            return commands.cmd_injection(args)
         if args.command == "report":
             from lmforge.report import write_report
 

@@ -70,7 +70,7 @@ def cmd_query(args) -> int:
     return 0
 
 
-def cmd_ask(args) -> int:
+def cmd_ask(args, defence: Defence | None = None) -> int:
     from lmforge.model.load import load
     from lmforge.perf import pick_device
     from lmforge.rag.answer import ask
@@ -80,7 +80,8 @@ def cmd_ask(args) -> int:
     hits = _search(args, load_embedder(args.encoder))
     # nothing retrieved: the answer is NO_ANSWER without loading the model
     model, tok = load(args.model, device=pick_device(args.device)) if hits else (None, None)
-    out = ask(model, tok, args.query, hits, args.max_new_tokens, Defence.named(args.defence))
+    defence = Defence.named(args.defence) if defence is None else defence
+    out = ask(model, tok, args.query, hits, args.max_new_tokens, defence)
     if args.json:
         print(json.dumps({"query": args.query, **out}, ensure_ascii=False))
         return 0

@@ -280,13 +280,16 @@ def train_head(
     out_dir: Path,
     encoder_path: str,
     mask: dict[str, torch.Tensor] | None = None,
+    categories: tuple[str, ...] = CATEGORIES,
+    desc: str = "moderate",
 ) -> dict:
     """Fit a Head on train features through train/loop.py:fit; evaluate = val loss and F1; save
-    writes OUT/head.safetensors and OUT/config.json (encoder, threshold picked on val)."""
+    writes OUT/head.safetensors and OUT/config.json (encoder, threshold picked on val).
+    `categories`: the columns after "flagged" (safety/injection_clf.py trains with none)."""
     from lmforge.train.loop import fit
 
     torch.manual_seed(cfg.seed)
-    head = Head(x["train"].shape[1], cfg.hidden)
+    head = Head(x["train"].shape[1], cfg.hidden, 1 + len(categories))
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(x["train"])
@@ -320,11 +323,11 @@ def train_head(
         )
         config = {"encoder": str(Path(encoder_path).expanduser().resolve()), "pooling": "mean",
                   "max_tokens": MAX_TOKENS, "dim": int(x["train"].shape[1]), "hidden": cfg.hidden,
-                  "categories": list(CATEGORIES), "threshold": threshold, "step": step,
+                  "categories": list(categories), "threshold": threshold, "step": step,
                   "threshold_from": "best F1 on the val slice (10% of the training sources)"}  # fmt: skip
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", "utf-8")
 
-    return fit(cfg, opt, train_step, evaluate, save, out_dir=out_dir, desc="moderate")
+    return fit(cfg, opt, train_step, evaluate, save, out_dir=out_dir, desc=desc)
 
 
 def train(

@@ -99,6 +99,7 @@ def create_app(
     memory: str | None = None,
     redact_pii: bool = False,
     moderation: Policy | None = None,
+    injection_model: str | None = None,
 ) -> FastAPI:
     """The FastAPI app. `model` is a model or LoRA adapter directory, a (model, tokenizer)
     pair, or a function returning one; it is loaded in the background at startup, and /health
@@ -114,7 +115,9 @@ def create_app(
     `memory`: drop, summary or retrieve, for a chat longer than the context (infer/memory.py;
     None: no fitting, as before). `redact_pii`: the answers' PII replaced by placeholders,
     streamed ones too (safety/redact.py). `moderation`: a serve/moderation.py Policy (the
-    moderation model, what it screens, how it refuses); it also serves /v1/moderations."""
+    moderation model, what it screens, how it refuses); it also serves /v1/moderations.
+    `injection_model`: a trained injection classifier (`lmforge injection train`) a request's
+    `retrieval.defence` detects with beside the rules."""
     if min(max_batch, max_tokens, max_request_bytes) < 1 or max_queue < 0:
         raise ConfigError(
             "max_batch, max_tokens and max_request_bytes must be >= 1, max_queue >= 0"
@@ -140,6 +143,7 @@ def create_app(
     srv.memory = memory and check_strategy(memory, "memory")
     srv.redact_pii = redact_pii
     srv.moderation = moderation
+    srv.injection = retrieval.open_injection_model(injection_model, str(pick_device(device)))
     srv.request_timeout = request_timeout
     srv.render = TemplateRenderer(slots=2, timeout=template_timeout)
     srv.allowed_hosts_arg = allowed_hosts
@@ -277,10 +281,10 @@ def create_app(
             params.stop = [*params.stop, TOOL_CALL_CLOSE]
 
         rag, found, hits, held = None, [], [], []  # hits: those of `found` the last render kept
-        defence = Defence.named(body.retrieval.defence) if body.retrieval else None
+        defence = Defence.named(body.retrieval.defence, srv.injection) if body.retrieval else None
         if body.retrieval is not None:  # search off the event loop: it embeds the question
             rag, found, held = await asyncio.to_thread(
-                retrieval.search, srv.rag, body.retrieval, messages
+                retrieval.search, srv.rag, body.retrieval, messages, srv.injection
             )
 
         def render() -> list[int]:

@@ -75,9 +75,23 @@ def _question(messages: list[dict]) -> str:
     return users[-1]["content"]
 
 
-def search(indexes: dict, option: RetrievalOption, messages: list[dict]):
-    """(the index name, its hits for the last user message, those the injection rules held
-    back)."""
+def open_injection_model(path: str | None, device: str = "cpu"):
+    """`serve --injection-model DIR`: the trained injection classifier a request's
+    `retrieval.defence` detects with beside the rules (opened at start: a bad one fails there);
+    None without the option."""
+    if path is None:
+        return None
+    from lmforge.safety.injection_clf import InjectionClassifier
+
+    try:
+        return InjectionClassifier(path, device=device)
+    except ConfigError as e:
+        raise ConfigError(f"--injection-model: {e}") from None
+
+
+def search(indexes: dict, option: RetrievalOption, messages: list[dict], classifier=None):
+    """(the index name, its hits for the last user message, those the injection rules (or the
+    server's classifier) held back)."""
     rag = indexes.get(option.index)
     if rag is None:
         known = ", ".join(sorted(indexes)) or "none: start the server with --rag NAME=INDEX"
@@ -85,7 +99,7 @@ def search(indexes: dict, option: RetrievalOption, messages: list[dict]):
                        param="retrieval.index", code="not_found")  # fmt: skip
     question = _question(messages)
     hits = rag.index.search(question, option.k, rag.embedder, option.min_bm25, option.min_dense)
-    kept, held = hold_back(hits, Defence.named(option.defence))
+    kept, held = hold_back(hits, Defence.named(option.defence, classifier))
     return rag.name, kept, held
 
 
