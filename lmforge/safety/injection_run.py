@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from lmforge.config import ConfigError
+from lmforge.safety.run import add_classifier_args, texts_of
 
 
 def add_parser(sub) -> None:
@@ -22,16 +23,7 @@ def add_parser(sub) -> None:
         "flagged and score (a long text: its worst window). `rag ask`, `agent` and `serve` take "
         "it as --injection-model DIR. See docs/injection.md.",
     )
-    p.add_argument("model", help="`train`, or an injection model directory made by it")
-    p.add_argument("text", nargs="?", help="the text to check (or --file)")
-    p.add_argument("--file", help='JSONL file, one object with a "text" field per line')
-    p.add_argument("--json", action="store_true", help="print one JSON object per text")
-    p.add_argument("--out", help="train: the output directory")
-    p.add_argument(
-        "--encoder",
-        help="train: encoder directory or fetched name (default: all-minilm-l6-v2)",
-    )
-    p.add_argument("--steps", type=int, help="train: optimizer steps (default: 2000)")
+    add_classifier_args(p, "injection", "all-minilm-l6-v2", 2000)
     p.add_argument(
         "--window",
         type=int,
@@ -41,17 +33,9 @@ def add_parser(sub) -> None:
 
 
 def cmd_injection(args) -> int:
-    from lmforge.safety.run import read_texts
-
     if args.model == "train":
         return _train(args)
-    if args.text is not None and args.file:
-        raise ConfigError("give a TEXT or --file, not both")
-    if args.text is None and not args.file:
-        raise ConfigError("nothing to check: give a TEXT or --file F.jsonl")
-    from lmforge.safety.moderation import check_text
-
-    texts = read_texts(args.file) if args.file else [check_text(args.text)]
+    texts = texts_of(args)
     from lmforge.safety.injection_clf import InjectionClassifier  # torch after the input checks
 
     for r in InjectionClassifier(args.model).classify(texts):

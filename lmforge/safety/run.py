@@ -22,22 +22,38 @@ def add_parser(sub) -> None:
         'or `--file F.jsonl` (rows with "text") prints per text flagged, score and categories. '
         "See docs/safety.md.",
     )
-    p.add_argument("model", help="`train`, or a moderation model directory made by it")
-    p.add_argument("text", nargs="?", help="the text to check (or --file)")
-    p.add_argument("--file", help='JSONL file, one object with a "text" field per line')
-    p.add_argument("--json", action="store_true", help="print one JSON object per text")
-    p.add_argument("--out", help="train: the output directory")
-    p.add_argument(
-        "--encoder",
-        help="train: encoder directory or fetched name (default: smollm2-135m-instruct)",
-    )
-    p.add_argument("--steps", type=int, help="train: optimizer steps (default: 3000)")
+    add_classifier_args(p, "moderation", "smollm2-135m-instruct", 3000)
     p.add_argument(
         "--threshold",
         type=float,
         help="the flagged cut (default: the model's, picked on val); higher flags less: fewer "
         "safe prompts refused, fewer harmful ones caught (docs/safety.md: operating points)",
     )
+
+
+def add_classifier_args(p, kind: str, encoder: str, steps: int) -> None:
+    """The options `lmforge moderate` and `lmforge injection` share: a model or `train`, a
+    TEXT or --file, --json; train's --out, --encoder, --steps."""
+    p.add_argument("model", help=f"`train`, or a {kind} model directory made by it")
+    p.add_argument("text", nargs="?", help="the text to check (or --file)")
+    p.add_argument("--file", help='JSONL file, one object with a "text" field per line')
+    p.add_argument("--json", action="store_true", help="print one JSON object per text")
+    p.add_argument("--out", help="train: the output directory")
+    p.add_argument(
+        "--encoder", help=f"train: encoder directory or fetched name (default: {encoder})"
+    )
+    p.add_argument("--steps", type=int, help=f"train: optimizer steps (default: {steps})")
+
+
+def texts_of(args) -> list[str]:
+    """The TEXT or the --file rows of a check, each checked (empty, too long)."""
+    from lmforge.safety.moderation import check_text
+
+    if args.text is not None and args.file:
+        raise ConfigError("give a TEXT or --file, not both")
+    if args.text is None and not args.file:
+        raise ConfigError("nothing to check: give a TEXT or --file F.jsonl")
+    return read_texts(args.file) if args.file else [check_text(args.text)]
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -68,13 +84,7 @@ def read_texts(path: str | Path) -> list[str]:
 def cmd_moderate(args) -> int:
     if args.model == "train":
         return _train(args)
-    if args.text is not None and args.file:
-        raise ConfigError("give a TEXT or --file, not both")
-    if args.text is None and not args.file:
-        raise ConfigError("nothing to check: give a TEXT or --file F.jsonl")
-    from lmforge.safety.moderation import check_text
-
-    texts = read_texts(args.file) if args.file else [check_text(args.text)]
+    texts = texts_of(args)
     from lmforge.safety.moderation import Moderator  # torch only after the input is checked
 
     results = Moderator(args.model, threshold=args.threshold).moderate(texts)
