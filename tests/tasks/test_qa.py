@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmforge.tasks.qa import qa_check
+from lmforge.tasks.qa import UNANSWERABLE, qa_check, qa_reference
 
 
 @pytest.mark.parametrize(
@@ -29,3 +29,27 @@ from lmforge.tasks.qa import qa_check
 )
 def test_qa_checker(answer, reference, outcome):
     assert qa_check(answer, reference) == outcome
+
+
+# made-up answers to a question whose passage does not hold the answer
+@pytest.mark.parametrize(
+    "answer, outcome",
+    [
+        ("I don't know.", "correct"),  # abstaining is the right reply
+        ("The passage does not say; I do not know.", "correct"),
+        ("我不知道。", "correct"),
+        ("In 1066.", "wrong"),
+        ("unanswerable", "wrong"),  # naming the marker is not an abstention
+        ("", "wrong"),
+    ],
+)
+def test_qa_checker_unanswerable(answer, outcome):
+    assert qa_check(answer, UNANSWERABLE) == outcome
+    assert qa_check(answer, f" {UNANSWERABLE} ") == outcome
+
+
+def test_qa_reference_keeps_the_unanswerable_marker():
+    assert qa_reference(UNANSWERABLE) == UNANSWERABLE
+    assert qa_reference("Rollo #### 42") == "42"
+    with pytest.raises(ValueError, match="'answer' is empty"):
+        qa_reference("  ")
