@@ -15,6 +15,9 @@ from lmforge.tasks.qa import UNANSWERABLE, qa_check, qa_reference
         ("I don't know.", "Paris", "abstain"),
         ("I’m not sure, maybe Paris?", "Paris", "abstain"),  # a hedge is not credited
         ("Sorry, I cannot answer that.", "Paris", "abstain"),
+        ("The passage does not contain the answer to the question.", "Paris", "abstain"),
+        ("The capital is not specified in the passage.", "Paris", "abstain"),
+        ("The passage doesn’t contain the answer.", "Paris", "abstain"),  # curly apostrophe
         ("There were 1,000 people.", "1000", "correct"),
         ("The total is 42.0 dollars", "42", "correct"),
         ("It costs $18.", "18", "correct"),
@@ -37,6 +40,7 @@ def test_qa_checker(answer, reference, outcome):
     [
         ("I don't know.", "correct"),  # abstaining is the right reply
         ("The passage does not say; I do not know.", "correct"),
+        ("The passage does not provide any information about it.", "correct"),
         ("我不知道。", "correct"),
         ("In 1066.", "wrong"),
         ("unanswerable", "wrong"),  # naming the marker is not an abstention
