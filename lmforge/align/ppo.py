@@ -44,7 +44,7 @@ from lmforge.model.checkpoint import save_model
 from lmforge.model.load import load, model_source
 from lmforge.model.transformer import num_params
 from lmforge.perf import autocast, pick_device
-from lmforge.tasks.qa import qa_check, qa_reference, qa_reward
+from lmforge.tasks.qa import UNANSWERABLE, qa_check, qa_reference, qa_reward
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import resume_latest, save_step
 from lmforge.train.loop import fit
@@ -259,6 +259,23 @@ def build_prompts(
     if not train:
         raise ConfigError("ppo: no training prompts left (all held out or duplicates)")
     return train, val, stats
+
+
+def outcome_shares(outcomes: list[str], prompts: list[Prompt], prefix: str = "") -> dict:
+    """The share of qa outcomes correct / abstain / wrong over all prompts, and when some
+    prompts are UNANSWERABLE, the two kinds apart: answerable_* over the answerable ones and
+    unanswerable_abstain (their "correct") over the rest, so an abstention that was right can
+    be told from an answer that was."""
+    out = {
+        f"{prefix}{k}": outcomes.count(k) / len(outcomes) for k in ("correct", "abstain", "wrong")
+    }
+    una = [o for o, p in zip(outcomes, prompts) if p.answer == UNANSWERABLE]
+    ans = [o for o, p in zip(outcomes, prompts) if p.answer != UNANSWERABLE]
+    if una:
+        out[f"{prefix}unanswerable_abstain"] = una.count("correct") / len(una)
+        for k in ("correct", "abstain", "wrong") if ans else ():
+            out[f"{prefix}answerable_{k}"] = ans.count(k) / len(ans)
+    return out
 
 
 def prompt_plan(n: int, per_step: int, seed: int, step: int) -> list[int]:
@@ -476,8 +493,8 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
         scores, outcomes = score(evals, answers)
         result = {"val_reward": scores.mean().item()}
         result["val_answer_len"] = float(np.mean([len(a) for a in answers]))
-        for name in ("correct", "abstain", "wrong") if outcomes else ():
-            result[f"val_{name}"] = sum(o == name for o in outcomes) / len(outcomes)
+        if outcomes:
+            result |= outcome_shares(outcomes, [p for _, p in evals], "val_")
         drawn = sample(prompts, EVAL_SEED + cfg.seed)  # the same draws at every evaluation
         ids, mask = pad_rollouts(prompts, drawn, tok.pad_id)
         logp, _, ref_logp = forward_chunks(policy, value_head, ref, ids, cfg, device)
@@ -525,8 +542,8 @@ def run(cfg: PPOConfig, model_dir, out_dir, base_dir: str = ".") -> dict:
             "value_mean": masked_mean(values, mask).item(),
             **update,
         }
-        for name in ("correct", "abstain", "wrong") if outcomes else ():
-            row[name] = sum(o == name for o in outcomes) / len(outcomes)
+        if outcomes:
+            row |= outcome_shares(outcomes, [p for _, p in batch])
         if cfg.adaptive_kl:
             kl_ctl.update(kl_per_answer, len(answers))
         return row

@@ -3,7 +3,9 @@
 
 The one idea: abstaining is its own outcome, checked before correctness, so a hedge that names
 the answer among guesses earns nothing, while a plain "I don't know" can be rewarded above a
-wrong answer: a model learns to abstain rather than make something up.
+wrong answer: a model learns to abstain rather than make something up. A question whose context
+does not hold the answer (SQuAD v2's unanswerable ones) has the reference UNANSWERABLE: there an
+abstention is the correct answer and anything else is wrong.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ ABSTAIN_PHRASES = (
     "i have no idea",
     "i don't have enough information",
     "no way to know",
+    # how a small chat model says that the passage it was given does not answer
+    "does not contain the answer",
+    "do not contain the answer",
+    "doesn't contain the answer",
+    "does not provide any information",
+    "does not provide the answer",
+    "not mentioned in the passage",
+    "not specified",
+    "not stated",
+    "no information",
     "我不知道",
     "不知道",
     "不确定",
@@ -34,6 +46,8 @@ ABSTAIN_PHRASES = (
     "不能回答",
     "没有把握",
 )
+# The reference of a question that has no answer (in a row: "answer": "<unanswerable>")
+UNANSWERABLE = "<unanswerable>"
 # A number as written in an answer: 42, -3, 1,000, 2.50 (not the 2 of "x2" or "v1.2")
 NUMBER = re.compile(r"(?<![0-9A-Za-z.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
@@ -62,9 +76,13 @@ def qa_check(answer: str, reference: str) -> str:
     """Grade an answer against the reference: "abstain" if it says it does not know (checked
     first: a hedge earns no credit for naming the answer among guesses), "correct" if it
     contains the reference (a numeric reference matches any number in the answer of the same
-    value: 1,000 = 1000.0), else "wrong"."""
+    value: 1,000 = 1000.0), else "wrong". With the reference UNANSWERABLE an abstention is
+    "correct" and any other answer "wrong"."""
     text = normalize(answer)
-    if any(_contains(text, normalize(p)) for p in ABSTAIN_PHRASES):
+    abstains = any(_contains(text, normalize(p)) for p in ABSTAIN_PHRASES)
+    if reference.strip() == UNANSWERABLE:
+        return "correct" if abstains else "wrong"
+    if abstains:
         return "abstain"
     ref = reference.strip().rstrip(".")
     if NUMBER.fullmatch(unicodedata.normalize("NFKC", ref)):
@@ -86,7 +104,7 @@ def qa_reward(outcome: str, cfg: PPOConfig) -> float:
 
 def qa_reference(value) -> str:
     """A row's `answer` field as the reference text: a string or a number; GSM8K's
-    "...#### 42" keeps what follows the last ####. Raises ValueError naming the field."""
+    "...#### 42" keeps what follows the last ####; UNANSWERABLE stays as it is. Raises ValueError naming the field."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("field 'answer' must be a string or a number")
     answer = str(value).rsplit("####", 1)[-1].strip()

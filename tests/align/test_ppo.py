@@ -21,6 +21,7 @@ from lmforge.data.readers import DataError
 from lmforge.io import atomic_dir
 from lmforge.model.checkpoint import TOKENIZER_FILES, load_model
 from lmforge.model.transformer import GPT
+from lmforge.tasks.qa import UNANSWERABLE
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.metrics import read_metrics
 
@@ -334,3 +335,19 @@ def test_qa_reward_run(micro_pretrained, tmp_path):
     row = [r for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl") if "kl" in r][0]
     assert row["correct"] + row["abstain"] + row["wrong"] == pytest.approx(1.0)
     assert row["reward"] in (-1.0, -0.5, 0.0, 0.5, 1.0)  # the mean of two of {1, 0, -1}
+
+
+def test_outcome_shares_split_answerable_and_unanswerable():
+    # made-up prompts and outcomes: two answerable questions, two with no answer
+    una = ppo.row_to_prompt({"question": "q", "answer": UNANSWERABLE}, "qa")
+    ans = ppo.row_to_prompt({"question": "q", "answer": "Paris"}, "qa")
+    prompts, outcomes = [ans, una, ans, una], ["correct", "correct", "abstain", "wrong"]
+    assert ppo.outcome_shares(outcomes, prompts, "val_") == {
+        "val_correct": 0.5, "val_abstain": 0.25, "val_wrong": 0.25,
+        "val_unanswerable_abstain": 0.5,
+        "val_answerable_correct": 0.5, "val_answerable_abstain": 0.5, "val_answerable_wrong": 0.0,
+    }  # fmt: skip
+    # without unanswerable prompts: only the three shares, as before
+    assert ppo.outcome_shares(["wrong", "correct"], [ans, ans]) == {
+        "correct": 0.5, "abstain": 0.0, "wrong": 0.5,
+    }  # fmt: skip
