@@ -6,7 +6,8 @@ The one idea: what a directory holds is told by its files, so callers never choo
 - the same with `quantization_config` in config.json: a quantized model (QuantLinear layers,
   `model/quant.py`), for inference only;
 - adapter_config.json: a LoRA adapter (PEFT layout) naming its base model, which is loaded with
-  the adapter merged in (plain linear layers decode fastest and train like any model).
+  the adapter merged in (plain linear layers decode fastest and train like any model);
+- config.json with model_type "mamba": a state-space model (`model/mamba.py`, its own class).
 
 The tokenizer is the model's own, or the base model's for an adapter.
 """
@@ -22,6 +23,7 @@ from lmforge.config import ConfigError
 from lmforge.model.checkpoint import load_model
 from lmforge.model.lora import CONFIG_FILE as ADAPTER_CONFIG
 from lmforge.model.lora import load_adapter, merge_lora
+from lmforge.model.mamba import is_mamba_config, load_mamba
 from lmforge.model.transformer import GPT
 from lmforge.tokenizer import Tokenizer
 
@@ -48,6 +50,13 @@ def model_source(path: str | Path) -> Path:
             f"{ADAPTER_CONFIG} (a LoRA adapter){hint}"
         )
     return path
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path / 'config.json'} is not valid JSON: {e}") from None
 
 
 def _adapter_base(config: Path) -> Path:
@@ -79,6 +88,9 @@ def load(
     mode; a training stage switches it to train mode itself."""
     path = Path(path)
     base = model_source(path)
+    if base == path and is_mamba_config(_read_config(path)):  # a Mamba (no adapter, no quant)
+        model = load_mamba(path, device=device)
+        return model.eval().requires_grad_(trainable), Tokenizer.load(path)
     float_only = trainable if float_only is None else float_only
     model = load_model(base, device=device, quantized_ok=not float_only)
     if base != path:
