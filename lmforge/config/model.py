@@ -18,12 +18,20 @@ ARCH_FEATURES = {
     # an encoder (model/bert.py, not GPT): `lmforge pretrain` trains it with masked-LM
     # (train/mlm.py); its GELU is BERT's exact one
     "bert": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, bias=True),
+    # a state-space decoder (model/mamba.py, not GPT): it has no attention or MLP, so these are
+    # the defaults (a recipe sets only arch); it reads dim, n_layer, norm_eps, init_std,
+    # tie_embeddings and max_seq_len, with transformers' d_state 16, expand 2, conv_kernel 4
+    "mamba": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, bias=False),
 }
-ENCODERS = ("bert",)  # the archs that are encoders; every other arch is a decoder (GPT)
+ENCODERS = ("bert",)  # the archs that are encoders
+SSMS = ("mamba",)  # the archs that are state-space decoders; every other arch is a GPT
 
 
 def model_family(cfg: ModelConfig) -> str:
-    """ "encoder" or "decoder": which model and which training objective the config asks for."""
+    """ "encoder", "ssm" or "decoder": which model and which training objective the config asks
+    for (an ssm trains on the decoder's next-token objective with its own model class)."""
+    if cfg.arch in SSMS:
+        return "ssm"
     return "encoder" if cfg.arch in ENCODERS else "decoder"
 
 
@@ -48,7 +56,7 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
     init_std: float = 0.02  # initializer_range
     bos_token_id: int = 1  # set from the tokenizer by the pipeline
     eos_token_id: int = 2  # set from the tokenizer by the pipeline
-    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | gpt2 | bert (an encoder, pretrained with masked-LM)
+    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | gpt2 | bert (an encoder, pretrained with masked-LM) | mamba (a state-space decoder)
     norm: str = "rmsnorm"  # rmsnorm | layernorm (gpt2)
     mlp: str = "swiglu"  # swiglu (gated) | gelu (gpt2: tanh-approximate GELU, not gated)
     pos: str = "rope"  # positions: rope | learned (gpt2: a table added to the token embeddings)

@@ -183,3 +183,44 @@ def test_missing_or_misshapen_tensor_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf | {"num_hidden_layers": 3}))
     with pytest.raises(ConfigError, match="lacks layers.2"):
         load_mamba(tmp_path)
+
+
+# first losses of `lmforge pretrain` with model.arch mamba on the micro recipe (one thread)
+PINNED_PRETRAIN = [6.233122825622559, 6.231605529785156, 6.227866172790527]
+
+
+@pytest.mark.slow  # about 20 s: three CLI runs
+def test_pretrain_through_the_cli_then_generate(micro_recipe_path, micro_prepared, tmp_path):
+    """`lmforge pretrain` with the micro recipe's model as model.arch mamba (the decoder's
+    next-token step and clock, a different model class), then `lmforge generate` on what it
+    saved, both in subprocesses as a user runs them; first losses pinned."""
+    import os
+    import subprocess
+    import sys
+
+    from lmforge.train.metrics import read_metrics
+
+    _, run_dir = micro_prepared
+    cli = [sys.executable, "-m", "lmforge", "pretrain", "--config", str(micro_recipe_path)]
+    cli += ["--data-dir", str(run_dir / "data"), "--tokenizer-dir", str(run_dir / "tokenizer")]
+    cli += ["--out", str(tmp_path), "--device", "cpu", "--threads", "1", "--max_steps", "3"]
+    cli += ["--eval_every", "0", "--save_every", "2", "--model.arch=mamba"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cli, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "pretrain"
+    got = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r][:3]
+    print(got)  # the figures to pin, when a change is intended
+    assert got == pytest.approx(PINNED_PRETRAIN, rel=1e-4, abs=1e-6)
+    model = load_mamba(out / "model")
+    assert json.loads((out / "model" / "config.json").read_text())["model_type"] == "mamba"
+    assert (out / "checkpoints").is_dir()
+    more = [a if a != "3" else "4" for a in cli]  # --max_steps 4: resumes from step 3
+    res = subprocess.run(more, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0 and "resuming from" in res.stderr, res.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r][-1] == 4
+    gen = [sys.executable, "-m", "lmforge", "generate", str(out / "model"), "--prompt", "The"]
+    gen += ["--max-new-tokens", "5", "--temperature", "0", "--device", "cpu"]
+    res = subprocess.run(gen, capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("The") and model.cfg.vocab_size > 0
