@@ -159,6 +159,26 @@ class MambaMixer(nn.Module):
             cache.ssm[layer].copy_(h)
         return self.out_proj(y * F.silu(z))
 
+    def step(self, x, cache: MambaCache, layer: int):
+        """One token x (b, dim) after the cache's state: forward's math for T = 1 written as the
+        recurrence itself (a dot product for the convolution, h updated in place), without the
+        scan's chunking, which costs more than the arithmetic of one token."""
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (b, E) each
+        conv = cache.conv[layer]  # (b, E, K - 1)
+        window = torch.cat([conv, u[..., None]], dim=-1)  # (b, E, K)
+        conv.copy_(window[..., 1:])
+        u = (window * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            u = u + self.conv1d.bias
+        u = F.silu(u)
+        dt, B, C = self.x_proj(u).split(self.split, dim=-1)
+        dt = F.softplus(self.dt_proj(dt))  # (b, E)
+        h = cache.ssm[layer]  # (b, E, N)
+        h.mul_(torch.exp(dt[..., None] * -torch.exp(self.A_log.float())))
+        h.add_((dt * u)[..., None] * B[:, None, :])
+        y = (h @ C[..., None])[..., 0] + u * self.D
+        return self.out_proj(y * F.silu(z))
+
 
 class MambaBlock(nn.Module):
     def __init__(self, cfg: MambaConfig):
@@ -229,6 +249,11 @@ class Mamba(nn.Module):
     def features(self, idx: torch.Tensor, cache: MambaCache | None = None):
         """The final normed hidden states (B, T, dim)."""
         x = self.tok_emb(idx)  # (B, T, dim)
+        if cache is not None and idx.shape[1] == 1:  # decoding: the one-token recurrence
+            x = x[:, 0]
+            for i, block in enumerate(self.layers):
+                x = x + block.mixer.step(block.norm(x), cache, i)
+            return self.norm(x)[:, None]
         for i, block in enumerate(self.layers):
             x = block(x, cache, i)
         return self.norm(x)
