@@ -8,11 +8,13 @@ last conv_kernel - 1 inputs of the causal convolution and h, (B, d_inner, d_stat
 KV cache that grows with the context.
 
 Training and prefill run `selective_scan`, a chunked scan: the sequence is cut into chunks of
-`chunk` steps; within a chunk the discretised (B, chunk, d_inner, d_state) tensors are built and
-the recurrence runs step by step (sequential, as transformers' slow path, so both agree to float
-rounding), and only the state crosses to the next chunk. Under autograd each chunk is
-activation-checkpointed, so backward keeps one state per chunk, not one per token: memory is
-linear in length with a small constant, never (B, T, d_inner, d_state) at once.
+`chunk` (32) steps; within a chunk the discretised (B, chunk, d_inner, d_state) tensors are built
+and the recurrence is solved in log space with two cumulative sums (`_scan_chunk`: no loop over
+steps, float64 so the growing exp(-cumulative decay) cannot overflow), and only the state crosses
+to the next chunk. Under autograd each chunk is activation-checkpointed, so backward keeps one
+state per chunk, not one per token: memory is linear in length with a small constant, never
+(B, T, d_inner, d_state) at once. transformers' slow path loops over every step; the two agree
+to float rounding (the tests: 1e-4 on logits).
 
 The math is transformers' `MambaMixer` slow path: in_proj -> (x, z); depthwise causal conv1d and
 SiLU on x; x_proj -> (dt, B, C); dt_proj then softplus; the scan with A = -exp(A_log) and the D
@@ -41,7 +43,11 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.config import ConfigError
 from lmforge.model.transformer import RMSNorm
 
-CHUNK = 64  # scan steps materialised at once: (B, CHUNK, d_inner, d_state) floats
+CHUNK = 32  # scan steps materialised at once: (B, CHUNK, d_inner, d_state) floats
+# A step's log-decay dt * A is clamped at -MAX_DECAY: exp(-20) = 2e-9 of the old state survives
+# instead of less, an error far below float32's rounding of the state. It bounds the chunk's
+# cumulative log-decay by CHUNK * MAX_DECAY = 640, inside float64's exp range (709).
+MAX_DECAY = 20.0
 
 
 @dataclass
@@ -98,20 +104,24 @@ class MambaCache:
 
 
 def _scan_chunk(x, dt, A, B, C, h):
-    """One chunk of the recurrence, step by step. x, dt (b, L, E); A (E, N); B, C (b, L, N);
-    h (b, E, N) the state before the chunk -> (y (b, L, E) without the D skip, h after)."""
-    dA = torch.exp(dt[..., None] * A)  # (b, L, E, N): the decay of each step
-    dBx = (dt * x)[..., None] * B[:, :, None, :]  # (b, L, E, N): what each step writes
-    ys = []
-    for t in range(x.shape[1]):
-        h = dA[:, t] * h + dBx[:, t]
-        ys.append((h @ C[:, t, :, None])[..., 0])  # (b, E): read the state through C_t
-    return torch.stack(ys, dim=1), h
+    """One chunk of the recurrence h_t = a_t h_{t-1} + b_t in closed form: with S_t the running
+    sum of log a, h_t = exp(S_t) (h_0 + sum_{s<=t} exp(-S_s) b_s), two cumulative sums instead
+    of a loop over steps. In float64: exp(-S) grows as the state decays (to exp(640) at most,
+    MAX_DECAY), and each term is at most the newest one, so no precision is lost in the sum.
+    x, dt (b, L, E); A (E, N); B, C (b, L, N); h (b, E, N) the state before the chunk ->
+    (y (b, L, E) without the D skip, h after the chunk)."""
+    log_a = (dt[..., None] * A).clamp(min=-MAX_DECAY)  # (b, L, E, N): log of each step's decay
+    S = log_a.double().cumsum(dim=1)
+    b = (dt * x)[..., None] * B[:, :, None, :]  # (b, L, E, N): what each step writes
+    hs = S.exp() * (h.double()[:, None] + (b.double() * (-S).exp()).cumsum(dim=1))
+    hs = hs.to(x.dtype)  # (b, L, E, N): the state after every step of the chunk
+    return (hs @ C[..., None])[..., 0], hs[:, -1]  # read each state through its C_t
 
 
 def selective_scan(x, dt, A, B, C, D, h, chunk: int = CHUNK):
     """The selective scan over (b, T) in chunks of `chunk` steps (module docstring), from state h
     (b, E, N). Returns y (b, T, E) with the D skip, and the state after the last step."""
+    assert chunk * MAX_DECAY < 700, f"scan chunk {chunk} would overflow float64's exp"
     ys = []
     for s in range(0, x.shape[1], chunk):
         part = (x[:, s : s + chunk], dt[:, s : s + chunk], A, B[:, s : s + chunk])

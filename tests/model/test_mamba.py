@@ -81,25 +81,37 @@ def test_saved_model_opens_in_transformers(kw, tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_chunked_scan_equals_one_chunk_with_gradients():
-    """The chunk size is a memory knob only: outputs, final state and gradients agree."""
+def _reference_scan(x, dt, A, B, C, D, h):
+    """The recurrence step by step, as transformers' slow path runs it."""
+    ys = []
+    for t in range(x.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[..., None] * B[:, t, None]
+        ys.append((h @ C[:, t, :, None])[..., 0])
+    return torch.stack(ys, dim=1) + x * D, h
+
+
+@pytest.mark.parametrize("dt_max", [0.2, 2.0])  # 2.0 with A down to -16: decays clamped
+def test_chunked_scan_equals_the_step_by_step_recurrence(dt_max):
+    """Outputs, final state and gradients agree with the per-step loop for any chunk size: the
+    chunk size is a memory knob only."""
     g = torch.Generator().manual_seed(0)
     b, T, E, N = 2, 50, 6, 4  # made-up shapes and values
-    x, dt = torch.randn(b, T, E, generator=g), torch.rand(b, T, E, generator=g) * 0.2
+    x, dt = torch.randn(b, T, E, generator=g), torch.rand(b, T, E, generator=g) * dt_max
     B, C = torch.randn(b, T, N, generator=g), torch.randn(b, T, N, generator=g)
-    A, D, h0 = (
-        -torch.rand(E, N, generator=g) - 0.5,
-        torch.randn(E, generator=g),
-        torch.zeros(b, E, N),
-    )
+    A = -torch.exp(torch.rand(E, N, generator=g) * 2.8)  # -1 .. -16, as S4D-real's A
+    D, h0 = torch.randn(E, generator=g), torch.randn(b, E, N, generator=g)
     out = []
-    for chunk in (7, 1000):
+    for chunk in (7, 32, None):
         xs = x.clone().requires_grad_(True)
-        y, h = selective_scan(xs, dt, A, B, C, D, h0, chunk=chunk)
+        if chunk is None:
+            y, h = _reference_scan(xs, dt, A, B, C, D, h0)
+        else:
+            y, h = selective_scan(xs, dt, A, B, C, D, h0, chunk=chunk)
         (y.square().sum() + h.sum()).backward()
         out.append((y.detach(), h.detach(), xs.grad))
-    for a, c in zip(*out):
-        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    for got in out[:2]:
+        for a, want in zip(got, out[2]):
+            torch.testing.assert_close(a, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kw", CONFIGS)
