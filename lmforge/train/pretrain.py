@@ -380,6 +380,6 @@ def _train(
     return summary
 
 
-# model family -> its pretraining driver: next-token prediction for decoders, masked-LM for
-# encoders (both on fit, the one clock)
+# model family -> its pretraining driver: next-token prediction for decoders (GPT, or Mamba's
+# own class through the same driver), masked-LM for encoders (all on fit, the one clock)
 TRAINERS = {"decoder": _train, "encoder": _train_encoder, "ssm": _train_ssm}
