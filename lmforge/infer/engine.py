@@ -44,6 +44,7 @@ from lmforge.infer.generate import (
     special_ids,
 )
 from lmforge.model.lora import LoRALinear
+from lmforge.model.mamba import Mamba
 from lmforge.model.transformer import GPT, KVCache, apply_rope
 
 log = logging.getLogger("lmforge.infer.engine")
@@ -133,6 +134,11 @@ class Engine:
     ):
         if max_batch < 1 or max_queue < 0:
             raise ConfigError("max_batch must be >= 1 and max_queue >= 0")
+        if isinstance(model, Mamba):  # the engine's rows and positions index a KVCache
+            raise ConfigError(
+                "the serving engine does not batch a Mamba yet (no per-row recurrent state); "
+                "it decodes with `lmforge generate` or `lmforge chat`"
+            )
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cfg = model.cfg
         self.max_batch, self.max_queue = max_batch, max_queue

@@ -154,6 +154,13 @@ def test_greedy_generation_through_the_engine_loop():
     assert got == ids[len(prompt) :]
 
 
+def test_the_serving_engine_refuses_a_mamba():
+    from lmforge.infer.engine import Engine
+
+    with pytest.raises(ConfigError, match="does not batch a Mamba"):
+        Engine(Mamba(MambaConfig(**CONFIGS[0])), None)
+
+
 def test_load_opens_a_mamba_directory(tmp_path, micro_prepared):
     """The one loader (`model.load.load`) tells a Mamba directory by its model_type."""
     from lmforge.model.load import load
@@ -236,3 +243,15 @@ def test_pretrain_through_the_cli_then_generate(micro_recipe_path, micro_prepare
     res = subprocess.run(gen, capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("The") and model.cfg.vocab_size > 0
+
+
+def test_pretrain_refuses_init_from_for_mamba(micro_prepared, tmp_path):
+    import dataclasses
+
+    from lmforge.train import pretrain
+
+    recipe, run_dir = micro_prepared
+    cfg = dataclasses.replace(recipe.pretrain, init_from=str(tmp_path))
+    model_cfg = dataclasses.replace(recipe.model, arch="mamba")
+    with pytest.raises(ConfigError, match="init_from: not supported for model.arch mamba"):
+        pretrain.run(cfg, model_cfg, run_dir / "data", run_dir / "tokenizer", tmp_path / "out")
