@@ -88,10 +88,14 @@ def load(
     mode; a training stage switches it to train mode itself."""
     path = Path(path)
     base = model_source(path)
-    if base == path and is_mamba_config(_read_config(path)):  # a Mamba (no adapter, no quant)
-        model = load_mamba(path, device=device)
-        return model.eval().requires_grad_(trainable), Tokenizer.load(path)
     float_only = trainable if float_only is None else float_only
+    if base == path and is_mamba_config(_read_config(path)):  # a Mamba (no adapter, no quant)
+        if float_only:  # the stages that train or rewrite weights work on a GPT
+            raise ConfigError(
+                f"{path} is a Mamba: this stage works on GPT-family models; a Mamba trains with "
+                "`lmforge pretrain` (model.arch mamba) and decodes with generate and chat"
+            )
+        return load_mamba(path, device=device), Tokenizer.load(path)
     model = load_model(base, device=device, quantized_ok=not float_only)
     if base != path:
         model = merge_lora(load_adapter(model, path))

@@ -173,6 +173,8 @@ def test_load_opens_a_mamba_directory(tmp_path, micro_prepared):
             shutil.copyfile(f, tmp_path / f.name)
     model, tok = load(tmp_path)
     assert isinstance(model, Mamba) and tok.vocab_size > 0
+    with pytest.raises(ConfigError, match="is a Mamba: this stage works on GPT-family"):
+        load(tmp_path, trainable=True)  # sft, dpo, quantize...: a clear error, not a traceback
     ids = _ids(cfg, T=20)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ours(ids))
