@@ -1,0 +1,145 @@
+"""The mixture of experts (model/moe.py): dispatch against a per-token reference, capacity and
+dropped tokens, the auxiliary losses against transformers', config checks, HF Mixtral interop."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ConfigError, ModelConfig
+from lmforge.model.moe import MoE, z_loss
+from lmforge.model.transformer import GPT, aux_loss, aux_metrics
+
+
+def moe_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, dim=32, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=48)
+    base.update(arch="mixtral", mlp="moe", n_experts=4, experts_per_token=2)
+    return ModelConfig(**(base | kw))
+
+
+def random_moe(cfg: ModelConfig, seed: int = 0) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.3)  # made-up weights, large enough to route unevenly
+    return moe
+
+
+def naive_moe(moe: MoE, x: torch.Tensor, keep=None) -> torch.Tensor:
+    """The reference: token by token, each of its top-k experts in turn (keep[t][j] False: the
+    j-th choice of token t was dropped)."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        probs = F.softmax(moe.router(x[t]).float(), dim=-1)
+        top, experts = probs.topk(moe.k)
+        top = top / top.sum()
+        for j, e in enumerate(experts.tolist()):
+            if keep is not None and not keep[t][j]:
+                continue
+            gate, up = (moe.w13[e] @ x[t]).chunk(2)
+            out[t] += top[j] * (moe.w2[e] @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_grouped_dispatch_equals_per_token_reference(k):
+    cfg = moe_config(experts_per_token=k)
+    moe = random_moe(cfg)
+    x = torch.randn(3, 7, cfg.dim)  # made-up activations
+    with torch.no_grad():
+        ours = moe(x)
+        ref = naive_moe(moe, x.reshape(-1, cfg.dim)).view_as(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert moe.tokens_per_expert.sum() == 21 * k
+    assert float(moe.aux_metrics["moe_dropped"]) == 0.0
+
+
+def test_capacity_drops_over_capacity_slots_second_choices_first():
+    cfg = moe_config(capacity_factor=0.5)
+    moe = random_moe(cfg)
+    x = torch.randn(1, 16, cfg.dim)  # made-up activations
+    N, k, E = 16, 2, 4
+    capacity = moe.capacity(N)
+    assert capacity == 4  # ceil(0.5 * 16 * 2 / 4)
+    with torch.no_grad():
+        ours = moe(x)
+        _, experts = F.softmax(moe.router(x[0]).float(), dim=-1).topk(k)
+    # the reference's keep mask: first choices in token order, then second choices
+    used = [0] * E
+    keep = [[False] * k for _ in range(N)]
+    for j in range(k):
+        for t in range(N):
+            e = int(experts[t, j])
+            keep[t][j] = used[e] < capacity
+            used[e] += 1
+    with torch.no_grad():
+        ref = naive_moe(moe, x[0], keep).unsqueeze(0)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    dropped = sum(not kept for row in keep for kept in row)
+    assert dropped > 0  # the test means something: this routing overflows
+    assert float(moe.aux_metrics["moe_dropped"]) == pytest.approx(dropped / (N * k))
+    assert moe.tokens_per_expert.tolist() == used  # routed, before dropping
+
+
+def test_load_balancing_loss_equals_transformers():
+    mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
+    cfg = moe_config(n_experts=8, experts_per_token=2)
+    moe = random_moe(cfg)
+    x = torch.randn(2, 9, cfg.dim)  # made-up activations
+    with torch.no_grad():
+        moe(x)
+        logits = moe.router(x.reshape(-1, cfg.dim))
+    theirs = mixtral.load_balancing_loss_func((logits,), num_experts=8, top_k=2)
+    torch.testing.assert_close(moe.aux_metrics["moe_lb"], theirs, rtol=1e-6, atol=1e-6)
+    expected_z = (torch.logsumexp(logits, dim=-1) ** 2).mean()
+    torch.testing.assert_close(moe.aux_metrics["moe_z"], expected_z)
+    torch.testing.assert_close(z_loss(logits), expected_z)
+
+
+def test_aux_loss_is_the_weighted_mean_over_layers_and_dense_models_have_none():
+    cfg = moe_config(moe_aux_coef=0.1, moe_z_coef=0.01)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model(torch.randint(0, cfg.vocab_size, (2, 8)))  # made-up token ids
+    layers = [b.mlp for b in model.layers]
+    expected = sum(0.1 * m.aux_metrics["moe_lb"] + 0.01 * m.aux_metrics["moe_z"] for m in layers)
+    torch.testing.assert_close(aux_loss(model).detach(), expected / cfg.n_layer)
+    assert set(aux_metrics(model)) == {
+        "moe_lb",
+        "moe_z",
+        "moe_dropped",
+        "moe_min_share",
+        "moe_max_share",
+    }
+    assert aux_loss(model).requires_grad  # it trains the router
+    dense = GPT(ModelConfig(vocab_size=64, dim=32, n_layer=1, n_head=4))
+    dense(torch.zeros(1, 4, dtype=torch.long))
+    assert aux_loss(dense) is None and aux_metrics(dense) == {}
+
+
+def test_experts_down_projections_are_initialised_as_residual_writers():
+    cfg = moe_config(n_layer=8, dim=64, ffn_dim=256, n_experts=8, init_std=0.02)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    moe = model.layers[0].mlp
+    assert moe.w2.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # std / sqrt(2 * 8)
+    assert moe.w13.std().item() == pytest.approx(0.02, rel=0.05)
+    assert moe.router.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (
+            dict(experts_per_token=5),
+            "experts_per_token (5) must be between 1 and model.n_experts (4)",
+        ),
+        (dict(experts_per_token=0), "experts_per_token (0) must be between 1"),
+        (dict(n_experts=0), "n_experts must be >= 2"),
+        (dict(capacity_factor=-1.0), "capacity_factor must be >= 0"),
+        (dict(mlp="swiglu"), "model.arch 'mixtral' computes with mlp: moe"),
+        (dict(arch="llama", mlp="swiglu"), "n_experts and model.capacity_factor need mlp 'moe'"),
+    ],
+)
+def test_bad_moe_configs_are_refused(kw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        moe_config(**kw)
