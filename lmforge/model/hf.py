@@ -1,10 +1,13 @@
-"""Hugging Face interop: our ModelConfig <-> the config.json of four families (Llama, Qwen2,
-Mistral, GPT-2), our tensors <-> their tensor names.
+"""Hugging Face interop: our ModelConfig <-> the config.json of five families (Llama, Qwen2,
+Mistral, Mixtral, GPT-2), our tensors <-> their tensor names.
 
 The one idea: names and shapes are all that differ. HF stores q/k/v (and SwiGLU's gate/up) as
 separate matrices; we keep them fused, so export splits along the output dimension and import
 concatenates. GPT-2 already fuses q/k/v (`c_attn`) but in a `Conv1D`, whose weight is (in, out):
-those are transposed. RoPE needs no permutation because our rotation uses HF's rotate_half pairing.
+those are transposed. RoPE needs no permutation because our rotation uses HF's rotate_half pairing. Mixtral's experts
+are written one matrix each (`block_sparse_moe.experts.{i}.w1/w2/w3`: the original checkpoints'
+names, which transformers 5 also writes) and read in that layout or transformers 5's in-memory
+one (`mlp.experts.gate_up_proj`, stacked like ours).
 
 `rope_scaling` (or transformers 5's `rope_parameters`) of the linear, dynamic, yarn and llama3
 kinds is kept in ModelConfig.rope_scaling and written back as it was read. Options that change the
@@ -28,6 +31,7 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 
@@ -46,6 +50,17 @@ CONFIG_FIELDS = {
     "init_std": "initializer_range",
     "bos_token_id": "bos_token_id",
     "eos_token_id": "eos_token_id",
+}
+
+# MixtralConfig: LlamaConfig's names, the experts', and two of ours that transformers does not
+# compute (it keeps unknown keys): a capacity that drops tokens changes what the model computes,
+# so a round trip must keep it
+MIXTRAL_FIELDS = CONFIG_FIELDS | {
+    "n_experts": "num_local_experts",
+    "experts_per_token": "num_experts_per_tok",
+    "moe_aux_coef": "router_aux_loss_coef",
+    "moe_z_coef": "router_z_loss_coef",
+    "capacity_factor": "capacity_factor",
 }
 
 # our ModelConfig field -> GPT2Config field
@@ -68,6 +83,14 @@ HF_DEFAULTS = {
     "llama": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
     "qwen2": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
     "mistral": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
+    "mixtral": {
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.001,
+    },
     "gpt2": {"tie_word_embeddings": True, "layer_norm_epsilon": 1e-5},
 }
 
@@ -101,7 +124,8 @@ def to_hf_config(
         out.update(GPT2_DEFAULTS, activation_function="gelu_new")
         out.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     else:
-        out.update({hf: getattr(cfg, ours) for ours, hf in CONFIG_FIELDS.items()})
+        fields = MIXTRAL_FIELDS if cfg.arch == "mixtral" else CONFIG_FIELDS
+        out.update({hf: getattr(cfg, ours) for ours, hf in fields.items()})
         out.update(
             head_dim=cfg.head_dim,
             hidden_act="silu",
@@ -112,8 +136,10 @@ def to_hf_config(
         out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     elif cfg.arch == "qwen2":
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
-    elif cfg.arch == "mistral":
+    elif cfg.arch in ("mistral", "mixtral"):
         out.update(sliding_window=cfg.sliding_window or None)
+    if cfg.arch == "mixtral":  # jitter noise only perturbs training; lmforge trains without it
+        out.update(output_router_logits=False, router_jitter_noise=0.0)
     out.update(use_cache=True, pad_token_id=pad_token_id, torch_dtype=torch_dtype)
     return out
 
@@ -167,7 +193,7 @@ def from_hf_config(hf: dict) -> ModelConfig:
     if bad:
         raise ConfigError(f"config.json: unsupported {family} options {bad}")
     hf = HF_DEFAULTS[family] | {k: v for k, v in hf.items() if v is not None}
-    fields = GPT2_FIELDS if family == "gpt2" else CONFIG_FIELDS
+    fields = {"gpt2": GPT2_FIELDS, "mixtral": MIXTRAL_FIELDS}.get(family, CONFIG_FIELDS)
     kwargs = {ours: hf[theirs] for ours, theirs in fields.items() if theirs in hf}
     if family == "gpt2" and "n_positions" not in hf and "n_ctx" in hf:  # older GPT-2 configs
         kwargs["max_seq_len"] = hf["n_ctx"]
@@ -180,7 +206,7 @@ def from_hf_config(hf: dict) -> ModelConfig:
             kwargs[k] = kwargs[k][0]
     if family != "gpt2":
         kwargs["head_dim"] = hf.get("head_dim") or 0
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         kwargs["sliding_window"] = hf.get("sliding_window") or 0
     try:
         cfg = ModelConfig(arch=family, **ARCH_FEATURES[family], **kwargs)
@@ -219,17 +245,34 @@ def _to_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.
         for kind in kinds:
             q, k, v = sd[p + f"attn.wqkv.{kind}"].split(sizes, dim=0)
             out.update({hp + f"self_attn.{n}_proj.{kind}": t for n, t in zip("qkv", (q, k, v))})
-        gate, up = sd[p + "mlp.w13.weight"].chunk(2, dim=0)
+        out.update(_to_mixtral_moe(sd, p, hp) if cfg.mlp == "moe" else _to_llama_mlp(sd, p, hp))
         out.update(
             {
                 hp + "self_attn.o_proj.weight": sd[p + "attn.wo.weight"],
-                hp + "mlp.gate_proj.weight": gate,
-                hp + "mlp.up_proj.weight": up,
-                hp + "mlp.down_proj.weight": sd[p + "mlp.w2.weight"],
                 hp + "input_layernorm.weight": sd[p + "attn_norm.weight"],
                 hp + "post_attention_layernorm.weight": sd[p + "mlp_norm.weight"],
             }
         )
+    return out
+
+
+def _to_llama_mlp(sd: dict, p: str, hp: str) -> dict:
+    gate, up = sd[p + "mlp.w13.weight"].chunk(2, dim=0)
+    return {
+        hp + "mlp.gate_proj.weight": gate,
+        hp + "mlp.up_proj.weight": up,
+        hp + "mlp.down_proj.weight": sd[p + "mlp.w2.weight"],
+    }
+
+
+def _to_mixtral_moe(sd: dict, p: str, hp: str) -> dict:
+    """Our router and stacked experts -> one w1 (gate), w3 (up), w2 (down) per expert."""
+    hp += "block_sparse_moe."
+    out = {hp + "gate.weight": sd[p + "mlp.router.weight"]}
+    for e, (w13, w2) in enumerate(zip(sd[p + "mlp.w13"], sd[p + "mlp.w2"])):
+        gate, up = w13.chunk(2, dim=0)
+        out |= {hp + f"experts.{e}.w1.weight": gate, hp + f"experts.{e}.w3.weight": up}
+        out[hp + f"experts.{e}.w2.weight"] = w2
     return out
 
 
@@ -272,7 +315,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             missing.append(name)
         return hf.get(name)
 
-    out = _from_gpt2(hf, get, cfg) if cfg.arch == "gpt2" else _from_llama(get, cfg)
+    out = _from_gpt2(hf, get, cfg) if cfg.arch == "gpt2" else _from_llama(hf, get, cfg)
     out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else get("lm_head.weight")
     if missing:
         shown = ", ".join(missing[:5]) + (
@@ -286,7 +329,7 @@ def _cat(parts: list) -> torch.Tensor | None:
     return None if any(t is None for t in parts) else torch.cat(parts, dim=0)
 
 
-def _from_llama(get, cfg: ModelConfig) -> dict:
+def _from_llama(hf: dict, get, cfg: ModelConfig) -> dict:
     out = {
         "tok_emb.weight": get("model.embed_tokens.weight"),
         "norm.weight": get("model.norm.weight"),
@@ -297,11 +340,36 @@ def _from_llama(get, cfg: ModelConfig) -> dict:
         if cfg.qkv_bias:
             out[p + "attn.wqkv.bias"] = _cat([get(hp + f"self_attn.{n}_proj.bias") for n in "qkv"])
         out[p + "attn.wo.weight"] = get(hp + "self_attn.o_proj.weight")
-        out[p + "mlp.w13.weight"] = _cat([get(hp + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
-        out[p + "mlp.w2.weight"] = get(hp + "mlp.down_proj.weight")
+        if cfg.mlp == "moe":
+            out |= _from_mixtral_moe(hf, get, p, hp, cfg.n_experts)
+        else:
+            gate_up = [get(hp + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+            out[p + "mlp.w13.weight"] = _cat(gate_up)
+            out[p + "mlp.w2.weight"] = get(hp + "mlp.down_proj.weight")
         out[p + "attn_norm.weight"] = get(hp + "input_layernorm.weight")
         out[p + "mlp_norm.weight"] = get(hp + "post_attention_layernorm.weight")
     return out
+
+
+def _from_mixtral_moe(hf: dict, get, p: str, hp: str, n_experts: int) -> dict:
+    """A Mixtral layer's router and experts: one matrix per expert (`block_sparse_moe.experts.
+    {i}.w1/w3/w2`), or stacked as transformers 5 holds them (`mlp.experts.gate_up_proj`)."""
+    if hp + "mlp.experts.gate_up_proj" in hf:
+        return {
+            p + "mlp.router.weight": get(hp + "mlp.gate.weight"),
+            p + "mlp.w13": get(hp + "mlp.experts.gate_up_proj"),  # (E, 2F, D): gate rows, then up
+            p + "mlp.w2": get(hp + "mlp.experts.down_proj"),  # (E, D, F)
+        }
+    hp += "block_sparse_moe."
+    experts = [hp + f"experts.{e}." for e in range(n_experts)]
+    w13 = [_cat([get(x + "w1.weight"), get(x + "w3.weight")]) for x in experts]
+    w2 = [get(x + "w2.weight") for x in experts]
+    stack = lambda ts: None if any(t is None for t in ts) else torch.stack(ts)  # noqa: E731
+    return {
+        p + "mlp.router.weight": get(hp + "gate.weight"),
+        p + "mlp.w13": stack(w13),
+        p + "mlp.w2": stack(w2),
+    }
 
 
 def _from_gpt2(hf: dict, get, cfg: ModelConfig) -> dict:

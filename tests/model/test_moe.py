@@ -143,3 +143,114 @@ def test_experts_down_projections_are_initialised_as_residual_writers():
 def test_bad_moe_configs_are_refused(kw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         moe_config(**kw)
+
+
+# --------------------------------------------------------------------------- HF Mixtral
+
+TOL = 1e-4  # fp32, max abs difference over all logits
+MIXTRAL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=64,
+    num_local_experts=4,
+)
+
+
+def hf_mixtral(seed=0, **kw):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**(MIXTRAL | kw))).eval()
+    with torch.no_grad():  # made-up weights: norms away from 1, routers that prefer some experts
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("gate.weight"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def logits_of(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return getattr(out, "logits", out)
+
+
+@pytest.mark.parametrize("kw", [dict(num_experts_per_tok=2), dict(num_experts_per_tok=1)])
+def test_mixtral_matches_transformers_both_ways(tmp_path, kw):
+    transformers = pytest.importorskip("transformers")
+    from lmforge.model.checkpoint import load_model, save_model
+
+    theirs = hf_mixtral(**kw)
+    theirs.save_pretrained(tmp_path / "hf")  # transformers 5 writes experts.{i}.w1/w2/w3
+    ours = load_model(tmp_path / "hf")
+    assert (ours.cfg.arch, ours.cfg.n_experts) == ("mixtral", 4)
+    assert ours.cfg.experts_per_token == kw["num_experts_per_tok"]
+    x = torch.randint(0, 128, (2, 24))  # made-up token ids
+    ref = logits_of(theirs, x)
+    assert (logits_of(ours, x) - ref).abs().max().item() <= TOL
+
+    # KV cache: a prefill, then one token at a time = the full forward
+    with torch.no_grad():
+        cache = ours.new_cache(2)
+        parts = [ours(x[:, :9], cache, 0)] + [ours(x[:, p : p + 1], cache, p) for p in range(9, 24)]
+    assert (torch.cat(parts, 1) - ref).abs().max().item() <= TOL
+
+    save_model(ours, tmp_path / "ours")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(back) is transformers.MixtralForCausalLM
+    assert (logits_of(back, x) - ref).abs().max().item() <= TOL
+    again = load_model(tmp_path / "ours")  # and our own reload is exact
+    for (k, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_our_mixtral_opens_in_transformers_with_equal_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lmforge.model.checkpoint import save_model
+
+    cfg = moe_config(vocab_size=96, n_experts=3, experts_per_token=2, moe_aux_coef=0.02)
+    torch.manual_seed(1)
+    ours = GPT(cfg).eval()
+    with torch.no_grad():
+        for b in ours.layers:  # made-up router weights: the routing must matter
+            b.mlp.router.weight.normal_(0.0, 0.5)
+    save_model(ours, tmp_path / "ours")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert theirs.config.num_local_experts == 3
+    assert theirs.config.router_aux_loss_coef == 0.02
+    x = torch.randint(0, 96, (3, 17))  # made-up token ids
+    assert (logits_of(ours, x) - logits_of(theirs, x)).abs().max().item() <= TOL
+
+
+def test_mixtral_stacked_layout_of_transformers_5_also_loads():
+    from lmforge.model.hf import from_hf_config, from_hf_state_dict
+
+    theirs = hf_mixtral()
+    sd = theirs.state_dict()  # in memory: mlp.experts.gate_up_proj, (E, 2F, D)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in sd
+    cfg = from_hf_config(theirs.config.to_dict())
+    ours = GPT(cfg).eval()
+    ours.load_state_dict(from_hf_state_dict(sd, cfg))
+    x = torch.randint(0, 128, (2, 11))  # made-up token ids
+    assert (logits_of(ours, x) - logits_of(theirs, x)).abs().max().item() <= TOL
+
+
+def test_capacity_and_z_coef_survive_a_round_trip(tmp_path):
+    from lmforge.model.checkpoint import load_model, save_model
+
+    cfg = moe_config(capacity_factor=1.25, moe_z_coef=0.005, sliding_window=8)
+    save_model(GPT(cfg), tmp_path / "m")
+    back = load_model(tmp_path / "m").cfg
+    assert (back.capacity_factor, back.moe_z_coef, back.sliding_window) == (1.25, 0.005, 8)
+
+
+def test_mixtral_config_json_errors_name_the_key():
+    from lmforge.model.hf import from_hf_config
+
+    hf = dict(MIXTRAL, model_type="mixtral", num_experts_per_tok=6)
+    with pytest.raises(ConfigError, match=r"num_experts_per_tok in config.json"):
+        from_hf_config(hf)
