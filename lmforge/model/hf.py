@@ -31,8 +31,8 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
-    "mixtral": "MixtralForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "mixtral": "MixtralForCausalLM",
 }
 
 # our ModelConfig field -> LlamaConfig field (Qwen2Config and MistralConfig use the same names)
