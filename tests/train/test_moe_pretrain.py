@@ -1,0 +1,56 @@
+"""`lmforge pretrain` of a micro mixture of experts (model.arch mixtral) through the command line:
+its first losses pinned, the MoE metrics logged, and the saved model opening with `load` and
+generating with `lmforge generate`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.model.load import load
+from lmforge.model.moe import MoE
+from lmforge.train.metrics import read_metrics
+
+# the micro recipe's model with 4 experts, top-2: measured when the MoE was added (one thread)
+PINNED_LOSSES = [6.262563228607178, 6.234828948974609, 6.237075328826904]
+MOE = dict(arch="mixtral", mlp="moe", n_experts=4, experts_per_token=2)
+
+
+@pytest.fixture(scope="module")
+def moe_run(micro_recipe_path, micro_prepared, tmp_path_factory):
+    _, run_dir = micro_prepared
+    out = tmp_path_factory.mktemp("moe_pretrain")
+    cli = [sys.executable, "-m", "lmforge", "pretrain", "--config", str(micro_recipe_path)]
+    cli += ["--data-dir", str(run_dir / "data"), "--tokenizer-dir", str(run_dir / "tokenizer")]
+    cli += ["--out", str(out), "--device", "cpu", "--threads", "1", "--max_steps", "3"]
+    cli += ["--eval_every", "0", "--save_every", "0"]
+    cli += [f"--model.{k}={v}" for k, v in MOE.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cli, capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / "pretrain"
+
+
+def test_first_losses_are_pinned_and_moe_metrics_logged(moe_run):
+    rows = [r for r in read_metrics(moe_run / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in rows]
+    print(json.dumps(losses))  # the figures to pin, when a change is intended
+    assert losses == pytest.approx(PINNED_LOSSES, rel=1e-4, abs=1e-6)
+    for r in rows:
+        assert r["moe_dropped"] == 0.0  # no capacity: nothing is dropped
+        assert r["moe_min_share"] <= 0.25 <= r["moe_max_share"]  # 4 experts: 1/4 is the mean
+        assert 2.0 <= r["moe_lb"] < 8.0  # top-2: 2 when perfectly even, 8 on one expert
+        assert r["moe_z"] > 0
+
+
+def test_saved_moe_model_loads_and_generates(moe_run):
+    model, tok = load(moe_run / "model")
+    assert model.cfg.arch == "mixtral" and isinstance(model.layers[0].mlp, MoE)
+    assert tok.encode("hello") == tok.encode("hello")
+    cli = [sys.executable, "-m", "lmforge", "generate", str(moe_run / "model"), "--prompt", "Once"]
+    cli += ["--max-new-tokens", "5", "--temperature", "0", "--device", "cpu"]
+    res = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("Once")
