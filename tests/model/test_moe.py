@@ -254,3 +254,54 @@ def test_mixtral_config_json_errors_name_the_key():
     hf = dict(MIXTRAL, model_type="mixtral", num_experts_per_tok=6)
     with pytest.raises(ConfigError, match=r"num_experts_per_tok in config.json"):
         from_hf_config(hf)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_lora_adapts_the_attention_of_a_moe_model_and_merges_exactly():
+    from lmforge.config import LoRAConfig
+    from lmforge.model.lora import LoRALinear, apply_lora, merge_lora
+
+    cfg = moe_config()
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    apply_lora(model, LoRAConfig(r=4), seed=0)  # the default targets: every projection there is
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert adapted == {f"layers.{i}.attn.{w}" for i in range(2) for w in ("wqkv", "wo")}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1)  # made-up adapters: B = 0 would change nothing
+    x = torch.randint(0, cfg.vocab_size, (2, 9))  # made-up token ids
+    before = logits_of(model, x)
+    torch.testing.assert_close(logits_of(merge_lora(model), x), before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="a mixtral model has no 'gate' projection"):
+        apply_lora(GPT(cfg), LoRAConfig(r=4, targets=["gate"]))
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_moe_keeps_router_and_experts_float_and_round_trips(tmp_path, method):
+    from lmforge.compress.quantize import quantize_model
+    from lmforge.config import QuantizeConfig
+    from lmforge.model.checkpoint import load_model, save_quantized
+
+    cfg = moe_config(dim=64, ffn_dim=64)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    x = torch.randint(0, cfg.vocab_size, (1, 12))  # made-up token ids
+    ref = logits_of(model, x)
+    kw = dict(group_size=32) if method == "int4" else {}
+    spec = quantize_model(model, QuantizeConfig(method=method, **kw))
+    assert all(".attn." in m for m in spec.modules)  # the router and the experts stay float
+    save_quantized(model, spec, tmp_path / "q")
+    back = load_model(tmp_path / "q")
+    assert torch.equal(logits_of(back, x), logits_of(model, x))
+    assert (logits_of(back, x) - ref).abs().max().item() < 0.1
+
+
+def test_tensor_parallel_refuses_a_mixture_of_experts():
+    from lmforge.train.dist import check_tp
+
+    with pytest.raises(ConfigError, match="a mixture of experts .* trains with dist.tp 1"):
+        check_tp(moe_config(), 2)

@@ -54,3 +54,13 @@ def test_saved_moe_model_loads_and_generates(moe_run):
     res = subprocess.run(cli, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("Once")
+
+
+def test_structured_pruning_refuses_a_mixture_of_experts(moe_run, micro_prepared, tmp_path):
+    from lmforge.compress import prune
+    from lmforge.config import ConfigError, PruneConfig
+
+    _, run_dir = micro_prepared
+    cfg = PruneConfig(method="structured", device="cpu")
+    with pytest.raises(ConfigError, match="is a mixture of experts"):
+        prune.run(cfg, moe_run / "model", run_dir / "data", tmp_path)
