@@ -131,6 +131,11 @@ def _check_source(ckpt: Path) -> ModelConfig:
             f"`lmforge export {ckpt} MERGED_DIR --merge-lora`, then export MERGED_DIR"
         )
     cfg = load_config(ckpt)  # a missing or broken config.json is reported here
+    if cfg.arch not in GGUF_ARCH:
+        raise ConfigError(
+            f"checkpoint {ckpt}: GGUF export does not write {cfg.arch} models yet; it writes "
+            f"{', '.join(GGUF_ARCH)}"
+        )
     if read_json(ckpt / "config.json").get("quantization_config"):
         raise ConfigError(
             f"{ckpt / 'config.json'} has a quantization_config: this is a quantized checkpoint; "

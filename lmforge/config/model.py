@@ -17,6 +17,8 @@ ARCH_FEATURES = {
     "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, bias=True),
     # a sparse mixture of SwiGLU experts in place of the MLP (model/moe.py)
     "mixtral": dict(norm="rmsnorm", mlp="moe", pos="rope", qkv_bias=False, bias=False),
+    # the same with Qwen2's attention biases and a shared expert beside the routed ones
+    "qwen2_moe": dict(norm="rmsnorm", mlp="moe", pos="rope", qkv_bias=True, bias=False),
     # an encoder (model/bert.py, not GPT): `lmforge pretrain` trains it with masked-LM
     # (train/mlm.py); its GELU is BERT's exact one
     "bert": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, bias=True),
@@ -50,9 +52,9 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
     init_std: float = 0.02  # initializer_range
     bos_token_id: int = 1  # set from the tokenizer by the pipeline
     eos_token_id: int = 2  # set from the tokenizer by the pipeline
-    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | mixtral (mixture of experts) | gpt2 | bert (an encoder, pretrained with masked-LM)
+    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | mixtral | qwen2_moe (mixtures of experts) | gpt2 | bert (an encoder, pretrained with masked-LM)
     norm: str = "rmsnorm"  # rmsnorm | layernorm (gpt2)
-    mlp: str = "swiglu"  # swiglu (gated) | gelu (gpt2: tanh-approximate GELU, not gated) | moe (mixtral: top-k routed SwiGLU experts)
+    mlp: str = "swiglu"  # swiglu (gated) | gelu (gpt2: tanh-approximate GELU, not gated) | moe (mixtral, qwen2_moe: top-k routed SwiGLU experts)
     pos: str = "rope"  # positions: rope | learned (gpt2: a table added to the token embeddings)
     qkv_bias: bool = False  # the q/k/v projections have biases (qwen2, gpt2)
     bias: bool = False  # every other linear layer and the norms have biases (gpt2)
@@ -62,14 +64,12 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
     rope_scaling: dict = field(default_factory=dict)  # HF rope_scaling (a mapping); {} = none
     # mixture of experts (mlp: moe, model/moe.py); ffn_dim is then each expert's width
     n_experts: int = 0  # num_local_experts: SwiGLU experts per layer (mlp moe needs >= 2)
-    experts_per_token: int = 2  # num_experts_per_tok: the top-k experts each token is sent to
-    moe_aux_coef: float = (
-        0.01  # router_aux_loss_coef: weight of the load-balancing loss in training
-    )
-    moe_z_coef: float = 0.001  # weight of the router z-loss (ST-MoE) in training
-    capacity_factor: float = (
-        0.0  # slots per expert = factor * tokens * k / n_experts, the rest dropped; 0 = never drop
-    )
+    experts_per_token: int = 2  # num_experts_per_tok: the top-k experts each token goes to
+    moe_aux_coef: float = 0.01  # router_aux_loss_coef: load-balancing loss weight in training
+    moe_z_coef: float = 0.001  # router z-loss (ST-MoE) weight in training
+    capacity_factor: float = 0.0  # expert slots = factor * tokens * k / n_experts; 0 = no drops
+    norm_topk: bool = True  # norm_topk_prob: top-k weights renormalised (qwen2_moe: false)
+    shared_expert_dim: int = 0  # shared_expert_intermediate_size (qwen2_moe); 0 = none
 
     def __post_init__(self):
         check_types(self)  # config.json values arrive unchecked: "256" or true for a width
@@ -139,12 +139,19 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
 def _check_moe(cfg: ModelConfig) -> None:
     """The expert fields are set for a mixture of experts, and only for one."""
     if cfg.mlp != "moe":
-        if cfg.n_experts or cfg.capacity_factor:
+        if cfg.n_experts or cfg.capacity_factor or cfg.shared_expert_dim:
             raise ConfigError(
-                f"model.n_experts and model.capacity_factor need mlp 'moe' (arch 'mixtral'), "
-                f"not mlp {cfg.mlp!r}"
+                f"model.n_experts, model.capacity_factor and model.shared_expert_dim need mlp "
+                f"'moe' (arch 'mixtral' or 'qwen2_moe'), not mlp {cfg.mlp!r}"
             )
         return
+    if cfg.arch == "mixtral" and (cfg.shared_expert_dim or not cfg.norm_topk):
+        raise ConfigError(
+            "model.arch 'mixtral' has no shared expert and always renormalises the top-k "
+            "weights: use arch 'qwen2_moe' for shared_expert_dim or norm_topk false"
+        )
+    if cfg.shared_expert_dim < 0:
+        raise ConfigError(f"model.shared_expert_dim must be >= 0, got {cfg.shared_expert_dim}")
     if cfg.n_experts < 2:
         raise ConfigError(f"model.n_experts must be >= 2 for mlp 'moe', got {cfg.n_experts}")
     if not 1 <= cfg.experts_per_token <= cfg.n_experts:
@@ -236,6 +243,7 @@ def model_memory(cfg: ModelConfig) -> dict[str, int]:
     layer = D * (H + 2 * KV) * hd + H * hd * D + 2 * norm  # attention, two norms
     layer += (2 if cfg.mlp == "gelu" else 3) * D * F * max(1, cfg.n_experts)  # up, down | gate too
     layer += cfg.n_experts * D  # the router
+    layer += 3 * D * cfg.shared_expert_dim + (D if cfg.shared_expert_dim else 0)  # and its gate
     if cfg.qkv_bias:
         layer += (H + 2 * KV) * hd
     if cfg.bias:  # output projection and MLP biases

@@ -1,6 +1,8 @@
 """A sparse mixture of experts in place of the dense MLP (Mixtral, arXiv:2401.04088): a router
 scores the experts for each token, the token goes through its top-k SwiGLU experts, and their
-outputs are summed with the router's softmax weights, renormalised over the k chosen.
+outputs are summed with the router's softmax weights, renormalised over the k chosen (Qwen2-MoE
+leaves them unnormalised and adds a shared expert that every token goes through, scaled by a
+sigmoid gate).
 
 The one idea: dispatch is a sort. The N*k (token, expert) slots are sorted by expert, so each
 expert's tokens form one contiguous slice and the expert is one matmul over it: a loop over
@@ -27,13 +29,15 @@ from torch import nn
 from lmforge.config import ModelConfig
 
 
-def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax over the experts, then the top k, their weights renormalised to sum to 1 (as
-    transformers' MixtralTopKRouter). logits (N, E) float32 -> weights (N, k), experts (N, k),
-    probs (N, E)."""
+def route(
+    logits: torch.Tensor, k: int, norm_topk: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax over the experts, then the top k, their weights renormalised to sum to 1 when
+    norm_topk (as transformers' MixtralTopKRouter; Qwen2-MoE keeps the raw probabilities).
+    logits (N, E) float32 -> weights (N, k), experts (N, k), probs (N, E)."""
     probs = logits.softmax(dim=-1)
     top, experts = probs.topk(k, dim=-1)
-    return top / top.sum(dim=-1, keepdim=True), experts, probs
+    return top / top.sum(dim=-1, keepdim=True) if norm_topk else top, experts, probs
 
 
 def dispatch(experts: torch.Tensor, n_experts: int, capacity: int | None):
@@ -73,11 +77,16 @@ class MoE(nn.Module):
         super().__init__()
         E, D, F_ = cfg.n_experts, cfg.dim, cfg.ffn_dim
         self.n_experts, self.k, self.capacity_factor = E, cfg.experts_per_token, cfg.capacity_factor
+        self.norm_topk = cfg.norm_topk
         # a layer's share of the weights: summed over the layers, the losses are their mean
         self.aux_coef, self.z_coef = cfg.moe_aux_coef / cfg.n_layer, cfg.moe_z_coef / cfg.n_layer
         self.router = nn.Linear(D, E, bias=False)
         self.w13 = nn.Parameter(torch.empty(E, 2 * F_, D))  # each expert's gate and up, fused
         self.w2 = nn.Parameter(torch.empty(E, D, F_))  # each expert's down (a residual writer)
+        S = cfg.shared_expert_dim  # Qwen2-MoE: one SwiGLU MLP for every token, gated
+        self.shared_w13 = nn.Linear(D, 2 * S, bias=False) if S else None
+        self.shared_w2 = nn.Linear(S, D, bias=False) if S else None
+        self.shared_gate = nn.Linear(D, 1, bias=False) if S else None
         self.aux_loss: torch.Tensor | None = None
         self.aux_metrics: dict[str, torch.Tensor] = {}
         self.tokens_per_expert: torch.Tensor | None = None
@@ -92,12 +101,15 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x = x.reshape(B * T, D)  # (N, D)
         logits = self.router(x).float()  # (N, E): routed in float32, as transformers does
-        weights, experts, probs = route(logits, self.k)  # (N, k), (N, k), (N, E)
+        weights, experts, probs = route(logits, self.k, self.norm_topk)  # (N, k), (N, k), (N, E)
         order, counts, run = dispatch(experts, self.n_experts, self.capacity(B * T))
         token, choice = order % (B * T), order // (B * T)  # (S,) each kept slot's token, rank
         ys = self.run_experts(x[token], run.tolist())  # (S, D); tolist: the one host sync
         ys = ys * weights[token, choice].unsqueeze(-1).to(ys.dtype)
         out = torch.zeros_like(x).index_add_(0, token, ys)  # a dropped slot adds nothing
+        if self.shared_w13 is not None:
+            gate, up = self.shared_w13(x).chunk(2, dim=-1)
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared_w2(F.silu(gate) * up)
         self.record(logits, probs, counts, len(order))
         return out.view(B, T, D)
 

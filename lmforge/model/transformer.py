@@ -385,7 +385,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     # gate, up, down | up, down; a mixture of experts runs k of its experts, and the router
     active = cfg.experts_per_token if cfg.mlp == "moe" else 1
     per_layer += 2 * (2 if cfg.mlp == "gelu" else 3) * D * F_ * active
-    per_layer += 2 * D * cfg.n_experts
+    per_layer += 2 * D * cfg.n_experts + 2 * 3 * D * cfg.shared_expert_dim  # router, shared expert
     per_layer += 2 * 2 * cfg.n_head * cfg.head_dim * seq_len  # scores and weighted sum
     fwd = cfg.n_layer * per_layer + 2 * D * cfg.vocab_size  # + output head
     return 3 * fwd if training else fwd

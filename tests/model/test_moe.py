@@ -1,6 +1,8 @@
 """The mixture of experts (model/moe.py): dispatch against a per-token reference, capacity and
 dropped tokens, the auxiliary losses against transformers', config checks, HF Mixtral interop."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,7 +139,13 @@ def test_experts_down_projections_are_initialised_as_residual_writers():
         (dict(n_experts=0), "n_experts must be >= 2"),
         (dict(capacity_factor=-1.0), "capacity_factor must be >= 0"),
         (dict(mlp="swiglu"), "model.arch 'mixtral' computes with mlp: moe"),
-        (dict(arch="llama", mlp="swiglu"), "n_experts and model.capacity_factor need mlp 'moe'"),
+        (dict(arch="llama", mlp="swiglu"), "model.shared_expert_dim need mlp 'moe'"),
+        (dict(shared_expert_dim=64), "model.arch 'mixtral' has no shared expert"),
+        (dict(norm_topk=False), "use arch 'qwen2_moe' for shared_expert_dim or norm_topk false"),
+        (
+            dict(arch="qwen2_moe", qkv_bias=True, shared_expert_dim=-1),
+            "shared_expert_dim must be >= 0",
+        ),
     ],
 )
 def test_bad_moe_configs_are_refused(kw, message):
@@ -160,17 +168,25 @@ MIXTRAL = dict(
 )
 
 
-def hf_mixtral(seed=0, **kw):
+QWEN2_MOE = dict(MIXTRAL, moe_intermediate_size=48, shared_expert_intermediate_size=80)
+QWEN2_MOE |= dict(num_experts=4, num_local_experts=None)
+
+
+def hf_mixtral(seed=0, family="mixtral", **kw):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**(MIXTRAL | kw))).eval()
-    with torch.no_grad():  # made-up weights: norms away from 1, routers that prefer some experts
-        for name, p in model.named_parameters():
+    if family == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**(MIXTRAL | kw)))
+    else:
+        values = {k: v for k, v in (QWEN2_MOE | kw).items() if v is not None}
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**values))
+    with torch.no_grad():  # made-up weights: norms and biases away from 1 and 0, routers (and
+        for name, p in model.named_parameters():  # the shared expert's gate) that matter
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
-            elif name.endswith("gate.weight"):
+            elif name.endswith(("gate.weight", "shared_expert_gate.weight")):
                 p.normal_(0.0, 0.5)
-    return model
+    return model.eval()
 
 
 def logits_of(model, x):
@@ -179,16 +195,26 @@ def logits_of(model, x):
     return getattr(out, "logits", out)
 
 
-@pytest.mark.parametrize("kw", [dict(num_experts_per_tok=2), dict(num_experts_per_tok=1)])
-def test_mixtral_matches_transformers_both_ways(tmp_path, kw):
+HF_CASES = {
+    "mixtral-top2": ("mixtral", dict(num_experts_per_tok=2)),
+    "mixtral-top1": ("mixtral", dict(num_experts_per_tok=1)),
+    "qwen2_moe-top2-shared": ("qwen2_moe", dict(num_experts_per_tok=2)),
+    "qwen2_moe-top2-normalised": ("qwen2_moe", dict(num_experts_per_tok=2, norm_topk_prob=True)),
+}
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_moe_families_match_transformers_both_ways(tmp_path, case):
     transformers = pytest.importorskip("transformers")
     from lmforge.model.checkpoint import load_model, save_model
 
-    theirs = hf_mixtral(**kw)
-    theirs.save_pretrained(tmp_path / "hf")  # transformers 5 writes experts.{i}.w1/w2/w3
+    family, kw = HF_CASES[case]
+    theirs = hf_mixtral(family=family, **kw)
+    theirs.save_pretrained(tmp_path / "hf")  # transformers 5 writes one matrix per expert
     ours = load_model(tmp_path / "hf")
-    assert (ours.cfg.arch, ours.cfg.n_experts) == ("mixtral", 4)
+    assert (ours.cfg.arch, ours.cfg.n_experts) == (family, 4)
     assert ours.cfg.experts_per_token == kw["num_experts_per_tok"]
+    assert ours.cfg.shared_expert_dim == (80 if family == "qwen2_moe" else 0)
     x = torch.randint(0, 128, (2, 24))  # made-up token ids
     ref = logits_of(theirs, x)
     assert (logits_of(ours, x) - ref).abs().max().item() <= TOL
@@ -201,7 +227,7 @@ def test_mixtral_matches_transformers_both_ways(tmp_path, kw):
 
     save_model(ours, tmp_path / "ours")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
-    assert type(back) is transformers.MixtralForCausalLM
+    assert type(back) is type(theirs)
     assert (logits_of(back, x) - ref).abs().max().item() <= TOL
     again = load_model(tmp_path / "ours")  # and our own reload is exact
     for (k, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
@@ -226,10 +252,11 @@ def test_our_mixtral_opens_in_transformers_with_equal_logits(tmp_path):
     assert (logits_of(ours, x) - logits_of(theirs, x)).abs().max().item() <= TOL
 
 
-def test_mixtral_stacked_layout_of_transformers_5_also_loads():
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_stacked_layout_of_transformers_5_also_loads(family):
     from lmforge.model.hf import from_hf_config, from_hf_state_dict
 
-    theirs = hf_mixtral()
+    theirs = hf_mixtral(family=family)
     sd = theirs.state_dict()  # in memory: mlp.experts.gate_up_proj, (E, 2F, D)
     assert "model.layers.0.mlp.experts.gate_up_proj" in sd
     cfg = from_hf_config(theirs.config.to_dict())
@@ -248,12 +275,22 @@ def test_capacity_and_z_coef_survive_a_round_trip(tmp_path):
     assert (back.capacity_factor, back.moe_z_coef, back.sliding_window) == (1.25, 0.005, 8)
 
 
-def test_mixtral_config_json_errors_name_the_key():
+def test_moe_config_json_errors_name_the_key():
     from lmforge.model.hf import from_hf_config
 
     hf = dict(MIXTRAL, model_type="mixtral", num_experts_per_tok=6)
     with pytest.raises(ConfigError, match=r"num_experts_per_tok in config.json"):
         from_hf_config(hf)
+    qwen = dict(QWEN2_MOE, model_type="qwen2_moe", num_local_experts=0)
+    for bad, shown in [
+        (dict(mlp_only_layers=[1]), "mlp_only_layers=[1]"),
+        (dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
+        (dict(qkv_bias=False), "qkv_bias=false"),
+    ]:
+        with pytest.raises(
+            ConfigError, match=re.escape(f"unsupported qwen2_moe options ['{shown}")
+        ):
+            from_hf_config(qwen | bad)
 
 
 # --------------------------------------------------------------------------- transforms

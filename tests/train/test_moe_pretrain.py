@@ -64,3 +64,13 @@ def test_structured_pruning_refuses_a_mixture_of_experts(moe_run, micro_prepared
     cfg = PruneConfig(method="structured", device="cpu")
     with pytest.raises(ConfigError, match="is a mixture of experts"):
         prune.run(cfg, moe_run / "model", run_dir / "data", tmp_path)
+
+
+def test_gguf_export_refuses_a_mixture_of_experts_by_name(moe_run, tmp_path):
+    pytest.importorskip("gguf")
+    from lmforge.compress.gguf import export_gguf
+    from lmforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="does not write mixtral models yet"):
+        export_gguf(moe_run / "model", tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())  # nothing written
