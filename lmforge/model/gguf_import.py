@@ -7,7 +7,9 @@ for llama.cpp's `llama` graph the rows of every q and k head go back from adjace
 halves (the inverse of compress/gguf.py's `permute_rope`; `qwen2` is stored unpermuted). The
 tokenizer is rebuilt from `tokenizer.ggml.*`: a byte-level BPE whose split regexes are the ones
 llama.cpp uses for the file's `tokenizer.ggml.pre` name (llama.cpp ignores any regex a
-tokenizer.json had, so these are what the file's tokens were produced with).
+tokenizer.json had, so these are what the file's tokens were produced with). A `llama` file with
+`expert_count` is a Mixtral: its stacked experts (`ffn_gate_exps`, (E, F, dim)) are split into
+the per-expert HF tensors.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "block_sparse_moe.gate",  # a Mixtral layer's router
+}
+# a Mixtral layer's stacked experts -> each expert's HF name ({e}: the expert)
+EXPERT_NAMES = {
+    "ffn_gate_exps": "block_sparse_moe.experts.{e}.w1",
+    "ffn_up_exps": "block_sparse_moe.experts.{e}.w3",
+    "ffn_down_exps": "block_sparse_moe.experts.{e}.w2",
 }
 
 # tokenizer.ggml.pre -> llama.cpp's split regexes (llama-vocab.cpp), applied one after another
@@ -167,9 +176,18 @@ def model_config(meta: dict, reader, src: Path) -> ModelConfig:
     eos = meta.get("tokenizer.ggml.eos_token_id")
     if eos is None:
         raise ConfigError(f"{src}: tokenizer.ggml.eos_token_id is missing")
+    ours, moe = arch, {}
+    if int(meta.get(f"{arch}.expert_count", 0)):  # llama with experts: Mixtral
+        if arch != "llama":
+            raise ConfigError(f"{src}: experts in a {arch} file are not supported (llama only)")
+        ours = "mixtral"
+        moe = dict(
+            n_experts=int(get("expert_count")), experts_per_token=int(get("expert_used_count"))
+        )
     return ModelConfig(
-        arch=arch,
-        **ARCH_FEATURES[arch],
+        arch=ours,
+        **ARCH_FEATURES[ours],
+        **moe,
         vocab_size=int(names["token_embd.weight"].shape[1]),  # GGUF shapes are (in, out)
         dim=dim,
         n_layer=int(get("block_count")),
@@ -235,8 +253,8 @@ def hf_name(name: str, src: Path) -> str:
     if name in GLOBAL_NAMES:
         return GLOBAL_NAMES[name]
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES | EXPERT_NAMES:
+        return f"model.layers.{parts[1]}.{(LAYER_NAMES | EXPERT_NAMES)[parts[2]]}.{parts[3]}"
     raise ConfigError(f"{src}: tensor {name!r} has no Hugging Face counterpart we know")
 
 
@@ -258,13 +276,18 @@ def check_tensors(reader, cfg: ModelConfig, src: Path) -> None:
                 f"{src}: tensor {t.name} has type {t.tensor_type.name}, which import does not "
                 f"read; supported: {', '.join(TENSOR_TYPES)}"
             )
-        name = hf_name(t.name, src)
-        if name not in want or want[name] != hf_shape(t):
+        name, shape = hf_name(t.name, src), hf_shape(t)
+        if "{e}" in name:  # stacked experts (n_experts, rows, in): one HF matrix per expert
+            names = [name.format(e=e) for e in range(cfg.n_experts)]
+            ok = shape[0] == cfg.n_experts and all(want.get(n) == shape[1:] for n in names)
+            implied = (cfg.n_experts, *want.get(names[0], ()))
+        else:
+            names, ok, implied = [name], want.get(name) == shape, want.get(name, "no such tensor")
+        if not ok:
             raise ConfigError(
-                f"{src}: tensor {t.name} has shape {hf_shape(t)}, the metadata implies "
-                f"{want.get(name, 'no such tensor')}"
+                f"{src}: tensor {t.name} has shape {shape}, the metadata implies {implied}"
             )
-        seen.add(name)
+        seen.update(names)
     missing = sorted(set(want) - seen)
     if missing:
         raise ConfigError(f"{src}: tensors missing for {', '.join(missing[:5])}")
@@ -281,9 +304,13 @@ def hf_tensors(reader, cfg: ModelConfig, gguf, dtype: torch.dtype, src: Path) ->
     out = {}
     for t in tqdm(reader.tensors, desc="import", unit="tensor", dynamic_ncols=True):
         w = read_tensor(t, gguf)
-        if cfg.arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
+        if cfg.arch in ("llama", "mixtral") and (".attn_q." in t.name or ".attn_k." in t.name):
             w = unpermute_rope(w, cfg.n_head if ".attn_q." in t.name else cfg.n_kv_head)
-        out[hf_name(t.name, src)] = w.to(dtype).contiguous()
+        name = hf_name(t.name, src)
+        if "{e}" in name:  # stacked experts (E, rows, in): one HF matrix each
+            out |= {name.format(e=e): we.to(dtype).contiguous() for e, we in enumerate(w)}
+        else:
+            out[name] = w.to(dtype).contiguous()
     return out
 
 

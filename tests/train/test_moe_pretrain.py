@@ -66,11 +66,54 @@ def test_structured_pruning_refuses_a_mixture_of_experts(moe_run, micro_prepared
         prune.run(cfg, moe_run / "model", run_dir / "data", tmp_path)
 
 
-def test_gguf_export_refuses_a_mixture_of_experts_by_name(moe_run, tmp_path):
+def test_gguf_export_writes_llama_cpps_mixtral_layout_and_imports_back(moe_run, tmp_path):
+    """f32 GGUF: the experts stacked under the names gguf's own HF -> GGUF table gives (the one
+    llama.cpp's converter uses), expert counts in the metadata; `lmforge import` of the file
+    gives our logits back."""
+    gguf = pytest.importorskip("gguf")
+    import torch
+
+    from lmforge.compress.gguf import export_gguf
+    from lmforge.model.checkpoint import load_model
+    from lmforge.model.gguf_import import import_gguf
+
+    model = load_model(moe_run / "model")
+    path = export_gguf(moe_run / "model", tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.expert_count"].contents() == 4
+    assert reader.fields["llama.expert_used_count"].contents() == 2
+    tensors = {t.name: t for t in reader.tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.cfg.n_layer)
+    moe = model.layers[1].mlp
+    gate, up = moe.w13.detach().chunk(2, dim=1)
+    hf = "model.layers.1.block_sparse_moe."
+    for theirs, ours in [
+        (hf + "gate.weight", moe.router.weight.detach()),
+        (hf + "experts.w1.weight", gate),
+        (hf + "experts.w3.weight", up),
+        (hf + "experts.w2.weight", moe.w2.detach()),
+    ]:
+        t = tensors[names.get_name(theirs, try_suffixes=(".weight",))]
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
+        assert torch.equal(torch.from_numpy(got.copy()), ours), theirs
+    back = load_model(import_gguf(path, tmp_path / "imported"))
+    assert back.cfg.arch == "mixtral" and back.cfg.n_experts == 4
+    x = torch.randint(0, model.cfg.vocab_size, (2, 16))  # made-up token ids
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_export_refuses_qwen2_moe_by_name(moe_run, tmp_path):
     pytest.importorskip("gguf")
     from lmforge.compress.gguf import export_gguf
-    from lmforge.config import ConfigError
+    from lmforge.config import ConfigError, ModelConfig
+    from lmforge.model.checkpoint import save_model
+    from lmforge.model.transformer import GPT
 
-    with pytest.raises(ConfigError, match="does not write mixtral models yet"):
-        export_gguf(moe_run / "model", tmp_path / "m.gguf")
-    assert not list(tmp_path.iterdir())  # nothing written
+    features = dict(arch="qwen2_moe", mlp="moe", qkv_bias=True, n_experts=4, shared_expert_dim=32)
+    cfg = ModelConfig(vocab_size=512, dim=32, n_layer=1, n_head=2, **features)
+    save_model(GPT(cfg), tmp_path / "q", tokenizer_dir=moe_run / "model")
+    with pytest.raises(ConfigError, match="does not write qwen2_moe models yet"):
+        export_gguf(tmp_path / "q", tmp_path / "q.gguf")
+    assert not (tmp_path / "q.gguf").exists()
