@@ -106,7 +106,8 @@ class MoE(nn.Module):
         token, choice = order % (B * T), order // (B * T)  # (S,) each kept slot's token, rank
         ys = self.run_experts(x[token], run.tolist())  # (S, D); tolist: the one host sync
         ys = ys * weights[token, choice].unsqueeze(-1).to(ys.dtype)
-        out = torch.zeros_like(x).index_add_(0, token, ys)  # a dropped slot adds nothing
+        # a dropped slot adds nothing; in the experts' dtype (bf16 under autocast), as a Linear's
+        out = x.new_zeros(x.shape, dtype=ys.dtype).index_add_(0, token, ys)
         if self.shared_w13 is not None:
             gate, up = self.shared_w13(x).chunk(2, dim=-1)
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared_w2(F.silu(gate) * up)

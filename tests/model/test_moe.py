@@ -342,3 +342,20 @@ def test_tensor_parallel_refuses_a_mixture_of_experts():
 
     with pytest.raises(ConfigError, match="a mixture of experts .* trains with dist.tp 1"):
         check_tp(moe_config(), 2)
+
+
+def test_moe_trains_under_bf16_autocast():
+    """Under autocast the experts compute in bf16 while the residual stream stays fp32 (the
+    pretraining step on CUDA; simulated here with CPU autocast)."""
+    cfg = moe_config(shared_expert_dim=32, arch="qwen2_moe", qkv_bias=True, norm_topk=False)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 8))  # made-up token ids
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), x.flatten()) + aux_loss(model)
+    loss.backward()
+    assert model.layers[0].mlp.w13.grad is not None
+    assert model.layers[0].mlp.router.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(logits.float(), model(x), atol=0.05, rtol=0.05)
