@@ -14,8 +14,9 @@ Training adds two auxiliary losses, which the module keeps after each forward as
 needs no MoE branch): the Switch/GShard load-balancing loss, which pushes the router towards
 spreading tokens evenly, and the ST-MoE router z-loss, which keeps the router's logits small
 (large logits make the softmax, and so the routing, numerically brittle). `aux_metrics` holds
-the numbers to log: both losses, the share of slots dropped over capacity, and the least and
-most used experts' shares; `tokens_per_expert` the utilisation histogram.
+the numbers to log: both losses, the share of slots dropped over capacity, the least and most
+used experts' shares, and each expert's share (the utilisation histogram, `moe_share_{i}`);
+`tokens_per_expert` the last forward's counts.
 """
 
 from __future__ import annotations
@@ -137,4 +138,4 @@ class MoE(nn.Module):
             "moe_dropped": (slots - kept) / slots,
             "moe_min_share": share.min(),
             "moe_max_share": share.max(),
-        }
+        } | {f"moe_share_{i}": s for i, s in enumerate(share.detach())}

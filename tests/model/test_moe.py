@@ -105,13 +105,16 @@ def test_aux_loss_is_the_weighted_mean_over_layers_and_dense_models_have_none():
     layers = [b.mlp for b in model.layers]
     expected = sum(0.1 * m.aux_metrics["moe_lb"] + 0.01 * m.aux_metrics["moe_z"] for m in layers)
     torch.testing.assert_close(aux_loss(model).detach(), expected / cfg.n_layer)
-    assert set(aux_metrics(model)) == {
+    metrics = aux_metrics(model)
+    shares = [f"moe_share_{i}" for i in range(4)]
+    assert set(metrics) == {
         "moe_lb",
         "moe_z",
         "moe_dropped",
         "moe_min_share",
         "moe_max_share",
-    }
+    } | set(shares)
+    assert sum(metrics[k] for k in shares).item() == pytest.approx(1.0)  # a histogram
     assert aux_loss(model).requires_grad  # it trains the router
     dense = GPT(ModelConfig(vocab_size=64, dim=32, n_layer=1, n_head=4))
     dense(torch.zeros(1, 4, dtype=torch.long))

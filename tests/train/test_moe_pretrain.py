@@ -43,6 +43,10 @@ def test_first_losses_are_pinned_and_moe_metrics_logged(moe_run):
         assert r["moe_min_share"] <= 0.25 <= r["moe_max_share"]  # 4 experts: 1/4 is the mean
         assert 2.0 <= r["moe_lb"] < 8.0  # top-2: 2 when perfectly even, 8 on one expert
         assert r["moe_z"] > 0
+        shares = [r[f"moe_share_{i}"] for i in range(4)]  # the utilisation histogram
+        assert sum(shares) == pytest.approx(1.0)
+        # means over layers: the least used expert on average is used at least the mean minimum
+        assert r["moe_min_share"] <= min(shares) <= max(shares) <= r["moe_max_share"]
 
 
 def test_saved_moe_model_loads_and_generates(moe_run):
