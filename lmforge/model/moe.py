@@ -72,7 +72,7 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    """Top-k routed SwiGLU experts: the MLP of a `mlp: moe` (Mixtral) block."""
+    """Top-k routed SwiGLU experts (and Qwen2-MoE's shared one): a `mlp: moe` block's MLP."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -320,20 +320,28 @@ def test_lora_adapts_the_attention_of_a_moe_model_and_merges_exactly():
         apply_lora(GPT(cfg), LoRAConfig(r=4, targets=["gate"]))
 
 
+QWEN_SHARED = dict(arch="qwen2_moe", qkv_bias=True, shared_expert_dim=64, norm_topk=False)
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantized_moe_keeps_router_and_experts_float_and_round_trips(tmp_path, method):
+@pytest.mark.parametrize("family", [{}, QWEN_SHARED], ids=["mixtral", "qwen2_moe"])
+def test_quantized_moe_keeps_routers_and_experts_float_and_round_trips(tmp_path, method, family):
     from lmforge.compress.quantize import quantize_model
     from lmforge.config import QuantizeConfig
     from lmforge.model.checkpoint import load_model, save_quantized
 
-    cfg = moe_config(dim=64, ffn_dim=64)
+    cfg = moe_config(dim=64, ffn_dim=64, **family)
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     x = torch.randint(0, cfg.vocab_size, (1, 12))  # made-up token ids
     ref = logits_of(model, x)
     kw = dict(group_size=32) if method == "int4" else {}
     spec = quantize_model(model, QuantizeConfig(method=method, **kw))
-    assert all(".attn." in m for m in spec.modules)  # the router and the experts stay float
+    # the router, the shared expert's gate and the stacked experts stay float; attention and
+    # the shared expert (plain linear layers) are quantized
+    kinds = {m.split(".", 2)[2] for m in spec.modules}
+    shared = {"mlp.shared_w13", "mlp.shared_w2"} if family else set()
+    assert kinds == {"attn.wqkv", "attn.wo"} | shared
     save_quantized(model, spec, tmp_path / "q")
     back = load_model(tmp_path / "q")
     assert torch.equal(logits_of(back, x), logits_of(model, x))
