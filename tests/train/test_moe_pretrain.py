@@ -121,3 +121,28 @@ def test_gguf_export_refuses_qwen2_moe_by_name(moe_run, tmp_path):
     with pytest.raises(ConfigError, match="does not write qwen2_moe models yet"):
         export_gguf(tmp_path / "q", tmp_path / "q.gguf")
     assert not (tmp_path / "q.gguf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_moe_on_two_ranks_equals_one_process(strategy, micro_recipe_path, micro_prepared, tmp_path):
+    """Two optimizer steps of a micro MoE on 2 ranks (a global batch of 8) give one process's
+    losses and weights. The load-balancing loss is a product of batch means, so each rank's
+    differs from the global batch's: it is off here (moe_aux_coef 0); the z-loss, a plain mean
+    over tokens, is on."""
+    import torch
+    from test_dist import ATOL, losses, pretrain, weights
+
+    _, run_dir = micro_prepared
+    moe = [f"--model.{k}={v}" for k, v in (MOE | dict(moe_aux_coef=0.0, moe_z_coef=0.01)).items()]
+    one = pretrain(micro_recipe_path, run_dir, tmp_path / "one", 1, "--batch_size", "8",
+                   "--max_steps", "2", *moe)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = pretrain(micro_recipe_path, run_dir, tmp_path / "two", 2, "--batch_size", "4",
+                   "--max_steps", "2", *moe, dist=["--dist.strategy", strategy])  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=ATOL, msg=k)
