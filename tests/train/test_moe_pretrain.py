@@ -108,19 +108,42 @@ def test_gguf_export_writes_llama_cpps_mixtral_layout_and_imports_back(moe_run, 
         torch.testing.assert_close(back(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_gguf_export_refuses_qwen2_moe_by_name(moe_run, tmp_path):
+def test_qwen2_moe_gguf_opens_in_transformers_with_our_logits(moe_run, tmp_path):
+    """transformers' GGUF loader reads qwen2moe files (llama.cpp's layout) and is the reference.
+    It takes the experts' widths from Qwen2MoeConfig's defaults (1408, 5632), not from the
+    file, so the test model has those; norm_topk false, as llama.cpp's qwen2moe computes."""
     pytest.importorskip("gguf")
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from lmforge.compress.gguf import export_gguf
     from lmforge.config import ConfigError, ModelConfig
     from lmforge.model.checkpoint import save_model
     from lmforge.model.transformer import GPT
 
-    features = dict(arch="qwen2_moe", mlp="moe", qkv_bias=True, n_experts=4, shared_expert_dim=32)
-    cfg = ModelConfig(vocab_size=512, dim=32, n_layer=1, n_head=2, **features)
-    save_model(GPT(cfg), tmp_path / "q", tokenizer_dir=moe_run / "model")
-    with pytest.raises(ConfigError, match="does not write qwen2_moe models yet"):
-        export_gguf(tmp_path / "q", tmp_path / "q.gguf")
-    assert not (tmp_path / "q.gguf").exists()
+    features = dict(arch="qwen2_moe", mlp="moe", qkv_bias=True, n_experts=4, norm_topk=False)
+    features |= dict(ffn_dim=1408, shared_expert_dim=5632, tie_embeddings=False)
+    cfg = ModelConfig(vocab_size=512, dim=64, n_layer=2, n_head=4, n_kv_head=2, **features)
+    torch.manual_seed(0)
+    ours = GPT(cfg).eval()
+    with torch.no_grad():  # made-up router and shared-expert gate weights that matter
+        for b in ours.layers:
+            b.mlp.router.weight.normal_(0.0, 0.5)
+            b.mlp.shared_gate.weight.normal_(0.0, 0.5)
+    save_model(ours, tmp_path / "q", tokenizer_dir=moe_run / "model")
+    path = export_gguf(tmp_path / "q", tmp_path / "q.gguf")
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    )
+    assert type(theirs).__name__ == "Qwen2MoeForCausalLM"
+    x = torch.randint(0, 512, (2, 12))  # made-up token ids
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x), atol=1e-4, rtol=0)
+
+    normalised = GPT(ModelConfig(**(cfg.__dict__ | dict(norm_topk=True))))
+    save_model(normalised, tmp_path / "n", tokenizer_dir=moe_run / "model")
+    with pytest.raises(ConfigError, match="norm_topk_prob true"):
+        export_gguf(tmp_path / "n", tmp_path / "n.gguf")
 
 
 @pytest.mark.slow
