@@ -129,7 +129,7 @@ def test_gguf_export_writes_llama_cpps_mixtral_layout_and_imports_back(moe_run, 
         torch.testing.assert_close(back(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_qwen2_moe_gguf_opens_in_transformers_with_our_logits(moe_run, tmp_path):
+def test_qwen2_moe_gguf_opens_in_transformers_and_imports_back_with_our_logits(moe_run, tmp_path):
     """transformers' GGUF loader reads qwen2moe files (llama.cpp's layout) and is the reference.
     It takes the experts' widths from Qwen2MoeConfig's defaults (1408, 5632), not from the
     file, so the test model has those; norm_topk false, as llama.cpp's qwen2moe computes."""
@@ -139,7 +139,8 @@ def test_qwen2_moe_gguf_opens_in_transformers_with_our_logits(moe_run, tmp_path)
 
     from lmforge.compress.gguf import export_gguf
     from lmforge.config import ConfigError, ModelConfig
-    from lmforge.model.checkpoint import save_model
+    from lmforge.model.checkpoint import load_model, save_model
+    from lmforge.model.gguf_import import import_gguf
     from lmforge.model.transformer import GPT
 
     features = dict(arch="qwen2_moe", mlp="moe", qkv_bias=True, n_experts=4, norm_topk=False)
@@ -160,6 +161,14 @@ def test_qwen2_moe_gguf_opens_in_transformers_with_our_logits(moe_run, tmp_path)
     x = torch.randint(0, 512, (2, 12))  # made-up token ids
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, ours(x), atol=1e-4, rtol=0)
+    back = load_model(import_gguf(path, tmp_path / "imported"))  # and our import reads it
+    assert (back.cfg.arch, back.cfg.shared_expert_dim, back.cfg.ffn_dim) == (
+        "qwen2_moe",
+        5632,
+        1408,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), ours(x), atol=1e-5, rtol=0)
 
     normalised = GPT(ModelConfig(**(cfg.__dict__ | dict(norm_topk=True))))
     save_model(normalised, tmp_path / "n", tokenizer_dir=moe_run / "model")
