@@ -15,7 +15,7 @@ import sys
 import typing
 from pathlib import Path
 
-from lmforge import audit, commands, pipeline
+from lmforge import audit, commands, pipeline, plan
 from lmforge.config import (
     OLD_SECTIONS,
     PRETRAIN_ONLY,
@@ -210,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parsers(sub)
     audit.add_parser(sub)
+    plan.add_parser(sub)
 
     p = sub.add_parser("report", help="(re)write REPORT.md for a run directory")
     p.add_argument("run_dir", help="run directory")
@@ -454,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                 "agent",
                 "moderate",
                 "injection",
+                "plan",
             )
             if args.command in cmds:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -485,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_moderate(args)
         if args.command == "injection":
             return commands.cmd_injection(args)
+        if args.command == "plan":
+            return plan.cmd_plan(args)
         if args.command == "report":
             from lmforge.report import write_report
 

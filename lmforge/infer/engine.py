@@ -45,6 +45,7 @@ from lmforge.infer.generate import (
 )
 from lmforge.model.lora import LoRALinear
 from lmforge.model.mamba import Mamba
+from lmforge.model.moe import MoE
 from lmforge.model.transformer import GPT, KVCache, apply_rope
 
 log = logging.getLogger("lmforge.infer.engine")
@@ -413,6 +414,8 @@ class BlockedLinears:
 def _mlp(block, x: torch.Tensor, linear) -> torch.Tensor:
     """The block's MLP with its matmuls through `linear` (the model's MLP modules' math)."""
     mlp = block.mlp
+    if isinstance(mlp, MoE):  # routed experts: their own grouped matmuls
+        return mlp(x)
     if hasattr(mlp, "w13"):  # SwiGLU
         gate, up = linear(mlp.w13, x).chunk(2, dim=-1)
         return linear(mlp.w2, F.silu(gate) * up)

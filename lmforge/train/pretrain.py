@@ -36,7 +36,7 @@ from lmforge.io import atomic_dir, read_json, write_json
 from lmforge.model import mamba
 from lmforge.model.checkpoint import load_config, save_extras
 from lmforge.model.load import load
-from lmforge.model.transformer import GPT, flops_per_token, num_params
+from lmforge.model.transformer import GPT, aux_loss, aux_metrics, flops_per_token, num_params
 from lmforge.perf import autocast, matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist, mlm
@@ -286,6 +286,7 @@ def _train(
 
     def train_step(step: int) -> dict:
         loss_sum = torch.zeros((), device=device)
+        extras: dict[str, torch.Tensor] = {}  # the modules' own numbers (a mixture of experts')
         for micro in range(cfg.grad_accum):
             x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
             # DDP averages gradients once per step, after the last micro-batch
@@ -293,12 +294,18 @@ def _train(
                 with autocast(device):
                     logits = train_model(x)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                (loss / cfg.grad_accum).backward()
+                # objectives the modules add themselves (load balancing); "loss" stays the
+                # cross-entropy, comparable across models
+                aux = aux_loss(model)
+                ((loss if aux is None else loss + aux) / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
+            for k, v in aux_metrics(model).items():
+                extras[k] = extras.get(k, 0) + v / cfg.grad_accum
         grad_norm = dist.clip_grad_norm(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": tokens_per_step // info.dp_size}
+        tokens = tokens_per_step // info.dp_size
+        return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": tokens} | extras
 
     def run_eval(step: int) -> dict:
         res = {}
