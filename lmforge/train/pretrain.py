@@ -225,12 +225,30 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     resumed = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume, info)
     if cfg.compile and device.type == "cuda":
         train_model = torch.compile(train_model)
+    pipe = None
+    if info.pp > 1:  # this rank's stage, run by PyTorch's pipeline schedule
+        from lmforge.train.pipeline import Pipeline
+
+        pipe = Pipeline(model, dist_cfg, info, device, cfg.batch_size, cfg.grad_accum)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * info.dp_size
     flops_tok = flops_per_token(model_cfg, cfg.seq_len)
     write_json(out_dir / "model_config.json", dataclasses.asdict(model_cfg))
     evals: dict[int, dict] = {}  # step -> {lang: {loss, bpb, tokens}} (rank 0)
 
+    def pipeline_step(step: int) -> dict:
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(cfg.grad_accum):  # every stage reads the batch: the first x, the last y
+            x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+            loss_sum += pipe.forward_backward(x, y)
+        pipe.reduce_grads()
+        grad_norm = pipe.clip(cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": tokens_per_step // info.dp_size}
+
     def train_step(step: int) -> dict:
+        if pipe:
+            return pipeline_step(step)
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
@@ -248,6 +266,8 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
 
     def run_eval(step: int) -> dict:
         res = {}
+        if pipe:  # the whole model on every rank first
+            pipe.sync(optimizer)
         if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
             args = (cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device)
             res = evaluate(model, data_dir, *args)
@@ -259,6 +279,8 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         return val_row(res)
 
     def save(step: int, loop_state: dict) -> None:
+        if pipe:  # a whole single-process checkpoint: resumes under any layout
+            pipe.sync(optimizer)
         save_step(
             ckpt_root, step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
             tokenizer_dir, tokenizer.pad_id, extra={"log": loop_state},
@@ -272,6 +294,8 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         flops_per_token=flops_tok,
     )  # fmt: skip
     step, interrupted = done["step"], done["interrupted"]
+    if pipe:
+        pipe.sync(optimizer)
     if not interrupted:
         save_final(
             model,
@@ -294,6 +318,7 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         "world_size": info.world_size,
         "strategy": info.strategy if info.enabled else "none",
         "tp": info.tp,
+        "pp": info.pp,
         "peak_memory_mb": done["peak_memory_mb"],  # per rank, before the final export
         "peak_flops": matmul_flops(device),
         "train_seconds": done["train_seconds"],

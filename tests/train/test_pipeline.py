@@ -1,0 +1,63 @@
+"""Pipeline parallelism (dist.pp) under torchrun with 2 CPU processes (gloo): GPipe and 1F1B give
+one process's losses and weights after two steps on the same global batch, with the global
+gradient clip acting, and their checkpoints resume in one process."""
+
+import pytest
+import torch
+
+from lmforge.config import ConfigError, DistConfig
+from lmforge.train.pipeline import bubble, owner, split_layers
+from tests.train.test_dist import ATOL, losses, pretrain, weights
+
+CLIP = ["--grad_clip", "0.2"]  # the gradient norm is ~0.5-0.9: clipping acts on every step
+
+
+def test_split_layers_and_owners():
+    assert split_layers(5, 2) == [range(0, 3), range(3, 5)]
+    parts = split_layers(4, 2)
+    assert owner("tok_emb.weight", parts) == 0
+    assert owner("layers.2.attn.wqkv.weight", parts) == 1
+    assert owner("lm_head.weight", parts) == owner("norm.weight", parts) == 1
+    assert bubble(2, 4) == pytest.approx(1 / 5)
+
+
+def test_bad_pipeline_options_are_named():
+    with pytest.raises(ConfigError, match="dist.pp_schedule"):
+        DistConfig(pp=2, pp_schedule="zb")
+    with pytest.raises(ConfigError, match="not fsdp"):
+        DistConfig(pp=2, strategy="fsdp")
+    with pytest.raises(ConfigError, match="model.n_layer"):
+        split_layers(2, 4)
+
+
+@pytest.fixture(scope="module")
+def single(micro_recipe_path, micro_prepared, tmp_path_factory):
+    """One process, batch 8: 2 steps, saving at step 2."""
+    _, run_dir = micro_prepared
+    out = tmp_path_factory.mktemp("single_pp")
+    r = pretrain(
+        micro_recipe_path, run_dir, out, 1,
+        "--batch_size", "8", "--max_steps", "2", "--save_every", "2", *CLIP,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_step_equals_one_process(
+    schedule, single, micro_recipe_path, micro_prepared, tmp_path
+):
+    """2 stages (embedding + block 0 | block 1 + norm + tied head), 4 micro-batches of 2."""
+    _, run_dir = micro_prepared
+    opts = ["--dist.pp", "2", "--dist.pp_schedule", schedule, "--dist.pp_microbatches", "4"]
+    r = pretrain(
+        micro_recipe_path, run_dir, tmp_path, 2,
+        "--batch_size", "8", "--max_steps", "2", "--save_every", "2", *CLIP, dist=opts,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path) == pytest.approx(losses(single), rel=1e-5)
+    w1, w2 = weights(single), weights(tmp_path)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=ATOL, msg=k)
