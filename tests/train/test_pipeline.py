@@ -2,6 +2,9 @@
 one process's losses and weights after two steps on the same global batch, with the global
 gradient clip acting, and their checkpoints resume in one process."""
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -57,7 +60,64 @@ def test_pipeline_step_equals_one_process(
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(tmp_path) == pytest.approx(losses(single), rel=1e-5)
+    summary = json.loads((tmp_path / "pretrain" / "summary.json").read_text())
+    assert (summary["world_size"], summary["pp"]) == (2, 2)
     w1, w2 = weights(single), weights(tmp_path)
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=ATOL, msg=k)
+
+
+@pytest.fixture(scope="module")
+def whole4(micro_recipe_path, micro_prepared, tmp_path_factory):
+    """One process, batch 8, 4 steps without a break."""
+    _, run_dir = micro_prepared
+    out = tmp_path_factory.mktemp("whole4_pp")
+    r = pretrain(
+        micro_recipe_path, run_dir, out, 1,
+        "--batch_size", "8", "--max_steps", "4", "--save_every", "2", *CLIP,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_pipeline_checkpoint_resumes_in_one_process(
+    whole4, micro_recipe_path, micro_prepared, tmp_path
+):
+    """2 steps as a 1F1B pipeline, saved; steps 3-4 in one process = 4 steps in one process."""
+    _, run_dir = micro_prepared
+    opts = ["--dist.pp", "2", "--dist.pp_schedule", "1f1b", "--dist.pp_microbatches", "2"]
+    first = pretrain(
+        micro_recipe_path, run_dir, tmp_path, 2,
+        "--batch_size", "8", "--max_steps", "2", "--save_every", "2", *CLIP, dist=opts,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = pretrain(
+        micro_recipe_path, run_dir, tmp_path, 1,
+        "--batch_size", "8", "--max_steps", "4", "--save_every", "2", *CLIP,
+    )  # fmt: skip
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "resuming from" in rest.stderr
+    assert losses(tmp_path) == pytest.approx(losses(whole4), rel=1e-5)
+    for k, w in weights(whole4).items():
+        torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_as_a_pipeline(
+    single, whole4, micro_recipe_path, micro_prepared, tmp_path
+):
+    """One process's step-2 checkpoint, continued by a GPipe pipeline to step 4."""
+    _, run_dir = micro_prepared
+    shutil.copytree(single, tmp_path, dirs_exist_ok=True)
+    opts = ["--dist.pp", "2", "--dist.pp_schedule", "gpipe", "--dist.pp_microbatches", "4"]
+    rest = pretrain(
+        micro_recipe_path, run_dir, tmp_path, 2,
+        "--batch_size", "8", "--max_steps", "4", "--save_every", "2", *CLIP, dist=opts,
+    )  # fmt: skip
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "resuming from" in rest.stderr
+    assert losses(tmp_path) == pytest.approx(losses(whole4), rel=1e-5)
+    for k, w in weights(whole4).items():
+        torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
