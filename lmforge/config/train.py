@@ -119,6 +119,11 @@ class DistConfig:  # `dist:` several processes under torchrun (torchrun --nproc_
             raise ConfigError(
                 "dist.pp combines with dist.strategy ddp (or none), not fsdp or dist.tp"
             )
+        if self.pp_schedule == "1f1b" and self.pp_microbatches < self.pp:
+            raise ConfigError(
+                f"dist.pp_microbatches ({self.pp_microbatches}) must be at least dist.pp "
+                f"({self.pp}) for the 1f1b schedule (PyTorch's Schedule1F1B); gpipe takes any"
+            )
         if self.cpu_offload and self.strategy != "fsdp":
             raise ConfigError("dist.cpu_offload needs dist.strategy fsdp")
 

@@ -149,8 +149,11 @@ def exit_failed_rank(e: Exception, info: DistInfo) -> None:
 
 def data_parallel_only(info: DistInfo, stage: str, lora: bool) -> None:
     """Fine-tuning stages split the data, not the layers; LoRA keeps the base whole (DDP)."""
-    if info.tp > 1:
-        raise ConfigError(f"dist.tp splits layers in pretraining only: run {stage} with dist.tp 1")
+    if info.tp > 1 or info.pp > 1:
+        raise ConfigError(
+            f"dist.tp and dist.pp split layers in pretraining only: run {stage} with dist.tp 1 "
+            "and dist.pp 1"
+        )
     if lora and info.sharded:
         raise ConfigError(
             f"{stage} with LoRA trains a small adapter over a frozen base: use dist.strategy ddp"
@@ -160,10 +163,10 @@ def data_parallel_only(info: DistInfo, stage: str, lora: bool) -> None:
 def ddp_only(info: DistInfo, stage: str) -> None:
     """Stages that train a small whole model (a reward model, a student, a pruned model) split
     the data only: their models have no sharded layout."""
-    if info.sharded:
+    if info.sharded or info.pp > 1:
         raise ConfigError(
-            f"{stage} splits the data over ranks, not the model: run it with dist.strategy ddp "
-            "and dist.tp 1"
+            f"{stage} splits the data over ranks, not the model: run it with dist.strategy ddp, "
+            "dist.tp 1 and dist.pp 1"
         )
 
 

@@ -29,6 +29,8 @@ def test_bad_pipeline_options_are_named():
         DistConfig(pp=2, pp_schedule="zb")
     with pytest.raises(ConfigError, match="not fsdp"):
         DistConfig(pp=2, strategy="fsdp")
+    with pytest.raises(ConfigError, match="dist.pp_microbatches"):
+        DistConfig(pp=4, pp_schedule="1f1b", pp_microbatches=2)
     with pytest.raises(ConfigError, match="model.n_layer"):
         split_layers(2, 4)
 
@@ -120,4 +122,21 @@ def test_one_process_checkpoint_resumes_as_a_pipeline(
     assert "resuming from" in rest.stderr
     assert losses(tmp_path) == pytest.approx(losses(whole4), rel=1e-5)
     for k, w in weights(whole4).items():
+        torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
+
+
+@pytest.mark.slow
+def test_pipeline_with_ddp_equals_one_process(single, micro_recipe_path, micro_prepared, tmp_path):
+    """4 processes: 2 pipelines of 2 stages, each reading half of the global batch of 8."""
+    _, run_dir = micro_prepared
+    opts = ["--dist.strategy", "ddp", "--dist.pp", "2", "--dist.pp_microbatches", "2"]
+    r = pretrain(
+        micro_recipe_path, run_dir, tmp_path, 4,
+        "--batch_size", "4", "--max_steps", "2", "--save_every", "2", *CLIP, dist=opts,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path) == pytest.approx(losses(single), rel=1e-5)
+    summary = json.loads((tmp_path / "pretrain" / "summary.json").read_text())
+    assert (summary["world_size"], summary["pp"], summary["tokens_per_step"]) == (4, 2, 8 * 32)
+    for k, w in weights(single).items():
         torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
