@@ -13,6 +13,7 @@ its data-parallel column; the tied embedding (first and last stage) sums its two
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -205,6 +206,23 @@ class Pipeline:
                     optimizer.state[p] = {
                         k: v if on_cpu else v.to(p.device) for k, (v, on_cpu) in state.items()
                     }
+
+    @contextlib.contextmanager
+    def whole(self, optimizer):
+        """One process's model and optimizer on every rank inside (sync), and the other stages'
+        optimizer moments dropped again after: between syncs a rank keeps moments (8 bytes a
+        parameter) for its own stage only."""
+        self.sync(optimizer)
+        try:
+            yield
+        finally:
+            self.release(optimizer)
+
+    def release(self, optimizer) -> None:
+        """Forget the optimizer moments of parameters this stage does not update."""
+        mine = {id(p) for p in self.stage.parameters()}
+        for p in [p for p in optimizer.state if id(p) not in mine]:
+            del optimizer.state[p]
 
     @staticmethod
     def _pack(p, optimizer) -> tuple:

@@ -9,6 +9,7 @@ tensor parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -230,6 +231,7 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         from lmforge.train.pipeline import Pipeline
 
         pipe = Pipeline(model, dist_cfg, info, device, cfg.batch_size, cfg.grad_accum)
+        pipe.release(optimizer)  # a resumed checkpoint holds every stage's moments
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * info.dp_size
     flops_tok = flops_per_token(model_cfg, cfg.seq_len)
     write_json(out_dir / "model_config.json", dataclasses.asdict(model_cfg))
@@ -266,25 +268,25 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
 
     def run_eval(step: int) -> dict:
         res = {}
-        if pipe:  # the whole model on every rank first
-            pipe.sync(optimizer)
-        if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
-            args = (cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device)
-            res = evaluate(model, data_dir, *args)
-            if replay_dir:  # what replay is there to keep: the general text's held-out loss
-                res |= {f"replay_{k}": v for k, v in evaluate(model, replay_dir, *args).items()}
+        # a pipeline rank holds only its own stage up to date: the whole model first
+        with pipe.whole(optimizer) if pipe else contextlib.nullcontext():
+            if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
+                args = (cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device)
+                res = evaluate(model, data_dir, *args)
+                if replay_dir:  # what replay is there to keep: the general text's held-out loss
+                    res |= {f"replay_{k}": v for k, v in evaluate(model, replay_dir, *args).items()}
         if not info.is_main:
             return {}
         evals[step] = res
         return val_row(res)
 
     def save(step: int, loop_state: dict) -> None:
-        if pipe:  # a whole single-process checkpoint: resumes under any layout
-            pipe.sync(optimizer)
-        save_step(
-            ckpt_root, step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
-            tokenizer_dir, tokenizer.pad_id, extra={"log": loop_state},
-        )  # fmt: skip
+        # a pipeline saves one process's whole checkpoint: it resumes under any layout
+        with pipe.whole(optimizer) if pipe else contextlib.nullcontext():
+            save_step(
+                ckpt_root, step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
+                tokenizer_dir, tokenizer.pad_id, extra={"log": loop_state},
+            )  # fmt: skip
 
     model.train()
     done = fit(

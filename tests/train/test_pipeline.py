@@ -15,6 +15,12 @@ from tests.train.test_dist import ATOL, losses, pretrain, weights
 CLIP = ["--grad_clip", "0.2"]  # the gradient norm is ~0.5-0.9: clipping acts on every step
 
 
+def val_losses(out) -> list[float]:
+    """The held-out losses logged at each evaluation (all languages, in order)."""
+    rows = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").open()]
+    return [v for r in rows for k, v in sorted(r.items()) if k.startswith("val_") and "loss" in k]
+
+
 def test_split_layers_and_owners():
     assert split_layers(5, 2) == [range(0, 3), range(3, 5)]
     parts = split_layers(4, 2)
@@ -77,7 +83,7 @@ def whole4(micro_recipe_path, micro_prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole4_pp")
     r = pretrain(
         micro_recipe_path, run_dir, out, 1,
-        "--batch_size", "8", "--max_steps", "4", "--save_every", "2", *CLIP,
+        "--batch_size", "8", "--max_steps", "4", "--save_every", "2", "--eval_every", "2", *CLIP,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -92,9 +98,13 @@ def test_pipeline_checkpoint_resumes_in_one_process(
     opts = ["--dist.pp", "2", "--dist.pp_schedule", "1f1b", "--dist.pp_microbatches", "2"]
     first = pretrain(
         micro_recipe_path, run_dir, tmp_path, 2,
-        "--batch_size", "8", "--max_steps", "2", "--save_every", "2", *CLIP, dist=opts,
+        "--batch_size", "8", "--max_steps", "2", "--save_every", "2", "--eval_every", "2", *CLIP,
+        dist=opts,
     )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
+    # the evaluation at step 2 runs on rank 0's whole model, synced from both stages
+    assert val_losses(tmp_path) == pytest.approx(val_losses(whole4)[: len(val_losses(tmp_path))])
+    assert val_losses(tmp_path)
     rest = pretrain(
         micro_recipe_path, run_dir, tmp_path, 1,
         "--batch_size", "8", "--max_steps", "4", "--save_every", "2", *CLIP,
