@@ -150,3 +150,20 @@ def test_pipeline_with_ddp_equals_one_process(single, micro_recipe_path, micro_p
     assert (summary["world_size"], summary["pp"], summary["tokens_per_step"]) == (4, 2, 8 * 32)
     for k, w in weights(single).items():
         torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
+
+
+@pytest.mark.slow
+def test_pipeline_gradient_accumulation_matches(
+    single, micro_recipe_path, micro_prepared, tmp_path
+):
+    """2 accumulated batches of 4, each 2 micro-batches of 2 = one process with a batch of 8."""
+    _, run_dir = micro_prepared
+    opts = ["--dist.pp", "2", "--dist.pp_microbatches", "2"]
+    r = pretrain(
+        micro_recipe_path, run_dir, tmp_path, 2,
+        "--batch_size", "4", "--grad_accum", "2", "--max_steps", "2", *CLIP, dist=opts,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path) == pytest.approx(losses(single), rel=1e-5)
+    for k, w in weights(single).items():
+        torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
