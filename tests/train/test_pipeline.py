@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError, DistConfig
+from lmforge.train.dist import DistInfo, data_parallel_only, ddp_only
 from lmforge.train.pipeline import bubble, owner, split_layers
 from tests.train.test_dist import ATOL, losses, pretrain, weights
 
@@ -39,6 +40,11 @@ def test_bad_pipeline_options_are_named():
         DistConfig(pp=4, pp_schedule="1f1b", pp_microbatches=2)
     with pytest.raises(ConfigError, match="model.n_layer"):
         split_layers(2, 4)
+    info = DistInfo(rank=0, world_size=2, strategy="none", pp=2)
+    with pytest.raises(ConfigError, match="dist.pp 1"):
+        data_parallel_only(info, "sft", lora=False)
+    with pytest.raises(ConfigError, match="dist.pp 1"):
+        ddp_only(info, "reward")
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +173,26 @@ def test_pipeline_gradient_accumulation_matches(
     assert losses(tmp_path) == pytest.approx(losses(single), rel=1e-5)
     for k, w in weights(single).items():
         torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
+
+
+@pytest.mark.slow
+def test_three_stages_untied_equal_one_process(micro_recipe_path, micro_prepared, tmp_path):
+    """3 stages (a middle stage that neither embeds nor predicts), untied embeddings, 3 blocks."""
+    _, run_dir = micro_prepared
+    model = ["--model.n_layer", "3", "--model.tie_embeddings", "false", *CLIP]
+    one = pretrain(
+        micro_recipe_path, run_dir, tmp_path / "one", 1,
+        "--batch_size", "6", "--max_steps", "2", *model,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    opts = ["--dist.pp", "3", "--dist.pp_schedule", "1f1b", "--dist.pp_microbatches", "3"]
+    three = pretrain(
+        micro_recipe_path, run_dir, tmp_path / "pp", 3,
+        "--batch_size", "6", "--max_steps", "2", *model, dist=opts,
+    )  # fmt: skip
+    assert three.returncode == 0, three.stderr[-3000:]
+    assert losses(tmp_path / "pp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    w1, w3 = weights(tmp_path / "one"), weights(tmp_path / "pp")
+    assert w1.keys() == w3.keys() and "lm_head.weight" in w1
+    for k in w1:
+        torch.testing.assert_close(w3[k], w1[k], rtol=1e-5, atol=ATOL, msg=k)
