@@ -5,7 +5,8 @@ every schedule (GPipe, 1F1B) and number of micro-batches M, it times --steps pip
 a block-heavy GPT (a small vocabulary, so the embedding and output head add little to the first
 and last stage) on made-up random tokens, with a fixed micro-batch size so that one
 micro-batch's work stays the same as M grows. A stage's busy time is the seconds spent inside
-its forward and backward passes (PipelineStage.forward_one_chunk / backward_one_chunk); idle
+its forward and backward passes (PipelineStage.forward_one_chunk / backward_one_chunk, and
+the loss on the last stage); idle
 = 1 - busy / step wall time, the step wall time taken after a barrier (all stages start
 together). The formula assumes equal stages and free communication; measured idle also holds
 the sends and receives and the stages' imbalance.

@@ -113,12 +113,13 @@ class Pipeline:
         kind = ScheduleGPipe if cfg.pp_schedule == "gpipe" else Schedule1F1B
         self.schedule = kind(pstage, cfg.pp_microbatches, loss_fn=loss_fn, scale_grads=False)
         self.busy_s = 0.0  # time in this stage's forward and backward passes (bubble measurement)
-        self._time_compute(pstage)
+        self._time_compute(pstage, ("forward_one_chunk", "backward_one_chunk"))
+        self._time_compute(self.schedule, ("_maybe_compute_loss",))  # the last stage's loss
 
-    def _time_compute(self, pstage) -> None:
+    def _time_compute(self, obj, names) -> None:
         """Count the seconds this stage computes (not waiting for its neighbours)."""
-        for name in ("forward_one_chunk", "backward_one_chunk"):
-            inner = getattr(pstage, name)
+        for name in names:
+            inner = getattr(obj, name)
 
             def timed(*args, _inner=inner, **kwargs):
                 start = time.perf_counter()
@@ -127,7 +128,7 @@ class Pipeline:
                 finally:
                     self.busy_s += time.perf_counter() - start
 
-            setattr(pstage, name, timed)
+            setattr(obj, name, timed)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One batch through the pipeline, gradients accumulated into this stage's parameters;

@@ -196,3 +196,26 @@ def test_three_stages_untied_equal_one_process(micro_recipe_path, micro_prepared
     assert w1.keys() == w3.keys() and "lm_head.weight" in w1
     for k in w1:
         torch.testing.assert_close(w3[k], w1[k], rtol=1e-5, atol=ATOL, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("direction", ["pipeline->fsdp", "fsdp->pipeline"])
+def test_checkpoints_move_between_pipeline_and_fsdp(
+    direction, whole4, micro_recipe_path, micro_prepared, tmp_path
+):
+    """A pipeline's plain checkpoint resumes sharded under FSDP2 (2 ranks, batch 4 each), and an
+    FSDP2 sharded (DCP) checkpoint resumes as a 1F1B pipeline: 4 steps as if uninterrupted."""
+    _, run_dir = micro_prepared
+    pp = (["--batch_size", "8"], ["--dist.pp", "2", "--dist.pp_microbatches", "2"])
+    fsdp = (["--batch_size", "4"], ["--dist.strategy", "fsdp"])
+    first, second = (pp, fsdp) if direction == "pipeline->fsdp" else (fsdp, pp)
+    for (batch, opts), steps in ((first, "2"), (second, "4")):
+        r = pretrain(
+            micro_recipe_path, run_dir, tmp_path, 2,
+            *batch, "--max_steps", steps, "--save_every", "2", *CLIP, dist=opts,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    assert losses(tmp_path) == pytest.approx(losses(whole4), rel=1e-5)
+    for k, w in weights(whole4).items():
+        torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
