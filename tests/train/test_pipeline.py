@@ -219,3 +219,18 @@ def test_checkpoints_move_between_pipeline_and_fsdp(
     assert losses(tmp_path) == pytest.approx(losses(whole4), rel=1e-5)
     for k, w in weights(whole4).items():
         torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
+
+
+@pytest.mark.slow
+def test_microbatches_that_do_not_divide_the_batch_are_named(
+    micro_recipe_path, micro_prepared, tmp_path
+):
+    _, run_dir = micro_prepared
+    opts = ["--dist.pp", "2", "--dist.pp_microbatches", "4"]
+    r = pretrain(
+        micro_recipe_path, run_dir, tmp_path, 2, "--batch_size", "6", "--max_steps", "1",
+        dist=opts,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "dist.pp_microbatches (4) must divide the batch size per rank (6)" in r.stderr
+    assert "lmforge: error on rank" in r.stderr  # the named error, not a traceback
