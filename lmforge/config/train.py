@@ -106,11 +106,24 @@ class DistConfig:  # `dist:` several processes under torchrun (torchrun --nproc_
     tp: int = 1  # tensor-parallel degree: attention heads and MLP columns split over this many ranks (with fsdp over the rest: 2-D)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
     cpu_offload: bool = False  # fsdp: keep sharded parameters, gradients and optimizer state in CPU memory (CUDA runs)
+    pp: int = 1  # pipeline-parallel degree (pretraining): the blocks split into this many consecutive stages, one per rank (with ddp over the rest)
+    pp_schedule: str = "1f1b"  # gpipe (all forwards, then all backwards) | 1f1b (one forward, one backward: fewer activations held)
+    pp_microbatches: int = 4  # micro-batches per pipeline step; must divide batch_size (the bubble is (pp-1)/(pp_microbatches+pp-1))
     timeout_s: int = 600  # a collective waiting longer than this fails the run instead of hanging
 
     def __post_init__(self):
         check_choice(self, "strategy", ("none", "ddp", "fsdp"))
-        check_positive(self, "tp", "timeout_s")
+        check_choice(self, "pp_schedule", ("gpipe", "1f1b"))
+        check_positive(self, "tp", "pp", "pp_microbatches", "timeout_s")
+        if self.pp > 1 and (self.tp > 1 or self.strategy == "fsdp"):
+            raise ConfigError(
+                "dist.pp combines with dist.strategy ddp (or none), not fsdp or dist.tp"
+            )
+        if self.pp_schedule == "1f1b" and self.pp_microbatches < self.pp:
+            raise ConfigError(
+                f"dist.pp_microbatches ({self.pp_microbatches}) must be at least dist.pp "
+                f"({self.pp}) for the 1f1b schedule (PyTorch's Schedule1F1B); gpipe takes any"
+            )
         if self.cpu_offload and self.strategy != "fsdp":
             raise ConfigError("dist.cpu_offload needs dist.strategy fsdp")
 

@@ -34,6 +34,7 @@ class DistInfo:
     local_rank: int = 0
     strategy: str = "none"
     tp: int = 1  # ranks that split each layer; consecutive ranks (one node) form a tp group
+    pp: int = 1  # pipeline stages; consecutive ranks form one pipeline (train/pipeline.py)
     mesh: object = field(default=None, compare=False)  # DeviceMesh ("dp", "tp") when sharded
 
     @property
@@ -46,11 +47,15 @@ class DistInfo:
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp
+        return self.rank // (self.tp * self.pp)
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank % self.pp
 
     @property
     def sharded(self) -> bool:
@@ -65,7 +70,12 @@ def setup(cfg: DistConfig) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % cfg.tp:
         raise ConfigError(f"dist.tp ({cfg.tp}) must divide the number of processes ({world})")
-    dp = world // cfg.tp
+    if world % cfg.pp:
+        raise ConfigError(
+            f"dist.pp ({cfg.pp}) must divide the number of processes ({world}): one rank per "
+            f"stage (torchrun --nproc_per_node {cfg.pp} or a multiple)"
+        )
+    dp = world // (cfg.tp * cfg.pp)
     if world == 1:
         return DistInfo(strategy=cfg.strategy)
     if dp > 1 and cfg.strategy == "none":
@@ -85,14 +95,21 @@ def setup(cfg: DistConfig) -> DistInfo:
         dist.init_process_group(
             "nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.timeout_s)
         )
-    info = DistInfo(rank, world, local, cfg.strategy, cfg.tp)
+    info = DistInfo(rank, world, local, cfg.strategy, cfg.tp, cfg.pp)
+    if cfg.pp > 1:  # rows of the mesh are pipelines, its columns data-parallel groups
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(
+            "cuda" if cuda else "cpu", (dp, cfg.pp), mesh_dim_names=("dp", "pp")
+        )
+        return DistInfo(rank, world, local, cfg.strategy, cfg.tp, cfg.pp, mesh)
     if info.sharded:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(
             "cuda" if cuda else "cpu", (dp, cfg.tp), mesh_dim_names=("dp", "tp")
         )
-        info = DistInfo(rank, world, local, cfg.strategy, cfg.tp, mesh)
+        info = DistInfo(rank, world, local, cfg.strategy, cfg.tp, mesh=mesh)
     return info
 
 
@@ -132,8 +149,11 @@ def exit_failed_rank(e: Exception, info: DistInfo) -> None:
 
 def data_parallel_only(info: DistInfo, stage: str, lora: bool) -> None:
     """Fine-tuning stages split the data, not the layers; LoRA keeps the base whole (DDP)."""
-    if info.tp > 1:
-        raise ConfigError(f"dist.tp splits layers in pretraining only: run {stage} with dist.tp 1")
+    if info.tp > 1 or info.pp > 1:
+        raise ConfigError(
+            f"dist.tp and dist.pp split layers in pretraining only: run {stage} with dist.tp 1 "
+            "and dist.pp 1"
+        )
     if lora and info.sharded:
         raise ConfigError(
             f"{stage} with LoRA trains a small adapter over a frozen base: use dist.strategy ddp"
@@ -143,10 +163,10 @@ def data_parallel_only(info: DistInfo, stage: str, lora: bool) -> None:
 def ddp_only(info: DistInfo, stage: str) -> None:
     """Stages that train a small whole model (a reward model, a student, a pruned model) split
     the data only: their models have no sharded layout."""
-    if info.sharded:
+    if info.sharded or info.pp > 1:
         raise ConfigError(
-            f"{stage} splits the data over ranks, not the model: run it with dist.strategy ddp "
-            "and dist.tp 1"
+            f"{stage} splits the data over ranks, not the model: run it with dist.strategy ddp, "
+            "dist.tp 1 and dist.pp 1"
         )
 
 
@@ -187,7 +207,7 @@ def parallelize(model, cfg: DistConfig, info: DistInfo, device: torch.device) ->
         model.activation_checkpointing = cfg.activation_checkpointing
     if info.tp > 1:
         tensor_parallel(model, info.mesh["tp"])
-    if info.dp_size == 1:
+    if info.dp_size == 1 or info.pp > 1:  # a pipeline averages its stages' gradients itself
         return model
     if cfg.strategy == "fsdp":
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard

@@ -9,6 +9,7 @@ tensor parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -279,12 +280,31 @@ def _train(
     resumed = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume, info, read)
     if cfg.compile and device.type == "cuda":
         train_model = torch.compile(train_model)
+    pipe = None
+    if info.pp > 1:  # this rank's stage, run by PyTorch's pipeline schedule
+        from lmforge.train.pipeline import Pipeline
+
+        pipe = Pipeline(model, dist_cfg, info, device, cfg.batch_size, cfg.grad_accum)
+        pipe.release(optimizer)  # a resumed checkpoint holds every stage's moments
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * info.dp_size
     flops_tok = (other.flops_per_token if other else flops_per_token)(model_cfg, cfg.seq_len)
     write_json(out_dir / "model_config.json", dataclasses.asdict(model_cfg))
     evals: dict[int, dict] = {}  # step -> {lang: {loss, bpb, tokens}} (rank 0)
 
+    def pipeline_step(step: int) -> dict:
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(cfg.grad_accum):  # every stage reads the batch: the first x, the last y
+            x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+            loss_sum += pipe.forward_backward(x, y)
+        pipe.reduce_grads()
+        grad_norm = pipe.clip(cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": tokens_per_step // info.dp_size}
+
     def train_step(step: int) -> dict:
+        if pipe:
+            return pipeline_step(step)
         loss_sum = torch.zeros((), device=device)
         extras: dict[str, torch.Tensor] = {}  # the modules' own numbers (a mixture of experts')
         for micro in range(cfg.grad_accum):
@@ -309,11 +329,13 @@ def _train(
 
     def run_eval(step: int) -> dict:
         res = {}
-        if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
-            args = (cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device)
-            res = evaluate(model, data_dir, *args)
-            if replay_dir:  # what replay is there to keep: the general text's held-out loss
-                res |= {f"replay_{k}": v for k, v in evaluate(model, replay_dir, *args).items()}
+        # a pipeline rank holds only its own stage up to date: the whole model first
+        with pipe.whole(optimizer) if pipe else contextlib.nullcontext():
+            if info.is_main or info.sharded:  # a sharded model needs every rank in each forward
+                args = (cfg.seq_len, cfg.batch_size, cfg.eval_tokens, token_bytes, device)
+                res = evaluate(model, data_dir, *args)
+                if replay_dir:  # what replay is there to keep: the general text's held-out loss
+                    res |= {f"replay_{k}": v for k, v in evaluate(model, replay_dir, *args).items()}
         if not info.is_main:
             return {}
         evals[step] = res
@@ -323,11 +345,13 @@ def _train(
         other.write(model, d, tokenizer_dir, tokenizer.pad_id)
 
     def save(step: int, loop_state: dict) -> None:
-        save_step(
-            ckpt_root, step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
-            tokenizer_dir, tokenizer.pad_id, extra={"log": loop_state},
-            write_weights=write if other else None,
-        )  # fmt: skip
+        # a pipeline saves one process's whole checkpoint: it resumes under any layout
+        with pipe.whole(optimizer) if pipe else contextlib.nullcontext():
+            save_step(
+                ckpt_root, step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
+                tokenizer_dir, tokenizer.pad_id, extra={"log": loop_state},
+                write_weights=write if other else None,
+            )  # fmt: skip
 
     model.train()
     done = fit(
@@ -337,6 +361,8 @@ def _train(
         flops_per_token=flops_tok,
     )  # fmt: skip
     step, interrupted = done["step"], done["interrupted"]
+    if pipe:
+        pipe.sync(optimizer)
     if not interrupted and other:
         with atomic_dir(out_dir / "model") as tmp:
             write(tmp)
@@ -362,6 +388,7 @@ def _train(
         "world_size": info.world_size,
         "strategy": info.strategy if info.enabled else "none",
         "tp": info.tp,
+        "pp": info.pp,
         "peak_memory_mb": done["peak_memory_mb"],  # per rank, before the final export
         "peak_flops": matmul_flops(device),
         "train_seconds": done["train_seconds"],
