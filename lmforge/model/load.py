@@ -22,6 +22,7 @@ from lmforge.config import ConfigError
 from lmforge.model.checkpoint import load_model
 from lmforge.model.lora import CONFIG_FILE as ADAPTER_CONFIG
 from lmforge.model.lora import load_adapter, merge_lora
+from lmforge.model.t5 import load_t5
 from lmforge.model.transformer import GPT
 from lmforge.tokenizer import Tokenizer
 
@@ -48,6 +49,13 @@ def model_source(path: str | Path) -> Path:
             f"{ADAPTER_CONFIG} (a LoRA adapter){hint}"
         )
     return path
+
+
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+        return None  # load_model reports a bad config.json by name
 
 
 def _adapter_base(config: Path) -> Path:
@@ -80,6 +88,9 @@ def load(
     path = Path(path)
     base = model_source(path)
     float_only = trainable if float_only is None else float_only
+    if _model_type(base) == "t5":  # an encoder-decoder (model/t5.py), not a GPT
+        model = load_t5(base, device=device).requires_grad_(trainable)
+        return model, Tokenizer.load(base)
     model = load_model(base, device=device, quantized_ok=not float_only)
     if base != path:
         model = merge_lora(load_adapter(model, path))
