@@ -10,6 +10,7 @@ from lmforge.model.t5 import (
     from_hf_config,
     from_hf_state_dict,
     load_t5,
+    relative_bucket,
     save_t5,
 )
 
@@ -26,20 +27,28 @@ STYLES = {
 }
 
 
-def hf_model(style: str, seed: int = 0):
+def hf_model(style: str, seed: int = 0, wide: bool = False, **over):
+    """A random transformers T5. Its init (embeddings of std 1 against sublayers of std
+    ~dim^-0.5) makes an untrained model echo its input token, so for decoding (wide) the
+    layers are redrawn wider: greedy decoding then writes varied tokens."""
     torch.manual_seed(seed)
-    cfg = transformers.T5Config(**TINY, **STYLES[style])
-    return transformers.T5ForConditionalGeneration(cfg).eval()
+    cfg = transformers.T5Config(**(TINY | over), **STYLES[style])
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters() if wide else []:
+            if p.dim() == 2 and "shared" not in name and "lm_head" not in name:
+                p.normal_(std=0.5)
+    return model
 
 
-def our_config(style: str) -> T5Config:
+def our_config(style: str, **over) -> T5Config:
     # transformers 5 rewrites tie_word_embeddings to True in its config (keeping only whether
     # to scale), so the config.json a v1.1 checkpoint ships is what we read here
-    return from_hf_config({"model_type": "t5"} | TINY | STYLES[style])
+    return from_hf_config({"model_type": "t5"} | TINY | over | STYLES[style])
 
 
-def ours_from(hf, style: str) -> T5:
-    cfg = our_config(style)
+def ours_from(hf, style: str, **over) -> T5:
+    cfg = our_config(style, **over)
     model = T5(cfg)
     model.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
     return model.eval()
@@ -104,3 +113,38 @@ def test_load_opens_a_t5_directory(tmp_path):
     idx = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         assert torch.allclose(model(idx, idx[:, :2]), ours.eval()(idx, idx[:, :2]), atol=1e-6)
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_cached_greedy_matches_recompute_and_transformers(style):
+    same = dict(num_decoder_layers=TINY["num_layers"])  # transformers 5.24's generate sizes
+    # its decoder cache by num_layers (IndexError with a deeper decoder)
+    hf = hf_model(style, seed=8, wide=True, **same)  # seed 8: v1.1 row 0 ends with EOS
+    ours = ours_from(hf, style, **same)
+    idx, _, mask = inputs(seed=6)
+    cached = ours.generate_greedy(idx, 12, attention_mask=mask)
+    full = ours.generate_greedy(idx, 12, attention_mask=mask, use_cache=False)
+    assert torch.equal(cached, full)
+    assert len(cached.unique()) >= 3  # not a degenerate repeat of one token
+    want = hf.generate(
+        input_ids=idx, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=1
+    )
+    assert torch.equal(cached, want[:, 1:])  # transformers' rows begin with the start token
+
+
+def test_relative_buckets():
+    rel = torch.arange(-40, 41)
+    enc = relative_bucket(rel, True, 32, 128)
+    dec = relative_bucket(rel, False, 32, 128)
+    assert enc[40] == 0 and enc[41] == 17 and enc[39] == 1  # 0, +1 (after), -1 (before)
+    assert (dec[41:] == 0).all() and dec[39] == 1  # causal: keys after the query all share 0
+    assert enc.max() < 32 and dec.max() < 32
+
+
+def test_cache_with_a_deeper_decoder_matches_recompute():
+    hf = hf_model("v1.1", seed=7, wide=True)  # 2 encoder, 3 decoder layers
+    ours = ours_from(hf, "v1.1")
+    idx, _, mask = inputs(seed=6)
+    cached = ours.generate_greedy(idx, 12, attention_mask=mask)
+    assert torch.equal(cached, ours.generate_greedy(idx, 12, mask, use_cache=False))
+    assert len(cached.unique()) >= 3
