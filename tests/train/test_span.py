@@ -1,0 +1,77 @@
+"""T5 span corruption (train/span.py): noise share, span count and lengths, sentinel layout,
+and input/target that together give back the original tokens."""
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+
+from lmforge.config import ConfigError
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.span import corrupt, noise_mask, sentinels, span_corrupt
+
+
+def spans(mask):
+    """(start, length) of each run of True."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def test_noise_share_and_spans():
+    rng = np.random.default_rng(0)
+    for length in (2, 7, 100, 1000):
+        mask = noise_mask(length, rng)
+        n_noise = min(max(round(length * 0.15), 1), length - 1)
+        assert mask.sum() == n_noise
+        assert len(spans(mask)) == max(round(n_noise / 3), 1)
+        assert not mask[0] and mask[-1]  # T5: a non-noise span first, a noise span last
+    lengths = [n for _ in range(50) for _, n in spans(noise_mask(512, rng))]
+    assert abs(np.mean(lengths) - 3.0) < 0.1  # 77 noise tokens in 26 spans: mean 2.96
+
+
+def test_input_and_target_format():
+    mask = np.array([0, 0, 1, 1, 0, 0, 1, 0], bool)  # made up: noise c d and g
+    tokens = [10, 11, 12, 13, 14, 15, 16, 17]  # a b c d e f g h
+    inputs, targets = corrupt(tokens, mask, sentinels=[99, 98, 97], eos_id=1)
+    assert inputs == [10, 11, 99, 14, 15, 98, 17, 1]
+    assert targets == [99, 12, 13, 98, 16, 1]
+
+
+def test_span_corrupt_restores_the_original():
+    rng = np.random.default_rng(1)
+    tokens = list(range(100, 300))  # made-up ids, none a sentinel
+    sent = list(range(99, 0, -1))
+    inputs, targets = span_corrupt(tokens, sent, eos_id=0, rng=rng)
+    fill, k = {}, None
+    for t in targets[:-1]:
+        k = t if t in sent else k
+        fill.setdefault(k, []).extend([] if t in sent else [t])
+    restored = [x for t in inputs[:-1] for x in (fill[t] if t in sent else [t])]
+    assert restored == tokens
+    assert [t for t in inputs if t in sent] == sent[: len(fill)]  # <extra_id_0>, 1, ... in order
+
+
+def test_sentinels_added_when_absent_and_reused_when_present(tmp_path):
+    vocab = {"<pad>": 0, "</s>": 1, "a": 2, "<extra_id_1>": 3, "<extra_id_0>": 4}  # made up
+    tok = HFTokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"bos_token": null, "eos_token": "</s>", "pad_token": "<pad>"}'
+    )
+    t = Tokenizer.load(tmp_path)
+    own = sentinels(t, 2)
+    assert own.ids == [4, 3] and not own.new
+    added = sentinels(t, 3)  # no <extra_id_2>: three new ids after the vocabulary, counting down
+    assert added.ids == [7, 6, 5] and added.new and added.vocab_needed == 8
+
+
+def test_bad_arguments_are_named():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ConfigError, match="noise_density"):
+        noise_mask(10, rng, noise_density=1.5)
+    with pytest.raises(ConfigError, match="at least 2 tokens"):
+        noise_mask(1, rng)
+    with pytest.raises(ConfigError, match="sentinel"):
+        span_corrupt(list(range(10, 200)), [5], eos_id=1, rng=rng)
