@@ -19,12 +19,18 @@ new ids after its vocabulary, laid out as T5's (<extra_id_0> the last id, counti
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from lmforge.config import ConfigError
+from lmforge.model.t5 import T5
 from lmforge.tokenizer import Tokenizer
+
+IGNORE = -100  # label of a padded target position
 
 SENTINEL = "<extra_id_{}>"
 
@@ -112,3 +118,64 @@ def span_corrupt(
     """One example: (encoder input ids, decoder target ids) with fresh random spans."""
     mask = noise_mask(len(tokens), rng, noise_density, mean_span)
     return corrupt(tokens, mask, sentinel_ids, eos_id)
+
+
+# --- training: one optimizer step of span corruption, the `train_step` train/loop.py:fit runs
+
+
+def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, start_id: int):
+    """(input, target) id lists -> inputs (B, S), attention_mask (B, S), decoder inputs
+    (B, T) (the targets shifted right behind the start id) and labels (B, T) (IGNORE where
+    padded), each row padded to the longest."""
+    S = max(len(i) for i, _ in pairs)
+    T = max(len(t) for _, t in pairs)
+    inputs = torch.full((len(pairs), S), pad_id, dtype=torch.long)
+    dec = torch.full((len(pairs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(pairs), S), dtype=torch.long)
+    for r, (i, t) in enumerate(pairs):
+        inputs[r, : len(i)] = torch.tensor(i)
+        mask[r, : len(i)] = 1
+        labels[r, : len(t)] = torch.tensor(t)
+        dec[r, : len(t)] = torch.tensor([start_id, *t[:-1]])
+    return inputs, mask, dec, labels
+
+
+def span_loss(model: T5, inputs, attention_mask, dec, labels) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over the target tokens, their count)."""
+    logits = model(inputs, dec, attention_mask=attention_mask)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+def span_train_step(
+    model: T5,
+    optimizer: torch.optim.Optimizer,
+    sequences: Iterator[list[list[int]]],
+    sentinel_ids: list[int],
+    seed: int = 0,
+    grad_clip: float = 1.0,
+    noise_density: float = 0.15,
+    mean_span: float = 3.0,
+) -> Callable[[int], dict]:
+    """The `train_step(step)` fit runs: a batch of token sequences from `sequences`, spans
+    drawn by a generator seeded by the step (a resumed run corrupts as the first one did), one
+    optimizer step on the loss per target token. grad_clip 0 = no clipping."""
+    cfg = model.cfg
+
+    def train_step(step: int) -> dict:
+        rng = np.random.default_rng(seed * 1_000_003 + step)
+        pairs = [
+            span_corrupt(seq, sentinel_ids, cfg.eos_token_id, rng, noise_density, mean_span)
+            for seq in next(sequences)
+        ]
+        inputs, mask, dec, labels = collate(pairs, cfg.pad_token_id, cfg.decoder_start_token_id)
+        dev = model.tok_emb.weight.device
+        loss, n = span_loss(model, *(t.to(dev) for t in (inputs, mask, dec, labels)))
+        (loss / max(n, 1)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": (loss.detach(), n), "grad_norm": grad_norm, "tokens": int(mask.sum())}
+
+    return train_step
