@@ -424,7 +424,11 @@ def load_t5(path: str | Path, device: str | torch.device = "cpu") -> T5:
         raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
     cfg = from_hf_config(hf_cfg)
     model = T5(cfg)
-    model.load_state_dict(from_hf_state_dict(load_file(str(weights)), cfg))
+    try:
+        model.load_state_dict(from_hf_state_dict(load_file(str(weights)), cfg))
+    except RuntimeError as e:  # shapes that disagree with config.json
+        msg = str(e).splitlines()[-1].strip()
+        raise ConfigError(f"{weights} does not fit {cfg_file.name}: {msg}") from None
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -148,3 +148,25 @@ def test_cache_with_a_deeper_decoder_matches_recompute():
     cached = ours.generate_greedy(idx, 12, attention_mask=mask)
     assert torch.equal(cached, ours.generate_greedy(idx, 12, mask, use_cache=False))
     assert len(cached.unique()) >= 3
+
+
+def test_bad_configs_and_checkpoints_are_named(tmp_path):
+    from lmforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="feed_forward_proj 'gated-silu'"):
+        from_hf_config({"model_type": "t5", "feed_forward_proj": "gated-silu"})
+    with pytest.raises(ConfigError, match="is not 't5'"):
+        from_hf_config({"model_type": "bert"})
+    with pytest.raises(ConfigError, match="config.json is missing"):
+        load_t5(tmp_path)
+    cfg = our_config("v1.1")
+    # an untied checkpoint without its lm_head
+    sd = {k: v for k, v in hf_model("v1.1").state_dict().items() if k != "lm_head.weight"}
+    with pytest.raises(ConfigError, match="no tensor lm_head.weight"):
+        from_hf_state_dict(sd, cfg)
+
+    save_t5(T5(our_config("v1.1")), tmp_path)
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"d_ff": 48', '"d_ff": 40'))
+    with pytest.raises(ConfigError, match="does not fit config.json: size mismatch"):
+        load_t5(tmp_path)
