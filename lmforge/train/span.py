@@ -19,14 +19,17 @@ new ids after its vocabulary, laid out as T5's (<extra_id_0> the last id, counti
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmforge.config import ConfigError
+from lmforge.io import write_json
 from lmforge.model.t5 import T5
 from lmforge.tokenizer import Tokenizer
 
@@ -98,13 +101,57 @@ class Sentinels:
 
 
 def sentinels(tokenizer: Tokenizer, n: int = 100) -> Sentinels:
-    """The tokenizer's <extra_id_0..n-1>, else n new ids after its vocabulary, <extra_id_0>
-    the last (T5's layout: the pretrained T5 tokenizer counts down from 32099)."""
-    try:
-        return Sentinels([tokenizer.token_id(SENTINEL.format(k)) for k in range(n)], new=False)
-    except KeyError:
+    """The tokenizer's <extra_id_0..n-1>, else (it has none) n new ids after its vocabulary,
+    <extra_id_0> the last (T5's layout: the pretrained T5 tokenizer counts down from 32099).
+    A tokenizer with only some of them is refused: new ones would repeat the names."""
+    have = [k for k in range(n) if _has(tokenizer, k)]
+    if not have:
         base = tokenizer.vocab_size
         return Sentinels([base + n - 1 - k for k in range(n)], new=True)
+    if len(have) < n:
+        raise ConfigError(
+            f"the tokenizer has {len(have)} of the {n} sentinel tokens <extra_id_0..{n - 1}>: "
+            f"use at most {len(have)} sentinels (shorter sequences) or a tokenizer with all or none"
+        )
+    return Sentinels([tokenizer.token_id(SENTINEL.format(k)) for k in range(n)], new=False)
+
+
+def _has(tokenizer: Tokenizer, k: int) -> bool:
+    try:
+        tokenizer.token_id(SENTINEL.format(k))
+        return True
+    except KeyError:
+        return False
+
+
+def save_tokenizer(tokenizer: Tokenizer, sent: Sentinels, out: str | Path) -> None:
+    """The tokenizer files, with appended sentinels written in as special tokens at their ids
+    (so the saved tokenizer, and transformers', encode and decode `<extra_id_k>`)."""
+    out = Path(out)
+    tokenizer.save(out)
+    if not sent.new:
+        return
+    entries = [
+        dict(
+            id=i,
+            content=SENTINEL.format(k),
+            single_word=False,
+            lstrip=False,
+            rstrip=False,
+            normalized=False,
+            special=True,
+        )  # fmt: skip
+        for k, i in sorted(enumerate(sent.ids), key=lambda e: e[1])
+    ]
+    tok = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["added_tokens"].extend(entries)
+    write_json(out / "tokenizer.json", tok)
+    cfg_file = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    extra = [e["content"] for e in sorted(entries, key=lambda e: -e["id"])]  # <extra_id_0> first
+    cfg["extra_ids"] = len(extra)
+    cfg["additional_special_tokens"] = cfg.get("additional_special_tokens", []) + extra
+    write_json(cfg_file, cfg)
 
 
 def span_corrupt(

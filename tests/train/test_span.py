@@ -9,7 +9,14 @@ from tokenizers.pre_tokenizers import Whitespace
 
 from lmforge.config import ConfigError
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.span import corrupt, noise_mask, sentinels, span_corrupt
+from lmforge.train.span import (
+    Sentinels,
+    corrupt,
+    noise_mask,
+    save_tokenizer,
+    sentinels,
+    span_corrupt,
+)
 
 
 def spans(mask):
@@ -52,19 +59,33 @@ def test_span_corrupt_restores_the_original():
     assert [t for t in inputs if t in sent] == sent[: len(fill)]  # <extra_id_0>, 1, ... in order
 
 
-def test_sentinels_added_when_absent_and_reused_when_present(tmp_path):
-    vocab = {"<pad>": 0, "</s>": 1, "a": 2, "<extra_id_1>": 3, "<extra_id_0>": 4}  # made up
+def word_tokenizer(path, words) -> Tokenizer:
+    vocab = {"<pad>": 0, "</s>": 1} | {w: i for i, w in enumerate(words, 2)}  # made up
     tok = HFTokenizer(WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
         '{"bos_token": null, "eos_token": "</s>", "pad_token": "<pad>"}'
     )
-    t = Tokenizer.load(tmp_path)
-    own = sentinels(t, 2)
-    assert own.ids == [4, 3] and not own.new
-    added = sentinels(t, 3)  # no <extra_id_2>: three new ids after the vocabulary, counting down
-    assert added.ids == [7, 6, 5] and added.new and added.vocab_needed == 8
+    return Tokenizer.load(path)
+
+
+def test_sentinels_reused_when_present(tmp_path):
+    t = word_tokenizer(tmp_path / "t", ["a", "<extra_id_1>", "<extra_id_0>"])
+    assert sentinels(t, 2) == Sentinels([4, 3], new=False)
+    with pytest.raises(ConfigError, match="has 2 of the 3 sentinel tokens"):
+        sentinels(t, 3)
+
+
+def test_sentinels_appended_and_saved_when_absent(tmp_path):
+    t = word_tokenizer(tmp_path / "t", ["a", "b"])
+    added = sentinels(t, 3)  # three new ids after the vocabulary, counting down
+    assert added == Sentinels([6, 5, 4], new=True) and added.vocab_needed == 7
+    save_tokenizer(t, added, tmp_path / "out")
+    again = Tokenizer.load(tmp_path / "out")
+    assert sentinels(again, 3) == Sentinels([6, 5, 4], new=False)
+    assert again.encode_rendered("a <extra_id_2> b") == [2, 4, 3]  # special: one id
 
 
 def test_bad_arguments_are_named():
