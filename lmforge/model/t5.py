@@ -32,9 +32,10 @@ import torch.nn.functional as F
 
 from lmforge.config import ConfigError
 
-FEED_FORWARDS = ("gated-gelu", "relu", "gated-relu", "gelu")  # HF's feed_forward_proj values
-ACTS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}  # HF's gated-gelu is
-# gelu_new (tanh approximation); plain "gelu" would be the exact one, refused below
+# the feed_forward_proj values we compute; transformers' "gated-gelu" means gelu_new (the tanh
+# approximation), while its plain "gelu" would be the exact erf form, which we do not offer
+FEED_FORWARDS = ("gated-gelu", "relu", "gated-relu")
+ACTS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
 @dataclass
@@ -56,12 +57,19 @@ class T5Config:
     decoder_start_token_id: int = 0  # T5 starts decoding from the padding id
 
     def __post_init__(self):
-        if self.feed_forward not in FEED_FORWARDS[:3]:
+        if self.feed_forward not in FEED_FORWARDS:
             raise ConfigError(
-                f"feed_forward_proj {self.feed_forward!r} is not supported: use "
-                f"{list(FEED_FORWARDS[:3])}"
+                f"feed_forward_proj {self.feed_forward!r} is not supported: use {list(FEED_FORWARDS)}"
             )
-        for name in ("vocab_size", "dim", "d_kv", "ffn_dim", "n_layer", "n_decoder_layer"):
+        for name in (
+            "vocab_size",
+            "dim",
+            "d_kv",
+            "ffn_dim",
+            "n_layer",
+            "n_decoder_layer",
+            "n_head",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"t5 {name} must be positive, got {getattr(self, name)}")
 

@@ -24,6 +24,7 @@ TINY = dict(
 STYLES = {
     "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "original": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+    "gated-relu": dict(feed_forward_proj="gated-relu", tie_word_embeddings=True),
 }
 
 
