@@ -8,7 +8,9 @@ thing: each pair gets the same frequency, and q.k is unchanged when q and k are 
 llama.cpp's convert_hf_to_gguf.py does the same for LlamaForCausalLM and MistralForCausalLM (both
 become `llama`). Its `qwen2` graph rotates NeoX-style, so Qwen2 is written unpermuted; GPT-2 has
 no RoPE. Everything else is renaming: llama.cpp keeps q/k/v and gate/up as separate tensors, so
-our fused `wqkv` and `w13` are split (GPT-2 keeps its fused `attn_qkv`).
+our fused `wqkv` and `w13` are split (GPT-2 keeps its fused `attn_qkv`). Mixtral is `llama` with
+`expert_count` set and its experts stacked as ours are (`ffn_gate_exps`, (E, F, dim)); Qwen2-MoE
+is `qwen2moe`, the same plus its shared expert (`ffn_*_shexp`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from lmforge.tokenizer import SPLIT_PATTERN, Tokenizer
 OUTTYPES = ("f32", "f16", "q8_0")
 
 # our family -> llama.cpp's architecture (Mistral is Llama to llama.cpp, minus the sliding window)
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
+GGUF_ARCH = {
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",  # llama with experts, as llama.cpp's converter writes Mixtral
+    "qwen2": "qwen2",
+    "qwen2_moe": "qwen2moe",
+    "gpt2": "gpt2",
+}
 
 # per-layer tensors that only change name: ours -> llama.cpp's (`blk.{i}.` prefixed)
 LLAMA_LAYER = {
@@ -92,7 +101,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, outtype: str = "f3
         raise ConfigError(f"{out} already exists; remove it or choose another output path")
     cfg = _check_source(ckpt)
     arch = GGUF_ARCH[cfg.arch]
-    if cfg.arch == "qwen2" and cfg.n_head * cfg.head_dim != cfg.dim:
+    if cfg.arch in ("qwen2", "qwen2_moe") and cfg.n_head * cfg.head_dim != cfg.dim:
         raise ConfigError(
             f"checkpoint {ckpt}: llama.cpp's qwen2 needs n_head * head_dim = dim "
             f"({cfg.n_head} * {cfg.head_dim} != {cfg.dim})"
@@ -131,6 +140,16 @@ def _check_source(ckpt: Path) -> ModelConfig:
             f"`lmforge export {ckpt} MERGED_DIR --merge-lora`, then export MERGED_DIR"
         )
     cfg = load_config(ckpt)  # a missing or broken config.json is reported here
+    if cfg.arch == "qwen2_moe" and cfg.norm_topk:  # llama.cpp's qwen2moe graph never does
+        raise ConfigError(
+            f"checkpoint {ckpt}: llama.cpp's qwen2moe uses the top-k router weights as they are; "
+            "this model renormalises them (norm_topk_prob true), so it would compute differently"
+        )
+    if cfg.arch not in GGUF_ARCH:
+        raise ConfigError(
+            f"checkpoint {ckpt}: GGUF export does not write {cfg.arch} models yet; it writes "
+            f"{', '.join(GGUF_ARCH)}"
+        )
     if read_json(ckpt / "config.json").get("quantization_config"):
         raise ConfigError(
             f"{ckpt / 'config.json'} has a quantization_config: this is a quantized checkpoint; "
@@ -186,11 +205,31 @@ def gguf_tensors(
             if GGUF_ARCH[cfg.arch] == "llama":  # adjacent-pair RoPE: see the module docstring
                 q, k = permute_rope(q, cfg.n_head), permute_rope(k, cfg.n_kv_head)
             yield from ((g + f"attn_{n}.{kind}", t) for n, t in zip("qkv", (q, k, v)))
-        gate, up = sd[p + "mlp.w13.weight"].chunk(2, dim=0)
-        yield g + "ffn_gate.weight", gate
-        yield g + "ffn_up.weight", up
+        if cfg.mlp == "moe":
+            yield from _moe_tensors(sd, p, g, cfg)
+        else:
+            gate, up = sd[p + "mlp.w13.weight"].chunk(2, dim=0)
+            yield g + "ffn_gate.weight", gate
+            yield g + "ffn_up.weight", up
         for ours, theirs in LLAMA_LAYER.items():
-            yield g + theirs, sd[p + ours]
+            if cfg.mlp != "moe" or ours != "mlp.w2.weight":  # experts: ffn_down_exps
+                yield g + theirs, sd[p + ours]
+
+
+def _moe_tensors(sd: dict, p: str, g: str, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """A layer's router and stacked experts, llama.cpp's `*_exps` (E, rows, in); Qwen2-MoE's
+    shared expert and its gate (a vector: llama.cpp reads it as (dim,))."""
+    gate, up = sd[p + "mlp.w13"].chunk(2, dim=1)  # (E, 2F, dim) -> two (E, F, dim)
+    yield g + "ffn_gate_inp.weight", sd[p + "mlp.router.weight"]  # (E, dim)
+    yield g + "ffn_gate_exps.weight", gate
+    yield g + "ffn_up_exps.weight", up
+    yield g + "ffn_down_exps.weight", sd[p + "mlp.w2"]  # (E, dim, F)
+    if cfg.shared_expert_dim:
+        gate, up = sd[p + "mlp.shared_w13.weight"].chunk(2, dim=0)
+        yield g + "ffn_gate_inp_shexp.weight", sd[p + "mlp.shared_gate.weight"].reshape(-1)
+        yield g + "ffn_gate_shexp.weight", gate
+        yield g + "ffn_up_shexp.weight", up
+        yield g + "ffn_down_shexp.weight", sd[p + "mlp.shared_w2.weight"]
 
 
 def tensor_type(name: str, shape: tuple[int, ...], outtype: str, gguf):
@@ -199,6 +238,8 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: str, gguf):
     in blocks of 32 values, so a matrix whose rows are not whole blocks falls back to F16."""
     T = gguf.GGMLQuantizationType
     if outtype == "f32" or len(shape) < 2 or "norm" in name or name.startswith("position_embd"):
+        return T.F32
+    if "ffn_gate_inp" in name:  # a router stays F32, as llama.cpp's converter keeps it
         return T.F32
     if outtype == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0] == 0:
         return T.Q8_0
@@ -224,6 +265,12 @@ def _add_hparams(writer, cfg: ModelConfig, name: str, outtype: str, gguf) -> Non
     writer.add_embedding_length(cfg.dim)
     writer.add_block_count(cfg.n_layer)
     writer.add_feed_forward_length(cfg.ffn_dim)
+    if cfg.mlp == "moe":
+        writer.add_expert_count(cfg.n_experts)
+        writer.add_expert_used_count(cfg.experts_per_token)
+    if cfg.arch == "qwen2_moe":  # the experts' widths, apart from the (unused) dense one
+        writer.add_expert_feed_forward_length(cfg.ffn_dim)
+        writer.add_expert_shared_feed_forward_length(cfg.shared_expert_dim)
     writer.add_head_count(cfg.n_head)
     writer.add_head_count_kv(cfg.n_kv_head)
     writer.add_vocab_size(cfg.vocab_size)

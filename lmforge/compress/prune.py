@@ -263,6 +263,11 @@ def _run(cfg, model_dir: Path, data_dir: Path, out: Path, dist_cfg, info) -> dic
     dist.ddp_only(info, "prune")
     device = setup_device(cfg, info)
     model, tokenizer, source = load_float_model(model_dir, device, "prune")
+    if cfg.method == "structured" and model.cfg.mlp == "moe":  # channels of one dense MLP
+        raise ConfigError(
+            f"prune.method structured removes MLP channels of a dense model; {model_dir} is a "
+            "mixture of experts (mlp moe): use method magnitude or 2:4 (attention layers only)"
+        )
     check_data(data_dir, tokenizer, model, cfg.seq_len, "prune")
     token_bytes = byte_table(tokenizer, model.cfg.vocab_size, device)
     start_run(

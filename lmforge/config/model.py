@@ -15,15 +15,27 @@ ARCH_FEATURES = {
     "qwen2": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=True, bias=False),
     "mistral": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, bias=False),
     "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, bias=True),
+    # a sparse mixture of SwiGLU experts in place of the MLP (model/moe.py)
+    "mixtral": dict(norm="rmsnorm", mlp="moe", pos="rope", qkv_bias=False, bias=False),
+    # the same with Qwen2's attention biases and a shared expert beside the routed ones
+    "qwen2_moe": dict(norm="rmsnorm", mlp="moe", pos="rope", qkv_bias=True, bias=False),
     # an encoder (model/bert.py, not GPT): `lmforge pretrain` trains it with masked-LM
     # (train/mlm.py); its GELU is BERT's exact one
     "bert": dict(norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, bias=True),
+    # a state-space decoder (model/mamba.py, not GPT): it has no attention or MLP, so these are
+    # the defaults (a recipe sets only arch); it reads dim, n_layer, norm_eps, init_std,
+    # tie_embeddings and max_seq_len, with transformers' d_state 16, expand 2, conv_kernel 4
+    "mamba": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, bias=False),
 }
-ENCODERS = ("bert",)  # the archs that are encoders; every other arch is a decoder (GPT)
+ENCODERS = ("bert",)  # the archs that are encoders
+SSMS = ("mamba",)  # the archs that are state-space decoders; every other arch is a GPT
 
 
 def model_family(cfg: ModelConfig) -> str:
-    """ "encoder" or "decoder": which model and which training objective the config asks for."""
+    """ "encoder", "ssm" or "decoder": which model and which training objective the config asks
+    for (an ssm trains on the decoder's next-token objective with its own model class)."""
+    if cfg.arch in SSMS:
+        return "ssm"
     return "encoder" if cfg.arch in ENCODERS else "decoder"
 
 
@@ -48,9 +60,9 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
     init_std: float = 0.02  # initializer_range
     bos_token_id: int = 1  # set from the tokenizer by the pipeline
     eos_token_id: int = 2  # set from the tokenizer by the pipeline
-    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | gpt2 | bert (an encoder, pretrained with masked-LM)
+    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | mixtral | qwen2_moe (mixtures of experts) | gpt2 | bert (an encoder, pretrained with masked-LM) | mamba (a state-space decoder)
     norm: str = "rmsnorm"  # rmsnorm | layernorm (gpt2)
-    mlp: str = "swiglu"  # swiglu (gated) | gelu (gpt2: tanh-approximate GELU, not gated)
+    mlp: str = "swiglu"  # swiglu (gated) | gelu (gpt2: tanh-approximate GELU, not gated) | moe (mixtral, qwen2_moe: top-k routed SwiGLU experts)
     pos: str = "rope"  # positions: rope | learned (gpt2: a table added to the token embeddings)
     qkv_bias: bool = False  # the q/k/v projections have biases (qwen2, gpt2)
     bias: bool = False  # every other linear layer and the norms have biases (gpt2)
@@ -58,13 +70,21 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
     # kept as config.json writes it: {rope_type: linear | dynamic | yarn | llama3, factor, ...};
     # model/transformer.py rope_frequencies computes each kind
     rope_scaling: dict = field(default_factory=dict)  # HF rope_scaling (a mapping); {} = none
+    # mixture of experts (mlp: moe, model/moe.py); ffn_dim is then each expert's width
+    n_experts: int = 0  # num_local_experts: SwiGLU experts per layer (mlp moe needs >= 2)
+    experts_per_token: int = 2  # num_experts_per_tok: the top-k experts each token goes to
+    moe_aux_coef: float = 0.01  # router_aux_loss_coef: load-balancing loss weight in training
+    moe_z_coef: float = 0.001  # router z-loss (ST-MoE) weight in training
+    capacity_factor: float = 0.0  # expert slots = factor * tokens * k / n_experts; 0 = no drops
+    norm_topk: bool = True  # norm_topk_prob: top-k weights renormalised (qwen2_moe: false)
+    shared_expert_dim: int = 0  # shared_expert_intermediate_size (qwen2_moe); 0 = none
 
     def __post_init__(self):
         check_types(self)  # config.json values arrive unchecked: "256" or true for a width
         _check_rope_scaling(self.rope_scaling)
         check_choice(self, "arch", tuple(ARCH_FEATURES))
         check_choice(self, "norm", ("rmsnorm", "layernorm"))
-        check_choice(self, "mlp", ("swiglu", "gelu"))
+        check_choice(self, "mlp", ("swiglu", "gelu", "moe"))
         check_choice(self, "pos", ("rope", "learned"))
         wrong = {k: v for k, v in ARCH_FEATURES[self.arch].items() if getattr(self, k) != v}
         if wrong:
@@ -72,8 +92,11 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
             raise ConfigError(f"model.arch {self.arch!r} computes with {need}; set those too")
         if self.arch in ENCODERS:
             _check_encoder(self)
-        if self.sliding_window and self.arch != "mistral":
-            raise ConfigError(f"model.sliding_window needs arch 'mistral', not {self.arch!r}")
+        if self.sliding_window and self.arch not in ("mistral", "mixtral"):
+            raise ConfigError(
+                f"model.sliding_window needs arch 'mistral' or 'mixtral', not {self.arch!r}"
+            )
+        _check_moe(self)
         check_positive(self, "dim", "n_layer", "n_head", "max_seq_len")
         for name in (
             "vocab_size",
@@ -119,6 +142,34 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
         plain_mha = self.head_dim * self.n_head == self.dim and self.n_kv_head == self.n_head
         if self.arch == "gpt2" and not plain_mha:  # HF's c_attn is three dim x dim blocks
             raise ConfigError("gpt2 needs model.head_dim = dim / n_head and n_kv_head = n_head")
+
+
+def _check_moe(cfg: ModelConfig) -> None:
+    """The expert fields are set for a mixture of experts, and only for one."""
+    if cfg.mlp != "moe":
+        if cfg.n_experts or cfg.capacity_factor or cfg.shared_expert_dim:
+            raise ConfigError(
+                f"model.n_experts, model.capacity_factor and model.shared_expert_dim need mlp "
+                f"'moe' (arch 'mixtral' or 'qwen2_moe'), not mlp {cfg.mlp!r}"
+            )
+        return
+    if cfg.arch == "mixtral" and (cfg.shared_expert_dim or not cfg.norm_topk):
+        raise ConfigError(
+            "model.arch 'mixtral' has no shared expert and always renormalises the top-k "
+            "weights: use arch 'qwen2_moe' for shared_expert_dim or norm_topk false"
+        )
+    if cfg.shared_expert_dim < 0:
+        raise ConfigError(f"model.shared_expert_dim must be >= 0, got {cfg.shared_expert_dim}")
+    if cfg.n_experts < 2:
+        raise ConfigError(f"model.n_experts must be >= 2 for mlp 'moe', got {cfg.n_experts}")
+    if not 1 <= cfg.experts_per_token <= cfg.n_experts:
+        raise ConfigError(
+            f"model.experts_per_token ({cfg.experts_per_token}) must be between 1 and "
+            f"model.n_experts ({cfg.n_experts})"
+        )
+    for name in ("moe_aux_coef", "moe_z_coef", "capacity_factor"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"model.{name} must be >= 0, got {getattr(cfg, name)}")
 
 
 def _check_encoder(cfg: ModelConfig) -> None:
@@ -198,11 +249,13 @@ def model_memory(cfg: ModelConfig) -> dict[str, int]:
     D, F, H, KV, hd = cfg.dim, cfg.ffn_dim, cfg.n_head, cfg.n_kv_head, cfg.head_dim
     norm = D * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     layer = D * (H + 2 * KV) * hd + H * hd * D + 2 * norm  # attention, two norms
-    layer += (3 if cfg.mlp == "swiglu" else 2) * D * F  # gate, up, down | up, down
+    layer += (2 if cfg.mlp == "gelu" else 3) * D * F * max(1, cfg.n_experts)  # up, down | gate too
+    layer += cfg.n_experts * D  # the router
+    layer += 3 * D * cfg.shared_expert_dim + (D if cfg.shared_expert_dim else 0)  # and its gate
     if cfg.qkv_bias:
         layer += (H + 2 * KV) * hd
     if cfg.bias:  # output projection and MLP biases
-        layer += D + D + (2 * F if cfg.mlp == "swiglu" else F)
+        layer += D + D + (F if cfg.mlp == "gelu" else 2 * F)
     params = cfg.n_layer * layer + norm + cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
     if cfg.pos == "learned":
         params += cfg.max_seq_len * D

@@ -44,6 +44,8 @@ from lmforge.infer.generate import (
     special_ids,
 )
 from lmforge.model.lora import LoRALinear
+from lmforge.model.mamba import Mamba
+from lmforge.model.moe import MoE
 from lmforge.model.transformer import GPT, KVCache, apply_rope
 
 log = logging.getLogger("lmforge.infer.engine")
@@ -133,6 +135,11 @@ class Engine:
     ):
         if max_batch < 1 or max_queue < 0:
             raise ConfigError("max_batch must be >= 1 and max_queue >= 0")
+        if isinstance(model, Mamba):  # the engine's rows and positions index a KVCache
+            raise ConfigError(
+                "the serving engine does not batch a Mamba yet (no per-row recurrent state); "
+                "it decodes with `lmforge generate` or `lmforge chat`"
+            )
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cfg = model.cfg
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -407,6 +414,8 @@ class BlockedLinears:
 def _mlp(block, x: torch.Tensor, linear) -> torch.Tensor:
     """The block's MLP with its matmuls through `linear` (the model's MLP modules' math)."""
     mlp = block.mlp
+    if isinstance(mlp, MoE):  # routed experts: their own grouped matmuls
+        return mlp(x)
     if hasattr(mlp, "w13"):  # SwiGLU
         gate, up = linear(mlp.w13, x).chunk(2, dim=-1)
         return linear(mlp.w2, F.silu(gate) * up)

@@ -141,7 +141,8 @@ def load_model(
     quantized_ok: bool = True,
 ) -> GPT:
     """Open a HF-layout checkpoint directory (ours or one saved by transformers) of a Llama,
-    Qwen2, Mistral or GPT-2 model; `save_model` writes it back in the same family's format.
+    Qwen2, Mistral, Mixtral, Qwen2-MoE or GPT-2 model; `save_model` writes it back in the same
+    family's format.
     A quantized lmforge checkpoint (`lmforge quantize`) opens with its QuantLinear layers, for
     inference; a caller that trains or rewrites weights passes quantized_ok=False and gets a
     clear error instead."""

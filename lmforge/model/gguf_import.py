@@ -7,7 +7,9 @@ for llama.cpp's `llama` graph the rows of every q and k head go back from adjace
 halves (the inverse of compress/gguf.py's `permute_rope`; `qwen2` is stored unpermuted). The
 tokenizer is rebuilt from `tokenizer.ggml.*`: a byte-level BPE whose split regexes are the ones
 llama.cpp uses for the file's `tokenizer.ggml.pre` name (llama.cpp ignores any regex a
-tokenizer.json had, so these are what the file's tokens were produced with).
+tokenizer.json had, so these are what the file's tokens were produced with). A `llama` file with
+`expert_count` is a Mixtral: its stacked experts (`ffn_gate_exps`, (E, F, dim)) are split into
+the per-expert HF tensors; a `qwen2moe` file is a Qwen2-MoE (with its shared expert).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from lmforge.model.checkpoint import stop_token_ids
 from lmforge.model.hf import to_hf_config, to_hf_state_dict
 from lmforge.model.transformer import GPT
 
-ARCHS = ("llama", "qwen2")  # llama.cpp architecture names we read (Mistral files say "llama")
+# llama.cpp architecture names we read (Mistral files say "llama"; with experts it is Mixtral)
+ARCHS = ("llama", "qwen2", "qwen2moe")
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 # GGML types we dequantize (gguf.quants.dequantize does the math): floats, the legacy block
 # quants and the K-quants
@@ -48,6 +51,24 @@ LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "block_sparse_moe.gate",  # a Mixtral layer's router
+}
+# a Mixtral layer's stacked experts -> each expert's HF name ({e}: the expert)
+EXPERT_NAMES = {
+    "ffn_gate_exps": "block_sparse_moe.experts.{e}.w1",
+    "ffn_up_exps": "block_sparse_moe.experts.{e}.w3",
+    "ffn_down_exps": "block_sparse_moe.experts.{e}.w2",
+}
+# a Qwen2-MoE layer's router, experts and shared expert
+QWEN2_MOE_NAMES = {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{e}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{e}.up_proj",
+    "ffn_down_exps": "mlp.experts.{e}.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",  # a vector (dim,) in the file, HF's (1, dim)
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 
 # tokenizer.ggml.pre -> llama.cpp's split regexes (llama-vocab.cpp), applied one after another
@@ -167,16 +188,32 @@ def model_config(meta: dict, reader, src: Path) -> ModelConfig:
     eos = meta.get("tokenizer.ggml.eos_token_id")
     if eos is None:
         raise ConfigError(f"{src}: tokenizer.ggml.eos_token_id is missing")
+    ours, moe = {"qwen2moe": "qwen2_moe"}.get(arch, arch), {}
+    # Qwen2-MoE's experts have their own width (feed_forward_length is its dense layers')
+    ffn = get("expert_feed_forward_length" if arch == "qwen2moe" else "feed_forward_length")
+    if int(meta.get(f"{arch}.expert_count", 0)):  # llama with experts: Mixtral
+        if arch == "qwen2":
+            raise ConfigError(f"{src}: experts in a qwen2 file are not supported")
+        ours = "mixtral" if arch == "llama" else ours
+        moe = dict(
+            n_experts=int(get("expert_count")), experts_per_token=int(get("expert_used_count"))
+        )
+    if arch == "qwen2moe":  # llama.cpp's qwen2moe: the routed weights as they are
+        shared = names.get("blk.0.ffn_gate_shexp.weight")
+        moe |= dict(norm_topk=False, shared_expert_dim=int(
+            get("expert_shared_feed_forward_length", shared.shape[1] if shared else 0)
+        ))  # fmt: skip
     return ModelConfig(
-        arch=arch,
-        **ARCH_FEATURES[arch],
+        arch=ours,
+        **ARCH_FEATURES[ours],
+        **moe,
         vocab_size=int(names["token_embd.weight"].shape[1]),  # GGUF shapes are (in, out)
         dim=dim,
         n_layer=int(get("block_count")),
         n_head=n_head,
         n_kv_head=int(get("attention.head_count_kv", n_head)),
         head_dim=head_dim,
-        ffn_dim=int(get("feed_forward_length")),
+        ffn_dim=int(ffn),
         max_seq_len=int(get("context_length")),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         norm_eps=float(get("attention.layer_norm_rms_epsilon")),
@@ -230,19 +267,23 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def hf_name(name: str, src: Path) -> str:
-    """The HF tensor name of a llama.cpp one; an unknown tensor is refused (we would drop it)."""
+def hf_name(name: str, src: Path, arch: str = "llama") -> str:
+    """The HF tensor name of a llama.cpp one in our `arch`; an unknown tensor is refused (we
+    would drop it)."""
     if name in GLOBAL_NAMES:
         return GLOBAL_NAMES[name]
+    layer = LAYER_NAMES | (QWEN2_MOE_NAMES if arch == "qwen2_moe" else EXPERT_NAMES)
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in layer:
+        return f"model.layers.{parts[1]}.{layer[parts[2]]}.{parts[3]}"
     raise ConfigError(f"{src}: tensor {name!r} has no Hugging Face counterpart we know")
 
 
 def hf_shape(t) -> tuple[int, ...]:
-    """A GGUF tensor's shape in torch order (GGUF lists dimensions innermost first)."""
-    return tuple(int(n) for n in reversed(t.shape))
+    """A GGUF tensor's shape in torch order (GGUF lists dimensions innermost first); the shared
+    expert's gate, a vector in the file, is a (1, dim) matrix to HF."""
+    shape = tuple(int(n) for n in reversed(t.shape))
+    return (1, *shape) if ".ffn_gate_inp_shexp." in t.name else shape
 
 
 def check_tensors(reader, cfg: ModelConfig, src: Path) -> None:
@@ -258,13 +299,18 @@ def check_tensors(reader, cfg: ModelConfig, src: Path) -> None:
                 f"{src}: tensor {t.name} has type {t.tensor_type.name}, which import does not "
                 f"read; supported: {', '.join(TENSOR_TYPES)}"
             )
-        name = hf_name(t.name, src)
-        if name not in want or want[name] != hf_shape(t):
+        name, shape = hf_name(t.name, src, cfg.arch), hf_shape(t)
+        if "{e}" in name:  # stacked experts (n_experts, rows, in): one HF matrix per expert
+            names = [name.format(e=e) for e in range(cfg.n_experts)]
+            ok = shape[0] == cfg.n_experts and all(want.get(n) == shape[1:] for n in names)
+            implied = (cfg.n_experts, *want.get(names[0], ()))
+        else:
+            names, ok, implied = [name], want.get(name) == shape, want.get(name, "no such tensor")
+        if not ok:
             raise ConfigError(
-                f"{src}: tensor {t.name} has shape {hf_shape(t)}, the metadata implies "
-                f"{want.get(name, 'no such tensor')}"
+                f"{src}: tensor {t.name} has shape {shape}, the metadata implies {implied}"
             )
-        seen.add(name)
+        seen.update(names)
     missing = sorted(set(want) - seen)
     if missing:
         raise ConfigError(f"{src}: tensors missing for {', '.join(missing[:5])}")
@@ -281,9 +327,13 @@ def hf_tensors(reader, cfg: ModelConfig, gguf, dtype: torch.dtype, src: Path) ->
     out = {}
     for t in tqdm(reader.tensors, desc="import", unit="tensor", dynamic_ncols=True):
         w = read_tensor(t, gguf)
-        if cfg.arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
+        if cfg.arch in ("llama", "mixtral") and (".attn_q." in t.name or ".attn_k." in t.name):
             w = unpermute_rope(w, cfg.n_head if ".attn_q." in t.name else cfg.n_kv_head)
-        out[hf_name(t.name, src)] = w.to(dtype).contiguous()
+        name = hf_name(t.name, src, cfg.arch)
+        if "{e}" in name:  # stacked experts (E, rows, in): one HF matrix each
+            out |= {name.format(e=e): we.to(dtype).contiguous() for e, we in enumerate(w)}
+        else:
+            out[name] = w.to(dtype).contiguous()
     return out
 
 

@@ -1,10 +1,14 @@
-"""Hugging Face interop: our ModelConfig <-> the config.json of four families (Llama, Qwen2,
-Mistral, GPT-2), our tensors <-> their tensor names.
+"""Hugging Face interop: our ModelConfig <-> the config.json of six families (Llama, Qwen2,
+Mistral, Mixtral, Qwen2-MoE, GPT-2), our tensors <-> their tensor names.
 
 The one idea: names and shapes are all that differ. HF stores q/k/v (and SwiGLU's gate/up) as
 separate matrices; we keep them fused, so export splits along the output dimension and import
 concatenates. GPT-2 already fuses q/k/v (`c_attn`) but in a `Conv1D`, whose weight is (in, out):
-those are transposed. RoPE needs no permutation because our rotation uses HF's rotate_half pairing.
+those are transposed. RoPE needs no permutation because our rotation uses HF's rotate_half pairing. The experts of
+Mixtral and Qwen2-MoE are written one matrix each (`block_sparse_moe.experts.{i}.w1/w2/w3`,
+`mlp.experts.{i}.gate_proj/...`: the original checkpoints' names, which transformers 5 also
+writes) and read in that layout or transformers 5's in-memory one (`mlp.experts.gate_up_proj`,
+stacked like ours).
 
 `rope_scaling` (or transformers 5's `rope_parameters`) of the linear, dynamic, yarn and llama3
 kinds is kept in ModelConfig.rope_scaling and written back as it was read. Options that change the
@@ -29,6 +33,8 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 
 # our ModelConfig field -> LlamaConfig field (Qwen2Config and MistralConfig use the same names)
@@ -46,6 +52,25 @@ CONFIG_FIELDS = {
     "init_std": "initializer_range",
     "bos_token_id": "bos_token_id",
     "eos_token_id": "eos_token_id",
+}
+
+# MixtralConfig: LlamaConfig's names, the experts', and two of ours that transformers does not
+# compute (it keeps unknown keys): a capacity that drops tokens changes what the model computes,
+# so a round trip must keep it
+MIXTRAL_FIELDS = CONFIG_FIELDS | {
+    "n_experts": "num_local_experts",
+    "experts_per_token": "num_experts_per_tok",
+    "moe_aux_coef": "router_aux_loss_coef",
+    "moe_z_coef": "router_z_loss_coef",
+    "capacity_factor": "capacity_factor",
+}
+# Qwen2MoeConfig: its experts' width is moe_intermediate_size (intermediate_size is the width of
+# dense layers, which a model with every layer sparse has none of), a shared expert beside them
+QWEN2_MOE_FIELDS = MIXTRAL_FIELDS | {
+    "ffn_dim": "moe_intermediate_size",
+    "n_experts": "num_experts",
+    "norm_topk": "norm_topk_prob",
+    "shared_expert_dim": "shared_expert_intermediate_size",
 }
 
 # our ModelConfig field -> GPT2Config field
@@ -68,6 +93,24 @@ HF_DEFAULTS = {
     "llama": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
     "qwen2": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
     "mistral": {"tie_word_embeddings": False, "rms_norm_eps": 1e-6},
+    "mixtral": {
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.001,
+    },
+    "qwen2_moe": {
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-6,
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "norm_topk_prob": False,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "router_aux_loss_coef": 0.001,
+    },
     "gpt2": {"tie_word_embeddings": True, "layer_norm_epsilon": 1e-5},
 }
 
@@ -101,7 +144,7 @@ def to_hf_config(
         out.update(GPT2_DEFAULTS, activation_function="gelu_new")
         out.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     else:
-        out.update({hf: getattr(cfg, ours) for ours, hf in CONFIG_FIELDS.items()})
+        out.update({hf: getattr(cfg, ours) for ours, hf in _fields(cfg.arch).items()})
         out.update(
             head_dim=cfg.head_dim,
             hidden_act="silu",
@@ -110,16 +153,35 @@ def to_hf_config(
         )
     if cfg.arch == "llama":
         out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-    elif cfg.arch == "qwen2":
+    elif cfg.arch in ("qwen2", "qwen2_moe"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
-    elif cfg.arch == "mistral":
+    elif cfg.arch in ("mistral", "mixtral"):
         out.update(sliding_window=cfg.sliding_window or None)
+    if cfg.arch == "mixtral":  # jitter noise only perturbs training; lmforge trains without it
+        out.update(output_router_logits=False, router_jitter_noise=0.0)
+    if cfg.arch == "qwen2_moe":  # every layer sparse; the dense width is unused, but required
+        out.update(decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True)
+        out.update(intermediate_size=cfg.shared_expert_dim or cfg.ffn_dim)
+        out.update(output_router_logits=False)
     out.update(use_cache=True, pad_token_id=pad_token_id, torch_dtype=torch_dtype)
     return out
 
 
+def _fields(family: str) -> dict[str, str]:
+    """Our ModelConfig field -> the config.json key, for a family."""
+    tables = {"gpt2": GPT2_FIELDS, "mixtral": MIXTRAL_FIELDS, "qwen2_moe": QWEN2_MOE_FIELDS}
+    return tables.get(family, CONFIG_FIELDS)
+
+
 def _unsupported_options(hf: dict, family: str) -> list[str]:
     """Options in a config.json that would make transformers compute something we do not."""
+    if family == "qwen2_moe":  # dense layers among the sparse ones; attention without biases
+        bad = [f"mlp_only_layers={hf['mlp_only_layers']}"] if hf.get("mlp_only_layers") else []
+        if hf.get("decoder_sparse_step", 1) != 1:
+            bad.append(f"decoder_sparse_step={hf['decoder_sparse_step']}")
+        if hf.get("qkv_bias") is False:
+            bad.append("qkv_bias=false")
+        return bad + _unsupported_options(hf, "qwen2")
     if family == "gpt2":
         bad = [f"{k}={hf[k]}" for k, v in GPT2_DEFAULTS.items() if hf.get(k, v) != v]
         act = hf.get("activation_function", "gelu_new")
@@ -167,7 +229,7 @@ def from_hf_config(hf: dict) -> ModelConfig:
     if bad:
         raise ConfigError(f"config.json: unsupported {family} options {bad}")
     hf = HF_DEFAULTS[family] | {k: v for k, v in hf.items() if v is not None}
-    fields = GPT2_FIELDS if family == "gpt2" else CONFIG_FIELDS
+    fields = _fields(family)
     kwargs = {ours: hf[theirs] for ours, theirs in fields.items() if theirs in hf}
     if family == "gpt2" and "n_positions" not in hf and "n_ctx" in hf:  # older GPT-2 configs
         kwargs["max_seq_len"] = hf["n_ctx"]
@@ -180,7 +242,7 @@ def from_hf_config(hf: dict) -> ModelConfig:
             kwargs[k] = kwargs[k][0]
     if family != "gpt2":
         kwargs["head_dim"] = hf.get("head_dim") or 0
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         kwargs["sliding_window"] = hf.get("sliding_window") or 0
     try:
         cfg = ModelConfig(arch=family, **ARCH_FEATURES[family], **kwargs)
@@ -219,17 +281,49 @@ def _to_llama(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.
         for kind in kinds:
             q, k, v = sd[p + f"attn.wqkv.{kind}"].split(sizes, dim=0)
             out.update({hp + f"self_attn.{n}_proj.{kind}": t for n, t in zip("qkv", (q, k, v))})
-        gate, up = sd[p + "mlp.w13.weight"].chunk(2, dim=0)
+        out.update(_to_moe(sd, p, hp, cfg) if cfg.mlp == "moe" else _to_llama_mlp(sd, p, hp))
         out.update(
             {
                 hp + "self_attn.o_proj.weight": sd[p + "attn.wo.weight"],
-                hp + "mlp.gate_proj.weight": gate,
-                hp + "mlp.up_proj.weight": up,
-                hp + "mlp.down_proj.weight": sd[p + "mlp.w2.weight"],
                 hp + "input_layernorm.weight": sd[p + "attn_norm.weight"],
                 hp + "post_attention_layernorm.weight": sd[p + "mlp_norm.weight"],
             }
         )
+    return out
+
+
+def _to_llama_mlp(sd: dict, p: str, hp: str) -> dict:
+    gate, up = sd[p + "mlp.w13.weight"].chunk(2, dim=0)
+    return {
+        hp + "mlp.gate_proj.weight": gate,
+        hp + "mlp.up_proj.weight": up,
+        hp + "mlp.down_proj.weight": sd[p + "mlp.w2.weight"],
+    }
+
+
+# family -> where a layer's MoE block is, and each expert's gate, up and down matrix names
+MOE_NAMES = {
+    "mixtral": ("block_sparse_moe.", "w1", "w3", "w2"),
+    "qwen2_moe": ("mlp.", "gate_proj", "up_proj", "down_proj"),
+}
+SHARED = ("gate_proj", "up_proj", "down_proj")  # Qwen2-MoE's shared expert, a Llama MLP
+
+
+def _to_moe(sd: dict, p: str, hp: str, cfg: ModelConfig) -> dict:
+    """Our router and stacked experts -> one gate, up and down matrix per expert; Qwen2-MoE's
+    shared expert and its gate."""
+    block, g, u, d = MOE_NAMES[cfg.arch]
+    hp += block
+    out = {hp + "gate.weight": sd[p + "mlp.router.weight"]}
+    for e, (w13, w2) in enumerate(zip(sd[p + "mlp.w13"], sd[p + "mlp.w2"])):
+        gate, up = w13.chunk(2, dim=0)
+        out |= {hp + f"experts.{e}.{g}.weight": gate, hp + f"experts.{e}.{u}.weight": up}
+        out[hp + f"experts.{e}.{d}.weight"] = w2
+    if cfg.shared_expert_dim:
+        gate, up = sd[p + "mlp.shared_w13.weight"].chunk(2, dim=0)
+        down = sd[p + "mlp.shared_w2.weight"]
+        out |= {hp + f"shared_expert.{n}.weight": t for n, t in zip(SHARED, (gate, up, down))}
+        out[hp + "shared_expert_gate.weight"] = sd[p + "mlp.shared_gate.weight"]
     return out
 
 
@@ -272,7 +366,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
             missing.append(name)
         return hf.get(name)
 
-    out = _from_gpt2(hf, get, cfg) if cfg.arch == "gpt2" else _from_llama(get, cfg)
+    out = _from_gpt2(hf, get, cfg) if cfg.arch == "gpt2" else _from_llama(hf, get, cfg)
     out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else get("lm_head.weight")
     if missing:
         shown = ", ".join(missing[:5]) + (
@@ -286,7 +380,7 @@ def _cat(parts: list) -> torch.Tensor | None:
     return None if any(t is None for t in parts) else torch.cat(parts, dim=0)
 
 
-def _from_llama(get, cfg: ModelConfig) -> dict:
+def _from_llama(hf: dict, get, cfg: ModelConfig) -> dict:
     out = {
         "tok_emb.weight": get("model.embed_tokens.weight"),
         "norm.weight": get("model.norm.weight"),
@@ -297,10 +391,44 @@ def _from_llama(get, cfg: ModelConfig) -> dict:
         if cfg.qkv_bias:
             out[p + "attn.wqkv.bias"] = _cat([get(hp + f"self_attn.{n}_proj.bias") for n in "qkv"])
         out[p + "attn.wo.weight"] = get(hp + "self_attn.o_proj.weight")
-        out[p + "mlp.w13.weight"] = _cat([get(hp + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
-        out[p + "mlp.w2.weight"] = get(hp + "mlp.down_proj.weight")
+        if cfg.mlp == "moe":
+            out |= _from_moe(hf, get, p, hp, cfg)
+        else:
+            gate_up = [get(hp + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+            out[p + "mlp.w13.weight"] = _cat(gate_up)
+            out[p + "mlp.w2.weight"] = get(hp + "mlp.down_proj.weight")
         out[p + "attn_norm.weight"] = get(hp + "input_layernorm.weight")
         out[p + "mlp_norm.weight"] = get(hp + "post_attention_layernorm.weight")
+    return out
+
+
+def _from_moe(hf: dict, get, p: str, hp: str, cfg: ModelConfig) -> dict:
+    """A layer's router and experts: one matrix per expert (`block_sparse_moe.experts.{i}.w1`,
+    `mlp.experts.{i}.gate_proj`, ...), or stacked as transformers 5 holds them in memory
+    (`mlp.experts.gate_up_proj`, (E, 2F, D): gate rows, then up, as our w13)."""
+    block, g, u, d = MOE_NAMES[cfg.arch]
+    if hp + "mlp.experts.gate_up_proj" in hf:
+        out = {
+            p + "mlp.router.weight": get(hp + "mlp.gate.weight"),
+            p + "mlp.w13": get(hp + "mlp.experts.gate_up_proj"),
+            p + "mlp.w2": get(hp + "mlp.experts.down_proj"),  # (E, D, F)
+        }
+    else:
+        experts = [hp + block + f"experts.{e}." for e in range(cfg.n_experts)]
+        w13 = [_cat([get(x + f"{g}.weight"), get(x + f"{u}.weight")]) for x in experts]
+        w2 = [get(x + f"{d}.weight") for x in experts]
+        stack = lambda ts: None if any(t is None for t in ts) else torch.stack(ts)  # noqa: E731
+        out = {
+            p + "mlp.router.weight": get(hp + block + "gate.weight"),
+            p + "mlp.w13": stack(w13),
+            p + "mlp.w2": stack(w2),
+        }
+    if cfg.shared_expert_dim:
+        hp += block
+        gate, up, down = (get(hp + f"shared_expert.{n}.weight") for n in SHARED)
+        out[p + "mlp.shared_w13.weight"] = _cat([gate, up])
+        out[p + "mlp.shared_w2.weight"] = down
+        out[p + "mlp.shared_gate.weight"] = get(hp + "shared_expert_gate.weight")
     return out
 
 

@@ -68,7 +68,16 @@ GPT2 = Family(
     layers="transformer.h",  # PeftModelForCausalLM > GPT2LMHeadModel > GPT2Model
     fan_in_fan_out=True,
 )
-FAMILIES = {"llama": LLAMA, "qwen2": LLAMA, "mistral": LLAMA, "gpt2": GPT2}
+# Mixtral and Qwen2-MoE: Llama's attention names; their experts are stacked tensors, not linear
+# layers, so they are not adapted (the default targets then mean the four attention projections)
+MIXTRAL = Family(
+    slices={t: LLAMA.slices[t] for t in ("q", "k", "v", "o")},
+    targets={t: t for t in ("q", "k", "v", "o")},
+    layers="model.layers",
+    fan_in_fan_out=False,
+)
+FAMILIES = {"llama": LLAMA, "qwen2": LLAMA, "mistral": LLAMA, "gpt2": GPT2, "mixtral": MIXTRAL}
+FAMILIES["qwen2_moe"] = MIXTRAL
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 

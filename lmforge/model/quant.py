@@ -254,11 +254,15 @@ class QuantEmbedding(nn.Module):
 
 
 def block_linears(model: GPT) -> dict[str, nn.Linear]:
-    """The Transformer blocks' linear layers by module name (what int4/GPTQ quantize)."""
+    """The Transformer blocks' linear layers by module name (what int4/GPTQ quantize). A mixture
+    of experts' router and shared-expert gate stay float: tiny, and a rounding error there
+    changes which expert runs or how much."""
     return {
         name: m
         for name, m in model.named_modules()
-        if name.startswith("layers.") and isinstance(m, nn.Linear)
+        if name.startswith("layers.")
+        and isinstance(m, nn.Linear)
+        and not name.endswith((".router", ".shared_gate"))
     }
 
 

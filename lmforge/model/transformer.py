@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ConfigError, ModelConfig, check_model_fits
+from lmforge.model.moe import MoE
 
 
 def rope_tables(
@@ -222,13 +223,17 @@ class GeluMLP(nn.Module):
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
+# cfg.mlp -> the block's feed-forward module; each maps (B, T, dim) -> (B, T, dim)
+MLPS = {"swiglu": MLP, "gelu": GeluMLP, "moe": MoE}
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+        self.mlp = MLPS[cfg.mlp](cfg)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
@@ -275,14 +280,15 @@ class GPT(nn.Module):
 
     def init_weight(self, name: str, t: torch.Tensor) -> None:
         """Initialise parameter `name` (or a full-size tensor standing for it) in place. The
-        residual-stream writers (wo, w2) get std / sqrt(2 * n_layer), as in GPT-2: the sum of
-        2 * n_layer residual branches then keeps unit-order variance at initialisation."""
+        residual-stream writers (wo, w2, the experts' stacked w2) get std / sqrt(2 * n_layer), as
+        in GPT-2: the sum of 2 * n_layer residual branches then keeps unit-order variance at
+        initialisation."""
         std = self.cfg.init_std
         if name.endswith("norm.weight"):
             nn.init.ones_(t)
         elif name.endswith("bias"):
             nn.init.zeros_(t)
-        elif name.endswith(("wo.weight", "w2.weight")):
+        elif name.endswith(("wo.weight", "w2.weight", "mlp.w2")):
             nn.init.normal_(t, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
         else:
             nn.init.normal_(t, 0.0, std)
@@ -338,6 +344,23 @@ class GPT(nn.Module):
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, p.dtype)
 
 
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the auxiliary training losses the model's modules left from their last forward
+    (a module adds one by setting `aux_loss`, as a mixture of experts does); None when none has."""
+    losses = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
+    return sum(losses) if losses else None
+
+
+def aux_metrics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each number the model's modules reported in their last forward (`aux_metrics`), averaged
+    over the modules that reported it (a mixture of experts' layers); {} for a dense model."""
+    per_key: dict[str, list[torch.Tensor]] = {}
+    for m in model.modules():
+        for k, v in (getattr(m, "aux_metrics", None) or {}).items():
+            per_key.setdefault(k, []).append(v.float())
+    return {k: torch.stack(vs).mean() for k, vs in per_key.items()}
+
+
 # --------------------------------------------------------------------------- size and cost
 
 
@@ -359,7 +382,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     per_layer = (
         2 * D * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + 2 * cfg.n_head * cfg.head_dim * D
     )
-    per_layer += 2 * (3 if cfg.mlp == "swiglu" else 2) * D * F_  # gate, up, down | up, down
+    # gate, up, down | up, down; a mixture of experts runs k of its experts, and the router
+    active = cfg.experts_per_token if cfg.mlp == "moe" else 1
+    per_layer += 2 * (2 if cfg.mlp == "gelu" else 3) * D * F_ * active
+    per_layer += 2 * D * cfg.n_experts + 2 * 3 * D * cfg.shared_expert_dim  # router, shared expert
     per_layer += 2 * 2 * cfg.n_head * cfg.head_dim * seq_len  # scores and weighted sum
     fwd = cfg.n_layer * per_layer + 2 * D * cfg.vocab_size  # + output head
     return 3 * fwd if training else fwd

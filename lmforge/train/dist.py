@@ -280,6 +280,10 @@ def take_rows(t: torch.Tensor, index: torch.Tensor) -> None:
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
+    if cfg.mlp == "moe":  # the plan below splits one dense MLP; experts would need their own
+        raise ConfigError(
+            "dist.tp splits dense MLPs; a mixture of experts (model.mlp moe) trains with dist.tp 1"
+        )
     for what, n in (("n_head", cfg.n_head), ("n_kv_head", cfg.n_kv_head), ("ffn_dim", cfg.ffn_dim)):
         if n % tp:
             raise ConfigError(f"dist.tp ({tp}) must divide model.{what} ({n})")

@@ -21,7 +21,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(p))
         is_embedding = name.endswith("tok_emb.weight")
-        group = decay if p.dim() >= 2 and not is_embedding else no_decay
+        # Mamba's A_log sets each channel's memory length, not a weight to shrink (its paper's
+        # code exempts it too)
+        exempt = is_embedding or name.endswith("A_log")
+        group = decay if p.dim() >= 2 and not exempt else no_decay
         group["params"].append(p)
         group["names"].append(name)
     return [

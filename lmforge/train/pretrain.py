@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from lmforge.config import (
     ConfigError,
@@ -30,10 +32,11 @@ from lmforge.data.loader import (
     read_manifest,
     replay_rows,
 )
-from lmforge.io import read_json, write_json
-from lmforge.model.checkpoint import load_config
+from lmforge.io import atomic_dir, read_json, write_json
+from lmforge.model import mamba
+from lmforge.model.checkpoint import load_config, save_extras
 from lmforge.model.load import load
-from lmforge.model.transformer import GPT, flops_per_token, num_params
+from lmforge.model.transformer import GPT, aux_loss, aux_metrics, flops_per_token, num_params
 from lmforge.perf import autocast, matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import dist, mlm
@@ -145,7 +148,57 @@ def _train_encoder(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path,
     return mlm.train(cfg, model_cfg, mask, data_dir, tokenizer, out_dir, manifest, info)
 
 
-def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cfg, info) -> dict:
+@dataclasses.dataclass(frozen=True)
+class DecoderClass:
+    """What the next-token driver needs of a model class other than GPT: how to build it from
+    the `model:` section, write and read its weights, and count its FLOPs."""
+
+    build: Callable  # ModelConfig -> the model
+    write: Callable  # (model, dir, tokenizer_dir, pad_token_id) -> None: a whole HF directory
+    read: Callable  # (model, dir) -> None: weights in place (resume)
+    flops_per_token: Callable  # (ModelConfig, seq_len) -> training FLOPs per token
+
+
+def _mamba_config(c: ModelConfig) -> mamba.MambaConfig:
+    return mamba.MambaConfig(
+        vocab_size=c.vocab_size, dim=c.dim, n_layer=c.n_layer, norm_eps=c.norm_eps,
+        tie_embeddings=c.tie_embeddings, init_std=c.init_std, max_seq_len=c.max_seq_len,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+    )  # fmt: skip
+
+
+def _write_mamba(model, out: Path, tokenizer_dir, pad_token_id) -> None:
+    model.cfg.pad_token_id = pad_token_id or 0
+    mamba.save_mamba(model, out)
+    save_extras(model.cfg, out, tokenizer_dir, pad_token_id)  # generation config, tokenizer
+
+
+MAMBA = DecoderClass(
+    build=lambda c: mamba.Mamba(_mamba_config(c)),
+    write=_write_mamba,
+    read=lambda model, d: mamba.read_weights(model, load_file(str(d / "model.safetensors")), d),
+    flops_per_token=lambda c, _: mamba.flops_per_token(_mamba_config(c)),
+)
+
+
+def _train_ssm(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cfg, info):
+    """A state-space decoder (model.arch mamba): the decoder's next-token step, data, checks,
+    clock and outputs, with its own model class (saved as MambaForCausalLM); one process, from
+    scratch (continued pretraining and torchrun are the GPT's)."""
+    if cfg.init_from:
+        raise ConfigError(
+            f"pretrain.init_from: not supported for model.arch {model_cfg.arch} (it trains from "
+            "scratch)"
+        )
+    if info.enabled:
+        raise ConfigError(f"model.arch {model_cfg.arch} pretrains in one process, not torchrun")
+    return _train(cfg, model_cfg, data_dir, tokenizer_dir, out_dir, dist_cfg, info, MAMBA)
+
+
+def _train(
+    cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cfg, info, other=None
+) -> dict:
+    """Next-token pretraining of a GPT, or of the DecoderClass `other` (one process)."""
     # --- setup
     device = dist.device_for(info, pick_device(cfg.device))
     if cfg.threads:
@@ -201,7 +254,7 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     elif init_dir:
         model = load(init_dir, device=device, trainable=True)[0].train()
     else:
-        model = GPT(model_cfg).to(device)
+        model = (other.build if other else GPT)(model_cfg).to(device)
     n_params = num_params(model)
     # FSDP2 and tensor parallelism turn the parameters into DTensors: the optimizer comes after
     train_model = dist.parallelize(model, dist_cfg, info, device)
@@ -222,16 +275,18 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         )
         loader = ReplayLoader(loader, replay)
     ckpt_root = out_dir / "checkpoints"
-    resumed = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume, info)
+    read = (lambda d: other.read(model, d)) if other else None
+    resumed = resume_latest(ckpt_root, model, optimizer, loader, cfg.resume, info, read)
     if cfg.compile and device.type == "cuda":
         train_model = torch.compile(train_model)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * info.dp_size
-    flops_tok = flops_per_token(model_cfg, cfg.seq_len)
+    flops_tok = (other.flops_per_token if other else flops_per_token)(model_cfg, cfg.seq_len)
     write_json(out_dir / "model_config.json", dataclasses.asdict(model_cfg))
     evals: dict[int, dict] = {}  # step -> {lang: {loss, bpb, tokens}} (rank 0)
 
     def train_step(step: int) -> dict:
         loss_sum = torch.zeros((), device=device)
+        extras: dict[str, torch.Tensor] = {}  # the modules' own numbers (a mixture of experts')
         for micro in range(cfg.grad_accum):
             x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
             # DDP averages gradients once per step, after the last micro-batch
@@ -239,12 +294,18 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
                 with autocast(device):
                     logits = train_model(x)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                (loss / cfg.grad_accum).backward()
+                # objectives the modules add themselves (load balancing); "loss" stays the
+                # cross-entropy, comparable across models
+                aux = aux_loss(model)
+                ((loss if aux is None else loss + aux) / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum
+            for k, v in aux_metrics(model).items():
+                extras[k] = extras.get(k, 0) + v / cfg.grad_accum
         grad_norm = dist.clip_grad_norm(model.parameters(), cfg.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": tokens_per_step // info.dp_size}
+        tokens = tokens_per_step // info.dp_size
+        return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": tokens} | extras
 
     def run_eval(step: int) -> dict:
         res = {}
@@ -258,10 +319,14 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         evals[step] = res
         return val_row(res)
 
+    def write(d: Path) -> None:
+        other.write(model, d, tokenizer_dir, tokenizer.pad_id)
+
     def save(step: int, loop_state: dict) -> None:
         save_step(
             ckpt_root, step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
             tokenizer_dir, tokenizer.pad_id, extra={"log": loop_state},
+            write_weights=write if other else None,
         )  # fmt: skip
 
     model.train()
@@ -272,7 +337,10 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
         flops_per_token=flops_tok,
     )  # fmt: skip
     step, interrupted = done["step"], done["interrupted"]
-    if not interrupted:
+    if not interrupted and other:
+        with atomic_dir(out_dir / "model") as tmp:
+            write(tmp)
+    elif not interrupted:
         save_final(
             model,
             out_dir / "model",
@@ -319,6 +387,6 @@ def _train(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, dist_cf
     return summary
 
 
-# model family -> its pretraining driver: next-token prediction for decoders, masked-LM for
-# encoders (both on fit, the one clock)
-TRAINERS = {"decoder": _train, "encoder": _train_encoder}
+# model family -> its pretraining driver: next-token prediction for decoders (GPT, or Mamba's
+# own class through the same driver), masked-LM for encoders (all on fit, the one clock)
+TRAINERS = {"decoder": _train, "encoder": _train_encoder, "ssm": _train_ssm}

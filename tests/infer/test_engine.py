@@ -17,6 +17,7 @@ ARCHS = {
     "llama-gqa": dict(n_kv_head=2),
     "qwen2-bias": dict(arch="qwen2", qkv_bias=True, n_kv_head=2),
     "mistral-window": dict(arch="mistral", sliding_window=5),
+    "mixtral-moe": dict(arch="mixtral", mlp="moe", n_experts=4, experts_per_token=2, n_kv_head=2),
     "gpt2": dict(
         arch="gpt2", norm="layernorm", mlp="gelu", pos="learned", qkv_bias=True, bias=True
     ),

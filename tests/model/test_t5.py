@@ -95,6 +95,7 @@ def test_load_opens_a_t5_directory(tmp_path):
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
+    from lmforge.config import ConfigError
     from lmforge.model.load import load
 
     torch.manual_seed(4)
@@ -110,6 +111,8 @@ def test_load_opens_a_t5_directory(tmp_path):
         '{"bos_token": null, "eos_token": "</s>", "pad_token": "<pad>"}'  # T5 has no BOS
     )
     model, tokenizer = load(tmp_path)
+    with pytest.raises(ConfigError, match="is a T5 .encoder-decoder.: this stage works on GPT"):
+        load(tmp_path, trainable=True)  # a stage that trains a GPT
     assert isinstance(model, T5) and tokenizer.vocab_size == 64
     idx = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
