@@ -7,7 +7,8 @@ The one idea: what a directory holds is told by its files, so callers never choo
   `model/quant.py`), for inference only;
 - adapter_config.json: a LoRA adapter (PEFT layout) naming its base model, which is loaded with
   the adapter merged in (plain linear layers decode fastest and train like any model);
-- config.json with model_type "mamba": a state-space model (`model/mamba.py`, its own class).
+- config.json with model_type "mamba": a state-space model (`model/mamba.py`, its own class);
+- config.json with model_type "t5": an encoder-decoder (`model/t5.py`, its own class).
 
 The tokenizer is the model's own, or the base model's for an adapter.
 """
@@ -24,6 +25,7 @@ from lmforge.model.checkpoint import load_model
 from lmforge.model.lora import CONFIG_FILE as ADAPTER_CONFIG
 from lmforge.model.lora import load_adapter, merge_lora
 from lmforge.model.mamba import is_mamba_config, load_mamba
+from lmforge.model.t5 import load_t5
 from lmforge.model.transformer import GPT
 from lmforge.tokenizer import Tokenizer
 
@@ -89,13 +91,22 @@ def load(
     path = Path(path)
     base = model_source(path)
     float_only = trainable if float_only is None else float_only
-    if base == path and is_mamba_config(_read_config(path)):  # a Mamba (no adapter, no quant)
+    hf = _read_config(path) if base == path else {}  # an adapter's base is a GPT
+    if is_mamba_config(hf):  # a Mamba (no adapter, no quant)
         if float_only:  # the stages that train or rewrite weights work on a GPT
             raise ConfigError(
                 f"{path} is a Mamba: this stage works on GPT-family models; a Mamba trains with "
                 "`lmforge pretrain` (model.arch mamba) and decodes with generate and chat"
             )
         return load_mamba(path, device=device), Tokenizer.load(path)
+    if hf.get("model_type") == "t5":  # an encoder-decoder (no adapter, no quant)
+        if float_only:  # as for a Mamba: the stages that train or rewrite weights take a GPT
+            raise ConfigError(
+                f"{path} is a T5 (encoder-decoder): this stage works on GPT-family models; "
+                "a T5 is used from Python (lmforge.model.t5, docs/t5.md)"
+            )
+        model = load_t5(path, device=device).requires_grad_(trainable)
+        return model, Tokenizer.load(path)
     model = load_model(base, device=device, quantized_ok=not float_only)
     if base != path:
         model = merge_lora(load_adapter(model, path))
