@@ -47,6 +47,13 @@ def test_bad_pipeline_options_are_named():
         ddp_only(info, "reward")
 
 
+def assert_same_run(got, ref) -> None:
+    """The losses and final weights of run `got` equal those of run `ref` (float32 rounding)."""
+    assert losses(got) == pytest.approx(losses(ref), rel=1e-5)
+    for k, w in weights(ref).items():
+        torch.testing.assert_close(weights(got)[k], w, rtol=1e-5, atol=ATOL, msg=k)
+
+
 @pytest.fixture(scope="module")
 def single(micro_recipe_path, micro_prepared, tmp_path_factory):
     """One process, batch 8: 2 steps, saving at step 2."""
@@ -117,9 +124,7 @@ def test_pipeline_checkpoint_resumes_in_one_process(
     )  # fmt: skip
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "resuming from" in rest.stderr
-    assert losses(tmp_path) == pytest.approx(losses(whole4), rel=1e-5)
-    for k, w in weights(whole4).items():
-        torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
+    assert_same_run(tmp_path, whole4)
 
 
 @pytest.mark.slow
@@ -136,9 +141,7 @@ def test_one_process_checkpoint_resumes_as_a_pipeline(
     )  # fmt: skip
     assert rest.returncode == 0, rest.stderr[-3000:]
     assert "resuming from" in rest.stderr
-    assert losses(tmp_path) == pytest.approx(losses(whole4), rel=1e-5)
-    for k, w in weights(whole4).items():
-        torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
+    assert_same_run(tmp_path, whole4)
 
 
 @pytest.mark.slow
@@ -170,9 +173,7 @@ def test_pipeline_gradient_accumulation_matches(
         "--batch_size", "4", "--grad_accum", "2", "--max_steps", "2", *CLIP, dist=opts,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    assert losses(tmp_path) == pytest.approx(losses(single), rel=1e-5)
-    for k, w in weights(single).items():
-        torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
+    assert_same_run(tmp_path, single)
 
 
 @pytest.mark.slow
@@ -216,9 +217,7 @@ def test_checkpoints_move_between_pipeline_and_fsdp(
         )  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr
-    assert losses(tmp_path) == pytest.approx(losses(whole4), rel=1e-5)
-    for k, w in weights(whole4).items():
-        torch.testing.assert_close(weights(tmp_path)[k], w, rtol=1e-5, atol=ATOL, msg=k)
+    assert_same_run(tmp_path, whole4)
 
 
 @pytest.mark.slow
