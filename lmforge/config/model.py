@@ -69,7 +69,7 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
     init_std: float = 0.02  # initializer_range
     bos_token_id: int = 1  # set from the tokenizer by the pipeline
     eos_token_id: int = 2  # set from the tokenizer by the pipeline
-    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | mixtral | qwen2_moe (mixtures of experts) | gpt2 | bert (an encoder, pretrained with masked-LM) | mamba (a state-space decoder)
+    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | mixtral | qwen2_moe (mixtures of experts) | gpt2 | bert (an encoder, pretrained with masked-LM) | mamba (a state-space decoder) | t5 (an encoder-decoder, pretrained with span corruption)
     norm: str = "rmsnorm"  # rmsnorm | layernorm (gpt2)
     mlp: str = "swiglu"  # swiglu (gated) | gelu (gpt2: tanh-approximate GELU, not gated) | moe (mixtral, qwen2_moe: top-k routed SwiGLU experts)
     pos: str = "rope"  # positions: rope | learned (gpt2: a table added to the token embeddings)

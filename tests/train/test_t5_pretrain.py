@@ -98,3 +98,30 @@ def test_t5_config_and_unsupported_options_are_refused_by_name(micro_prepared, t
         pretrain.run(dataclasses.replace(recipe.pretrain, grad_accum=2), t5, *args)
     with pytest.raises(ConfigError, match="model.vocab_size .* too small for T5"):
         pretrain.run(recipe.pretrain, dataclasses.replace(t5, vocab_size=512), *args)
+
+
+def test_cli_errors_name_the_problem_without_a_traceback(
+    micro_recipe_path, micro_prepared, tmp_path
+):
+    _, run_dir = micro_prepared
+    cli = [sys.executable, "-m", "lmforge", "pretrain", "--config", str(micro_recipe_path),
+           "--data-dir", str(run_dir / "data"), "--tokenizer-dir", str(run_dir / "tokenizer"),
+           "--out", str(tmp_path), "--model.arch=t5"]  # fmt: skip
+    for extra, message in (
+        (["--model.sliding_window=8"], "is an encoder-decoder (T5): sliding_window do not apply"),
+        (["--pretrain.grad_accum=2"], "pretrain.grad_accum: not supported for model.arch t5"),
+    ):
+        res = subprocess.run([*cli, *extra], capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and message in res.stderr, res.stderr[-1000:]
+        assert "Traceback" not in res.stderr
+
+
+def test_lmforge_run_refuses_a_t5_before_any_stage(micro_recipe_path, tmp_path):
+    from lmforge import pipeline
+    from lmforge.config import load_recipe
+
+    recipe = load_recipe(micro_recipe_path)
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, arch="t5"))
+    with pytest.raises(ConfigError, match="is an encoder-decoder: `lmforge run` chains decoder"):
+        pipeline.run(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
