@@ -255,9 +255,11 @@ def run(recipe: Recipe, out: str | Path, force: tuple[str, ...] = (), log=print)
     from lmforge.align import sft
     from lmforge.report import write_report
 
-    if not recipe.base.model and model_family(recipe.model) == "encoder":
+    family = model_family(recipe.model)
+    if not recipe.base.model and family in ("encoder", "seq2seq"):
+        kind = "an encoder" if family == "encoder" else "an encoder-decoder"
         raise ConfigError(
-            f"model.arch {recipe.model.arch!r} is an encoder: `lmforge run` chains decoder stages "
+            f"model.arch {recipe.model.arch!r} is {kind}: `lmforge run` chains decoder stages "
             "(sft, sample, eval); pretrain it with `lmforge pretrain` (docs/embeddings.md)"
         )
     out = Path(out)

@@ -26,14 +26,23 @@ ARCH_FEATURES = {
     # the defaults (a recipe sets only arch); it reads dim, n_layer, norm_eps, init_std,
     # tie_embeddings and max_seq_len, with transformers' d_state 16, expand 2, conv_kernel 4
     "mamba": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, bias=False),
+    # an encoder-decoder (model/t5.py, not GPT): `lmforge pretrain` trains it with span
+    # corruption (train/span.py); these are the defaults (a recipe sets only arch). It reads dim,
+    # n_layer (each stack), n_head, head_dim (d_kv), ffn_dim (gated GELU), norm_eps,
+    # tie_embeddings and init_std; positions are T5's relative bias (32 buckets, distance 128)
+    "t5": dict(norm="rmsnorm", mlp="swiglu", pos="rope", qkv_bias=False, bias=False),
 }
 ENCODERS = ("bert",)  # the archs that are encoders
 SSMS = ("mamba",)  # the archs that are state-space decoders; every other arch is a GPT
+SEQ2SEQ = ("t5",)  # the archs that are encoder-decoders
 
 
 def model_family(cfg: ModelConfig) -> str:
-    """ "encoder", "ssm" or "decoder": which model and which training objective the config asks
-    for (an ssm trains on the decoder's next-token objective with its own model class)."""
+    """ "encoder", "ssm", "seq2seq" or "decoder": which model and which training objective the
+    config asks for (an ssm trains on the decoder's next-token objective with its own model
+    class; a seq2seq model on span corruption)."""
+    if cfg.arch in SEQ2SEQ:
+        return "seq2seq"
     if cfg.arch in SSMS:
         return "ssm"
     return "encoder" if cfg.arch in ENCODERS else "decoder"
@@ -60,7 +69,7 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
     init_std: float = 0.02  # initializer_range
     bos_token_id: int = 1  # set from the tokenizer by the pipeline
     eos_token_id: int = 2  # set from the tokenizer by the pipeline
-    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | mixtral | qwen2_moe (mixtures of experts) | gpt2 | bert (an encoder, pretrained with masked-LM) | mamba (a state-space decoder)
+    arch: str = "llama"  # HF family of the checkpoint: llama | qwen2 | mistral | mixtral | qwen2_moe (mixtures of experts) | gpt2 | bert (an encoder, pretrained with masked-LM) | mamba (a state-space decoder) | t5 (an encoder-decoder, pretrained with span corruption)
     norm: str = "rmsnorm"  # rmsnorm | layernorm (gpt2)
     mlp: str = "swiglu"  # swiglu (gated) | gelu (gpt2: tanh-approximate GELU, not gated) | moe (mixtral, qwen2_moe: top-k routed SwiGLU experts)
     pos: str = "rope"  # positions: rope | learned (gpt2: a table added to the token embeddings)
@@ -92,6 +101,8 @@ class ModelConfig:  # `model:` a decoder-only Transformer; the fields map onto L
             raise ConfigError(f"model.arch {self.arch!r} computes with {need}; set those too")
         if self.arch in ENCODERS:
             _check_encoder(self)
+        if self.arch in SEQ2SEQ:
+            _check_seq2seq(self)
         if self.sliding_window and self.arch not in ("mistral", "mixtral"):
             raise ConfigError(
                 f"model.sliding_window needs arch 'mistral' or 'mixtral', not {self.arch!r}"
@@ -180,6 +191,18 @@ def _check_encoder(cfg: ModelConfig) -> None:
     bad += [] if cfg.tie_embeddings else ["tie_embeddings"]  # BERT's MLM decoder is tied
     if bad:
         raise ConfigError(f"model.arch {cfg.arch!r} is an encoder: {', '.join(bad)} do not apply")
+
+
+def _check_seq2seq(cfg: ModelConfig) -> None:
+    """T5 has no grouped-query attention, sliding window, rotary scaling or experts: refuse them
+    rather than ignore them."""
+    bad = [k for k in ("sliding_window", "n_experts") if getattr(cfg, k)]
+    bad += ["n_kv_head"] if cfg.n_kv_head not in (0, cfg.n_head) else []
+    bad += ["rope_scaling"] if cfg.rope_scaling else []
+    if bad:
+        raise ConfigError(
+            f"model.arch {cfg.arch!r} is an encoder-decoder (T5): {', '.join(bad)} do not apply"
+        )
 
 
 # rope_scaling kinds we compute -> the numbers each needs (transformers' names)

@@ -40,7 +40,7 @@ from lmforge.model.load import load
 from lmforge.model.transformer import GPT, aux_loss, aux_metrics, flops_per_token, num_params
 from lmforge.perf import autocast, matmul_flops, pick_device
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import dist, mlm
+from lmforge.train import dist, mlm, span
 from lmforge.train.checkpoint import resume_latest, save_final, save_step
 from lmforge.train.heldout import evaluate, val_row
 from lmforge.train.loop import fit
@@ -147,6 +147,19 @@ def _train_encoder(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path,
     model_cfg, mask = mlm.encoder_vocab(model_cfg, tokenizer)
     check_tokens(data_dir, manifest, tokenizer, tokenizer_dir, model_cfg.vocab_size)
     return mlm.train(cfg, model_cfg, mask, data_dir, tokenizer, out_dir, manifest, info)
+
+
+def _train_t5(cfg, model_cfg, data_dir: Path, tokenizer_dir, out_dir: Path, _, info) -> dict:
+    """Span-corruption pretraining of a T5 from scratch (train/span.py), on the same shards and
+    with the same data checks as the decoder's; one process."""
+    span.refuse_unsupported(cfg)
+    if info.enabled:
+        raise ConfigError("model.arch t5 pretrains in one process, not torchrun")
+    manifest = read_json(data_dir / "manifest.json", "data manifest (run `lmforge prepare` first)")
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    vocab = span.t5_config(model_cfg, tokenizer, span.sentinels(tokenizer)).vocab_size
+    check_tokens(data_dir, manifest, tokenizer, tokenizer_dir, vocab)
+    return span.train(cfg, model_cfg, data_dir, tokenizer, out_dir, manifest, info)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,4 +429,9 @@ def _train(
 
 # model family -> its pretraining driver: next-token prediction for decoders (GPT, or Mamba's
 # own class through the same driver), masked-LM for encoders (all on fit, the one clock)
-TRAINERS = {"decoder": _train, "encoder": _train_encoder, "ssm": _train_ssm}
+TRAINERS = {
+    "decoder": _train,
+    "encoder": _train_encoder,
+    "ssm": _train_ssm,
+    "seq2seq": _train_t5,
+}

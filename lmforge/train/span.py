@@ -19,6 +19,7 @@ new ids after its vocabulary, laid out as T5's (<extra_id_0> the last id, counti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,11 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
-from lmforge.config import ConfigError
-from lmforge.io import write_json
-from lmforge.model.t5 import T5
+from lmforge.config import ConfigError, config_hash
+from lmforge.data.loader import PackedLoader, val_batches, val_languages
+from lmforge.io import atomic_dir, write_json
+from lmforge.model.t5 import T5, T5Config, from_hf_state_dict, save_t5
+from lmforge.perf import pick_device
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import resume_latest, save_step
+from lmforge.train.heldout import val_row
+from lmforge.train.loop import fit
+from lmforge.train.metrics import plot_losses
+from lmforge.train.optim import make_optimizer
+from lmforge.train.run_dir import run_config, start_run
 
 IGNORE = -100  # label of a padded target position
 
@@ -226,3 +236,151 @@ def span_train_step(
         return {"loss": (loss.detach(), n), "grad_norm": grad_norm, "tokens": int(mask.sum())}
 
     return train_step
+
+
+# --- `lmforge pretrain` with model.arch t5: the recipe's packed shards, span-corrupted
+
+MEAN_SPAN = 3.0  # T5's mean noise span length (the paper's default; not a recipe field)
+
+
+def t5_config(model_cfg, tokenizer: Tokenizer, sent: Sentinels) -> T5Config:
+    """The `model:` section (arch t5) as T5's config: the vocabulary holds the tokenizer and
+    its sentinels (model.vocab_size 0 = exactly that; smaller is refused by name), padding is
+    the tokenizer's pad id, which is also the decoder's start id, as in T5."""
+    need = max(tokenizer.vocab_size, sent.vocab_needed)
+    if model_cfg.vocab_size and model_cfg.vocab_size < need:
+        raise ConfigError(
+            f"model.vocab_size ({model_cfg.vocab_size:,}) is too small for T5: the tokenizer "
+            f"and its {len(sent.ids)} sentinel tokens need {need:,} ids; set it to 0 (derived)"
+        )
+    return T5Config(
+        vocab_size=model_cfg.vocab_size or need, dim=model_cfg.dim, d_kv=model_cfg.head_dim,
+        ffn_dim=model_cfg.ffn_dim, n_layer=model_cfg.n_layer, n_decoder_layer=model_cfg.n_layer,
+        n_head=model_cfg.n_head, norm_eps=model_cfg.norm_eps,
+        tie_embeddings=model_cfg.tie_embeddings, pad_token_id=tokenizer.pad_id,
+        eos_token_id=tokenizer.eos_id, decoder_start_token_id=tokenizer.pad_id,
+    )  # fmt: skip
+
+
+def packed_sequences(loader: PackedLoader) -> Iterator[list[list[int]]]:
+    """The packed loader's windows as token lists, one per example (documents joined by their
+    BOS/EOS, as T5 packs C4); the causal targets are not needed."""
+    while True:
+        x, _ = loader.next_batch()
+        yield x.tolist()
+
+
+@torch.no_grad()
+def span_evaluate(model: T5, data_dir, seq_len, batch_size, max_tokens, sent, noise) -> dict:
+    """Held-out span-corruption loss (nats per target token) for each language, on the
+    validation windows the causal stage scores; the spans are drawn from seed 0 for every
+    evaluation, so the numbers move only with the model."""
+    was_training = model.training
+    model.eval()
+    dev = model.tok_emb.weight.device
+    cfg, out = model.cfg, {}
+    for lang in val_languages(data_dir):
+        rng = np.random.default_rng(0)
+        loss, n = 0.0, 0
+        for x, _ in val_batches(data_dir, lang, seq_len, batch_size, max_tokens):
+            pairs = [span_corrupt(s, sent.ids, cfg.eos_token_id, rng, noise, MEAN_SPAN)
+                     for s in x.tolist()]  # fmt: skip
+            batch = collate(pairs, cfg.pad_token_id, cfg.decoder_start_token_id)
+            s, k = span_loss(model, *(t.to(dev) for t in batch))
+            loss, n = loss + s.item(), n + k
+        if n:
+            out[lang] = {"loss": loss / n, "tokens": n}
+    model.train(was_training)
+    return out
+
+
+def refuse_unsupported(cfg) -> None:
+    """The pretrain options the T5 driver does not implement, refused by name."""
+    given = [k for k in ("init_from", "replay_fraction") if getattr(cfg, k)]
+    given += ["grad_accum"] if cfg.grad_accum != 1 else []
+    if given:
+        raise ConfigError(
+            f"pretrain.{', pretrain.'.join(given)}: not supported for model.arch t5 (span "
+            "corruption trains from scratch on one data folder, one batch a step)"
+        )
+
+
+def train(cfg, model_cfg, data_dir: Path, tokenizer: Tokenizer, out_dir: Path, manifest, info):
+    """Span-corruption pretraining of a T5 from scratch (`lmforge pretrain`, model.arch t5;
+    data and tokenizer checked by train/pretrain.py). pretrain.mask_fraction is the noise
+    density. Saves T5ForConditionalGeneration's layout with the tokenizer (and its sentinels)
+    in out_dir/model; returns the summary it writes."""
+    refuse_unsupported(cfg)
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sent = sentinels(tokenizer)
+    t5_cfg = t5_config(model_cfg, tokenizer, sent)
+    config = run_config(cfg, model_cfg)
+    config["data"] = config_hash(manifest)
+    start_run(out_dir, "pretrain", config, cfg.resume, cfg.overwrite, info)
+    torch.manual_seed(cfg.seed)
+    model = T5(t5_cfg).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = make_optimizer(model, cfg, device)
+    loader = PackedLoader(data_dir, cfg.seq_len, cfg.batch_size, cfg.seed)
+    ckpt_root = out_dir / "checkpoints"
+
+    def read(d: Path) -> None:
+        tensors = load_file(str(d / "model.safetensors"), device=str(device))
+        model.load_state_dict(from_hf_state_dict(tensors, t5_cfg))
+
+    resumed = resume_latest(
+        ckpt_root, model, optimizer, loader, cfg.resume, info, read_weights=read
+    )
+    write_json(out_dir / "model_config.json", dataclasses.asdict(t5_cfg))
+    train_step = span_train_step(
+        model, optimizer, packed_sequences(loader), sent.ids, cfg.seed, cfg.grad_clip,
+        cfg.mask_fraction, MEAN_SPAN,
+    )  # fmt: skip
+    evals: dict[int, dict] = {}
+
+    def run_eval(step: int) -> dict:
+        args = (cfg.seq_len, cfg.batch_size, cfg.eval_tokens, sent, cfg.mask_fraction)
+        evals[step] = span_evaluate(model, data_dir, *args)
+        return val_row(evals[step])
+
+    def write(d: Path) -> None:
+        save_t5(model, d)
+        save_tokenizer(tokenizer, sent, d)
+
+    def save(step: int, loop_state: dict) -> None:
+        save_step(
+            ckpt_root, step, model, optimizer, loader.state_dict(), info, cfg.keep_last,
+            write_weights=write, extra={"log": loop_state},
+        )  # fmt: skip
+
+    model.train()
+    done = fit(
+        cfg, optimizer, train_step, run_eval, save, out_dir=out_dir,
+        desc="pretrain (T5 span corruption)", resumed=resumed, info=info, device=device,
+        eval_at_start=True,  # the untrained model's score: the baseline the run improves on
+        flops_per_token=6 * n_params,  # near enough: each token passes one of the two stacks
+    )  # fmt: skip
+    if not done["interrupted"]:
+        with atomic_dir(out_dir / "model") as tmp:
+            write(tmp)
+    summary = {
+        "objective": "span-corruption",
+        "step": done["step"],
+        "max_steps": cfg.max_steps,
+        "interrupted": done["interrupted"],
+        "params": n_params,
+        "device": str(device),
+        "train_seconds": done["train_seconds"],
+        "sentinels": {"n": len(sent.ids), "appended": sent.new},
+        "noise_density": cfg.mask_fraction,
+        "mean_span": MEAN_SPAN,
+        "val": evals[max(evals)] if evals else {},
+        "val_start": evals.get(0, {}),
+        "model": dataclasses.asdict(t5_cfg),
+    }
+    if not done["interrupted"]:
+        plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png", title="span-corruption loss")
+    write_json(out_dir / "summary.json", summary)
+    return summary
