@@ -1,10 +1,12 @@
 """Score `lmforge eval --tasks truthfulqa_gen --log-samples` answers again with
 lm-evaluation-harness's own truthfulqa_gen functions (`preprocess_function`,
 `process_results_gen`: sacrebleu and rouge-score), answer by answer, and print the largest
-difference per metric. Two steps, because lm-eval lives in its own venv:
+difference per metric. Two steps, because lm-eval lives in a venv of its own, the one
+benchmarks/eval_agreement.py and docs/evaluation-check.md set up:
 
+    python3 -m venv .lmeval-venv && .lmeval-venv/bin/pip install torch==2.13.0 "lm_eval[hf]==0.4.13"
     python benchmarks/truthfulqa_gen_check.py export runs/tqa_gen100/truthfulqa_gen.json items.json
-    /work/lmeval-venv/bin/python benchmarks/truthfulqa_gen_check.py score items.json
+    .lmeval-venv/bin/python benchmarks/truthfulqa_gen_check.py score items.json
 
 The answers are scored as lm-eval would score the same text (with its leading space); its own
 prompt ends at the question, so its model also writes "A:", which this check leaves out.

@@ -57,28 +57,16 @@ def texts_of(args) -> list[str]:
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """The "text" of every non-blank line; a bad line is an error naming file:line."""
+    """The "text" of every non-blank line (infer/embed.py's reader), each checked (empty, too
+    long); a bad line is an error naming file:line."""
+    from lmforge.infer.embed import read_rows
     from lmforge.safety.moderation import check_text
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--file {path}: no such file")
-    texts = []
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            text = row.get("text") if isinstance(row, dict) else None
-            if not isinstance(text, str):
-                raise ConfigError(f'{path}:{n}: no string field "text"')
-            texts.append(check_text(text, f"{path}:{n}"))
-    if not texts:
-        raise ConfigError(f"{path}: no rows")
-    return texts
+    texts, lines = read_rows(path, "text", id_field=None)  # no id field: the line number
+    return [check_text(t, f"{path}:{n}") for t, n in zip(texts, lines, strict=True)]
 
 
 def cmd_moderate(args) -> int:

@@ -161,7 +161,7 @@ def test_cli_text_file_json_and_errors(trained, tmp_path):
     cases = [
         ((out, ""), "empty text"),
         ((out, "--file", tmp_path / "nope.jsonl"), "nope.jsonl: no such file"),
-        ((out, "--file", bad), 'bad.jsonl:2: no string field "text"'),
+        ((out, "--file", bad), "bad.jsonl:2: no non-empty string field 'text'"),
         ((out, "--file", big), "big.jsonl:1: 10,485,760 characters, over the limit of 100,000"),
         ((out,), "nothing to check"),
         ((out, "hi", "--threshold", "2"), "--threshold must be between 0 and 1"),
